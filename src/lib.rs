@@ -1,0 +1,15 @@
+//! hypergen: Stable Diffusion XL in Burn, computing what diffusers computes, on any
+//! GPU vendor (CUDA, Vulkan, Metal) and on the CPU.
+//!
+//! The crate is library first: the pipeline ([`pipeline`]) knows nothing of HTTP or
+//! of the command line, and model code is generic over the Burn backend; the backend
+//! is chosen once, at the edge ([`device`]). Module paths follow diffusers' weight
+//! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
+
+pub mod attention;
+pub mod error;
+pub mod layers;
+pub mod loader;
+pub mod resnet;
+
+pub use error::{Error, Result};

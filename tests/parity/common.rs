@@ -1,0 +1,143 @@
+//! Shared helpers: the fixture folder, reference tensors, the error metric, and a macro
+//! that instantiates a generic test on every backend.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// Relative error every float32 parity check must meet: ‖out − ref‖ / ‖ref‖.
+pub const TOL_F32: f64 = 1e-4;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::Flex;
+/// The wgpu backend (Vulkan, Metal, DX12; Mesa's software Vulkan in CI).
+pub type Gpu = burn::backend::Wgpu;
+
+/// The fixture model folder: `HYPERGEN_FIXTURE_DIR`, else `../shared/fixtures/tiny-sdxl`.
+/// Panics (failing the test) when it is absent: a parity test never skips.
+pub fn fixture_dir() -> PathBuf {
+    let dir = std::env::var_os("HYPERGEN_FIXTURE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-sdxl")
+        });
+    assert!(
+        dir.join("model_index.json").is_file(),
+        "fixture model not found at {} (set HYPERGEN_FIXTURE_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// `reference/` inside the fixture.
+pub fn reference_dir() -> PathBuf {
+    fixture_dir().join("reference")
+}
+
+/// A reference tensor: shape and values as f32 (u8 tensors are widened).
+#[derive(Clone, Debug)]
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn load_all() -> HashMap<String, RefTensor> {
+    let path = reference_dir().join("tensors.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference tensors parse");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
+                other => panic!("{name}: unexpected dtype {other:?}"),
+            };
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The reference tensor `name` from `reference/tensors.safetensors`.
+pub fn reference(name: &str) -> RefTensor {
+    static ALL: OnceLock<HashMap<String, RefTensor>> = OnceLock::new();
+    ALL.get_or_init(load_all)
+        .get(name)
+        .unwrap_or_else(|| panic!("reference tensor `{name}` not found"))
+        .clone()
+}
+
+/// The reference tensor `name` on `device`.
+pub fn ref_tensor<B: Backend, const D: usize>(name: &str, device: &B::Device) -> Tensor<B, D> {
+    let r = reference(name);
+    Tensor::from_data(TensorData::new(r.data, r.shape), device)
+}
+
+/// A tensor's values as f32, whatever its dtype.
+pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("tensor data to f32")
+}
+
+/// ‖got − want‖ / ‖want‖.
+pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        let d = *g as f64 - *w as f64;
+        num += d * d;
+        den += (*w as f64) * (*w as f64);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// Asserts shape and relative error against the reference tensor `name`.
+pub fn assert_matches<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, name: &str, tol: f64) {
+    let r = reference(name);
+    assert_eq!(got.dims().to_vec(), r.shape, "{what}: shape");
+    let got = values(got);
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    let err = rel_error(&got, &r.data);
+    eprintln!("{what}: relative error {err:.3e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
+}
+
+/// The wgpu device the tests use.
+pub fn gpu_device() -> burn::backend::wgpu::WgpuDevice {
+    burn::backend::wgpu::WgpuDevice::default()
+}
+
+/// `on_backends!(name, generic_fn)` makes `name::cpu` and `name::wgpu` tests calling
+/// `generic_fn::<B>(&device)`.
+#[macro_export]
+macro_rules! on_backends {
+    ($name:ident, $f:path) => {
+        mod $name {
+            #[test]
+            fn cpu() {
+                $f::<$crate::common::Cpu>(&Default::default());
+            }
+            #[test]
+            fn wgpu() {
+                $f::<$crate::common::Gpu>(&$crate::common::gpu_device());
+            }
+        }
+    };
+}

@@ -1,0 +1,4 @@
+//! Parity with diffusers/transformers on the `tiny-sdxl` fixture, on the CPU backend and
+//! on wgpu. One test binary so the crate and Burn link once.
+
+mod common;
