@@ -228,7 +228,7 @@ pub fn load_module<B: Backend, M: Module<B>>(
                     path.clone(),
                     format!(
                         "shape {:?} in the file, the config asks for {:?}",
-                        found.dims(), expected.dims()
+                        found.as_slice(), expected.as_slice()
                     ),
                 ),
                 ApplyError::DTypeMismatch {
