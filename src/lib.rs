@@ -7,6 +7,7 @@
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
 pub mod attention;
+pub mod device;
 pub mod error;
 pub mod layers;
 pub mod loader;
