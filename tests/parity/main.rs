@@ -4,3 +4,4 @@
 mod common;
 mod unet;
 mod loader;
+mod pipeline;

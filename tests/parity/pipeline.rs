@@ -1,0 +1,199 @@
+//! Whole-pipeline runs against diffusers: final latents and the decoded image, on both
+//! backends; the command line; cancellation, validation and seeding.
+
+use std::ops::ControlFlow;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use hypergen::loader::read_json;
+use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
+use hypergen::Error;
+
+use crate::common::{assert_matches, fixture_dir, reference, reference_dir, values, Cpu, TOL_F32};
+
+const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
+const NEGATIVE: &str = "A Cozy cabin, in the SNOWY woods -- oil painting; 4k, trending on ArtStation!!";
+
+fn load<B: Backend>(device: &B::Device, dtype: DType) -> SdxlPipeline<B> {
+    let options = LoadOptions {
+        dtype,
+        variant: None,
+    };
+    SdxlPipeline::<B>::load(&fixture_dir(), &options, device).expect("fixture pipeline loads")
+}
+
+/// The reference runs: 128×128 from `pipe.init_latents`, micro-conditioning (128, 128),
+/// crop (0, 0), taken from the reference tensors' shapes rather than constants.
+fn request(prompt: &str, negative: Option<&str>, steps: usize, guidance: f64) -> GenerationRequest {
+    let init = reference("pipe.init_latents");
+    let [n, _, h, w] = <[usize; 4]>::try_from(init.shape.clone()).expect("rank 4");
+    GenerationRequest {
+        prompt: prompt.into(),
+        negative_prompt: negative.map(Into::into),
+        num_inference_steps: steps,
+        guidance_scale: guidance,
+        width: w * 8,
+        height: h * 8,
+        num_images: n,
+        latents: Some(init.data),
+        ..Default::default()
+    }
+}
+
+fn no_progress(_: Progress) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+/// Asserts every channel of every pixel is within 1/255 of the reference image.
+fn assert_image_matches(what: &str, rgb: &[u8], name: &str) {
+    let want = reference(name);
+    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
+    let worst = rgb
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: max channel difference {worst}/255");
+    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
+}
+
+fn cfg5_euler4<B: Backend>(device: &B::Device) {
+    let pipe = load::<B>(device, DType::F32);
+    let out = pipe
+        .generate(&request(PROMPT, None, 4, 5.0), &mut no_progress)
+        .expect("generate");
+    assert_matches("cfg5 euler4 latents", out.latents, "pipe.cfg5.euler4.latents", TOL_F32);
+    assert_image_matches("cfg5 euler4 image", &out.images[0].rgb, "pipe.cfg5.euler4.image_u8");
+}
+crate::on_backends!(pipeline_cfg5_euler4, cfg5_euler4);
+
+fn cfg7_5_negative<B: Backend>(device: &B::Device) {
+    let pipe = load::<B>(device, DType::F32);
+    let latents = pipe
+        .denoise(&request(PROMPT, Some(NEGATIVE), 4, 7.5), &mut no_progress)
+        .expect("denoise");
+    assert_matches("cfg7.5 negative latents", latents, "pipe.cfg7_5.neg.euler4.latents", TOL_F32);
+}
+crate::on_backends!(pipeline_cfg7_5_negative, cfg7_5_negative);
+
+fn turbo1<B: Backend>(device: &B::Device) {
+    let mut pipe = load::<B>(device, DType::F32);
+    pipe.scheduler_config =
+        read_json(&reference_dir().join("turbo_scheduler_config.json")).expect("turbo config");
+    let latents = pipe
+        .denoise(&request(PROMPT, None, 1, 0.0), &mut no_progress)
+        .expect("denoise");
+    assert_matches("turbo 1-step latents", latents, "pipe.turbo1.latents", TOL_F32);
+}
+crate::on_backends!(pipeline_turbo1, turbo1);
+
+/// `hypergen generate` on the CPU writes the reference PNG to within 1/255.
+#[test]
+fn cli_generate_writes_reference_png() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("x.png");
+    let r = request(PROMPT, None, 4, 5.0);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .args(["generate", "--model"])
+        .arg(fixture_dir())
+        .args(["--prompt", PROMPT, "--steps", "4", "--guidance", "5"])
+        .args(["--width", &r.width.to_string(), "--height", &r.height.to_string()])
+        .arg("--latents")
+        .arg(reference_dir().join("init_latents.safetensors"))
+        .args(["--device", "cpu", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run hypergen");
+    assert!(status.success(), "hypergen generate failed: {status}");
+    let png = image::open(&out).expect("PNG written").to_rgb8();
+    let want = image::open(reference_dir().join("cfg5_euler4.png")).expect("reference PNG").to_rgb8();
+    assert_eq!(png.dimensions(), want.dimensions());
+    assert_image_matches("cli PNG", png.as_raw(), "pipe.cfg5.euler4.image_u8");
+}
+
+/// Bad command-line input exits non-zero with a message, never a panic.
+#[test]
+fn cli_rejects_bad_input() {
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+            .args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--prompt", "x", "--steps", "1", "--device", "cpu", "--width", "128", "--height", "128"])
+            .args(extra)
+            .output()
+            .expect("run hypergen")
+    };
+    for (extra, needle) in [
+        (&["--dtype", "float8"][..], "dtype"),
+        (&["--device", "quantum"][..], "device"),
+        (&["--scheduler", "nope"][..], "scheduler"),
+        (&["--width", "100"][..], "width"),
+    ] {
+        let out = run(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(!stderr.contains("panicked"), "{extra:?} panicked: {stderr}");
+        assert!(stderr.to_lowercase().contains(needle), "{extra:?}: {stderr}");
+    }
+}
+
+#[test]
+fn cancellation_stops_between_steps() {
+    let pipe = load::<Cpu>(&Default::default(), DType::F32);
+    let mut seen = Vec::new();
+    let mut cancel_after_two = |p: Progress| {
+        seen.push(p.step);
+        if p.step >= 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let err = pipe
+        .denoise(&request(PROMPT, None, 4, 5.0), &mut cancel_after_two)
+        .expect_err("cancelled");
+    assert!(matches!(err, Error::Cancelled), "{err:?}");
+    assert_eq!(seen, vec![0, 1, 2], "progress reported per step, stopped after the second");
+}
+
+#[test]
+fn invalid_requests_are_refused() {
+    let pipe = load::<Cpu>(&Default::default(), DType::F32);
+    let base = request(PROMPT, None, 1, 5.0);
+    let cases = [
+        (GenerationRequest { width: 100, ..base.clone() }, "width"),
+        (GenerationRequest { height: 0, ..base.clone() }, "height"),
+        (GenerationRequest { num_inference_steps: 0, ..base.clone() }, "num_inference_steps"),
+        (GenerationRequest { guidance_scale: f64::NAN, ..base.clone() }, "guidance_scale"),
+        (GenerationRequest { latents: Some(vec![0.0; 3]), ..base.clone() }, "latents"),
+    ];
+    for (req, field) in cases {
+        match pipe.generate(&req, &mut no_progress) {
+            Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, field),
+            other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+}
+
+/// The seed alone decides the starting noise: the same seed reproduces the run, another
+/// seed does not; several images per prompt are different images.
+#[test]
+fn seeds_are_reproducible() {
+    let pipe = load::<Cpu>(&Default::default(), DType::F32);
+    let base = GenerationRequest {
+        latents: None,
+        num_images: 2,
+        ..request(PROMPT, None, 1, 0.0)
+    };
+    let run = |seed| {
+        values(
+            pipe.denoise(&GenerationRequest { seed, ..base.clone() }, &mut no_progress)
+                .expect("denoise"),
+        )
+    };
+    let (a, b, c) = (run(7), run(7), run(8));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let half = a.len() / 2;
+    assert_ne!(a[..half], a[half..], "two images of one prompt share their noise");
+}
