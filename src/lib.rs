@@ -7,9 +7,11 @@
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
 pub mod attention;
+pub mod clip;
 pub mod error;
 pub mod layers;
 pub mod loader;
 pub mod resnet;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

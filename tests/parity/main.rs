@@ -2,3 +2,5 @@
 //! on wgpu. One test binary so the crate and Burn link once.
 
 mod common;
+mod clip;
+mod tokenizer;
