@@ -7,11 +7,13 @@
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
 pub mod attention;
+pub mod clip;
 pub mod device;
 pub mod error;
 pub mod layers;
 pub mod loader;
 pub mod resnet;
+pub mod tokenizer;
 pub mod unet;
 
 pub use error::{Error, Result};

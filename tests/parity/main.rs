@@ -2,6 +2,8 @@
 //! on wgpu. One test binary so the crate and Burn link once.
 
 mod common;
-mod unet;
+
+mod clip;
 mod loader;
-mod pipeline;
+mod tokenizer;
+mod unet;

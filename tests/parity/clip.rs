@@ -1,0 +1,109 @@
+//! SDXL's two CLIP text encoders against transformers' hidden states.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use hypergen::clip::{self, pooled_positions, ClipTextModel};
+
+use crate::common::{assert_matches, fixture_dir, TOL_F32};
+use crate::tokenizer::cases;
+
+/// Prompts with reference hidden states.
+const PROMPTS: usize = 3;
+
+fn load<B: Backend>(folder: &str, device: &B::Device) -> ClipTextModel<B> {
+    clip::load::<B>(&fixture_dir().join(folder), None, DType::F32, device)
+        .unwrap_or_else(|e| panic!("{folder} loads: {e}"))
+}
+
+/// Reference ids of the first prompts as one `[PROMPTS, 77]` batch.
+fn ids<B: Backend>(
+    pick: fn(&crate::tokenizer::Case) -> &Vec<u32>,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let cases = cases();
+    let flat: Vec<i64> = cases[..PROMPTS]
+        .iter()
+        .flat_map(|c| pick(c).iter().map(|&i| i as i64))
+        .collect();
+    let len = flat.len() / PROMPTS;
+    Tensor::from_data(TensorData::new(flat, [PROMPTS, len]), device)
+}
+
+fn row<B: Backend, const D: usize>(t: &Tensor<B, D>, i: usize) -> Tensor<B, D> {
+    t.clone().slice(i..i + 1)
+}
+
+fn text_encoder_1<B: Backend>(device: &B::Device) {
+    let model = load::<B>("text_encoder", device);
+    let out = model.forward(ids::<B>(|c| &c.tokenizer, device));
+    assert!(out.text_embeds.is_none(), "text_encoder has no projection");
+    for i in 0..PROMPTS {
+        let name = format!("te1.prompt{i}.penultimate");
+        assert_matches(&name, row(&out.penultimate, i), &name, TOL_F32);
+        let name = format!("te1.prompt{i}.last");
+        assert_matches(&name, row(&out.last, i), &name, TOL_F32);
+    }
+}
+
+fn text_encoder_2<B: Backend>(device: &B::Device) {
+    let model = load::<B>("text_encoder_2", device);
+    let out = model.forward(ids::<B>(|c| &c.tokenizer_2, device));
+    let embeds = out.text_embeds.expect("text_encoder_2 has a projection");
+    for i in 0..PROMPTS {
+        let name = format!("te2.prompt{i}.penultimate");
+        assert_matches(&name, row(&out.penultimate, i), &name, TOL_F32);
+        let name = format!("te2.prompt{i}.text_embeds");
+        assert_matches(&name, row(&embeds, i), &name, TOL_F32);
+    }
+}
+
+crate::on_backends!(clip_text_encoder_1, text_encoder_1);
+crate::on_backends!(clip_text_encoder_2, text_encoder_2);
+
+/// Both pooling rules: the legacy "first largest id" (eos_token_id 2) and "first
+/// eos_token_id" (0 when absent).
+fn pooling_positions<B: Backend>(device: &B::Device) {
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            vec![
+                5i64, 9, 7, 9, 0, //
+                9, 3, 3, 3, 3, //
+                1, 2, 3, 4, 8,
+            ],
+            [3, 5],
+        ),
+        device,
+    );
+    let got = |eos: i64| -> Vec<i64> {
+        pooled_positions(ids.clone(), eos)
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .expect("ints")
+    };
+    assert_eq!(got(2), vec![1, 0, 4], "argmax rule, first occurrence");
+    assert_eq!(got(3), vec![0, 1, 2], "first eos, 0 when absent");
+}
+
+crate::on_backends!(clip_pooling_positions, pooling_positions);
+
+/// Every tensor in each text encoder's files is used and none is missing
+/// (`load_module` errors otherwise), for the plain and the fp16 variant files.
+#[test]
+fn clip_loads_without_missing_or_unused_tensors() {
+    let device = Default::default();
+    for folder in ["text_encoder", "text_encoder_2"] {
+        for variant in [None, Some("fp16")] {
+            let model: ClipTextModel<crate::common::Cpu> =
+                clip::load(&fixture_dir().join(folder), variant, DType::F32, &device)
+                    .unwrap_or_else(|e| panic!("{folder} {variant:?}: {e}"));
+            let c = model.config();
+            assert_eq!(model.text_model.encoder.layers.len(), c.num_hidden_layers);
+            assert_eq!(
+                model.text_projection.is_some(),
+                folder == "text_encoder_2",
+                "{folder}: projection"
+            );
+        }
+    }
+}
