@@ -3,14 +3,21 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::nn::PaddingConfig2d;
+use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// `nn.Linear(input, output, bias)`.
-pub fn linear<B: Backend>(input: usize, output: usize, bias: bool, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(input, output).with_bias(bias).init(device)
+pub fn linear<B: Backend>(
+    input: usize,
+    output: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    LinearConfig::new(input, output)
+        .with_bias(bias)
+        .init(device)
 }
 
 /// `nn.Conv2d(input, output, kernel, stride, padding)` with symmetric padding and a bias.
@@ -24,15 +31,55 @@ pub fn conv2d<B: Backend>(
 ) -> Conv2d<B> {
     Conv2dConfig::new([input, output], [kernel, kernel])
         .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
         .init(device)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
-pub fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> GroupNorm<B> {
+pub fn group_norm<B: Backend>(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    device: &B::Device,
+) -> GroupNorm<B> {
     GroupNormConfig::new(groups, channels)
         .with_epsilon(eps)
         .init(device)
+}
+
+/// `GroupNorm` forward with PyTorch's precision: for f16/bf16 input the statistics and
+/// the affine transform are computed in f32 and the result cast back, as PyTorch's
+/// kernels accumulate half inputs in float. Summing tens of thousands of squares in f16
+/// (Burn's `GroupNorm::forward` keeps the input dtype) overflows or loses most digits at
+/// SDXL resolutions. f32 input goes through Burn's own `GroupNorm` unchanged.
+pub fn group_norm_forward<B: Backend, const D: usize>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return norm.forward(x);
+    }
+    let shape = x.shape();
+    let (n, c) = (shape[0], shape[1]);
+    let groups = norm.num_groups;
+    let per_group = shape.num_elements() / (n * groups);
+    let x = x.cast(DType::F32).reshape([n, groups, per_group]);
+    let centered = x.clone() - x.mean_dim(2);
+    let var = centered.clone().square().mean_dim(2);
+    let normed = (centered / (var + norm.epsilon).sqrt()).reshape(shape);
+    let mut channel_shape = [1; D];
+    channel_shape[1] = c;
+    let out = match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => {
+            normed * gamma.val().cast(DType::F32).reshape(channel_shape)
+                + beta.val().cast(DType::F32).reshape(channel_shape)
+        }
+        _ => normed,
+    };
+    out.cast(dtype)
 }
 
 /// `nn.LayerNorm(dim, eps)`.

@@ -11,5 +11,6 @@ pub mod error;
 pub mod layers;
 pub mod loader;
 pub mod resnet;
+pub mod vae;
 
 pub use error::{Error, Result};

@@ -211,6 +211,8 @@ pub fn load_module<B: Backend, M: Module<B>>(
         let mut store = SafetensorsStore::from_file(file)
             .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, CastAdapter(dtype)))
             .allow_partial(true)
+            // Enum modules (such as the feed-forward list) keep diffusers' indices.
+            .skip_enum_variants(true)
             .validate(false);
         let result = module.load_from(&mut store).map_err(|e| Error::Safetensors {
             path: file.clone(),
@@ -226,7 +228,7 @@ pub fn load_module<B: Backend, M: Module<B>>(
                     path.clone(),
                     format!(
                         "shape {:?} in the file, the config asks for {:?}",
-                        found.dims, expected.dims
+                        found.as_slice(), expected.as_slice()
                     ),
                 ),
                 ApplyError::DTypeMismatch {

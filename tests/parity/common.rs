@@ -125,18 +125,18 @@ pub fn gpu_device() -> burn::backend::wgpu::WgpuDevice {
 }
 
 /// `on_backends!(name, generic_fn)` makes `name::cpu` and `name::wgpu` tests calling
-/// `generic_fn::<B>(&device)`.
+/// `generic_fn::<B>(&device)`; `generic_fn` is a function of the calling module.
 #[macro_export]
 macro_rules! on_backends {
-    ($name:ident, $f:path) => {
+    ($name:ident, $f:ident) => {
         mod $name {
             #[test]
             fn cpu() {
-                $f::<$crate::common::Cpu>(&Default::default());
+                super::$f::<$crate::common::Cpu>(&Default::default());
             }
             #[test]
             fn wgpu() {
-                $f::<$crate::common::Gpu>(&$crate::common::gpu_device());
+                super::$f::<$crate::common::Gpu>(&$crate::common::gpu_device());
             }
         }
     };
