@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
-use crate::layers::{group_norm, linear};
+use crate::layers::{group_norm, group_norm_forward, linear};
 
 /// Multi-head attention with separate q/k/v projections and an output projection.
 /// `to_out` is a list because diffusers stores it as `to_out.0` (a Linear) followed
@@ -117,7 +117,7 @@ impl<B: Backend> Attention<B> {
         let [n, c, h, w] = x.dims();
         let residual = x.clone();
         let x = match &self.group_norm {
-            Some(norm) => norm.forward(x),
+            Some(norm) => group_norm_forward(norm, x),
             None => x,
         };
         let seq = x.reshape([n, c, h * w]).swap_dims(1, 2);

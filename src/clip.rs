@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::attention::sdpa;
 use crate::error::{Error, Result};
-use crate::layers::{layer_norm, linear};
+use crate::layers::{layer_norm, linear, LayerNorm};
 use crate::loader::{inspect_safetensors, load_module, read_json, weight_files};
 
 /// `config.json` of a CLIP text encoder folder: transformers' `CLIPTextConfig` keys,

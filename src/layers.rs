@@ -3,14 +3,22 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::nn::PaddingConfig2d;
+use burn::module::{Initializer, Param};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// `nn.Linear(input, output, bias)`.
-pub fn linear<B: Backend>(input: usize, output: usize, bias: bool, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(input, output).with_bias(bias).init(device)
+pub fn linear<B: Backend>(
+    input: usize,
+    output: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    LinearConfig::new(input, output)
+        .with_bias(bias)
+        .init(device)
 }
 
 /// `nn.Conv2d(input, output, kernel, stride, padding)` with symmetric padding and a bias.
@@ -24,20 +32,102 @@ pub fn conv2d<B: Backend>(
 ) -> Conv2d<B> {
     Conv2dConfig::new([input, output], [kernel, kernel])
         .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
         .init(device)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
-pub fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> GroupNorm<B> {
+pub fn group_norm<B: Backend>(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    device: &B::Device,
+) -> GroupNorm<B> {
     GroupNormConfig::new(groups, channels)
         .with_epsilon(eps)
         .init(device)
 }
 
+/// `GroupNorm` forward with PyTorch's precision: for f16/bf16 input the statistics and
+/// the affine transform are computed in f32 and the result cast back, as PyTorch's
+/// kernels accumulate half inputs in float. Summing tens of thousands of squares in f16
+/// (Burn's `GroupNorm::forward` keeps the input dtype) overflows or loses most digits at
+/// SDXL resolutions. f32 input goes through Burn's own `GroupNorm` unchanged.
+pub fn group_norm_forward<B: Backend, const D: usize>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return norm.forward(x);
+    }
+    let shape = x.shape();
+    let (n, c) = (shape[0], shape[1]);
+    let groups = norm.num_groups;
+    let per_group = shape.num_elements() / (n * groups);
+    let x = x.cast(DType::F32).reshape([n, groups, per_group]);
+    let centered = x.clone() - x.mean_dim(2);
+    let var = centered.clone().square().mean_dim(2);
+    let normed = (centered / (var + norm.epsilon).sqrt()).reshape(shape);
+    let mut channel_shape = [1; D];
+    channel_shape[1] = c;
+    let out = match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => {
+            normed * gamma.val().cast(DType::F32).reshape(channel_shape)
+                + beta.val().cast(DType::F32).reshape(channel_shape)
+        }
+        _ => normed,
+    };
+    out.cast(dtype)
+}
+
+/// `nn.LayerNorm(dim, eps)` whose statistics are taken in float32 whatever the
+/// parameter dtype, as PyTorch does: half-precision sums over wide rows lose most of
+/// their precision or overflow. Parameters are named as in PyTorch (`weight`, `bias`).
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// Scale.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Shift.
+    pub bias: Param<Tensor<B, 1>>,
+    eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let x = if half { x.cast(DType::F32) } else { x };
+        let centered = x.clone() - x.mean_dim(D - 1);
+        let var = centered.clone().square().mean_dim(D - 1);
+        let normed = centered / (var + self.eps).sqrt();
+        let mut shape = [1; D];
+        shape[D - 1] = self.weight.shape()[0];
+        let (w, b) = (self.weight.val(), self.bias.val());
+        let (w, b) = if half {
+            (w.cast(DType::F32), b.cast(DType::F32))
+        } else {
+            (w, b)
+        };
+        let out = normed * w.reshape(shape) + b.reshape(shape);
+        if half {
+            out.cast(dtype)
+        } else {
+            out
+        }
+    }
+}
+
 /// `nn.LayerNorm(dim, eps)`.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+    LayerNorm {
+        weight: Initializer::Ones.init([dim], device),
+        bias: Initializer::Zeros.init([dim], device),
+        eps,
+    }
 }
 
 /// `nn.Upsample(scale_factor=2, mode="nearest")` on `[N, C, H, W]`, written as a

@@ -15,5 +15,6 @@ pub mod loader;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 
 pub use error::{Error, Result};

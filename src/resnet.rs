@@ -7,7 +7,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::layers::{as_channels, conv2d, group_norm, linear};
+use crate::layers::{as_channels, conv2d, group_norm, group_norm_forward, linear};
 
 /// A residual block: GroupNorm, SiLU, 3×3 conv, optional time-embedding shift, twice,
 /// plus a 1×1 shortcut when the channel count changes.
@@ -65,11 +65,13 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// `x`: `[N, C_in, H, W]`; `temb`: `[N, T]` (already the raw embedding; the SiLU
     /// before the projection is applied here, as diffusers does).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self
+            .conv1
+            .forward(silu(group_norm_forward(&self.norm1, x.clone())));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             h = h + as_channels(proj.forward(silu(t)));
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(silu(group_norm_forward(&self.norm2, h)));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

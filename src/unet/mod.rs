@@ -24,7 +24,7 @@ use blocks::{AttnSettings, BlockSettings};
 use embeddings::host_tensor;
 
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm};
+use crate::layers::{conv2d, group_norm, group_norm_forward};
 use crate::loader::{load_module, weight_files, LoadReport};
 
 /// The SDXL denoising UNet.
@@ -214,7 +214,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             x = block.forward(x, &emb, &context, &mut skips);
         }
-        let x = silu(self.conv_norm_out.forward(x));
+        let x = silu(group_norm_forward(&self.conv_norm_out, x));
         Ok(self.conv_out.forward(x))
     }
 }

@@ -2,13 +2,13 @@
 //! (self-attention, cross-attention to the text, GEGLU feed-forward).
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, GroupNorm, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::attention::{Attention, AttentionConfig};
-use crate::layers::{group_norm, layer_norm, linear};
+use crate::layers::{group_norm, group_norm_forward, layer_norm, linear, LayerNorm};
 
 /// `GEGLU`: one projection to twice the width, the second half gating the first
 /// through exact GELU.
@@ -157,7 +157,7 @@ impl<B: Backend> Transformer2DModel<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = group_norm_forward(&self.norm, x);
         let mut seq = self
             .proj_in
             .forward(x.reshape([n, c, h * w]).swap_dims(1, 2));

@@ -7,3 +7,4 @@ mod clip;
 mod loader;
 mod tokenizer;
 mod unet;
+mod vae;
