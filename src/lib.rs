@@ -10,6 +10,8 @@ pub mod attention;
 pub mod error;
 pub mod layers;
 pub mod loader;
+pub mod noise;
 pub mod resnet;
+pub mod scheduler;
 
 pub use error::{Error, Result};

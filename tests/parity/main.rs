@@ -2,3 +2,4 @@
 //! on wgpu. One test binary so the crate and Burn link once.
 
 mod common;
+mod scheduler;
