@@ -7,12 +7,16 @@
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
 pub mod attention;
+pub mod cli;
 pub mod clip;
 pub mod device;
 pub mod error;
 pub mod layers;
 pub mod loader;
+pub mod noise;
+pub mod pipeline;
 pub mod resnet;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

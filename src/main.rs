@@ -1,1 +1,5 @@
-fn main() {}
+//! The `hypergen` binary: everything lives in the library.
+
+fn main() -> anyhow::Result<()> {
+    hypergen::cli::main()
+}

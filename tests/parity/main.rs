@@ -5,6 +5,8 @@ mod common;
 
 mod clip;
 mod loader;
+mod pipeline;
+mod scheduler;
 mod tokenizer;
 mod unet;
 mod vae;

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
-use hypergen::loader::read_json;
+use hypergen::scheduler::SchedulerConfig;
 use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
 use hypergen::Error;
 
@@ -79,7 +79,7 @@ crate::on_backends!(pipeline_cfg7_5_negative, cfg7_5_negative);
 fn turbo1<B: Backend>(device: &B::Device) {
     let mut pipe = load::<B>(device, DType::F32);
     pipe.scheduler_config =
-        read_json(&reference_dir().join("turbo_scheduler_config.json")).expect("turbo config");
+        SchedulerConfig::read(&reference_dir().join("turbo_scheduler_config.json")).expect("turbo config");
     let latents = pipe
         .denoise(&request(PROMPT, None, 1, 0.0), &mut no_progress)
         .expect("denoise");

@@ -1,0 +1,224 @@
+//! The `hypergen` command line: flag definitions and the commands they start.
+//! `main.rs` only calls [`main`].
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::{dispatch, DeviceSpec, WithBackend};
+use crate::pipeline::{GenerationRequest, LoadOptions, SdxlPipeline};
+use crate::scheduler::SchedulerKind;
+
+/// hypergen: Stable Diffusion XL on any GPU vendor.
+#[derive(Debug, Parser)]
+#[command(name = "hypergen", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a prompt and write them as PNG files.
+    Generate(GenerateArgs),
+}
+
+/// Flags of `hypergen generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers-layout SDXL folder (model_index.json, unet/, vae/, …).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (empty: zero embeddings, as SDXL does).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (≤ 1 disables guidance).
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// Noise seed; the same seed gives the same image on every backend.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Width in pixels (multiple of 8).
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    /// Height in pixels (multiple of 8).
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Scheduler instead of the model's: euler, euler_karras, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Images to generate (default: 1, or the batch size of --latents).
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// auto, cpu, wgpu, vulkan[:N], metal, mps, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// float32, float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Weight-file variant to load (`fp16`); default: fp16 for half dtypes.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Starting noise: a safetensors file with one tensor `latents` of shape [n, 4, h/8, w/8].
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Output PNG path; with several images, `-N` is added before the extension.
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+}
+
+/// Parses `float32`/`float16`/`bfloat16` (and the short forms `fp32`, `fp16`, `bf16`).
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "float32" | "fp32" | "f32" => DType::F32,
+        "float16" | "fp16" | "f16" | "half" => DType::F16,
+        "bfloat16" | "bf16" => DType::BF16,
+        other => bail!("invalid --dtype `{other}`: use float32, float16 or bfloat16"),
+    })
+}
+
+/// Reads a `--latents` file: one tensor named `latents`, float32 (or float16), rank 4.
+pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let view = st
+        .tensor("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        anyhow::anyhow!("{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]", path.display(), view.shape())
+    })?;
+    let data = match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => view
+            .data()
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!("{}: `latents` is {other:?}, expected F32 or F16", path.display()),
+    };
+    Ok((data, shape))
+}
+
+/// The file name for image `i` of `n`.
+fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    out.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+struct Generate {
+    args: GenerateArgs,
+    request: GenerationRequest,
+    options: LoadOptions,
+}
+
+impl WithBackend for Generate {
+    type Output = anyhow::Result<()>;
+
+    fn run<B: Backend>(self, device: B::Device, label: String) -> anyhow::Result<()> {
+        let pipeline = SdxlPipeline::<B>::load(&self.args.model, &self.options, &device)
+            .with_context(|| format!("loading {}", self.args.model.display()))?;
+        tracing::info!(device = %label, "generating");
+        let bar = ProgressBar::new(self.request.num_inference_steps as u64).with_style(
+            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut on_step = |p: crate::pipeline::Progress| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.step as u64);
+            ControlFlow::Continue(())
+        };
+        let out = pipeline
+            .generate(&self.request, &mut on_step)
+            .context("generating")?;
+        bar.finish_and_clear();
+        let n = out.images.len();
+        for (i, img) in out.images.iter().enumerate() {
+            let path = numbered(&self.args.out, i, n);
+            let png = img.to_png()?;
+            std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+        }
+        Ok(())
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let device: DeviceSpec = args.device.parse()?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()?;
+    let latents = args.latents.as_deref().map(read_latents).transpose()?;
+    let num_images = match (&latents, args.num_images) {
+        (Some((_, shape)), Some(n)) if shape[0] != n => {
+            bail!("--num-images {n} disagrees with the batch size {} of --latents", shape[0])
+        }
+        (Some((_, shape)), _) => shape[0],
+        (None, n) => n.unwrap_or(1),
+    };
+    if let Some((_, shape)) = &latents {
+        let (h, w) = (shape[2] * 8, shape[3] * 8);
+        if (h, w) != (args.height, args.width) {
+            bail!(
+                "--latents has spatial size {}x{} (an image of {w}x{h}), but --width/--height ask for {}x{}",
+                shape[3], shape[2], args.width, args.height
+            );
+        }
+    }
+    let request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width,
+        height: args.height,
+        num_images,
+        seed: args.seed,
+        scheduler,
+        latents: latents.map(|(v, _)| v),
+        ..Default::default()
+    };
+    let options = LoadOptions {
+        dtype,
+        variant: args.variant.clone(),
+    };
+    dispatch(&device, Generate { args, request, options })?
+}
+
+/// Parses the command line and runs the command; the binary's whole `main`.
+pub fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate(args),
+    }
+}
