@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{dispatch, DeviceSpec, WithBackend};
-use crate::pipeline::{GenerationRequest, LoadOptions, SdxlPipeline};
+use crate::model_source::{load_pipeline, ModelOptions};
+use crate::pipeline::{GenerationRequest, LoadOptions};
 use crate::scheduler::SchedulerKind;
 
 /// hypergen: Stable Diffusion XL on any GPU vendor.
@@ -27,15 +28,59 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images from a prompt and write them as PNG files.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
+    /// List the GPUs and backends this build can use, and what `--device auto` picks.
+    Devices,
+}
+
+/// Where a model runs and how it is loaded: flags shared by the commands that load one.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// auto, cpu, wgpu, vulkan[:N], metal[:N], mps, dx12[:N], cuda[:N] (see `hypergen devices`).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// float32, float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Weight-file variant to load (`fp16`); default: fp16 for half dtypes.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// A VAE to use instead of the model's: a folder or a Hub id (e.g. the fp16-safe
+    /// madebyollin/sdxl-vae-fp16-fix).
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// Hub revision of the model (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+impl LoadArgs {
+    /// The parsed `--device`.
+    pub fn device_spec(&self) -> anyhow::Result<DeviceSpec> {
+        Ok(self.device.parse()?)
+    }
+
+    /// How to find and load the model (Hub settings from the environment).
+    pub fn model_options(&self) -> anyhow::Result<ModelOptions> {
+        Ok(ModelOptions {
+            load: LoadOptions {
+                dtype: parse_dtype(&self.dtype)?,
+                variant: self.variant.clone(),
+                vae: self.vae.as_ref().map(PathBuf::from),
+            },
+            revision: self.revision.clone(),
+            hub: crate::hub::HubOptions::from_env(),
+        })
+    }
 }
 
 /// Flags of `hypergen generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A diffusers-layout SDXL folder (model_index.json, unet/, vae/, …).
+    /// A diffusers-layout SDXL folder, a Hub repository id (stabilityai/sdxl-turbo) or a
+    /// built-in model (tiny-sdxl-random, sdxl-base-1.0-random, sdxl-turbo-random).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -63,15 +108,9 @@ pub struct GenerateArgs {
     /// Images to generate (default: 1, or the batch size of --latents).
     #[arg(long)]
     pub num_images: Option<usize>,
-    /// auto, cpu, wgpu, vulkan[:N], metal, mps, cuda[:N].
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// float32, float16 or bfloat16.
-    #[arg(long, default_value = "float32")]
-    pub dtype: String,
-    /// Weight-file variant to load (`fp16`); default: fp16 for half dtypes.
-    #[arg(long)]
-    pub variant: Option<String>,
+    /// Device, dtype and loading.
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Starting noise: a safetensors file with one tensor `latents` of shape [n, 4, h/8, w/8].
     #[arg(long)]
     pub latents: Option<PathBuf>,
@@ -130,16 +169,23 @@ fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
 struct Generate {
     args: GenerateArgs,
     request: GenerationRequest,
-    options: LoadOptions,
+    options: ModelOptions,
 }
 
 impl WithBackend for Generate {
     type Output = anyhow::Result<()>;
 
+    fn dtype(&self) -> Option<DType> {
+        Some(self.options.load.dtype)
+    }
+
     fn run<B: Backend>(self, device: B::Device, label: String) -> anyhow::Result<()> {
-        let pipeline = SdxlPipeline::<B>::load(&self.args.model, &self.options, &device)
-            .with_context(|| format!("loading {}", self.args.model.display()))?;
-        tracing::info!(device = %label, "generating");
+        let (pipeline, info) = load_pipeline::<B>(&self.args.model, &self.options, &device)
+            .with_context(|| format!("loading {}", self.args.model))?;
+        if info.random_weights {
+            tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
+        }
+        tracing::info!(device = %label, model = %info.id, "generating");
         let bar = ProgressBar::new(self.request.num_inference_steps as u64).with_style(
             ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -165,8 +211,8 @@ impl WithBackend for Generate {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let dtype = parse_dtype(&args.dtype)?;
-    let device: DeviceSpec = args.device.parse()?;
+    let options = args.load.model_options()?;
+    let device = args.load.device_spec()?;
     let scheduler = args
         .scheduler
         .as_deref()
@@ -202,10 +248,6 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         latents: latents.map(|(v, _)| v),
         ..Default::default()
     };
-    let options = LoadOptions {
-        dtype,
-        variant: args.variant.clone(),
-    };
     dispatch(&device, Generate { args, request, options })?
 }
 
@@ -219,6 +261,10 @@ pub fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
+        Command::Devices => {
+            print!("{}", crate::device::report(&crate::device::Inventory::probe()));
+            Ok(())
+        }
     }
 }

@@ -92,6 +92,14 @@ pub enum Error {
         /// Why it was refused.
         message: String,
     },
+    /// The Hugging Face Hub (or its local cache) could not provide a model.
+    #[error("hub model `{repo}`: {message}")]
+    Hub {
+        /// The repository id (`stabilityai/sdxl-turbo`).
+        repo: String,
+        /// What went wrong and, where possible, what to do about it.
+        message: String,
+    },
     /// A tensor operation failed at run time (for example reading back device memory).
     #[error("backend: {0}")]
     Backend(String),

@@ -7,14 +7,18 @@
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
 pub mod attention;
+pub mod builtin;
 pub mod cli;
 pub mod clip;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod layers;
 pub mod loader;
+pub mod model_source;
 pub mod noise;
 pub mod pipeline;
+pub mod random_init;
 pub mod resnet;
 pub mod scheduler;
 pub mod tokenizer;

@@ -25,6 +25,10 @@ pub struct LoadOptions {
     /// Weight-file variant (`fp16`). `None` picks `fp16` for half-precision dtypes, as
     /// that is what those files are for, and the full-precision files otherwise.
     pub variant: Option<String>,
+    /// A VAE folder (`config.json` and weights) to use instead of the model's `vae/`,
+    /// e.g. an fp16-safe VAE such as `madebyollin/sdxl-vae-fp16-fix`, whose config
+    /// clears `force_upcast` so that it decodes in float16 without overflowing.
+    pub vae: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -32,12 +36,14 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             variant: None,
+            vae: None,
         }
     }
 }
 
 impl LoadOptions {
-    fn effective_variant(&self) -> Option<&str> {
+    /// The weight-file variant to read: the one asked for, else `fp16` for half dtypes.
+    pub fn effective_variant(&self) -> Option<&str> {
         match (&self.variant, self.dtype) {
             (Some(v), _) => Some(v.as_str()),
             (None, DType::F16 | DType::BF16) => Some("fp16"),
@@ -180,6 +186,41 @@ pub struct SdxlPipeline<B: Backend> {
     device: B::Device,
 }
 
+/// The components of a pipeline, for [`SdxlPipeline::from_parts`].
+pub struct PipelineParts<B: Backend> {
+    /// First tokenizer (pads with `<|endoftext|>`).
+    pub tokenizer: ClipTokenizer,
+    /// Second tokenizer (pads with `!`).
+    pub tokenizer_2: ClipTokenizer,
+    /// CLIP ViT-L text encoder.
+    pub text_encoder: ClipTextModel<B>,
+    /// OpenCLIP bigG text encoder with projection.
+    pub text_encoder_2: ClipTextModel<B>,
+    /// The UNet.
+    pub unet: UNet2DConditionModel<B>,
+    /// The VAE.
+    pub vae: AutoencoderKL<B>,
+    /// The default scheduler's config.
+    pub scheduler_config: SchedulerConfig,
+    /// `model_index.json`.
+    pub index: ModelIndex,
+    /// Dtype of the text encoders and UNet.
+    pub dtype: DType,
+    /// Where the model came from (a folder, or a label such as `builtin:tiny-sdxl-random`).
+    pub source: PathBuf,
+}
+
+/// The dtype the VAE runs in: the SDXL VAE overflows in float16, so diffusers decodes it
+/// in float32 unless its config declares it safe (`force_upcast: false`, as fp16-fixed
+/// VAEs do).
+pub fn vae_dtype(dtype: DType, config: &vae::VaeConfig) -> DType {
+    if dtype != DType::F32 && config.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 impl<B: Backend> SdxlPipeline<B> {
     /// Loads every component of a diffusers-layout SDXL folder onto `device`.
     pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
@@ -191,27 +232,42 @@ impl<B: Backend> SdxlPipeline<B> {
         let text_encoder = clip::load(&dir.join("text_encoder"), variant, dtype, device)?;
         let text_encoder_2 = clip::load(&dir.join("text_encoder_2"), variant, dtype, device)?;
         let (unet, _) = UNet2DConditionModel::load(&dir.join("unet"), variant, dtype, device)?;
-        let vae_cfg: vae::VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
-        // The SDXL VAE overflows in float16; diffusers decodes it in float32 unless the
-        // config declares it safe.
-        let vae_dtype = if dtype != DType::F32 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae = vae::load(&dir.join("vae"), variant, vae_dtype, device)?;
+        let vae_dir = options.vae.clone().unwrap_or_else(|| dir.join("vae"));
+        let vae_cfg: vae::VaeConfig = read_json(&vae_dir.join("config.json"))?;
+        let vae_dtype = vae_dtype(dtype, &vae_cfg);
+        let vae = vae::load(&vae_dir, variant, vae_dtype, device)?;
         let scheduler_config =
             SchedulerConfig::read(&dir.join("scheduler").join("scheduler_config.json"))?;
         // Fail at load, not at the first request, if the scheduler is unsupported.
         Scheduler::from_config(&scheduler_config, None)?;
         tracing::info!(
             model = %dir.display(),
+            vae = %vae_dir.display(),
             dtype = ?dtype,
             vae_dtype = ?vae_dtype,
             variant = variant.unwrap_or("default"),
             "loaded SDXL pipeline"
         );
-        Ok(Self {
+        Ok(Self::from_parts(
+            PipelineParts {
+                tokenizer,
+                tokenizer_2,
+                text_encoder,
+                text_encoder_2,
+                unet,
+                vae,
+                scheduler_config,
+                index,
+                dtype,
+                source: dir.to_path_buf(),
+            },
+            device,
+        ))
+    }
+
+    /// Assembles a pipeline from components built elsewhere (the built-in models).
+    pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Self {
+        let PipelineParts {
             tokenizer,
             tokenizer_2,
             text_encoder,
@@ -221,9 +277,21 @@ impl<B: Backend> SdxlPipeline<B> {
             scheduler_config,
             index,
             dtype,
-            source: dir.to_path_buf(),
+            source,
+        } = parts;
+        Self {
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler_config,
+            index,
+            dtype,
+            source,
             device: device.clone(),
-        })
+        }
     }
 
     /// The device the pipeline runs on.
@@ -295,10 +363,10 @@ impl<B: Backend> SdxlPipeline<B> {
 
     fn validate(&self, req: &GenerationRequest) -> Result<()> {
         let f = self.vae_scale_factor();
-        if req.width == 0 || req.width % f != 0 {
+        if req.width == 0 || !req.width.is_multiple_of(f) {
             return Err(Error::invalid("width", format!("{} is not a positive multiple of {f}", req.width)));
         }
-        if req.height == 0 || req.height % f != 0 {
+        if req.height == 0 || !req.height.is_multiple_of(f) {
             return Err(Error::invalid("height", format!("{} is not a positive multiple of {f}", req.height)));
         }
         if req.num_inference_steps == 0 {

@@ -5,11 +5,12 @@
 //! SDXL's two tokenizers share one vocabulary and differ only in the pad token:
 //! `tokenizer/` pads with `<|endoftext|>`, `tokenizer_2/` with `!` (id 0).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{BpeBuilder, Vocab, BPE};
 use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -112,6 +113,15 @@ fn read_optional(path: &Path) -> Result<TokenizerConfig> {
     })
 }
 
+/// The special tokens and length limit of one tokenizer.
+struct Specials {
+    bos: SpecialToken,
+    eos: SpecialToken,
+    unk: SpecialToken,
+    pad: SpecialToken,
+    max_length: usize,
+}
+
 impl ClipTokenizer {
     /// Loads a tokenizer folder: `tokenizer.json` when present, else CLIP's BPE built
     /// from `vocab.json` and `merges.txt`. `tokenizer_config.json` (then
@@ -129,29 +139,79 @@ impl ClipTokenizer {
                     normalized: false,
                 })
         };
-        let bos = token(|c| &c.bos_token, "<|startoftext|>");
-        let eos = token(|c| &c.eos_token, "<|endoftext|>");
-        let unk = token(|c| &c.unk_token, "<|endoftext|>");
-        let pad = token(|c| &c.pad_token, "<|endoftext|>");
-
         let max_length = match config.model_max_length.as_ref().and_then(Value::as_f64) {
             Some(n) if n < UNSET_MAX_LENGTH => n as usize,
             _ => DEFAULT_MAX_LENGTH,
         };
-        let config_path = dir.join("tokenizer_config.json");
+        let specials = Specials {
+            bos: token(|c| &c.bos_token, "<|startoftext|>"),
+            eos: token(|c| &c.eos_token, "<|endoftext|>"),
+            unk: token(|c| &c.unk_token, "<|endoftext|>"),
+            pad: token(|c| &c.pad_token, "<|endoftext|>"),
+            max_length,
+        };
         if max_length < 2 {
             return Err(tok_err(
-                &config_path,
+                &dir.join("tokenizer_config.json"),
                 format!("model_max_length {max_length} leaves no room for bos and eos"),
             ));
         }
 
         let json = dir.join("tokenizer.json");
-        let mut tokenizer = if json.is_file() {
+        let tokenizer = if json.is_file() {
             Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e.to_string()))?
         } else {
-            build_bpe(dir, &unk.content)?
+            build_bpe(dir, &specials.unk.content)?
         };
+        Self::finish(tokenizer, specials, dir)
+    }
+
+    /// Builds CLIP's tokenizer from the contents of `vocab.json` and `merges.txt`, for
+    /// models that ship no tokenizer folder (the built-in ones). `pad` is the padding
+    /// token (`<|endoftext|>` for SDXL's first tokenizer, `!` for its second) and
+    /// `max_length` the context length (77); the other special tokens are CLIP's.
+    pub fn from_memory(vocab_json: &str, merges_txt: &str, pad: &str, max_length: usize) -> Result<Self> {
+        let label = Path::new("<built-in CLIP tokenizer>");
+        if max_length < 2 {
+            return Err(tok_err(label, format!("max_length {max_length} leaves no room for bos and eos")));
+        }
+        let special = |content: &str| SpecialToken {
+            content: content.into(),
+            normalized: false,
+        };
+        let specials = Specials {
+            bos: special("<|startoftext|>"),
+            eos: special("<|endoftext|>"),
+            unk: special("<|endoftext|>"),
+            pad: special(pad),
+            max_length,
+        };
+        let vocab: HashMap<String, u32> = serde_json::from_str(vocab_json)
+            .map_err(|e| tok_err(label, format!("vocab.json: {e}")))?;
+        let mut merges = Vec::new();
+        // As `tokenizers` reads merges.txt: a `#version` header, then one pair per line.
+        for (rank, line) in merges_txt.lines().filter(|l| !l.starts_with("#version")).enumerate() {
+            match line.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(tok_err(label, format!("merges.txt line {}: expected two tokens", rank + 1))),
+            }
+        }
+        let vocab: Vocab = vocab.into_iter().collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges);
+        let tokenizer = clip_pipeline(bpe, label, &specials.unk.content)?;
+        Self::finish(tokenizer, specials, label)
+    }
+
+    /// Truncation and padding off (done in [`encode`](Self::encode)), special tokens
+    /// added, their ids looked up.
+    fn finish(mut tokenizer: Tokenizer, specials: Specials, dir: &Path) -> Result<Self> {
+        let Specials {
+            bos,
+            eos,
+            unk,
+            pad,
+            max_length,
+        } = specials;
         // Truncation and padding are done here, so that both kinds of folder agree.
         tokenizer
             .with_truncation(None)
@@ -212,9 +272,8 @@ impl ClipTokenizer {
     }
 }
 
-/// CLIP's tokenizer pipeline from `vocab.json` and `merges.txt`: NFC, whitespace runs
-/// to one space, lowercase; CLIP's word split then byte-level mapping; BPE with a
-/// `</w>` end-of-word suffix.
+/// CLIP's tokenizer from the `vocab.json` and `merges.txt` files of `dir` (see
+/// [`clip_pipeline`]).
 fn build_bpe(dir: &Path, unk: &str) -> Result<Tokenizer> {
     let vocab = dir.join("vocab.json");
     let merges = dir.join("merges.txt");
@@ -226,7 +285,14 @@ fn build_bpe(dir: &Path, unk: &str) -> Result<Tokenizer> {
             ));
         }
     }
-    let bpe = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?)
+    let bpe = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?);
+    clip_pipeline(bpe, dir, unk)
+}
+
+/// The tokenizer around CLIP's BPE model: NFC, whitespace runs to one space, lowercase;
+/// CLIP's word split then byte-level mapping; BPE with a `</w>` end-of-word suffix.
+fn clip_pipeline(bpe: BpeBuilder, dir: &Path, unk: &str) -> Result<Tokenizer> {
+    let bpe = bpe
         .unk_token(unk.to_string())
         .end_of_word_suffix("</w>".into())
         .fuse_unk(false)

@@ -3,7 +3,10 @@
 
 mod common;
 
+mod builtin;
 mod clip;
+mod devices;
+mod hub;
 mod loader;
 mod pipeline;
 mod scheduler;

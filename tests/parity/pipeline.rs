@@ -17,7 +17,7 @@ const NEGATIVE: &str = "A Cozy cabin, in the SNOWY woods -- oil painting; 4k, tr
 fn load<B: Backend>(device: &B::Device, dtype: DType) -> SdxlPipeline<B> {
     let options = LoadOptions {
         dtype,
-        variant: None,
+        ..Default::default()
     };
     SdxlPipeline::<B>::load(&fixture_dir(), &options, device).expect("fixture pipeline loads")
 }
