@@ -99,7 +99,11 @@ pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
         .tensor("latents")
         .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
     let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
-        anyhow::anyhow!("{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]", path.display(), view.shape())
+        anyhow::anyhow!(
+            "{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]",
+            path.display(),
+            view.shape()
+        )
     })?;
     let data = match view.dtype() {
         safetensors::Dtype::F32 => view
@@ -112,7 +116,10 @@ pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => bail!("{}: `latents` is {other:?}, expected F32 or F16", path.display()),
+        other => bail!(
+            "{}: `latents` is {other:?}, expected F32 or F16",
+            path.display()
+        ),
     };
     Ok((data, shape))
 }
@@ -141,8 +148,10 @@ impl WithBackend for Generate {
             .with_context(|| format!("loading {}", self.args.model.display()))?;
         tracing::info!(device = %label, "generating");
         let bar = ProgressBar::new(self.request.num_inference_steps as u64).with_style(
-            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut on_step = |p: crate::pipeline::Progress| {
             bar.set_length(p.total as u64);
@@ -175,7 +184,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
     let num_images = match (&latents, args.num_images) {
         (Some((_, shape)), Some(n)) if shape[0] != n => {
-            bail!("--num-images {n} disagrees with the batch size {} of --latents", shape[0])
+            bail!(
+                "--num-images {n} disagrees with the batch size {} of --latents",
+                shape[0]
+            )
         }
         (Some((_, shape)), _) => shape[0],
         (None, n) => n.unwrap_or(1),
@@ -206,7 +218,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         dtype,
         variant: args.variant.clone(),
     };
-    dispatch(&device, Generate { args, request, options })?
+    dispatch(
+        &device,
+        Generate {
+            args,
+            request,
+            options,
+        },
+    )?
 }
 
 /// Parses the command line and runs the command; the binary's whole `main`.

@@ -26,7 +26,12 @@ fn unet_matches_reference<B: Backend>(device: &B::Device) {
                 &time_ids,
             )
             .expect("forward");
-        assert_matches(&format!("unet t={t}"), out, &format!("unet.t{t}.out"), TOL_F32);
+        assert_matches(
+            &format!("unet t={t}"),
+            out,
+            &format!("unet.t{t}.out"),
+            TOL_F32,
+        );
     }
 }
 
