@@ -81,6 +81,34 @@ impl BlockSettings {
     }
 }
 
+impl BlockSettings {
+    /// One transformer per resnet when the block has attention, none otherwise.
+    fn transformers<B: Backend>(
+        &self,
+        attn: Option<AttnSettings>,
+        layers: usize,
+        channels: usize,
+        device: &B::Device,
+    ) -> Vec<Transformer2DModel<B>> {
+        attn.map(|a| {
+            (0..layers)
+                .map(|_| {
+                    Transformer2DModel::new(
+                        channels,
+                        a.heads,
+                        a.depth,
+                        a.cross_dim,
+                        self.groups,
+                        self.eps,
+                        device,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+}
+
 /// Attention settings of one block: heads, transformer depth, context width.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttnSettings {
@@ -122,23 +150,7 @@ impl<B: Backend> DownBlock<B> {
                     )
                 })
                 .collect(),
-            attentions: attn
-                .map(|a| {
-                    (0..layers)
-                        .map(|_| {
-                            Transformer2DModel::new(
-                                output,
-                                a.heads,
-                                a.depth,
-                                a.cross_dim,
-                                s.groups,
-                                s.eps,
-                                device,
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            attentions: s.transformers(attn, layers, output, device),
             downsamplers: downsample
                 .map(|pad| {
                     vec![Downsample2D {
@@ -254,23 +266,7 @@ impl<B: Backend> UpBlock<B> {
                     s.resnet(from + skip, output, s.resnet_scale, device)
                 })
                 .collect(),
-            attentions: attn
-                .map(|a| {
-                    (0..layers)
-                        .map(|_| {
-                            Transformer2DModel::new(
-                                output,
-                                a.heads,
-                                a.depth,
-                                a.cross_dim,
-                                s.groups,
-                                s.eps,
-                                device,
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            attentions: s.transformers(attn, layers, output, device),
             upsamplers: if upsample {
                 vec![Upsample2D {
                     conv: conv2d(output, output, 3, 1, 1, device),
