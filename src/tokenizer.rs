@@ -178,6 +178,14 @@ impl ClipTokenizer {
         })
     }
 
+    /// The tokenizer as a `tokenizer.json` document (the `tokenizers` library's format),
+    /// e.g. to convert a `vocab.json` + `merges.txt` folder into a single file.
+    pub fn to_json(&self) -> Result<String> {
+        self.tokenizer
+            .to_string(false)
+            .map_err(|e| tok_err(&self.dir, format!("serialising: {e}")))
+    }
+
     /// Encodes `prompt` to exactly [`max_length`](Self::max_length) ids.
     pub fn encode(&self, prompt: &str) -> Result<Encoded> {
         let encoding = self
