@@ -56,7 +56,11 @@ macro_rules! preset {
         Configs {
             model_index: include_str!(concat!("../presets/", $dir, "/model_index.json")),
             text_encoder: include_str!(concat!("../presets/", $dir, "/text_encoder/config.json")),
-            text_encoder_2: include_str!(concat!("../presets/", $dir, "/text_encoder_2/config.json")),
+            text_encoder_2: include_str!(concat!(
+                "../presets/",
+                $dir,
+                "/text_encoder_2/config.json"
+            )),
             unet: include_str!(concat!("../presets/", $dir, "/unet/config.json")),
             vae: include_str!(concat!("../presets/", $dir, "/vae/config.json")),
             scheduler: include_str!(concat!(
@@ -71,19 +75,22 @@ macro_rules! preset {
 static BUILTINS: [Builtin; 3] = [
     Builtin {
         name: "tiny-sdxl-random",
-        description: "small SDXL-architecture model with random weights (runs in about a second on a CPU)",
+        description:
+            "small SDXL-architecture model with random weights (runs in about a second on a CPU)",
         preset: "presets/tiny-sdxl",
         configs: preset!("tiny-sdxl", "tiny-sdxl"),
     },
     Builtin {
         name: "sdxl-base-1.0-random",
-        description: "stabilityai/stable-diffusion-xl-base-1.0 architecture with random weights (benchmarks)",
+        description:
+            "stabilityai/stable-diffusion-xl-base-1.0 architecture with random weights (benchmarks)",
         preset: "presets/sdxl-base-1.0",
         configs: preset!("sdxl-base-1.0", "sdxl-base-1.0"),
     },
     Builtin {
         name: "sdxl-turbo-random",
-        description: "stabilityai/sdxl-turbo architecture and scheduler with random weights (benchmarks)",
+        description:
+            "stabilityai/sdxl-turbo architecture and scheduler with random weights (benchmarks)",
         preset: "presets/sdxl-base-1.0",
         configs: preset!("sdxl-base-1.0", "sdxl-turbo"),
     },
@@ -118,7 +125,12 @@ impl Builtin {
         Ok((value, path))
     }
 
-    fn text_encoder<B: Backend>(&self, text: &str, file: &str, device: &B::Device) -> Result<ClipTextModel<B>> {
+    fn text_encoder<B: Backend>(
+        &self,
+        text: &str,
+        file: &str,
+        device: &B::Device,
+    ) -> Result<ClipTextModel<B>> {
         let (config, path): (ClipTextConfig, _) = self.parse(text, file)?;
         let with_projection = config
             .architectures
@@ -134,14 +146,23 @@ impl Builtin {
         let (unet_config, unet_path): (UNetConfig, _) = self.parse(c.unet, "unet/config.json")?;
         let (vae_config, vae_path): (VaeConfig, _) = self.parse(c.vae, "vae/config.json")?;
         vae_config.validate(&vae_path)?;
-        let scheduler_config = SchedulerConfig::from_json_str(c.scheduler).map_err(|source| Error::Json {
-            path: Path::new(self.preset).join("scheduler/scheduler_config.json"),
-            source,
-        })?;
+        let scheduler_config =
+            SchedulerConfig::from_json_str(c.scheduler).map_err(|source| Error::Json {
+                path: Path::new(self.preset).join("scheduler/scheduler_config.json"),
+                source,
+            })?;
         Ok(Modules {
             index,
-            text_encoder: self.text_encoder::<B>(c.text_encoder, "text_encoder/config.json", device)?,
-            text_encoder_2: self.text_encoder::<B>(c.text_encoder_2, "text_encoder_2/config.json", device)?,
+            text_encoder: self.text_encoder::<B>(
+                c.text_encoder,
+                "text_encoder/config.json",
+                device,
+            )?,
+            text_encoder_2: self.text_encoder::<B>(
+                c.text_encoder_2,
+                "text_encoder_2/config.json",
+                device,
+            )?,
             unet: UNet2DConditionModel::<B>::new(&unet_config, &unet_path, device)?,
             vae: AutoencoderKL::<B>::new(vae_config, device),
             scheduler_config,
@@ -150,7 +171,10 @@ impl Builtin {
 
     /// Parameters per component (`text_encoder`, `text_encoder_2`, `unet`, `vae`),
     /// counted from the configs without allocating anything.
-    pub fn parameter_counts<B: Backend>(&self, device: &B::Device) -> Result<Vec<(&'static str, usize)>> {
+    pub fn parameter_counts<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<Vec<(&'static str, usize)>> {
         let m = self.modules::<B>(device)?;
         Ok(vec![
             ("text_encoder", lazy_num_params(&m.text_encoder)),
@@ -164,12 +188,18 @@ impl Builtin {
     /// from [`SEED`] in `options.dtype` (the VAE in float32 when its config asks for
     /// upcasting). `options.vae` replaces the random VAE by a real one (its `variant`
     /// files when present).
-    pub fn build<B: Backend>(&self, options: &LoadOptions, device: &B::Device) -> Result<SdxlPipeline<B>> {
+    pub fn build<B: Backend>(
+        &self,
+        options: &LoadOptions,
+        device: &B::Device,
+    ) -> Result<SdxlPipeline<B>> {
         let start = Instant::now();
         let dtype = options.dtype;
         let m = self.modules::<B>(device)?;
         let (tokenizer, tokenizer_2) = clip_tokenizers()?;
-        let params = lazy_num_params(&m.text_encoder) + lazy_num_params(&m.text_encoder_2) + lazy_num_params(&m.unet);
+        let params = lazy_num_params(&m.text_encoder)
+            + lazy_num_params(&m.text_encoder_2)
+            + lazy_num_params(&m.unet);
         tracing::info!(model = self.name, params, "generating random weights");
         let text_encoder = randomize(m.text_encoder, SEED, 1, dtype);
         let text_encoder_2 = randomize(m.text_encoder_2, SEED, 2, dtype);
@@ -177,7 +207,12 @@ impl Builtin {
         let vae = match &options.vae {
             Some(dir) => {
                 let config = VaeConfig::from_file(&dir.join("config.json"))?;
-                vae::load(dir, options.effective_variant(), vae_dtype(dtype, &config), device)?
+                vae::load(
+                    dir,
+                    options.effective_variant(),
+                    vae_dtype(dtype, &config),
+                    device,
+                )?
             }
             None => {
                 let vae_dtype = vae_dtype(dtype, m.vae.config());
@@ -224,7 +259,10 @@ impl<B: Backend> SdxlPipeline<B> {
         let builtin = find(name).ok_or_else(|| {
             Error::invalid(
                 "model",
-                format!("`{name}` is not a built-in model (built-in: {})", names().join(", ")),
+                format!(
+                    "`{name}` is not a built-in model (built-in: {})",
+                    names().join(", ")
+                ),
             )
         })?;
         builtin.build(options, device)

@@ -138,7 +138,11 @@ pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
         .tensor("latents")
         .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
     let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
-        anyhow::anyhow!("{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]", path.display(), view.shape())
+        anyhow::anyhow!(
+            "{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]",
+            path.display(),
+            view.shape()
+        )
     })?;
     let data = match view.dtype() {
         safetensors::Dtype::F32 => view
@@ -151,7 +155,10 @@ pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => bail!("{}: `latents` is {other:?}, expected F32 or F16", path.display()),
+        other => bail!(
+            "{}: `latents` is {other:?}, expected F32 or F16",
+            path.display()
+        ),
     };
     Ok((data, shape))
 }
@@ -187,8 +194,10 @@ impl WithBackend for Generate {
         }
         tracing::info!(device = %label, model = %info.id, "generating");
         let bar = ProgressBar::new(self.request.num_inference_steps as u64).with_style(
-            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut on_step = |p: crate::pipeline::Progress| {
             bar.set_length(p.total as u64);
@@ -221,7 +230,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
     let num_images = match (&latents, args.num_images) {
         (Some((_, shape)), Some(n)) if shape[0] != n => {
-            bail!("--num-images {n} disagrees with the batch size {} of --latents", shape[0])
+            bail!(
+                "--num-images {n} disagrees with the batch size {} of --latents",
+                shape[0]
+            )
         }
         (Some((_, shape)), _) => shape[0],
         (None, n) => n.unwrap_or(1),
@@ -248,7 +260,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         latents: latents.map(|(v, _)| v),
         ..Default::default()
     };
-    dispatch(&device, Generate { args, request, options })?
+    dispatch(
+        &device,
+        Generate {
+            args,
+            request,
+            options,
+        },
+    )?
 }
 
 /// Parses the command line and runs the command; the binary's whole `main`.
@@ -263,7 +282,10 @@ pub fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(*args),
         Command::Devices => {
-            print!("{}", crate::device::report(&crate::device::Inventory::probe()));
+            print!(
+                "{}",
+                crate::device::report(&crate::device::Inventory::probe())
+            );
             Ok(())
         }
     }

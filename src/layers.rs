@@ -2,9 +2,9 @@
 //! defaults, so model code reads like its diffusers counterpart.
 
 use burn::module::Module;
+use burn::module::{Initializer, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::module::{Initializer, Param};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};

@@ -6,6 +6,8 @@
 //! is chosen once, at the edge ([`device`]). Module paths follow diffusers' weight
 //! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod builtin;
 pub mod cli;

@@ -214,10 +214,12 @@ pub fn load_module<B: Backend, M: Module<B>>(
             // Enum modules (such as the feed-forward list) keep diffusers' indices.
             .skip_enum_variants(true)
             .validate(false);
-        let result = module.load_from(&mut store).map_err(|e| Error::Safetensors {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
+        let result = module
+            .load_from(&mut store)
+            .map_err(|e| Error::Safetensors {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
         if let Some(err) = result.errors.first() {
             let (tensor, message) = match err {
                 ApplyError::ShapeMismatch {
@@ -228,7 +230,8 @@ pub fn load_module<B: Backend, M: Module<B>>(
                     path.clone(),
                     format!(
                         "shape {:?} in the file, the config asks for {:?}",
-                        found.as_slice(), expected.as_slice()
+                        found.as_slice(),
+                        expected.as_slice()
                     ),
                 ),
                 ApplyError::DTypeMismatch {

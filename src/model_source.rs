@@ -79,7 +79,12 @@ pub fn load_pipeline<B: Backend>(
     let variant = load.effective_variant().map(str::to_string);
     if let Some(vae) = &load.vae {
         let vae = vae.to_string_lossy().into_owned();
-        load.vae = Some(hub::resolve_vae_with(&vae, None, variant.as_deref(), &options.hub)?);
+        load.vae = Some(hub::resolve_vae_with(
+            &vae,
+            None,
+            variant.as_deref(),
+            &options.hub,
+        )?);
     }
     match ModelSource::parse(model)? {
         ModelSource::Builtin(b) => {
@@ -110,7 +115,12 @@ pub fn load_pipeline<B: Backend>(
             ))
         }
         ModelSource::Hub(id) => {
-            let dir = hub::resolve_model_with(id, options.revision.as_deref(), variant.as_deref(), &options.hub)?;
+            let dir = hub::resolve_model_with(
+                id,
+                options.revision.as_deref(),
+                variant.as_deref(),
+                &options.hub,
+            )?;
             let pipeline = SdxlPipeline::<B>::load(&dir, &load, device)?;
             Ok((
                 pipeline,

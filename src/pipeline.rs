@@ -325,8 +325,9 @@ impl<B: Backend> SdxlPipeline<B> {
         let o2 = self.text_encoder_2.forward(self.token_tensor(&t2.ids));
         let pooled = o2.text_embeds.ok_or_else(|| Error::Unsupported {
             path: self.source.join("text_encoder_2"),
-            message: "text_encoder_2 has no text_projection (SDXL needs CLIPTextModelWithProjection)"
-                .into(),
+            message:
+                "text_encoder_2 has no text_projection (SDXL needs CLIPTextModelWithProjection)"
+                    .into(),
         })?;
         Ok((Tensor::cat(vec![o1.penultimate, o2.penultimate], 2), pooled))
     }
@@ -364,10 +365,16 @@ impl<B: Backend> SdxlPipeline<B> {
     fn validate(&self, req: &GenerationRequest) -> Result<()> {
         let f = self.vae_scale_factor();
         if req.width == 0 || !req.width.is_multiple_of(f) {
-            return Err(Error::invalid("width", format!("{} is not a positive multiple of {f}", req.width)));
+            return Err(Error::invalid(
+                "width",
+                format!("{} is not a positive multiple of {f}", req.width),
+            ));
         }
         if req.height == 0 || !req.height.is_multiple_of(f) {
-            return Err(Error::invalid("height", format!("{} is not a positive multiple of {f}", req.height)));
+            return Err(Error::invalid(
+                "height",
+                format!("{} is not a positive multiple of {f}", req.height),
+            ));
         }
         if req.num_inference_steps == 0 {
             return Err(Error::invalid("num_inference_steps", "must be at least 1"));
@@ -376,7 +383,10 @@ impl<B: Backend> SdxlPipeline<B> {
             return Err(Error::invalid("num_images", "must be at least 1"));
         }
         if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
-            return Err(Error::invalid("guidance_scale", "must be a finite number ≥ 0"));
+            return Err(Error::invalid(
+                "guidance_scale",
+                "must be a finite number ≥ 0",
+            ));
         }
         Ok(())
     }
@@ -416,7 +426,10 @@ impl<B: Backend> SdxlPipeline<B> {
                 if v.len() != want {
                     return Err(Error::invalid(
                         "latents",
-                        format!("expected shape {shape:?} ({want} values), got {} values", v.len()),
+                        format!(
+                            "expected shape {shape:?} ({want} values), got {} values",
+                            v.len()
+                        ),
                     ));
                 }
                 v.clone()
@@ -426,7 +439,8 @@ impl<B: Backend> SdxlPipeline<B> {
         let mut latents = Tensor::<B, 4>::from_data(TensorData::new(noise, shape), &self.device)
             * scheduler.init_noise_sigma();
 
-        let embeds = self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+        let embeds =
+            self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
         let rows = if guidance { 2 * n } else { n };
         let (h, w) = (req.height, req.width);
         let orig = req.original_size.unwrap_or((h, w));
@@ -457,8 +471,12 @@ impl<B: Backend> SdxlPipeline<B> {
             let eps = eps.cast(latents.dtype());
             let eps = if guidance {
                 let mut parts = eps.chunk(2, 0);
-                let text = parts.pop().ok_or_else(|| Error::Backend("guidance split".into()))?;
-                let uncond = parts.pop().ok_or_else(|| Error::Backend("guidance split".into()))?;
+                let text = parts
+                    .pop()
+                    .ok_or_else(|| Error::Backend("guidance split".into()))?;
+                let uncond = parts
+                    .pop()
+                    .ok_or_else(|| Error::Backend("guidance split".into()))?;
                 uncond.clone() + (text - uncond) * req.guidance_scale
             } else {
                 eps
@@ -478,8 +496,10 @@ impl<B: Backend> SdxlPipeline<B> {
         let latents = match (&cfg.latents_mean, &cfg.latents_std) {
             (Some(mean), Some(std)) if mean.len() == c && std.len() == c => {
                 let dev = latents.device();
-                let m = Tensor::<B, 1>::from_data(TensorData::new(mean.clone(), [c]), &dev).reshape([1, c, 1, 1]);
-                let s = Tensor::<B, 1>::from_data(TensorData::new(std.clone(), [c]), &dev).reshape([1, c, 1, 1]);
+                let m = Tensor::<B, 1>::from_data(TensorData::new(mean.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
+                let s = Tensor::<B, 1>::from_data(TensorData::new(std.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
                 latents * s / cfg.scaling_factor + m
             }
             _ => latents / cfg.scaling_factor,
@@ -506,7 +526,10 @@ impl<B: Backend> SdxlPipeline<B> {
             .map(|i| Image {
                 width: w,
                 height: h,
-                rgb: values[i * per..(i + 1) * per].iter().map(|&v| v as u8).collect(),
+                rgb: values[i * per..(i + 1) * per]
+                    .iter()
+                    .map(|&v| v as u8)
+                    .collect(),
             })
             .collect())
     }

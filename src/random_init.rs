@@ -80,7 +80,8 @@ impl RandomMapper {
 
 impl<B: Backend> ModuleMapper<B> for RandomMapper {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push((name.to_string(), container_type.to_string()));
+        self.path
+            .push((name.to_string(), container_type.to_string()));
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -177,7 +178,10 @@ mod tests {
         // The first chunk does not depend on how many chunks follow.
         let short = generate(CHUNK, Init::Uniform(0.5), 7);
         assert_eq!(&a[..CHUNK], &short[..]);
-        assert_ne!(generate(10, Init::Uniform(0.5), 8), generate(10, Init::Uniform(0.5), 7));
+        assert_ne!(
+            generate(10, Init::Uniform(0.5), 8),
+            generate(10, Init::Uniform(0.5), 7)
+        );
         assert_eq!(generate(3, Init::Constant(1.0), 1), vec![1.0; 3]);
     }
 }

@@ -170,10 +170,18 @@ impl ClipTokenizer {
     /// models that ship no tokenizer folder (the built-in ones). `pad` is the padding
     /// token (`<|endoftext|>` for SDXL's first tokenizer, `!` for its second) and
     /// `max_length` the context length (77); the other special tokens are CLIP's.
-    pub fn from_memory(vocab_json: &str, merges_txt: &str, pad: &str, max_length: usize) -> Result<Self> {
+    pub fn from_memory(
+        vocab_json: &str,
+        merges_txt: &str,
+        pad: &str,
+        max_length: usize,
+    ) -> Result<Self> {
         let label = Path::new("<built-in CLIP tokenizer>");
         if max_length < 2 {
-            return Err(tok_err(label, format!("max_length {max_length} leaves no room for bos and eos")));
+            return Err(tok_err(
+                label,
+                format!("max_length {max_length} leaves no room for bos and eos"),
+            ));
         }
         let special = |content: &str| SpecialToken {
             content: content.into(),
@@ -190,10 +198,19 @@ impl ClipTokenizer {
             .map_err(|e| tok_err(label, format!("vocab.json: {e}")))?;
         let mut merges = Vec::new();
         // As `tokenizers` reads merges.txt: a `#version` header, then one pair per line.
-        for (rank, line) in merges_txt.lines().filter(|l| !l.starts_with("#version")).enumerate() {
+        for (rank, line) in merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version"))
+            .enumerate()
+        {
             match line.split(' ').collect::<Vec<_>>()[..] {
                 [a, b] => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(tok_err(label, format!("merges.txt line {}: expected two tokens", rank + 1))),
+                _ => {
+                    return Err(tok_err(
+                        label,
+                        format!("merges.txt line {}: expected two tokens", rank + 1),
+                    ))
+                }
             }
         }
         let vocab: Vocab = vocab.into_iter().collect();
@@ -236,6 +253,14 @@ impl ClipTokenizer {
             tokenizer,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The tokenizer as a `tokenizer.json` document (the `tokenizers` library's format),
+    /// e.g. to convert a `vocab.json` + `merges.txt` folder into a single file.
+    pub fn to_json(&self) -> Result<String> {
+        self.tokenizer
+            .to_string(false)
+            .map_err(|e| tok_err(&self.dir, format!("serialising: {e}")))
     }
 
     /// Encodes `prompt` to exactly [`max_length`](Self::max_length) ids.

@@ -54,7 +54,10 @@ impl FromStr for DeviceSpec {
         let (name, index) = match s.split_once(':') {
             Some((n, i)) => {
                 let i = i.parse::<usize>().map_err(|_| {
-                    Error::invalid("device", format!("`{s}`: the part after `:` must be a GPU index"))
+                    Error::invalid(
+                        "device",
+                        format!("`{s}`: the part after `:` must be a GPU index"),
+                    )
                 })?;
                 (n.to_string(), Some(i))
             }

@@ -19,7 +19,11 @@ fn yes(b: bool) -> &'static str {
 pub fn report(inventory: &Inventory) -> String {
     let mut s = String::new();
     // Writing to a String cannot fail.
-    let _ = writeln!(s, "backends in this build: {}", compiled_backends().join(", "));
+    let _ = writeln!(
+        s,
+        "backends in this build: {}",
+        compiled_backends().join(", ")
+    );
     let _ = writeln!(s, "\nwgpu adapters:");
     if !inventory.wgpu_compiled {
         let _ = writeln!(s, "  (wgpu is not compiled in)");
@@ -49,7 +53,10 @@ pub fn report(inventory: &Inventory) -> String {
         }
         Ok(devs) => {
             if !inventory.cuda_compiled {
-                let _ = writeln!(s, "  (present, but this build has no CUDA support: rebuild with --features cuda)");
+                let _ = writeln!(
+                    s,
+                    "  (present, but this build has no CUDA support: rebuild with --features cuda)"
+                );
             }
             for d in devs {
                 let _ = writeln!(
@@ -65,7 +72,10 @@ pub fn report(inventory: &Inventory) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\ncpu: float32, float16, bfloat16 (half types through conversions; float32 is fastest)");
+    let _ = writeln!(
+        s,
+        "\ncpu: float32, float16, bfloat16 (half types through conversions; float32 is fastest)"
+    );
     match resolve(&DeviceSpec::Auto, inventory) {
         Ok(r) => {
             let _ = writeln!(s, "\n--device auto → {} ({})", r.label(), r.reason);

@@ -63,7 +63,11 @@ impl ResolvedDevice {
                 "bfloat16 is not available on {} through wgpu (WGSL has no bfloat16 type); \
                  use --dtype float16{} or float32",
                 a.label(),
-                if a.float16 { "" } else { " (not on this adapter either)" }
+                if a.float16 {
+                    ""
+                } else {
+                    " (not on this adapter either)"
+                }
             )),
             (Target::Wgpu(a), DType::F16) if !a.float16 => refuse(format!(
                 "float16 needs shader float16 support (wgpu SHADER_F16), which {} lacks; \
@@ -140,7 +144,9 @@ pub fn resolve(spec: &DeviceSpec, inventory: &Inventory) -> Result<ResolvedDevic
                 let n = of_api().count();
                 let why = match (n, index) {
                     (0, _) => format!("no {} adapter found", api.name()),
-                    (n, Some(i)) => format!("there are {n} {} adapter(s), so no index {i}", api.name()),
+                    (n, Some(i)) => {
+                        format!("there are {n} {} adapter(s), so no index {i}", api.name())
+                    }
                     (_, None) => format!("no {} adapter found", api.name()),
                 };
                 Err(unavailable(spec, &why, inventory))
@@ -154,11 +160,21 @@ pub fn resolve(spec: &DeviceSpec, inventory: &Inventory) -> Result<ResolvedDevic
         DeviceSpec::Dx12(i) => wgpu_api(GraphicsApi::Dx12, *i),
         DeviceSpec::Wgpu => {
             if !inventory.wgpu_compiled {
-                return Err(unavailable(spec, "this build has no wgpu backend", inventory));
+                return Err(unavailable(
+                    spec,
+                    "this build has no wgpu backend",
+                    inventory,
+                ));
             }
             best(inventory.adapters.iter())
                 .map(|a| ResolvedDevice::explicit(Target::Wgpu(a.clone())))
-                .ok_or_else(|| unavailable(spec, "wgpu found no Vulkan, Metal or DX12 adapter", inventory))
+                .ok_or_else(|| {
+                    unavailable(
+                        spec,
+                        "wgpu found no Vulkan, Metal or DX12 adapter",
+                        inventory,
+                    )
+                })
         }
         DeviceSpec::Cuda(i) => {
             if !inventory.cuda_compiled {
@@ -168,7 +184,9 @@ pub fn resolve(spec: &DeviceSpec, inventory: &Inventory) -> Result<ResolvedDevic
                 };
                 return Err(unavailable(
                     spec,
-                    &format!("this build has no CUDA support (rebuild with --features cuda){driver}"),
+                    &format!(
+                        "this build has no CUDA support (rebuild with --features cuda){driver}"
+                    ),
                     inventory,
                 ));
             }
@@ -179,7 +197,11 @@ pub fn resolve(spec: &DeviceSpec, inventory: &Inventory) -> Result<ResolvedDevic
                     .find(|d| d.index == *i)
                     .map(|d| ResolvedDevice::explicit(Target::Cuda(d.clone())))
                     .ok_or_else(|| {
-                        unavailable(spec, &format!("there are {} CUDA device(s)", devs.len()), inventory)
+                        unavailable(
+                            spec,
+                            &format!("there are {} CUDA device(s)", devs.len()),
+                            inventory,
+                        )
                     }),
             }
         }

@@ -73,7 +73,10 @@ pub fn fetch_pipeline(source: &mut dyn FileSource, variant: Option<&str>) -> Res
 
 /// Fetches a lone VAE: `config.json` and weights at the repository's root, or in `vae/`
 /// when the repository is a whole pipeline. Returns the folder, relative to the root.
-pub fn fetch_vae(source: &mut dyn FileSource, variant: Option<&str>) -> Result<&'static str, String> {
+pub fn fetch_vae(
+    source: &mut dyn FileSource,
+    variant: Option<&str>,
+) -> Result<&'static str, String> {
     let folder = if source.listing().contains("config.json") {
         ""
     } else {
@@ -145,7 +148,11 @@ pub fn fetch_weights(
     }
     candidates.push(format!("{prefix}{stem}.safetensors"));
     candidates.push(format!("{prefix}{stem}.safetensors.index.json"));
-    let Some(chosen) = candidates.iter().find(|c| source.listing().contains(*c)).cloned() else {
+    let Some(chosen) = candidates
+        .iter()
+        .find(|c| source.listing().contains(*c))
+        .cloned()
+    else {
         let pickle = source
             .listing()
             .iter()
@@ -171,7 +178,9 @@ pub fn fetch_weights(
     for shard in shards {
         let shard = format!("{prefix}{shard}");
         if !source.listing().contains(&shard) {
-            return Err(format!("`{chosen}` names `{shard}`, which the repository does not have"));
+            return Err(format!(
+                "`{chosen}` names `{shard}`, which the repository does not have"
+            ));
         }
         source.fetch(&shard)?;
     }
@@ -222,7 +231,10 @@ mod tests {
         fn new(files: &[&str], contents: &[(&str, &str)]) -> Self {
             Self {
                 listing: files.iter().map(|s| s.to_string()).collect(),
-                contents: contents.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                contents: contents
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 dir: tempfile::tempdir().expect("tempdir"),
                 fetched: Vec::new(),
             }
@@ -290,7 +302,10 @@ mod tests {
             &sdxl_listing(),
             &[
                 ("model_index.json", INDEX),
-                ("vae/diffusion_pytorch_model.safetensors.index.json", VAE_INDEX),
+                (
+                    "vae/diffusion_pytorch_model.safetensors.index.json",
+                    VAE_INDEX,
+                ),
             ],
         );
         fetch_pipeline(&mut src, Some("fp16")).expect("plan");
@@ -315,23 +330,48 @@ mod tests {
         }
         assert_eq!(src.fetched.len(), fetched.len(), "a file was fetched twice");
 
-        let mut src = Fake::new(&sdxl_listing(), &[("model_index.json", INDEX), ("vae/diffusion_pytorch_model.safetensors.index.json", VAE_INDEX)]);
+        let mut src = Fake::new(
+            &sdxl_listing(),
+            &[
+                ("model_index.json", INDEX),
+                (
+                    "vae/diffusion_pytorch_model.safetensors.index.json",
+                    VAE_INDEX,
+                ),
+            ],
+        );
         fetch_pipeline(&mut src, None).expect("plan");
-        assert!(src.fetched.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
-        assert!(!src.fetched.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(src
+            .fetched
+            .contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!src
+            .fetched
+            .contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
     }
 
     #[test]
     fn missing_files_are_named() {
         let without = |gone: &str| {
             let files: Vec<&str> = sdxl_listing().into_iter().filter(|f| *f != gone).collect();
-            let mut src = Fake::new(&files, &[("model_index.json", INDEX), ("vae/diffusion_pytorch_model.safetensors.index.json", VAE_INDEX)]);
+            let mut src = Fake::new(
+                &files,
+                &[
+                    ("model_index.json", INDEX),
+                    (
+                        "vae/diffusion_pytorch_model.safetensors.index.json",
+                        VAE_INDEX,
+                    ),
+                ],
+            );
             fetch_pipeline(&mut src, None).expect_err("should fail")
         };
         assert!(without("unet/config.json").contains("`unet/config.json`"));
         assert!(without("model_index.json").contains("model_index.json"));
         let shard = without("vae/diffusion_pytorch_model-00002-of-00002.safetensors");
-        assert!(shard.contains("vae/diffusion_pytorch_model-00002-of-00002.safetensors"), "{shard}");
+        assert!(
+            shard.contains("vae/diffusion_pytorch_model-00002-of-00002.safetensors"),
+            "{shard}"
+        );
         let te = without("text_encoder/model.safetensors");
         assert!(te.contains("text_encoder") && te.contains(".bin"), "{te}");
         let tok = without("tokenizer/vocab.json");
@@ -349,8 +389,18 @@ mod tests {
 
     #[test]
     fn lone_vae_at_the_root() {
-        let mut src = Fake::new(&["config.json", "diffusion_pytorch_model.safetensors", "README.md"], &[]);
+        let mut src = Fake::new(
+            &[
+                "config.json",
+                "diffusion_pytorch_model.safetensors",
+                "README.md",
+            ],
+            &[],
+        );
         assert_eq!(fetch_vae(&mut src, Some("fp16")).expect("vae"), "");
-        assert_eq!(src.fetched, vec!["config.json", "diffusion_pytorch_model.safetensors"]);
+        assert_eq!(
+            src.fetched,
+            vec!["config.json", "diffusion_pytorch_model.safetensors"]
+        );
     }
 }

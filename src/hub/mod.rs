@@ -65,7 +65,10 @@ impl std::fmt::Debug for HubOptions {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 impl HubOptions {
@@ -118,7 +121,8 @@ pub fn is_repo_id(s: &str) -> bool {
             && p.len() <= 96
             && !p.starts_with(['.', '-'])
             && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     match s.split_once('/') {
         Some((owner, name)) => part_ok(owner) && part_ok(name),
@@ -129,7 +133,11 @@ pub fn is_repo_id(s: &str) -> bool {
 /// A local diffusers-layout SDXL folder for `id_or_path`: the path itself when it is a
 /// folder, else the Hub repository's snapshot in the cache (downloading what is missing).
 /// Options come from the environment ([`HubOptions::from_env`]).
-pub fn resolve_model(id_or_path: &str, revision: Option<&str>, variant: Option<&str>) -> Result<PathBuf> {
+pub fn resolve_model(
+    id_or_path: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+) -> Result<PathBuf> {
     resolve_model_with(id_or_path, revision, variant, &HubOptions::from_env())
 }
 
@@ -161,7 +169,11 @@ enum Kind {
     Vae,
 }
 
-fn fetch(kind: Kind, source: &mut dyn FileSource, variant: Option<&str>) -> std::result::Result<&'static str, String> {
+fn fetch(
+    kind: Kind,
+    source: &mut dyn FileSource,
+    variant: Option<&str>,
+) -> std::result::Result<&'static str, String> {
     match kind {
         Kind::Pipeline => files::fetch_pipeline(source, variant).map(|()| ""),
         Kind::Vae => files::fetch_vae(source, variant),
@@ -192,7 +204,9 @@ fn resolve(
     };
     if options.offline {
         return offline(id_or_path, revision, variant, options, kind).map_err(|m| {
-            hub_err(format!("{m} (HF_HUB_OFFLINE is set, so nothing is downloaded)"))
+            hub_err(format!(
+                "{m} (HF_HUB_OFFLINE is set, so nothing is downloaded)"
+            ))
         });
     }
     match online(id_or_path, revision, variant, options, kind) {
@@ -266,12 +280,11 @@ impl FileSource for Online<'_> {
         }
         tracing::info!(file, "downloading");
         let bar = DownloadBar::new(self.options.progress);
-        let path = self
-            .repo
-            .download_with_progress(file, bar)
-            .map_err(|e| match explain(&e, &self.options.endpoint, &format!("downloading `{file}`")) {
+        let path = self.repo.download_with_progress(file, bar).map_err(|e| {
+            match explain(&e, &self.options.endpoint, &format!("downloading `{file}`")) {
                 Failure::Unreachable(m) | Failure::Other(m) => m,
-            })?;
+            }
+        })?;
         if path != local {
             return Err(format!(
                 "the repository changed while downloading (`{file}` came from {}); run again",
@@ -298,9 +311,13 @@ fn online(
         .map_err(|e| Failure::Other(format!("setting up the HTTP client: {e}")))?;
     let repo = repo_of(id, revision);
     let api_repo = api.repo(repo.clone());
-    let info = api_repo
-        .info()
-        .map_err(|e| explain(&e, &options.endpoint, &format!("listing files at revision `{revision}`")))?;
+    let info = api_repo.info().map_err(|e| {
+        explain(
+            &e,
+            &options.endpoint,
+            &format!("listing files at revision `{revision}`"),
+        )
+    })?;
     let snapshot = options
         .cache_dir
         .join(repo.folder_name())
@@ -354,7 +371,12 @@ fn offline(
         let ref_file = repo_dir.join("refs").join(revision);
         std::fs::read_to_string(&ref_file)
             .map(|s| s.trim().to_string())
-            .map_err(|_| format!("revision `{revision}` is not in the cache ({} does not exist)", ref_file.display()))?
+            .map_err(|_| {
+                format!(
+                    "revision `{revision}` is not in the cache ({} does not exist)",
+                    ref_file.display()
+                )
+            })?
     };
     let snapshot = repo_dir.join("snapshots").join(&commit);
     if !snapshot.is_dir() {
@@ -364,8 +386,12 @@ fn offline(
         listing: files::list_dir(&snapshot),
         snapshot: snapshot.clone(),
     };
-    let folder = fetch(kind, &mut source, variant)
-        .map_err(|m| format!("the cached snapshot {} is incomplete: {m}", snapshot.display()))?;
+    let folder = fetch(kind, &mut source, variant).map_err(|m| {
+        format!(
+            "the cached snapshot {} is incomplete: {m}",
+            snapshot.display()
+        )
+    })?;
     Ok(snapshot.join(folder))
 }
 
@@ -413,10 +439,25 @@ mod tests {
 
     #[test]
     fn repo_ids() {
-        for ok in ["stabilityai/sdxl-turbo", "stabilityai/stable-diffusion-xl-base-1.0", "gpt2", "a_b/c.d"] {
+        for ok in [
+            "stabilityai/sdxl-turbo",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "gpt2",
+            "a_b/c.d",
+        ] {
             assert!(is_repo_id(ok), "{ok}");
         }
-        for bad in ["", "a/b/c", "../x", "./x", "/abs/path", "a/", "with space/x", "x/..y", "C:\\models"] {
+        for bad in [
+            "",
+            "a/b/c",
+            "../x",
+            "./x",
+            "/abs/path",
+            "a/",
+            "with space/x",
+            "x/..y",
+            "C:\\models",
+        ] {
             assert!(!is_repo_id(bad), "{bad}");
         }
     }
@@ -424,7 +465,12 @@ mod tests {
     #[test]
     fn options_from_variables() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
         };
         let o = HubOptions::from_vars(vars(&[("HOME", "/home/u")]));
         assert_eq!(o.endpoint, DEFAULT_ENDPOINT);

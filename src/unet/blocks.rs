@@ -62,7 +62,13 @@ pub(crate) struct BlockSettings {
 }
 
 impl BlockSettings {
-    fn resnet<B: Backend>(&self, i: usize, o: usize, scale: f64, device: &B::Device) -> ResnetBlock2D<B> {
+    fn resnet<B: Backend>(
+        &self,
+        i: usize,
+        o: usize,
+        scale: f64,
+        device: &B::Device,
+    ) -> ResnetBlock2D<B> {
         ResnetConfig {
             in_channels: i,
             out_channels: o,
@@ -72,6 +78,34 @@ impl BlockSettings {
             output_scale_factor: scale,
         }
         .init(device)
+    }
+}
+
+impl BlockSettings {
+    /// One transformer per resnet when the block has attention, none otherwise.
+    fn transformers<B: Backend>(
+        &self,
+        attn: Option<AttnSettings>,
+        layers: usize,
+        channels: usize,
+        device: &B::Device,
+    ) -> Vec<Transformer2DModel<B>> {
+        attn.map(|a| {
+            (0..layers)
+                .map(|_| {
+                    Transformer2DModel::new(
+                        channels,
+                        a.heads,
+                        a.depth,
+                        a.cross_dim,
+                        self.groups,
+                        self.eps,
+                        device,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -107,19 +141,22 @@ impl<B: Backend> DownBlock<B> {
     ) -> Self {
         Self {
             resnets: (0..layers)
-                .map(|j| s.resnet(if j == 0 { input } else { output }, output, s.resnet_scale, device))
-                .collect(),
-            attentions: attn
-                .map(|a| {
-                    (0..layers)
-                        .map(|_| {
-                            Transformer2DModel::new(output, a.heads, a.depth, a.cross_dim, s.groups, s.eps, device)
-                        })
-                        .collect()
+                .map(|j| {
+                    s.resnet(
+                        if j == 0 { input } else { output },
+                        output,
+                        s.resnet_scale,
+                        device,
+                    )
                 })
-                .unwrap_or_default(),
+                .collect(),
+            attentions: s.transformers(attn, layers, output, device),
             downsamplers: downsample
-                .map(|pad| vec![Downsample2D { conv: conv2d(output, output, 3, 2, pad, device) }])
+                .map(|pad| {
+                    vec![Downsample2D {
+                        conv: conv2d(output, output, 3, 2, pad, device),
+                    }]
+                })
                 .unwrap_or_default(),
         }
     }
@@ -157,17 +194,36 @@ pub struct MidBlock<B: Backend> {
 }
 
 impl<B: Backend> MidBlock<B> {
-    pub(crate) fn new(s: &BlockSettings, channels: usize, scale: f64, attn: AttnSettings, device: &B::Device) -> Self {
+    pub(crate) fn new(
+        s: &BlockSettings,
+        channels: usize,
+        scale: f64,
+        attn: AttnSettings,
+        device: &B::Device,
+    ) -> Self {
         Self {
-            resnets: (0..2).map(|_| s.resnet(channels, channels, scale, device)).collect(),
+            resnets: (0..2)
+                .map(|_| s.resnet(channels, channels, scale, device))
+                .collect(),
             attentions: vec![Transformer2DModel::new(
-                channels, attn.heads, attn.depth, attn.cross_dim, s.groups, s.eps, device,
+                channels,
+                attn.heads,
+                attn.depth,
+                attn.cross_dim,
+                s.groups,
+                s.eps,
+                device,
             )],
         }
     }
 
     /// Runs the block.
-    pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, Some(temb.clone()));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = attn.forward(x, context.clone());
@@ -210,17 +266,11 @@ impl<B: Backend> UpBlock<B> {
                     s.resnet(from + skip, output, s.resnet_scale, device)
                 })
                 .collect(),
-            attentions: attn
-                .map(|a| {
-                    (0..layers)
-                        .map(|_| {
-                            Transformer2DModel::new(output, a.heads, a.depth, a.cross_dim, s.groups, s.eps, device)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            attentions: s.transformers(attn, layers, output, device),
             upsamplers: if upsample {
-                vec![Upsample2D { conv: conv2d(output, output, 3, 1, 1, device) }]
+                vec![Upsample2D {
+                    conv: conv2d(output, output, 3, 1, 1, device),
+                }]
             } else {
                 Vec::new()
             },
@@ -237,7 +287,9 @@ impl<B: Backend> UpBlock<B> {
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             // The model is built so that every up resnet has a skip to consume.
-            let skip = skips.pop().expect("UNet skip stack matches the block layout");
+            let skip = skips
+                .pop()
+                .expect("UNet skip stack matches the block layout");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
                 x = attn.forward(x, context.clone());

@@ -219,7 +219,9 @@ impl UNetConfig {
             ));
         }
         if !self.use_linear_projection {
-            return Err(bad("use_linear_projection must be true (SDXL family)".into()));
+            return Err(bad(
+                "use_linear_projection must be true (SDXL family)".into()
+            ));
         }
         if self.addition_embed_type.as_deref() != Some("text_time") {
             return Err(bad(format!(
@@ -233,8 +235,14 @@ impl UNetConfig {
                 self.mid_block_type
             )));
         }
-        if self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
-            return Err(bad("block_out_channels must be multiples of norm_num_groups".into()));
+        if self
+            .block_out_channels
+            .iter()
+            .any(|c| c % self.norm_num_groups != 0)
+        {
+            return Err(bad(
+                "block_out_channels must be multiples of norm_num_groups".into(),
+            ));
         }
         let down_attn = self
             .down_block_types
@@ -279,7 +287,8 @@ impl UNetConfig {
                     PerBlock::One(v) => Ok(*v),
                     PerBlock::Many(v) if !v.is_empty() && v.iter().all(|x| *x == v[0]) => Ok(v[0]),
                     _ => Err(bad(
-                        "reverse_transformer_layers_per_block with differing depths within a block".into(),
+                        "reverse_transformer_layers_per_block with differing depths within a block"
+                            .into(),
                     )),
                 })
                 .collect::<Result<Vec<_>>>()?,

@@ -18,7 +18,9 @@ use burn::tensor::{DType, Tensor};
 pub use blocks::{resize_nearest, DownBlock, Downsample2D, MidBlock, UpBlock, Upsample2D};
 pub use config::{PerBlock, ResolvedUNet, UNetConfig};
 pub use embeddings::{sinusoidal, TimestepEmbedding};
-pub use transformer::{BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel};
+pub use transformer::{
+    BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel,
+};
 
 use blocks::{AttnSettings, BlockSettings};
 use embeddings::host_tensor;
@@ -123,7 +125,12 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
     /// Loads `unet/` (config and weights, the `variant` files when present) with
     /// parameters in `dtype`.
-    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &B::Device) -> Result<(Self, LoadReport)> {
+    pub fn load(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<(Self, LoadReport)> {
         let config = UNetConfig::load(dir)?;
         let model = Self::new(&config, &dir.join("config.json"), device)?;
         let files = weight_files(dir, "diffusion_pytorch_model", variant)?;
@@ -188,7 +195,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
         if cn != n || cd != r.cross_attention_dim[0] {
             return Err(Error::invalid(
                 "encoder_hidden_states",
-                format!("shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]", r.cross_attention_dim[0]),
+                format!(
+                    "shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]",
+                    r.cross_attention_dim[0]
+                ),
             ));
         }
         let sample = sample.cast(dtype);

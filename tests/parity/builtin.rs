@@ -26,7 +26,10 @@ fn request(prompt: &str, seed: u64) -> GenerationRequest {
 fn rgb(pipe: &SdxlPipeline<Cpu>, req: &GenerationRequest) -> Vec<u8> {
     let mut none = |_: Progress| ControlFlow::Continue(());
     let out = pipe.generate(req, &mut none).expect("generate");
-    assert_eq!((out.images[0].width, out.images[0].height), (req.width, req.height));
+    assert_eq!(
+        (out.images[0].width, out.images[0].height),
+        (req.width, req.height)
+    );
     out.images.into_iter().next().expect("one image").rgb
 }
 
@@ -40,16 +43,28 @@ fn tiny(dtype: DType) -> SdxlPipeline<Cpu> {
         dtype,
         ..Default::default()
     };
-    SdxlPipeline::<Cpu>::from_builtin("tiny-sdxl-random", &options, &Default::default()).expect("built-in model builds")
+    SdxlPipeline::<Cpu>::from_builtin("tiny-sdxl-random", &options, &Default::default())
+        .expect("built-in model builds")
 }
 
 #[test]
 fn builtin_names() {
-    assert_eq!(builtin::names(), ["tiny-sdxl-random", "sdxl-base-1.0-random", "sdxl-turbo-random"]);
-    let e = SdxlPipeline::<Cpu>::from_builtin("tiny-sdxl", &LoadOptions::default(), &Default::default())
-        .err()
-        .expect("unknown name refused")
-        .to_string();
+    assert_eq!(
+        builtin::names(),
+        [
+            "tiny-sdxl-random",
+            "sdxl-base-1.0-random",
+            "sdxl-turbo-random"
+        ]
+    );
+    let e = SdxlPipeline::<Cpu>::from_builtin(
+        "tiny-sdxl",
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .err()
+    .expect("unknown name refused")
+    .to_string();
     assert!(e.contains("tiny-sdxl-random"), "{e}");
 }
 
@@ -58,12 +73,27 @@ fn builtin_names() {
 #[test]
 fn builtin_tiny_is_deterministic_and_not_constant() {
     let (a, b) = (tiny(DType::F32), tiny(DType::F32));
-    let img = rgb(&a, &request("a photo of an astronaut riding a horse on mars", 1));
-    assert_eq!(img, rgb(&b, &request("a photo of an astronaut riding a horse on mars", 1)));
+    let img = rgb(
+        &a,
+        &request("a photo of an astronaut riding a horse on mars", 1),
+    );
+    assert_eq!(
+        img,
+        rgb(
+            &b,
+            &request("a photo of an astronaut riding a horse on mars", 1)
+        )
+    );
     let spread = std_dev(&img);
     eprintln!("tiny-sdxl-random image: standard deviation {spread:.1}/255");
     assert!(spread > 5.0, "image is nearly constant ({spread})");
-    assert_ne!(img, rgb(&a, &request("a photo of an astronaut riding a horse on mars", 2)));
+    assert_ne!(
+        img,
+        rgb(
+            &a,
+            &request("a photo of an astronaut riding a horse on mars", 2)
+        )
+    );
     assert_ne!(img, rgb(&a, &request("a watercolour of a lighthouse", 1)));
 }
 
@@ -74,19 +104,30 @@ fn builtin_tiny_in_half_precision_on_cpu() {
     let full = rgb(&tiny(DType::F32), &req);
     for dtype in [DType::F16, DType::BF16] {
         let half = rgb(&tiny(dtype), &req);
-        let mean_diff =
-            full.iter().zip(&half).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / full.len() as f64;
+        let mean_diff = full
+            .iter()
+            .zip(&half)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / full.len() as f64;
         eprintln!("tiny-sdxl-random {dtype:?} vs F32: mean channel difference {mean_diff:.2}/255");
         assert!(std_dev(&half) > 5.0, "{dtype:?}: flat image");
-        assert!(mean_diff < 8.0, "{dtype:?}: differs from float32 by {mean_diff:.2}/255 on average");
+        assert!(
+            mean_diff < 8.0,
+            "{dtype:?}: differs from float32 by {mean_diff:.2}/255 on average"
+        );
     }
 }
 
 /// `load_pipeline` labels built-in models as random weights.
 #[test]
 fn builtin_through_load_pipeline() {
-    let (_, info) = load_pipeline::<Cpu>("tiny-sdxl-random", &ModelOptions::default(), &Default::default())
-        .expect("built-in loads");
+    let (_, info) = load_pipeline::<Cpu>(
+        "tiny-sdxl-random",
+        &ModelOptions::default(),
+        &Default::default(),
+    )
+    .expect("built-in loads");
     assert_eq!(info.id, "tiny-sdxl-random");
     assert!(info.random_weights);
     assert_eq!(info.local_dir, None);
@@ -117,10 +158,21 @@ fn builtin_full_size_presets_have_sdxl_shapes() {
 #[test]
 fn builtin_tokenizers_match_the_reference() {
     let (t1, t2) = builtin::clip_tokenizers().expect("embedded tokenizers");
-    let f1 = hypergen::tokenizer::ClipTokenizer::from_dir(&fixture_dir().join("tokenizer")).expect("fixture");
+    let f1 = hypergen::tokenizer::ClipTokenizer::from_dir(&fixture_dir().join("tokenizer"))
+        .expect("fixture");
     for case in crate::tokenizer::cases() {
-        assert_eq!(t1.encode(&case.prompt).expect("encodes").ids, case.tokenizer, "{:?}", case.prompt);
-        assert_eq!(t2.encode(&case.prompt).expect("encodes").ids, case.tokenizer_2, "{:?}", case.prompt);
+        assert_eq!(
+            t1.encode(&case.prompt).expect("encodes").ids,
+            case.tokenizer,
+            "{:?}",
+            case.prompt
+        );
+        assert_eq!(
+            t2.encode(&case.prompt).expect("encodes").ids,
+            case.tokenizer_2,
+            "{:?}",
+            case.prompt
+        );
         assert_eq!(
             t1.encode(&case.prompt).expect("encodes"),
             f1.encode(&case.prompt).expect("encodes"),
@@ -129,7 +181,8 @@ fn builtin_tokenizers_match_the_reference() {
         );
     }
     use hypergen::tokenizer::ClipTokenizer;
-    let e = ClipTokenizer::from_memory("{}", "#version: 0.2\na b c\n", "!", 77).expect_err("bad merges");
+    let e = ClipTokenizer::from_memory("{}", "#version: 0.2\na b c\n", "!", 77)
+        .expect_err("bad merges");
     assert!(e.to_string().contains("merges.txt line 1"), "{e}");
     let e = ClipTokenizer::from_memory("[1]", "", "!", 77).expect_err("bad vocab");
     assert!(e.to_string().contains("vocab.json"), "{e}");
@@ -141,8 +194,16 @@ fn cli_generate_builtin_offline() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("tiny.png");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
-        .args(["generate", "--model", "tiny-sdxl-random", "--prompt", "a lighthouse at dusk"])
-        .args(["--steps", "2", "--width", "64", "--height", "64", "--device", "cpu", "--out"])
+        .args([
+            "generate",
+            "--model",
+            "tiny-sdxl-random",
+            "--prompt",
+            "a lighthouse at dusk",
+        ])
+        .args([
+            "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu", "--out",
+        ])
         .arg(&out)
         .current_dir(tmp.path())
         .env("HF_HUB_OFFLINE", "1")
@@ -150,7 +211,11 @@ fn cli_generate_builtin_offline() {
         .env("HF_HOME", tmp.path().join("hf"))
         .output()
         .expect("run hypergen");
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let png = image::open(&out).expect("PNG written").to_rgb8();
     assert_eq!(png.dimensions(), (64, 64));
     assert!(std_dev(png.as_raw()) > 5.0);

@@ -109,11 +109,19 @@ pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Asserts shape and relative error against the reference tensor `name`.
-pub fn assert_matches<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, name: &str, tol: f64) {
+pub fn assert_matches<B: Backend, const D: usize>(
+    what: &str,
+    got: Tensor<B, D>,
+    name: &str,
+    tol: f64,
+) {
     let r = reference(name);
     assert_eq!(got.dims().to_vec(), r.shape, "{what}: shape");
     let got = values(got);
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite values"
+    );
     let err = rel_error(&got, &r.data);
     eprintln!("{what}: relative error {err:.3e} (tolerance {tol:.0e})");
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");

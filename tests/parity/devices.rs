@@ -4,10 +4,18 @@
 
 use burn::tensor::DType;
 use hypergen::device::{
-    resolve, Adapter, AdapterKind, CudaDevice, DeviceSpec, GraphicsApi, Inventory, ResolvedDevice, Target,
+    resolve, Adapter, AdapterKind, CudaDevice, DeviceSpec, GraphicsApi, Inventory, ResolvedDevice,
+    Target,
 };
 
-fn adapter(api: GraphicsApi, index: usize, kind_index: usize, name: &str, kind: AdapterKind, float16: bool) -> Adapter {
+fn adapter(
+    api: GraphicsApi,
+    index: usize,
+    kind_index: usize,
+    name: &str,
+    kind: AdapterKind,
+    float16: bool,
+) -> Adapter {
     Adapter {
         api,
         index,
@@ -35,8 +43,22 @@ fn cuda_box(cuda_compiled: bool) -> Inventory {
         wgpu_compiled: true,
         cuda_compiled,
         adapters: vec![
-            adapter(GraphicsApi::Vulkan, 0, 0, "NVIDIA H100 80GB HBM3", AdapterKind::Discrete, true),
-            adapter(GraphicsApi::Vulkan, 1, 0, "llvmpipe (LLVM 15.0.6, 256 bits)", AdapterKind::Software, true),
+            adapter(
+                GraphicsApi::Vulkan,
+                0,
+                0,
+                "NVIDIA H100 80GB HBM3",
+                AdapterKind::Discrete,
+                true,
+            ),
+            adapter(
+                GraphicsApi::Vulkan,
+                1,
+                0,
+                "llvmpipe (LLVM 15.0.6, 256 bits)",
+                AdapterKind::Software,
+                true,
+            ),
         ],
         cuda: Ok(vec![h100(0)]),
     }
@@ -60,7 +82,8 @@ fn gpu_less() -> Inventory {
 }
 
 fn spec(s: &str) -> DeviceSpec {
-    s.parse().unwrap_or_else(|e| panic!("`{s}` should parse: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("`{s}` should parse: {e}"))
 }
 
 fn err(spec_str: &str, inv: &Inventory) -> String {
@@ -108,35 +131,84 @@ fn auto_prefers_cuda_then_hardware_gpus_then_cpu() {
     let r = resolve(&DeviceSpec::Auto, &gpu_less()).expect("auto");
     assert_eq!(r.target, Target::Cpu);
     assert_eq!(r.label(), "cpu");
-    assert!(r.reason.contains("llvmpipe") && r.reason.contains("software"), "{}", r.reason);
+    assert!(
+        r.reason.contains("llvmpipe") && r.reason.contains("software"),
+        "{}",
+        r.reason
+    );
     assert!(r.reason.contains("no CUDA driver"), "{}", r.reason);
 
     // Apple silicon reports an integrated GPU through Metal: better than the CPU.
     let mac = Inventory {
         wgpu_compiled: true,
         cuda_compiled: false,
-        adapters: vec![adapter(GraphicsApi::Metal, 0, 0, "Apple M2 Max", AdapterKind::Integrated, true)],
+        adapters: vec![adapter(
+            GraphicsApi::Metal,
+            0,
+            0,
+            "Apple M2 Max",
+            AdapterKind::Integrated,
+            true,
+        )],
         cuda: Err("no CUDA driver".into()),
     };
-    assert_eq!(resolve(&DeviceSpec::Auto, &mac).expect("auto").label(), "metal:0 (Apple M2 Max)");
-    assert_eq!(resolve(&spec("mps"), &mac).expect("mps").label(), "metal:0 (Apple M2 Max)");
+    assert_eq!(
+        resolve(&DeviceSpec::Auto, &mac).expect("auto").label(),
+        "metal:0 (Apple M2 Max)"
+    );
+    assert_eq!(
+        resolve(&spec("mps"), &mac).expect("mps").label(),
+        "metal:0 (Apple M2 Max)"
+    );
 
     // A discrete GPU beats an integrated one, whatever the order.
     let laptop = Inventory {
         wgpu_compiled: true,
         cuda_compiled: false,
         adapters: vec![
-            adapter(GraphicsApi::Vulkan, 0, 0, "Intel UHD", AdapterKind::Integrated, true),
-            adapter(GraphicsApi::Vulkan, 1, 0, "AMD Radeon RX 7900", AdapterKind::Discrete, true),
-            adapter(GraphicsApi::Dx12, 0, 0, "AMD Radeon RX 7900", AdapterKind::Discrete, true),
+            adapter(
+                GraphicsApi::Vulkan,
+                0,
+                0,
+                "Intel UHD",
+                AdapterKind::Integrated,
+                true,
+            ),
+            adapter(
+                GraphicsApi::Vulkan,
+                1,
+                0,
+                "AMD Radeon RX 7900",
+                AdapterKind::Discrete,
+                true,
+            ),
+            adapter(
+                GraphicsApi::Dx12,
+                0,
+                0,
+                "AMD Radeon RX 7900",
+                AdapterKind::Discrete,
+                true,
+            ),
         ],
         cuda: Err("no CUDA driver".into()),
     };
     let r = resolve(&DeviceSpec::Auto, &laptop).expect("auto");
     assert_eq!(r.label(), "vulkan:1 (AMD Radeon RX 7900)");
-    assert_eq!(resolve(&DeviceSpec::Wgpu, &laptop).expect("wgpu").label(), "vulkan:1 (AMD Radeon RX 7900)");
-    assert_eq!(resolve(&spec("vulkan:0"), &laptop).expect("vulkan:0").label(), "vulkan:0 (Intel UHD)");
-    assert_eq!(resolve(&spec("dx12"), &laptop).expect("dx12").label(), "dx12:0 (AMD Radeon RX 7900)");
+    assert_eq!(
+        resolve(&DeviceSpec::Wgpu, &laptop).expect("wgpu").label(),
+        "vulkan:1 (AMD Radeon RX 7900)"
+    );
+    assert_eq!(
+        resolve(&spec("vulkan:0"), &laptop)
+            .expect("vulkan:0")
+            .label(),
+        "vulkan:0 (Intel UHD)"
+    );
+    assert_eq!(
+        resolve(&spec("dx12"), &laptop).expect("dx12").label(),
+        "dx12:0 (AMD Radeon RX 7900)"
+    );
 
     // Without wgpu compiled in, auto is the CPU.
     let bare = Inventory {
@@ -145,7 +217,10 @@ fn auto_prefers_cuda_then_hardware_gpus_then_cpu() {
         adapters: vec![],
         cuda: Err("no CUDA driver".into()),
     };
-    assert_eq!(resolve(&DeviceSpec::Auto, &bare).expect("auto").target, Target::Cpu);
+    assert_eq!(
+        resolve(&DeviceSpec::Auto, &bare).expect("auto").target,
+        Target::Cpu
+    );
 }
 
 #[test]
@@ -156,14 +231,23 @@ fn explicit_devices_resolve_or_list_what_is_available() {
         resolve(&spec("vulkan"), &inv).expect("vulkan").label(),
         "vulkan:0 (llvmpipe (LLVM 15.0.6, 256 bits))"
     );
-    assert_eq!(resolve(&DeviceSpec::Wgpu, &inv).expect("wgpu").label(), "vulkan:0 (llvmpipe (LLVM 15.0.6, 256 bits))");
+    assert_eq!(
+        resolve(&DeviceSpec::Wgpu, &inv).expect("wgpu").label(),
+        "vulkan:0 (llvmpipe (LLVM 15.0.6, 256 bits))"
+    );
     assert_eq!(resolve(&DeviceSpec::Cpu, &inv).expect("cpu").label(), "cpu");
 
     let e = err("cuda", &inv);
     assert!(e.contains("--features cuda"), "{e}");
-    assert!(e.contains("Available here:") && e.contains("vulkan:0 (llvmpipe") && e.contains("cpu"), "{e}");
+    assert!(
+        e.contains("Available here:") && e.contains("vulkan:0 (llvmpipe") && e.contains("cpu"),
+        "{e}"
+    );
     let e = err("vulkan:2", &inv);
-    assert!(e.contains("1 vulkan adapter") && e.contains("no index 2"), "{e}");
+    assert!(
+        e.contains("1 vulkan adapter") && e.contains("no index 2"),
+        "{e}"
+    );
     let e = err("metal", &inv);
     assert!(e.contains("no metal adapter"), "{e}");
     let e = err("dx12:0", &inv);
@@ -175,7 +259,10 @@ fn explicit_devices_resolve_or_list_what_is_available() {
     let e = err("cuda:0", &no_driver);
     assert!(e.contains("no CUDA driver"), "{e}");
     let e = err("cuda:1", &cuda_box(true));
-    assert!(e.contains("1 CUDA device") && e.contains("cuda:0 (NVIDIA H100"), "{e}");
+    assert!(
+        e.contains("1 CUDA device") && e.contains("cuda:0 (NVIDIA H100"),
+        "{e}"
+    );
 
     // wgpu not compiled in.
     let bare = Inventory {
@@ -197,18 +284,44 @@ fn resolved(target: Target) -> ResolvedDevice {
 fn dtypes_are_checked_against_the_device() {
     let cpu = resolved(Target::Cpu);
     for d in [DType::F32, DType::F16, DType::BF16] {
-        cpu.check_dtype(d).unwrap_or_else(|e| panic!("cpu {d:?}: {e}"));
+        cpu.check_dtype(d)
+            .unwrap_or_else(|e| panic!("cpu {d:?}: {e}"));
     }
     assert!(cpu.check_dtype(DType::F64).is_err());
 
-    let with_f16 = resolved(Target::Wgpu(adapter(GraphicsApi::Vulkan, 0, 0, "GPU", AdapterKind::Discrete, true)));
+    let with_f16 = resolved(Target::Wgpu(adapter(
+        GraphicsApi::Vulkan,
+        0,
+        0,
+        "GPU",
+        AdapterKind::Discrete,
+        true,
+    )));
     with_f16.check_dtype(DType::F32).expect("f32");
-    with_f16.check_dtype(DType::F16).expect("f16 with SHADER_F16");
-    let e = with_f16.check_dtype(DType::BF16).expect_err("no bf16 on wgpu").to_string();
-    assert!(e.contains("bfloat16") && e.contains("WGSL") && e.contains("float16"), "{e}");
+    with_f16
+        .check_dtype(DType::F16)
+        .expect("f16 with SHADER_F16");
+    let e = with_f16
+        .check_dtype(DType::BF16)
+        .expect_err("no bf16 on wgpu")
+        .to_string();
+    assert!(
+        e.contains("bfloat16") && e.contains("WGSL") && e.contains("float16"),
+        "{e}"
+    );
 
-    let without_f16 = resolved(Target::Wgpu(adapter(GraphicsApi::Vulkan, 0, 0, "Old GPU", AdapterKind::Discrete, false)));
-    let e = without_f16.check_dtype(DType::F16).expect_err("no SHADER_F16").to_string();
+    let without_f16 = resolved(Target::Wgpu(adapter(
+        GraphicsApi::Vulkan,
+        0,
+        0,
+        "Old GPU",
+        AdapterKind::Discrete,
+        false,
+    )));
+    let e = without_f16
+        .check_dtype(DType::F16)
+        .expect_err("no SHADER_F16")
+        .to_string();
     assert!(e.contains("SHADER_F16") && e.contains("float32"), "{e}");
     without_f16.check_dtype(DType::F32).expect("f32");
 
@@ -220,7 +333,10 @@ fn dtypes_are_checked_against_the_device() {
         ..h100(0)
     }));
     turing.check_dtype(DType::F16).expect("f16 on sm75");
-    let e = turing.check_dtype(DType::BF16).expect_err("bf16 on sm75").to_string();
+    let e = turing
+        .check_dtype(DType::BF16)
+        .expect_err("bf16 on sm75")
+        .to_string();
     assert!(e.contains("8.0") && e.contains("7.5"), "{e}");
 }
 
@@ -232,9 +348,17 @@ fn probing_this_machine() {
     let r = resolve(&DeviceSpec::Auto, &inv).expect("auto always resolves");
     eprintln!("auto → {} ({})", r.label(), r.reason);
     if let Target::Wgpu(a) = &r.target {
-        assert!(matches!(a.kind, AdapterKind::Discrete | AdapterKind::Integrated), "{a:?}");
+        assert!(
+            matches!(a.kind, AdapterKind::Discrete | AdapterKind::Integrated),
+            "{a:?}"
+        );
     }
-    if !inv.cuda_compiled && !inv.adapters.iter().any(|a| matches!(a.kind, AdapterKind::Discrete | AdapterKind::Integrated)) {
+    if !inv.cuda_compiled
+        && !inv
+            .adapters
+            .iter()
+            .any(|a| matches!(a.kind, AdapterKind::Discrete | AdapterKind::Integrated))
+    {
         assert_eq!(r.target, Target::Cpu);
     }
 }
@@ -250,8 +374,17 @@ fn hypergen(args: &[&str]) -> std::process::Output {
 fn cli_devices_lists_backends_and_auto() {
     let out = hypergen(&["devices"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["backends in this build: cpu", "wgpu adapters:", "CUDA devices:", "--device auto →"] {
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "backends in this build: cpu",
+        "wgpu adapters:",
+        "CUDA devices:",
+        "--device auto →",
+    ] {
         assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
     }
 }
@@ -260,9 +393,22 @@ fn cli_devices_lists_backends_and_auto() {
 /// `generate` before any work with a message, never a panic.
 #[test]
 fn cli_refuses_unavailable_devices_and_dtypes() {
-    let base = ["generate", "--model", "tiny-sdxl-random", "--prompt", "x", "--steps", "1"];
+    let base = [
+        "generate",
+        "--model",
+        "tiny-sdxl-random",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+    ];
     let inv = Inventory::probe();
-    let case = |extra: &[&str], needle: &str| (extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(), needle.to_string());
+    let case = |extra: &[&str], needle: &str| {
+        (
+            extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            needle.to_string(),
+        )
+    };
     let mut cases = vec![case(&["--device", "vulkan:7"], "vulkan:7")];
     if !inv.cuda_compiled {
         cases.push(case(&["--device", "cuda"], "--features cuda"));
@@ -274,10 +420,17 @@ fn cli_refuses_unavailable_devices_and_dtypes() {
     }
     if let Some(a) = inv.adapters.first() {
         // Refused before anything is compiled for the GPU.
-        cases.push(case(&["--device", &a.id(), "--dtype", "bfloat16"], "bfloat16"));
+        cases.push(case(
+            &["--device", &a.id(), "--dtype", "bfloat16"],
+            "bfloat16",
+        ));
     }
     for (extra, needle) in cases {
-        let args: Vec<&str> = base.iter().copied().chain(extra.iter().map(String::as_str)).collect();
+        let args: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
         let out = hypergen(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{extra:?} should fail");

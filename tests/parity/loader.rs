@@ -38,11 +38,17 @@ fn read_tensors(path: &Path) -> HashMap<String, (safetensors::Dtype, Vec<usize>,
         .collect()
 }
 
-fn write_tensors(path: &Path, tensors: &HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>) {
+fn write_tensors(
+    path: &Path,
+    tensors: &HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, (d, s, b))| {
-            (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("view"))
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("view"),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("write");
@@ -53,12 +59,18 @@ fn truncated_weights_name_the_file() {
     let (_tmp, dir) = unet_copy();
     let f = dir.join(WEIGHTS);
     let len = std::fs::metadata(&f).expect("meta").len();
-    let file = std::fs::OpenOptions::new().write(true).open(&f).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .expect("open");
     file.set_len(len / 2).expect("truncate");
     let err = load(&dir, None).expect_err("truncated file must fail");
     assert!(matches!(err, Error::Safetensors { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(WEIGHTS) && msg.contains("truncated or corrupt"), "{msg}");
+    assert!(
+        msg.contains(WEIGHTS) && msg.contains("truncated or corrupt"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -73,27 +85,39 @@ fn garbage_weights_name_the_file() {
 fn missing_config_key_names_file_and_key() {
     let (_tmp, dir) = unet_copy();
     let cfg = dir.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).expect("read")).expect("json");
-    json.as_object_mut().expect("object").remove("block_out_channels");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("read")).expect("json");
+    json.as_object_mut()
+        .expect("object")
+        .remove("block_out_channels");
     std::fs::write(&cfg, json.to_string()).expect("write");
     let err = load(&dir, None).expect_err("missing key must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::Json { .. }), "{err:?}");
-    assert!(msg.contains("config.json") && msg.contains("block_out_channels"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("block_out_channels"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn wrong_shape_names_file_and_tensor() {
     let (_tmp, dir) = unet_copy();
     let cfg = dir.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).expect("read")).expect("json");
-    let cross = json["cross_attention_dim"].as_u64().expect("cross_attention_dim");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("read")).expect("json");
+    let cross = json["cross_attention_dim"]
+        .as_u64()
+        .expect("cross_attention_dim");
     json["cross_attention_dim"] = serde_json::json!(cross * 2);
     std::fs::write(&cfg, json.to_string()).expect("write");
     let err = load(&dir, None).expect_err("shape mismatch must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::Tensor { .. }), "{err:?}");
-    assert!(msg.contains(WEIGHTS) && msg.contains("attn2.to_k.weight") && msg.contains("shape"), "{msg}");
+    assert!(
+        msg.contains(WEIGHTS) && msg.contains("attn2.to_k.weight") && msg.contains("shape"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -101,7 +125,9 @@ fn missing_tensor_is_named() {
     let (_tmp, dir) = unet_copy();
     let f = dir.join(WEIGHTS);
     let mut tensors = read_tensors(&f);
-    tensors.remove("conv_out.bias").expect("fixture has conv_out.bias");
+    tensors
+        .remove("conv_out.bias")
+        .expect("fixture has conv_out.bias");
     write_tensors(&f, &tensors);
     let err = load(&dir, None).expect_err("missing tensor must fail");
     assert!(matches!(err, Error::MissingTensors { .. }), "{err:?}");
@@ -143,8 +169,14 @@ fn sharded_weights_load_like_one_file() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (shard, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", a), ("diffusion_pytorch_model-00002-of-00002.safetensors", b)] {
-        let sub: HashMap<_, _> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+    for (shard, part) in [
+        ("diffusion_pytorch_model-00001-of-00002.safetensors", a),
+        ("diffusion_pytorch_model-00002-of-00002.safetensors", b),
+    ] {
+        let sub: HashMap<_, _> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
         write_tensors(&dir.join(shard), &sub);
         for n in part.iter() {
             weight_map.insert((*n).clone(), serde_json::json!(shard));
@@ -160,11 +192,14 @@ fn sharded_weights_load_like_one_file() {
     let single = load(&fixture_dir().join("unet"), None).expect("single load");
     let probe = |m: &UNet2DConditionModel<Cpu>| crate::common::values(m.conv_out.weight.val());
     assert_eq!(probe(&sharded), probe(&single));
-    let probe = |m: &UNet2DConditionModel<Cpu>| crate::common::values(m.down_blocks[0].resnets[0].conv1.weight.val());
+    let probe = |m: &UNet2DConditionModel<Cpu>| {
+        crate::common::values(m.down_blocks[0].resnets[0].conv1.weight.val())
+    };
     assert_eq!(probe(&sharded), probe(&single));
 
     // A shard named by the index but absent is reported by name.
-    std::fs::remove_file(dir.join("diffusion_pytorch_model-00002-of-00002.safetensors")).expect("rm");
+    std::fs::remove_file(dir.join("diffusion_pytorch_model-00002-of-00002.safetensors"))
+        .expect("rm");
     let err = load(&dir, None).expect_err("missing shard must fail");
     assert!(err.to_string().contains("00002-of-00002"), "{err}");
 }

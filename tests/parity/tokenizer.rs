@@ -93,3 +93,31 @@ fn tokenizer_missing_vocab_is_a_clear_error() {
     }
     eprintln!("{err}");
 }
+
+/// A folder with `tokenizer.json` (as many hub repositories ship) is read from that
+/// file alone and gives the same ids for every reference case.
+#[test]
+fn tokenizer_json_folders_match() {
+    for folder in ["tokenizer", "tokenizer_2"] {
+        let src = crate::common::fixture_dir().join(folder);
+        let json = ClipTokenizer::from_dir(&src)
+            .expect("tokenizer loads")
+            .to_json()
+            .expect("serialises");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("tokenizer.json"), json).expect("write");
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+        }
+        let tok = ClipTokenizer::from_dir(dir.path()).expect("tokenizer.json folder loads");
+        for case in cases() {
+            let want = if folder == "tokenizer" {
+                &case.tokenizer
+            } else {
+                &case.tokenizer_2
+            };
+            let got = tok.encode(&case.prompt).expect("encodes").ids;
+            assert_eq!(&got, want, "{folder} via tokenizer.json: {:?}", case.prompt);
+        }
+    }
+}

@@ -26,8 +26,33 @@ fn unet_matches_reference<B: Backend>(device: &B::Device) {
                 &time_ids,
             )
             .expect("forward");
-        assert_matches(&format!("unet t={t}"), out, &format!("unet.t{t}.out"), TOL_F32);
+        assert_matches(
+            &format!("unet t={t}"),
+            out,
+            &format!("unet.t{t}.out"),
+            TOL_F32,
+        );
     }
 }
 
 crate::on_backends!(unet_parity, unet_matches_reference);
+
+/// PyTorch's `interpolate(mode="nearest", size=…)` picks source `floor(i · in / out)`;
+/// the UNet relies on it when the latent size is not a multiple of its downsampling.
+#[test]
+fn resize_nearest_matches_pytorch_indexing() {
+    use burn::tensor::{Tensor, TensorData};
+    let device = Default::default();
+    let x = Tensor::<crate::common::Cpu, 4>::from_data(
+        TensorData::new((0..15).map(|v| v as f32).collect::<Vec<_>>(), [1, 1, 3, 5]),
+        &device,
+    );
+    let y = hypergen::unet::resize_nearest(x, [5, 9]);
+    let rows = [0, 0, 1, 1, 2]; // floor(i * 3 / 5)
+    let cols = [0, 0, 1, 1, 2, 2, 3, 3, 4]; // floor(i * 5 / 9)
+    let want: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| cols.iter().map(move |c| (r * 5 + c) as f32))
+        .collect();
+    assert_eq!(crate::common::values(y), want);
+}

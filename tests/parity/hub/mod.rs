@@ -38,12 +38,19 @@ fn options(hub: &Hub, cache: &Path) -> HubOptions {
 fn names(files: &[server::Logged]) -> HashSet<String> {
     files
         .iter()
-        .map(|l| l.path.rsplit_once("/resolve/main/").map_or(l.path.clone(), |(_, f)| f.to_string()))
+        .map(|l| {
+            l.path
+                .rsplit_once("/resolve/main/")
+                .map_or(l.path.clone(), |(_, f)| f.to_string())
+        })
         .collect()
 }
 
 fn same_bytes(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).expect("read"), std::fs::read(b).expect("read"));
+    let (x, y) = (
+        std::fs::read(a).expect("read"),
+        std::fs::read(b).expect("read"),
+    );
     assert!(x == y, "{} differs from {}", a.display(), b.display());
 }
 
@@ -73,28 +80,47 @@ fn hub_download_load_generate_then_cache() {
         revision: None,
         hub: options(&hub, cache.path()),
     };
-    let (pipe, info) = load_pipeline::<Cpu>(REPO, &opts, &Default::default()).expect("hub model loads");
+    let (pipe, info) =
+        load_pipeline::<Cpu>(REPO, &opts, &Default::default()).expect("hub model loads");
     let dir = info.local_dir.clone().expect("a snapshot folder");
     assert_eq!(info.id, REPO);
     assert!(!info.random_weights);
     assert!(dir.starts_with(cache.path()), "{}", dir.display());
-    assert!(dir.ends_with(format!("models--hypergen-test--tiny-sdxl/snapshots/{SHA}")), "{}", dir.display());
+    assert!(
+        dir.ends_with(format!("models--hypergen-test--tiny-sdxl/snapshots/{SHA}")),
+        "{}",
+        dir.display()
+    );
 
     // Only what the float32 pipeline reads: no fp16 duplicates.
     let fetched = names(&hub.file_gets());
-    assert!(fetched.contains("unet/diffusion_pytorch_model.safetensors"), "{fetched:?}");
+    assert!(
+        fetched.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{fetched:?}"
+    );
     assert!(fetched.iter().all(|f| !f.contains(".fp16.")), "{fetched:?}");
-    same_bytes(&dir.join("unet/diffusion_pytorch_model.safetensors"), &fixture_dir().join("unet/diffusion_pytorch_model.safetensors"));
+    same_bytes(
+        &dir.join("unet/diffusion_pytorch_model.safetensors"),
+        &fixture_dir().join("unet/diffusion_pytorch_model.safetensors"),
+    );
 
-    let local = SdxlPipeline::<Cpu>::load(&fixture_dir(), &LoadOptions::default(), &Default::default()).expect("local");
-    assert!(generate(&pipe) == generate(&local), "hub and local folder generate differently");
+    let local =
+        SdxlPipeline::<Cpu>::load(&fixture_dir(), &LoadOptions::default(), &Default::default())
+            .expect("local");
+    assert!(
+        generate(&pipe) == generate(&local),
+        "hub and local folder generate differently"
+    );
 
     // Second start: the listing is asked for, no file is downloaded again.
     let before = hub.log().len();
     let again = resolve_model_with(REPO, None, None, &opts.hub).expect("second resolve");
     assert_eq!(again, dir);
     let new: Vec<_> = hub.log()[before..].to_vec();
-    assert!(new.iter().all(|l| l.path.starts_with("/api/")), "files fetched again: {new:?}");
+    assert!(
+        new.iter().all(|l| l.path.starts_with("/api/")),
+        "files fetched again: {new:?}"
+    );
 
     // Offline with a warm cache: same folder, no request at all.
     let offline = HubOptions {
@@ -102,12 +128,21 @@ fn hub_download_load_generate_then_cache() {
         ..opts.hub.clone()
     };
     let before = hub.log().len();
-    assert_eq!(resolve_model_with(REPO, None, None, &offline).expect("offline"), dir);
-    assert_eq!(resolve_model_with(REPO, Some(SHA), None, &offline).expect("offline by commit"), dir);
+    assert_eq!(
+        resolve_model_with(REPO, None, None, &offline).expect("offline"),
+        dir
+    );
+    assert_eq!(
+        resolve_model_with(REPO, Some(SHA), None, &offline).expect("offline by commit"),
+        dir
+    );
     assert_eq!(hub.log().len(), before, "offline mode made requests");
     // Offline, float16 would need the fp16 files, which were never downloaded... but the
     // plain files are an accepted fallback, as the loader's.
-    assert_eq!(resolve_model_with(REPO, None, Some("fp16"), &offline).expect("fallback"), dir);
+    assert_eq!(
+        resolve_model_with(REPO, None, Some("fp16"), &offline).expect("fallback"),
+        dir
+    );
 }
 
 /// float16 downloads the `fp16` variant files, and only those.
@@ -115,7 +150,8 @@ fn hub_download_load_generate_then_cache() {
 fn hub_fp16_variant() {
     let hub = hub(Config::default());
     let cache = tempfile::tempdir().expect("tempdir");
-    let dir = resolve_model_with(REPO, None, Some("fp16"), &options(&hub, cache.path())).expect("resolve");
+    let dir = resolve_model_with(REPO, None, Some("fp16"), &options(&hub, cache.path()))
+        .expect("resolve");
     let fetched = names(&hub.file_gets());
     for f in [
         "unet/diffusion_pytorch_model.fp16.safetensors",
@@ -125,8 +161,14 @@ fn hub_fp16_variant() {
     ] {
         assert!(fetched.contains(f), "{f} not downloaded: {fetched:?}");
     }
-    assert!(!fetched.contains("unet/diffusion_pytorch_model.safetensors"), "{fetched:?}");
-    same_bytes(&dir.join("vae/diffusion_pytorch_model.fp16.safetensors"), &fixture_dir().join("vae/diffusion_pytorch_model.fp16.safetensors"));
+    assert!(
+        !fetched.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{fetched:?}"
+    );
+    same_bytes(
+        &dir.join("vae/diffusion_pytorch_model.fp16.safetensors"),
+        &fixture_dir().join("vae/diffusion_pytorch_model.fp16.safetensors"),
+    );
 }
 
 /// A download cut off midway resumes from where it stopped (a `Range` request), within
@@ -140,9 +182,14 @@ fn hub_interrupted_download_resumes() {
     };
     let hub = hub(config.clone());
     let cache = tempfile::tempdir().expect("tempdir");
-    let dir = resolve_model_with(REPO, None, None, &options(&hub, cache.path())).expect("resolve with a retry");
+    let dir = resolve_model_with(REPO, None, None, &options(&hub, cache.path()))
+        .expect("resolve with a retry");
     same_bytes(&dir.join(big), &fixture_dir().join(big));
-    let gets: Vec<_> = hub.file_gets().into_iter().filter(|l| l.path.ends_with(big)).collect();
+    let gets: Vec<_> = hub
+        .file_gets()
+        .into_iter()
+        .filter(|l| l.path.ends_with(big))
+        .collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[0].range_start, 0);
     assert!(gets[1].range_start > 0, "the retry started over: {gets:?}");
@@ -154,13 +201,22 @@ fn hub_interrupted_download_resumes() {
         retries: 0,
         ..options(&hub, cache.path())
     };
-    let e = resolve_model_with(REPO, None, None, &once).expect_err("cut download fails").to_string();
+    let e = resolve_model_with(REPO, None, None, &once)
+        .expect_err("cut download fails")
+        .to_string();
     assert!(e.contains(big), "{e}");
     let dir = resolve_model_with(REPO, None, None, &once).expect("second call resumes");
     same_bytes(&dir.join(big), &fixture_dir().join(big));
-    let gets: Vec<_> = hub.file_gets().into_iter().filter(|l| l.path.ends_with(big)).collect();
+    let gets: Vec<_> = hub
+        .file_gets()
+        .into_iter()
+        .filter(|l| l.path.ends_with(big))
+        .collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
-    assert!(gets[1].range_start > 0, "the second call started over: {gets:?}");
+    assert!(
+        gets[1].range_start > 0,
+        "the second call started over: {gets:?}"
+    );
 }
 
 /// A file the pipeline needs that the repository lacks, or that the server cannot
@@ -210,23 +266,38 @@ fn hub_offline_and_unreachable() {
         progress: false,
         retries: 0,
     };
-    let e = resolve_model_with(REPO, None, None, &cold).expect_err("cold cache").to_string();
-    assert!(e.contains("not in the cache") && e.contains("HF_HUB_OFFLINE"), "{e}");
+    let e = resolve_model_with(REPO, None, None, &cold)
+        .expect_err("cold cache")
+        .to_string();
+    assert!(
+        e.contains("not in the cache") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
 
     let unreachable = HubOptions {
         offline: false,
         ..cold.clone()
     };
-    let e = resolve_model_with(REPO, None, None, &unreachable).expect_err("no server").to_string();
-    assert!(e.contains("cannot reach") && e.contains("HF_HUB_OFFLINE"), "{e}");
+    let e = resolve_model_with(REPO, None, None, &unreachable)
+        .expect_err("no server")
+        .to_string();
+    assert!(
+        e.contains("cannot reach") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
 
     // Warm the cache through a real server, then lose it.
     let hub = hub(Config::default());
     let dir = resolve_model_with(REPO, None, None, &options(&hub, cache.path())).expect("download");
-    assert_eq!(resolve_model_with(REPO, None, None, &unreachable).expect("cache fallback"), dir);
+    assert_eq!(
+        resolve_model_with(REPO, None, None, &unreachable).expect("cache fallback"),
+        dir
+    );
 
     // A revision that was never downloaded is not in the cache.
-    let e = resolve_model_with(REPO, Some("v2"), None, &cold).expect_err("unknown revision").to_string();
+    let e = resolve_model_with(REPO, Some("v2"), None, &cold)
+        .expect_err("unknown revision")
+        .to_string();
     assert!(e.contains("`v2`"), "{e}");
 }
 
@@ -250,7 +321,8 @@ fn hub_gated_repository_and_lone_vae() {
         .to_string();
     assert!(e.contains("HF_TOKEN") && e.contains("401"), "{e}");
     opts.token = Some("hf_secret".into());
-    let dir = resolve_vae_with("madebyollin/sdxl-vae-fp16-fix", None, Some("fp16"), &opts).expect("with token");
+    let dir = resolve_vae_with("madebyollin/sdxl-vae-fp16-fix", None, Some("fp16"), &opts)
+        .expect("with token");
     same_bytes(&dir.join("config.json"), &vae_dir.join("config.json"));
     same_bytes(
         &dir.join("diffusion_pytorch_model.fp16.safetensors"),
@@ -262,5 +334,6 @@ fn hub_gated_repository_and_lone_vae() {
         variant: Some("fp16".into()),
         ..Default::default()
     };
-    SdxlPipeline::<Cpu>::load(&fixture_dir(), &load, &Default::default()).expect("pipeline with --vae");
+    SdxlPipeline::<Cpu>::load(&fixture_dir(), &load, &Default::default())
+        .expect("pipeline with --vae");
 }

@@ -98,11 +98,18 @@ impl Hub {
 }
 
 fn collect(root: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read fixture").flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("read fixture")
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.path());
     for e in entries {
         let path = e.path();
-        let rel = path.strip_prefix(root).expect("under root").to_string_lossy().replace('\\', "/");
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .replace('\\', "/");
         if skip.iter().any(|s| rel == *s) {
             continue;
         }
@@ -123,7 +130,12 @@ fn etag(bytes: &[u8]) -> String {
     format!("{h:016x}{:08x}", bytes.len())
 }
 
-fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -170,7 +182,12 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     if let Some(token) = &st.config.token {
         if auth.as_deref() != Some(&format!("Bearer {token}")) {
             drop(st);
-            return respond(&mut stream, "401 Unauthorized", &[("Content-Length", "0".into())], b"");
+            return respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[("Content-Length", "0".into())],
+                b"",
+            );
         }
     }
     if let Some(repo) = &st.config.only_repo {
@@ -178,7 +195,12 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let file = format!("/{repo}/resolve/");
         if !path.starts_with(&api) && !path.starts_with(&file) {
             drop(st);
-            return respond(&mut stream, "404 Not Found", &[("Content-Length", "0".into())], b"");
+            return respond(
+                &mut stream,
+                "404 Not Found",
+                &[("Content-Length", "0".into())],
+                b"",
+            );
         }
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
@@ -190,7 +212,12 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             .collect();
         drop(st);
         if !rest.contains("/revision/") {
-            return respond(&mut stream, "404 Not Found", &[("Content-Length", "0".into())], b"");
+            return respond(
+                &mut stream,
+                "404 Not Found",
+                &[("Content-Length", "0".into())],
+                b"",
+            );
         }
         let body = serde_json::json!({ "sha": SHA, "siblings": siblings }).to_string();
         let headers = [
@@ -200,19 +227,31 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         return respond(&mut stream, "200 OK", &headers, body.as_bytes());
     }
     // /{owner}/{name}/resolve/{revision}/{file}
-    let file = path.split_once("/resolve/").and_then(|(_, r)| r.split_once('/')).map(|(_, f)| f.to_string());
-    let Some(file) = file.filter(|f| st.files.contains_key(f) && !st.config.missing.contains(f)) else {
+    let file = path
+        .split_once("/resolve/")
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(_, f)| f.to_string());
+    let Some(file) = file.filter(|f| st.files.contains_key(f) && !st.config.missing.contains(f))
+    else {
         drop(st);
-        return respond(&mut stream, "404 Not Found", &[("Content-Length", "0".into())], b"");
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            &[("Content-Length", "0".into())],
+            b"",
+        );
     };
     let full_download = end.is_none();
-    let cut = full_download && st.config.cut_once.contains(&file) && st.already_cut.insert(file.clone());
+    let cut =
+        full_download && st.config.cut_once.contains(&file) && st.already_cut.insert(file.clone());
     let source = st.files[&file].clone();
     drop(st);
 
     let bytes = std::fs::read(source)?;
     let total = bytes.len() as u64;
-    let last = end.unwrap_or(total.saturating_sub(1)).min(total.saturating_sub(1));
+    let last = end
+        .unwrap_or(total.saturating_sub(1))
+        .min(total.saturating_sub(1));
     let body: &[u8] = if bytes.is_empty() || start >= total {
         &[]
     } else {
