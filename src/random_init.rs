@@ -94,39 +94,53 @@ impl<B: Backend> ModuleMapper<B> for RandomMapper {
         let init = self.init_for(&shape.dims::<D>());
         let seed = mix(self.seed ^ mix(self.count));
         self.count += 1;
-        let values = generate(shape.num_elements(), init, seed);
-        let data = TensorData::new(values, shape).convert_dtype(self.dtype);
-        Param::initialized(param.id, Tensor::from_data(data, &device))
+        let n = shape.num_elements();
+        // Straight into the target type: no float32 copy of a float16 model in memory.
+        let data = match self.dtype {
+            DType::F16 => TensorData::new(generate(n, init, seed, half::f16::from_f32), shape),
+            DType::BF16 => TensorData::new(generate(n, init, seed, half::bf16::from_f32), shape),
+            DType::F32 => TensorData::new(generate(n, init, seed, |v| v), shape),
+            other => TensorData::new(generate(n, init, seed, |v| v), shape).convert_dtype(other),
+        };
+        // The dtype must be named: without it Burn converts to the device's default float.
+        let dtype = data.dtype;
+        Param::initialized(param.id, Tensor::from_data(data, (&device, dtype)))
     }
 }
 
-/// `n` values of `init`, generated in parallel chunks with per-chunk seeds.
-fn generate(n: usize, init: Init, seed: u64) -> Vec<f32> {
+/// `n` values of `init`, generated in parallel chunks with per-chunk seeds and stored
+/// through `convert`.
+fn generate<T: Copy + Default + Send>(
+    n: usize,
+    init: Init,
+    seed: u64,
+    convert: fn(f32) -> T,
+) -> Vec<T> {
     let bound = match init {
-        Init::Constant(c) => return vec![c; n],
+        Init::Constant(c) => return vec![convert(c); n],
         Init::Uniform(b) => b,
     };
-    let mut out = vec![0f32; n];
+    let mut out = vec![T::default(); n];
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(n.div_ceil(CHUNK))
         .max(1);
-    let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
+    let chunks: Vec<(usize, &mut [T])> = out.chunks_mut(CHUNK).enumerate().collect();
     let per_thread = chunks.len().div_ceil(threads);
-    let mut groups: Vec<Vec<(usize, &mut [f32])>> = Vec::new();
+    let mut groups: Vec<Vec<(usize, &mut [T])>> = Vec::new();
     let mut chunks = chunks.into_iter().peekable();
     while chunks.peek().is_some() {
         groups.push(chunks.by_ref().take(per_thread).collect());
     }
-    let fill = |group: Vec<(usize, &mut [f32])>| {
+    let fill = |group: Vec<(usize, &mut [T])>| {
         for (index, chunk) in group {
             let mut state = mix(seed ^ mix(index as u64 + 1));
             for v in chunk.iter_mut() {
                 state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
                 // 24 random bits → [0, 1) → [-bound, bound).
                 let u = (mix(state) >> 40) as f32 / (1u64 << 24) as f32;
-                *v = (2.0 * u - 1.0) * bound;
+                *v = convert((2.0 * u - 1.0) * bound);
             }
         }
     };
@@ -169,19 +183,27 @@ mod tests {
 
     #[test]
     fn generation_is_seeded_bounded_and_thread_independent() {
-        let a = generate(3 * CHUNK + 17, Init::Uniform(0.5), 7);
-        let b = generate(3 * CHUNK + 17, Init::Uniform(0.5), 7);
+        let f = |v: f32| v;
+        let a = generate(3 * CHUNK + 17, Init::Uniform(0.5), 7, f);
+        let b = generate(3 * CHUNK + 17, Init::Uniform(0.5), 7, f);
         assert_eq!(a, b);
         assert!(a.iter().all(|v| (-0.5..0.5).contains(v)));
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
         assert!(mean.abs() < 1e-3, "mean {mean}");
         // The first chunk does not depend on how many chunks follow.
-        let short = generate(CHUNK, Init::Uniform(0.5), 7);
+        let short = generate(CHUNK, Init::Uniform(0.5), 7, f);
         assert_eq!(&a[..CHUNK], &short[..]);
         assert_ne!(
-            generate(10, Init::Uniform(0.5), 8),
-            generate(10, Init::Uniform(0.5), 7)
+            generate(10, Init::Uniform(0.5), 8, f),
+            generate(10, Init::Uniform(0.5), 7, f)
         );
-        assert_eq!(generate(3, Init::Constant(1.0), 1), vec![1.0; 3]);
+        assert_eq!(generate(3, Init::Constant(1.0), 1, f), vec![1.0; 3]);
+        // Half types hold the same values, rounded.
+        let h = generate(1000, Init::Uniform(0.5), 7, half::f16::from_f32);
+        let g = generate(1000, Init::Uniform(0.5), 7, f);
+        assert!(h
+            .iter()
+            .zip(&g)
+            .all(|(h, g)| (h.to_f32() - g).abs() <= 1e-3));
     }
 }

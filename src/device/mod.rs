@@ -178,6 +178,19 @@ pub fn resolve_here(spec: &DeviceSpec) -> Result<ResolvedDevice> {
     resolve(spec, &Inventory::probe())
 }
 
+/// The device names this build accepts, whatever the machine has; see
+/// [`Inventory::available`] for the devices actually present.
+pub fn available() -> Vec<&'static str> {
+    let mut v = vec!["cpu", "auto"];
+    if cfg!(feature = "wgpu") {
+        v.extend(["wgpu", "vulkan", "metal", "dx12"]);
+    }
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    v
+}
+
 /// The backends compiled into this build, for `hypergen devices` and error messages.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut v = vec!["cpu"];

@@ -103,7 +103,11 @@ fn builtin_tiny_in_half_precision_on_cpu() {
     let req = request("a photo of an astronaut riding a horse on mars", 3);
     let full = rgb(&tiny(DType::F32), &req);
     for dtype in [DType::F16, DType::BF16] {
-        let half = rgb(&tiny(dtype), &req);
+        let pipe = tiny(dtype);
+        // The weights really are half precision; the VAE is upcast (`force_upcast`).
+        assert_eq!(pipe.unet.dtype(), dtype);
+        assert_eq!(pipe.vae.dtype(), DType::F32);
+        let half = rgb(&pipe, &req);
         let mean_diff = full
             .iter()
             .zip(&half)
