@@ -28,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and write them as PNG files.
     Generate(GenerateArgs),
+    /// Serve the model over HTTP (HyperGen- and OpenAI-compatible API).
+    Serve(crate::server::ServeArgs),
+    /// Print the HTTP API's OpenAPI schema (what `openapi/openapi.json` holds).
+    Openapi,
 }
 
 /// Flags of `hypergen generate`.
@@ -239,5 +243,10 @@ pub fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => crate::server::serve(args),
+        Command::Openapi => {
+            println!("{}", crate::server::openapi_json());
+            Ok(())
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod resnet;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -7,6 +7,7 @@ mod clip;
 mod loader;
 mod pipeline;
 mod scheduler;
+mod server;
 mod tokenizer;
 mod unet;
 mod vae;
