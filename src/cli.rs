@@ -29,6 +29,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and write them as PNG files.
     Generate(Box<GenerateArgs>),
+    /// Serve the model over HTTP (HyperGen- and OpenAI-compatible API).
+    Serve(Box<crate::server::ServeArgs>),
+    /// Print the HTTP API's OpenAPI schema (what `openapi/openapi.json` holds).
+    Openapi,
     /// List the GPUs and backends this build can use, and what `--device auto` picks.
     Devices,
 }
@@ -281,6 +285,11 @@ pub fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate(*args),
+        Command::Serve(args) => crate::server::serve(*args),
+        Command::Openapi => {
+            println!("{}", crate::server::openapi_json());
+            Ok(())
+        }
         Command::Devices => {
             print!(
                 "{}",

@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod random_init;
 pub mod resnet;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

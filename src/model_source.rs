@@ -35,6 +35,15 @@ impl<'a> ModelSource<'a> {
         if hub::is_repo_id(model) {
             return Ok(ModelSource::Hub(model));
         }
+        let looks_like_path = model.starts_with(['/', '.', '~'])
+            || model.contains('\\')
+            || model.matches('/').count() > 1;
+        if looks_like_path {
+            return Err(Error::invalid(
+                "model",
+                format!("`{model}`: no such directory (a model is a diffusers-layout folder, a built-in name or a Hub repository id)"),
+            ));
+        }
         Err(Error::invalid(
             "model",
             format!(

@@ -106,6 +106,31 @@ impl Default for GenerationRequest {
     }
 }
 
+impl GenerationRequest {
+    /// Whether `other` can run in one batch with `self` ([`SdxlPipeline::generate_batch`]):
+    /// everything but the prompts, the seed, the starting noise and the image count agrees.
+    pub fn batch_compatible(&self, other: &GenerationRequest) -> bool {
+        self.num_inference_steps == other.num_inference_steps
+            && self.guidance_scale.to_bits() == other.guidance_scale.to_bits()
+            && self.width == other.width
+            && self.height == other.height
+            && self.scheduler == other.scheduler
+            && self.original_size == other.original_size
+            && self.crops_coords_top_left == other.crops_coords_top_left
+            && self.target_size == other.target_size
+    }
+}
+
+/// Concatenates along the batch dimension; a single tensor is returned as it is.
+fn cat_rows<B: Backend, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor<B, D> {
+    if parts.len() == 1 {
+        if let Some(only) = parts.pop() {
+            return only;
+        }
+    }
+    Tensor::cat(parts, 0)
+}
+
 /// Reported after each denoising step.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -398,10 +423,39 @@ impl<B: Backend> SdxlPipeline<B> {
         req: &GenerationRequest,
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Generated<B>> {
-        self.validate(req)?;
-        let latents = self.denoise(req, progress)?;
-        let images = self.decode(latents.clone())?;
-        Ok(Generated { images, latents })
+        let mut out = self.generate_batch(std::slice::from_ref(req), progress)?;
+        out.pop()
+            .ok_or_else(|| Error::Backend("a batch of one produced nothing".into()))
+    }
+
+    /// Runs several requests as one batch: one UNet call per step for all of their
+    /// images, one VAE decode. Each request keeps its own prompt, negative prompt, seed
+    /// (starting noise and, for ancestral schedulers, step noise) and image count, so
+    /// every result equals what [`generate`](Self::generate) gives for that request
+    /// alone. The requests must agree on everything else
+    /// ([`GenerationRequest::batch_compatible`]). `progress` reports the shared steps;
+    /// `ControlFlow::Break` cancels the whole batch.
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<Generated<B>>> {
+        let latents = self.denoise_batch(reqs, progress)?;
+        let counts: Vec<usize> = latents.iter().map(|l| l.dims()[0]).collect();
+        let all = if latents.len() == 1 {
+            latents[0].clone()
+        } else {
+            Tensor::cat(latents.clone(), 0)
+        };
+        let mut images = self.decode(all)?.into_iter();
+        Ok(latents
+            .into_iter()
+            .zip(counts)
+            .map(|(latents, n)| Generated {
+                images: images.by_ref().take(n).collect(),
+                latents,
+            })
+            .collect())
     }
 
     /// The denoising loop alone: returns the final latents.
@@ -410,65 +464,118 @@ impl<B: Backend> SdxlPipeline<B> {
         req: &GenerationRequest,
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor<B, 4>> {
-        self.validate(req)?;
-        let n = req.num_images;
+        let mut out = self.denoise_batch(std::slice::from_ref(req), progress)?;
+        out.pop()
+            .ok_or_else(|| Error::Backend("a batch of one produced nothing".into()))
+    }
+
+    /// The denoising loop for a batch (see [`generate_batch`](Self::generate_batch)):
+    /// the final latents of each request, in order.
+    pub fn denoise_batch(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<Tensor<B, 4>>> {
+        let first = reqs
+            .first()
+            .ok_or_else(|| Error::invalid("batch", "no requests"))?;
+        for req in reqs {
+            self.validate(req)?;
+            if !first.batch_compatible(req) {
+                return Err(Error::invalid(
+                    "batch",
+                    "requests in one batch must share size, steps, guidance, scheduler and \
+                     micro-conditioning",
+                ));
+            }
+        }
         let f = self.vae_scale_factor();
         let ucfg = self.unet.config();
-        let shape = [n, ucfg.in_channels, req.height / f, req.width / f];
-        let guidance = req.guidance_scale > 1.0;
+        let guidance = first.guidance_scale > 1.0;
 
-        let mut scheduler = Scheduler::from_config(&self.scheduler_config, req.scheduler)?;
-        scheduler.set_timesteps(req.num_inference_steps)?;
-        let mut rng = Generator::new(req.seed);
-        let noise = match &req.latents {
-            Some(v) => {
-                let want: usize = shape.iter().product();
-                if v.len() != want {
-                    return Err(Error::invalid(
-                        "latents",
-                        format!(
-                            "expected shape {shape:?} ({want} values), got {} values",
-                            v.len()
-                        ),
-                    ));
+        // Each request has its own scheduler state and generator, so that its noise (and a
+        // multistep scheduler's history) is exactly that of a run on its own; only the
+        // model calls are shared.
+        let mut jobs = Vec::with_capacity(reqs.len());
+        let mut negatives = Vec::with_capacity(reqs.len());
+        let mut positives = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let n = req.num_images;
+            let shape = [n, ucfg.in_channels, req.height / f, req.width / f];
+            let mut scheduler = Scheduler::from_config(&self.scheduler_config, req.scheduler)?;
+            scheduler.set_timesteps(req.num_inference_steps)?;
+            let mut rng = Generator::new(req.seed);
+            let noise = match &req.latents {
+                Some(v) => {
+                    let want: usize = shape.iter().product();
+                    if v.len() != want {
+                        return Err(Error::invalid(
+                            "latents",
+                            format!(
+                                "expected shape {shape:?} ({want} values), got {} values",
+                                v.len()
+                            ),
+                        ));
+                    }
+                    v.clone()
                 }
-                v.clone()
+                None => rng.randn(&shape),
+            };
+            let latents = Tensor::<B, 4>::from_data(TensorData::new(noise, shape), &self.device)
+                * scheduler.init_noise_sigma();
+            let embeds =
+                self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+            if guidance {
+                // encode_prompt stacks [negative; positive], n rows each.
+                negatives.push((
+                    embeds.context.clone().narrow(0, 0, n),
+                    embeds.pooled.clone().narrow(0, 0, n),
+                ));
+                positives.push((
+                    embeds.context.narrow(0, n, n),
+                    embeds.pooled.narrow(0, n, n),
+                ));
+            } else {
+                positives.push((embeds.context, embeds.pooled));
             }
-            None => rng.randn(&shape),
-        };
-        let mut latents = Tensor::<B, 4>::from_data(TensorData::new(noise, shape), &self.device)
-            * scheduler.init_noise_sigma();
+            jobs.push((scheduler, rng, latents));
+        }
+        // The batch's conditioning: every negative row, then every positive row.
+        let (contexts, pooleds): (Vec<_>, Vec<_>) = negatives.into_iter().chain(positives).unzip();
+        let context = cat_rows(contexts);
+        let pooled = cat_rows(pooleds);
 
-        let embeds =
-            self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+        let n: usize = reqs.iter().map(|r| r.num_images).sum();
         let rows = if guidance { 2 * n } else { n };
-        let (h, w) = (req.height, req.width);
-        let orig = req.original_size.unwrap_or((h, w));
-        let target = req.target_size.unwrap_or((h, w));
-        let (ct, cl) = req.crops_coords_top_left;
+        let (h, w) = (first.height, first.width);
+        let orig = first.original_size.unwrap_or((h, w));
+        let target = first.target_size.unwrap_or((h, w));
+        let (ct, cl) = first.crops_coords_top_left;
         let ids = [orig.0, orig.1, ct, cl, target.0, target.1].map(|v| v as f32);
         let time_ids: Vec<f32> = (0..rows).flat_map(|_| ids).collect();
 
-        let total = scheduler.timesteps().len();
+        let timesteps = jobs[0].0.timesteps().to_vec();
+        let total = timesteps.len();
         if progress(Progress { step: 0, total }).is_break() {
             return Err(Error::Cancelled);
         }
-        for i in 0..total {
-            let t = scheduler.timesteps()[i];
+        for (i, &t) in timesteps.iter().enumerate() {
+            let latents = cat_rows(jobs.iter().map(|j| j.2.clone()).collect());
             let input = if guidance {
-                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+                Tensor::cat(vec![latents.clone(), latents], 0)
             } else {
-                latents.clone()
+                latents
             };
-            let input = scheduler.scale_model_input(input, i);
+            // The input scaling depends only on the step, the same for every request.
+            let input = jobs[0].0.scale_model_input(input, i);
             let eps = self.unet.forward(
                 input,
                 &vec![t as f32; rows],
-                embeds.context.clone(),
-                embeds.pooled.clone(),
+                context.clone(),
+                pooled.clone(),
                 &time_ids,
             )?;
-            let eps = eps.cast(latents.dtype());
+            let eps = eps.cast(jobs[0].2.dtype());
             let eps = if guidance {
                 let mut parts = eps.chunk(2, 0);
                 let text = parts
@@ -477,16 +584,26 @@ impl<B: Backend> SdxlPipeline<B> {
                 let uncond = parts
                     .pop()
                     .ok_or_else(|| Error::Backend("guidance split".into()))?;
-                uncond.clone() + (text - uncond) * req.guidance_scale
+                uncond.clone() + (text - uncond) * first.guidance_scale
             } else {
                 eps
             };
-            latents = scheduler.step(eps, i, latents, &mut rng);
+            let mut offset = 0;
+            for (req, (scheduler, rng, latents)) in reqs.iter().zip(jobs.iter_mut()) {
+                let k = req.num_images;
+                let own = if reqs.len() == 1 {
+                    eps.clone()
+                } else {
+                    eps.clone().narrow(0, offset, k)
+                };
+                *latents = scheduler.step(own, i, latents.clone(), rng);
+                offset += k;
+            }
             if progress(Progress { step: i + 1, total }).is_break() {
                 return Err(Error::Cancelled);
             }
         }
-        Ok(latents)
+        Ok(jobs.into_iter().map(|(_, _, latents)| latents).collect())
     }
 
     /// Decodes final latents into images (unscaling them as the VAE config says).

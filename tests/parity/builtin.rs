@@ -225,3 +225,44 @@ fn cli_generate_builtin_offline() {
     assert!(std_dev(png.as_raw()) > 5.0);
     assert!(!tmp.path().join("hf").exists(), "the Hub cache was touched");
 }
+
+/// `hypergen serve tiny-sdxl-random` serves at once, with no files, and `/v1/models`
+/// says the weights are random.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_builtin_labels_random_weights() {
+    use hypergen::device::DeviceSpec;
+    use hypergen::server::{Server, ServerConfig};
+
+    let mut config = ServerConfig::new("tiny-sdxl-random", DeviceSpec::Cpu);
+    config.load.dtype = DType::F32;
+    let server = Server::start(config, "127.0.0.1:0")
+        .await
+        .expect("server starts");
+    let client = reqwest::Client::new();
+    let models: serde_json::Value = client
+        .get(format!("{}/v1/models", server.url()))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny-sdxl-random");
+    assert_eq!(models["data"][0]["random_weights"], true);
+    let image: serde_json::Value = client
+        .post(format!("{}/v1/images/generations", server.url()))
+        .json(&serde_json::json!({"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 2, "seed": 1}))
+        .send()
+        .await
+        .expect("generation")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        image["data"][0]["b64_json"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{image}"
+    );
+    server.shutdown().await.expect("shutdown");
+}

@@ -10,6 +10,7 @@ mod hub;
 mod loader;
 mod pipeline;
 mod scheduler;
+mod server;
 mod tokenizer;
 mod unet;
 mod vae;
