@@ -56,7 +56,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// auto, cpu, wgpu, vulkan[:N], metal, mps, cuda[:N].
+    /// auto, cpu, wgpu, vulkan[:N], metal[:N], mps, dx12[:N], cuda[:N] (see `hypergen devices`).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Weights and activations dtype.
