@@ -1,9 +1,9 @@
 //! diffusers' `Attention` (models/attention_processor.py) with the default SDPA
 //! processor, shared by the UNet's transformer blocks and the VAE's mid block.
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::{GroupNorm, Linear};
-use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
@@ -14,7 +14,7 @@ use crate::layers::{group_norm, group_norm_forward, linear};
 /// `to_out` is a list because diffusers stores it as `to_out.0` (a Linear) followed
 /// by a dropout.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: FusedOps> {
     /// Optional GroupNorm on spatial input (the VAE's mid-block attention).
     pub group_norm: Option<GroupNorm<B>>,
     /// Query projection.
@@ -47,7 +47,7 @@ pub struct AttentionConfig {
 
 impl AttentionConfig {
     /// Builds the layer with uninitialised (lazy) parameters.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Attention<B> {
         let inner = self.heads * self.dim_head;
         let ctx = self.cross_attention_dim.unwrap_or(self.query_dim);
         Attention {
@@ -64,42 +64,45 @@ impl AttentionConfig {
 }
 
 /// Splits `[N, L, H*D]` into heads `[N, H, L, D]`.
-pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+pub fn split_heads<B: FusedOps>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [n, l, c] = x.dims();
     x.reshape([n, l, heads, c / heads]).swap_dims(1, 2)
 }
 
 /// Merges heads `[N, H, L, D]` back into `[N, L, H*D]`.
-pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+pub fn merge_heads<B: FusedOps>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     let [n, h, l, d] = x.dims();
     x.swap_dims(1, 2).reshape([n, l, h * d])
 }
 
-/// Scaled dot-product attention over `[N, L, H*D]` inputs through Burn's fused
-/// `attention` op (flash attention where the backend has it).
-pub fn sdpa<B: Backend>(
+/// Scaled dot-product attention over `[N, L, H*D]` inputs. Non-causal attention (the
+/// UNet and VAE) goes through [`FusedOps::fused_attention`], which never holds the full score
+/// matrix; causal attention (CLIP, 77 tokens) through Burn's fused `attention` op.
+pub fn sdpa<B: FusedOps>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
     heads: usize,
     causal: bool,
 ) -> Tensor<B, 3> {
-    let options = AttentionModuleOptions {
-        is_causal: causal,
-        ..Default::default()
-    };
-    let out = attention(
+    let (q, k, v) = (
         split_heads(q, heads),
         split_heads(k, heads),
         split_heads(v, heads),
-        None,
-        None,
-        options,
     );
+    let out = if causal {
+        let options = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        attention(q, k, v, None, None, options)
+    } else {
+        B::fused_attention(q, k, v)
+    };
     merge_heads(out)
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FusedOps> Attention<B> {
     /// Sequence attention: `x` `[N, L, C]`, `context` `[N, S, C_ctx]` (self-attention
     /// when `None`). Returns `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {

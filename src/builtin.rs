@@ -4,10 +4,10 @@
 //! `hypergen serve tiny-sdxl-random` works anywhere; the full-size ones have the real
 //! SDXL shapes, for benchmarks. Their images are noise-like: the weights are random.
 
+use crate::FusedOps;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use serde::de::DeserializeOwned;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
@@ -125,7 +125,7 @@ impl Builtin {
         Ok((value, path))
     }
 
-    fn text_encoder<B: Backend>(
+    fn text_encoder<B: FusedOps>(
         &self,
         text: &str,
         file: &str,
@@ -140,7 +140,7 @@ impl Builtin {
     }
 
     /// The model's modules with lazy (unallocated) parameters, and its other parts.
-    fn modules<B: Backend>(&self, device: &B::Device) -> Result<Modules<B>> {
+    fn modules<B: FusedOps>(&self, device: &B::Device) -> Result<Modules<B>> {
         let c = &self.configs;
         let (index, _): (ModelIndex, _) = self.parse(c.model_index, "model_index.json")?;
         let (unet_config, unet_path): (UNetConfig, _) = self.parse(c.unet, "unet/config.json")?;
@@ -171,7 +171,7 @@ impl Builtin {
 
     /// Parameters per component (`text_encoder`, `text_encoder_2`, `unet`, `vae`),
     /// counted from the configs without allocating anything.
-    pub fn parameter_counts<B: Backend>(
+    pub fn parameter_counts<B: FusedOps>(
         &self,
         device: &B::Device,
     ) -> Result<Vec<(&'static str, usize)>> {
@@ -188,7 +188,7 @@ impl Builtin {
     /// from [`SEED`] in `options.dtype` (the VAE in float32 when its config asks for
     /// upcasting). `options.vae` replaces the random VAE by a real one (its `variant`
     /// files when present).
-    pub fn build<B: Backend>(
+    pub fn build<B: FusedOps>(
         &self,
         options: &LoadOptions,
         device: &B::Device,
@@ -244,7 +244,7 @@ impl Builtin {
 }
 
 /// A built-in model's parts before its weights are drawn.
-struct Modules<B: Backend> {
+struct Modules<B: FusedOps> {
     index: ModelIndex,
     text_encoder: ClipTextModel<B>,
     text_encoder_2: ClipTextModel<B>,
@@ -253,7 +253,7 @@ struct Modules<B: Backend> {
     scheduler_config: SchedulerConfig,
 }
 
-impl<B: Backend> SdxlPipeline<B> {
+impl<B: FusedOps> SdxlPipeline<B> {
     /// Builds the built-in model `name` (see [`names`]) on `device`.
     pub fn from_builtin(name: &str, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         let builtin = find(name).ok_or_else(|| {

@@ -1,11 +1,11 @@
 //! The `hypergen` command line: flag definitions and the commands they start.
 //! `main.rs` only calls [`main`].
 
+use crate::FusedOps;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -190,7 +190,7 @@ impl WithBackend for Generate {
         Some(self.options.load.dtype)
     }
 
-    fn run<B: Backend>(self, device: B::Device, label: String) -> anyhow::Result<()> {
+    fn run<B: FusedOps>(self, device: B::Device, label: String) -> anyhow::Result<()> {
         let (pipeline, info) = load_pipeline::<B>(&self.args.model, &self.options, &device)
             .with_context(|| format!("loading {}", self.args.model))?;
         if info.random_weights {

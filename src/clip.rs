@@ -4,12 +4,12 @@
 //! Field paths equal the transformers weight names (`text_model.encoder.layers.0.
 //! self_attn.q_proj.weight`, `text_projection.weight`, …) so weights load by name.
 
+use crate::FusedOps;
 use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 use serde::Deserialize;
 
@@ -124,7 +124,7 @@ impl Activation {
         }
     }
 
-    fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+    fn apply<B: FusedOps, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
             Self::Gelu => gelu(x),
@@ -135,14 +135,14 @@ impl Activation {
 
 /// `text_model.embeddings`: token plus learned position embeddings.
 #[derive(Module, Debug)]
-pub struct ClipEmbeddings<B: Backend> {
+pub struct ClipEmbeddings<B: FusedOps> {
     /// `[vocab_size, hidden_size]`.
     pub token_embedding: Embedding<B>,
     /// `[max_position_embeddings, hidden_size]`.
     pub position_embedding: Embedding<B>,
 }
 
-impl<B: Backend> ClipEmbeddings<B> {
+impl<B: FusedOps> ClipEmbeddings<B> {
     /// `ids` `[N, L]` → `[N, L, hidden]`, positions 0..L.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, l] = ids.dims();
@@ -154,7 +154,7 @@ impl<B: Backend> ClipEmbeddings<B> {
 
 /// `self_attn`: causal multi-head self-attention.
 #[derive(Module, Debug)]
-pub struct ClipAttention<B: Backend> {
+pub struct ClipAttention<B: FusedOps> {
     /// Query projection.
     pub q_proj: Linear<B>,
     /// Key projection.
@@ -166,7 +166,7 @@ pub struct ClipAttention<B: Backend> {
     heads: usize,
 }
 
-impl<B: Backend> ClipAttention<B> {
+impl<B: FusedOps> ClipAttention<B> {
     /// `[N, L, C]` → `[N, L, C]`, each position attending to itself and earlier ones.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let q = self.q_proj.forward(x.clone());
@@ -178,7 +178,7 @@ impl<B: Backend> ClipAttention<B> {
 
 /// `mlp`: fc1, activation, fc2.
 #[derive(Module, Debug)]
-pub struct ClipMlp<B: Backend> {
+pub struct ClipMlp<B: FusedOps> {
     /// `hidden → intermediate`.
     pub fc1: Linear<B>,
     /// `intermediate → hidden`.
@@ -187,7 +187,7 @@ pub struct ClipMlp<B: Backend> {
     act: Activation,
 }
 
-impl<B: Backend> ClipMlp<B> {
+impl<B: FusedOps> ClipMlp<B> {
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2.forward(self.act.apply(self.fc1.forward(x)))
@@ -196,7 +196,7 @@ impl<B: Backend> ClipMlp<B> {
 
 /// `encoder.layers.N`: pre-norm attention and MLP, each with a residual.
 #[derive(Module, Debug)]
-pub struct ClipEncoderLayer<B: Backend> {
+pub struct ClipEncoderLayer<B: FusedOps> {
     /// Causal self-attention.
     pub self_attn: ClipAttention<B>,
     /// Norm before attention.
@@ -207,7 +207,7 @@ pub struct ClipEncoderLayer<B: Backend> {
     pub layer_norm2: LayerNorm<B>,
 }
 
-impl<B: Backend> ClipEncoderLayer<B> {
+impl<B: FusedOps> ClipEncoderLayer<B> {
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
@@ -217,14 +217,14 @@ impl<B: Backend> ClipEncoderLayer<B> {
 
 /// `text_model.encoder`.
 #[derive(Module, Debug)]
-pub struct ClipEncoder<B: Backend> {
+pub struct ClipEncoder<B: FusedOps> {
     /// `layers.0` … `layers.{num_hidden_layers-1}`.
     pub layers: Vec<ClipEncoderLayer<B>>,
 }
 
 /// `text_model`: embeddings, encoder, final LayerNorm.
 #[derive(Module, Debug)]
-pub struct ClipTransformer<B: Backend> {
+pub struct ClipTransformer<B: FusedOps> {
     /// Token and position embeddings.
     pub embeddings: ClipEmbeddings<B>,
     /// The transformer layers.
@@ -236,7 +236,7 @@ pub struct ClipTransformer<B: Backend> {
 /// A CLIP text encoder, with `text_projection` when it was saved as
 /// `CLIPTextModelWithProjection`.
 #[derive(Module, Debug)]
-pub struct ClipTextModel<B: Backend> {
+pub struct ClipTextModel<B: FusedOps> {
     /// The transformer.
     pub text_model: ClipTransformer<B>,
     /// Projection of the pooled output (no bias); SDXL's second encoder has it.
@@ -247,7 +247,7 @@ pub struct ClipTextModel<B: Backend> {
 
 /// What one forward pass gives SDXL.
 #[derive(Debug, Clone)]
-pub struct ClipOutput<B: Backend> {
+pub struct ClipOutput<B: FusedOps> {
     /// `hidden_states[-2]`: the second-to-last layer's output, not normalised,
     /// `[N, L, hidden]` (what SDXL conditions on).
     pub penultimate: Tensor<B, 3>,
@@ -264,7 +264,7 @@ impl ClipTextConfig {
     ///
     /// Errors when the config asks for something that cannot be built (an unknown
     /// activation, a width not divisible by the head count).
-    pub fn init<B: Backend>(
+    pub fn init<B: FusedOps>(
         &self,
         with_projection: bool,
         path: &Path,
@@ -321,7 +321,7 @@ impl ClipTextConfig {
 /// `text_model.` prefix; loaded through this mirror and then assembled into a
 /// [`ClipTextModel`].
 #[derive(Module, Debug)]
-struct UnprefixedClip<B: Backend> {
+struct UnprefixedClip<B: FusedOps> {
     embeddings: ClipEmbeddings<B>,
     encoder: ClipEncoder<B>,
     final_layer_norm: LayerNorm<B>,
@@ -336,7 +336,7 @@ struct UnprefixedClip<B: Backend> {
 /// config's architecture is a `…WithProjection` class or the weights hold
 /// `text_projection.weight`. The `position_ids` buffer some files carry is ignored;
 /// any other missing or unused tensor is an error.
-pub fn load<B: Backend>(
+pub fn load<B: FusedOps>(
     dir: &Path,
     variant: Option<&str>,
     dtype: DType,
@@ -387,7 +387,7 @@ pub fn load<B: Backend>(
     })
 }
 
-impl<B: Backend> ClipTextModel<B> {
+impl<B: FusedOps> ClipTextModel<B> {
     /// The config the model was built from.
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
@@ -433,7 +433,7 @@ impl<B: Backend> ClipTextModel<B> {
 /// picks it: with the legacy `eos_token_id == 2` the first position of the largest id
 /// (CLIP's `<|endoftext|>` is the largest), otherwise the first position holding
 /// `eos_token_id` (0 when there is none).
-pub fn pooled_positions<B: Backend>(
+pub fn pooled_positions<B: FusedOps>(
     ids: Tensor<B, 2, Int>,
     eos_token_id: i64,
 ) -> Tensor<B, 2, Int> {
@@ -455,7 +455,7 @@ pub fn pooled_positions<B: Backend>(
 }
 
 /// `x[i, pos[i], :]` for `x` `[N, L, C]`, `pos` `[N, 1]` → `[N, C]`.
-fn gather_rows<B: Backend>(x: Tensor<B, 3>, pos: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+fn gather_rows<B: FusedOps>(x: Tensor<B, 3>, pos: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [n, _, c] = x.dims();
     let index = pos.reshape([n, 1, 1]).expand([n, 1, c]);
     x.gather(1, index).reshape([n, c])

@@ -1,16 +1,16 @@
 //! Constructors for the Burn layers every component uses, with PyTorch's layouts and
 //! defaults, so model code reads like its diffusers counterpart.
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::module::{Initializer, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 /// `nn.Linear(input, output, bias)`.
-pub fn linear<B: Backend>(
+pub fn linear<B: FusedOps>(
     input: usize,
     output: usize,
     bias: bool,
@@ -22,7 +22,7 @@ pub fn linear<B: Backend>(
 }
 
 /// `nn.Conv2d(input, output, kernel, stride, padding)` with symmetric padding and a bias.
-pub fn conv2d<B: Backend>(
+pub fn conv2d<B: FusedOps>(
     input: usize,
     output: usize,
     kernel: usize,
@@ -39,7 +39,7 @@ pub fn conv2d<B: Backend>(
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
-pub fn group_norm<B: Backend>(
+pub fn group_norm<B: FusedOps>(
     groups: usize,
     channels: usize,
     eps: f64,
@@ -50,44 +50,46 @@ pub fn group_norm<B: Backend>(
         .init(device)
 }
 
-/// `GroupNorm` forward with PyTorch's precision: for f16/bf16 input the statistics and
-/// the affine transform are computed in f32 and the result cast back, as PyTorch's
+/// `GroupNorm` forward with PyTorch's precision, through [`FusedOps::fused_group_norm`] (our
+/// fused kernel on GPUs): statistics in f32 whatever the input dtype, as PyTorch's
 /// kernels accumulate half inputs in float. Summing tens of thousands of squares in f16
 /// (Burn's `GroupNorm::forward` keeps the input dtype) overflows or loses most digits at
-/// SDXL resolutions. f32 input goes through Burn's own `GroupNorm` unchanged.
-pub fn group_norm_forward<B: Backend, const D: usize>(
+/// SDXL resolutions.
+pub fn group_norm_forward<B: FusedOps, const D: usize>(
     norm: &GroupNorm<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let dtype = x.dtype();
-    if !matches!(dtype, DType::F16 | DType::BF16) {
-        return norm.forward(x);
-    }
+    group_norm_act(norm, x, false)
+}
+
+/// [`group_norm_forward`] followed by SiLU, fused into one kernel where we have one.
+pub fn group_norm_silu<B: FusedOps, const D: usize>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    group_norm_act(norm, x, true)
+}
+
+fn group_norm_act<B: FusedOps, const D: usize>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, D>,
+    silu: bool,
+) -> Tensor<B, D> {
     let shape = x.shape();
     let (n, c) = (shape[0], shape[1]);
-    let groups = norm.num_groups;
-    let per_group = shape.num_elements() / (n * groups);
-    let x = x.cast(DType::F32).reshape([n, groups, per_group]);
-    let centered = x.clone() - x.mean_dim(2);
-    let var = centered.clone().square().mean_dim(2);
-    let normed = (centered / (var + norm.epsilon).sqrt()).reshape(shape);
-    let mut channel_shape = [1; D];
-    channel_shape[1] = c;
-    let out = match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) => {
-            normed * gamma.val().cast(DType::F32).reshape(channel_shape)
-                + beta.val().cast(DType::F32).reshape(channel_shape)
-        }
-        _ => normed,
+    let flat = x.reshape([n, c, shape.num_elements() / (n * c)]);
+    let affine = match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
+        _ => None,
     };
-    out.cast(dtype)
+    B::fused_group_norm(flat, affine, norm.num_groups, norm.epsilon, silu).reshape(shape)
 }
 
 /// `nn.LayerNorm(dim, eps)` whose statistics are taken in float32 whatever the
 /// parameter dtype, as PyTorch does: half-precision sums over wide rows lose most of
 /// their precision or overflow. Parameters are named as in PyTorch (`weight`, `bias`).
 #[derive(Module, Debug)]
-pub struct LayerNorm<B: Backend> {
+pub struct LayerNorm<B: FusedOps> {
     /// Scale.
     pub weight: Param<Tensor<B, 1>>,
     /// Shift.
@@ -95,7 +97,7 @@ pub struct LayerNorm<B: Backend> {
     eps: f64,
 }
 
-impl<B: Backend> LayerNorm<B> {
+impl<B: FusedOps> LayerNorm<B> {
     /// Normalises the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
@@ -122,7 +124,7 @@ impl<B: Backend> LayerNorm<B> {
 }
 
 /// `nn.LayerNorm(dim, eps)`.
-pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+pub fn layer_norm<B: FusedOps>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
     LayerNorm {
         weight: Initializer::Ones.init([dim], device),
         bias: Initializer::Zeros.init([dim], device),
@@ -132,7 +134,7 @@ pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> Layer
 
 /// `nn.Upsample(scale_factor=2, mode="nearest")` on `[N, C, H, W]`, written as a
 /// broadcast so it is exact on every backend.
-pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn upsample_nearest2x<B: FusedOps>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     x.reshape([n, c, h, 1, w, 1])
         .expand([n, c, h, 2, w, 2])
@@ -140,11 +142,11 @@ pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 }
 
 /// A `[N, C]` tensor viewed as `[N, C, 1, 1]` to broadcast over an image.
-pub fn as_channels<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 4> {
+pub fn as_channels<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 4> {
     let [n, c] = x.dims();
     x.reshape([n, c, 1, 1])
 }
 
 /// Marker so modules built only of these layers can be loaded uniformly.
-pub trait Layer<B: Backend>: Module<B> {}
-impl<B: Backend, M: Module<B>> Layer<B> for M {}
+pub trait Layer<B: FusedOps>: Module<B> {}
+impl<B: FusedOps, M: Module<B>> Layer<B> for M {}

@@ -6,12 +6,12 @@
 //! copied to the device on its own, so loading never holds two full copies of a
 //! component in host memory.
 
+use crate::FusedOps;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use burn_store::{
     ApplyError, ChainAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
@@ -196,7 +196,7 @@ fn burn_norm_name(name: &str) -> String {
 /// them (buffers such as CLIP's `position_ids`). Fails, naming the file and tensor,
 /// on a corrupt file, a tensor of the wrong shape, a tensor the model needs that no
 /// file has, or a tensor in the files that the model does not have.
-pub fn load_module<B: Backend, M: Module<B>>(
+pub fn load_module<B: FusedOps, M: Module<B>>(
     mut module: M,
     files: &[PathBuf],
     dtype: DType,

@@ -1,9 +1,8 @@
 //! One entry point for every kind of model name the command line and the server accept:
 //! a local diffusers folder, a built-in random-weight model, or a Hub repository id.
 
+use crate::FusedOps;
 use std::path::{Path, PathBuf};
-
-use burn::tensor::backend::Backend;
 
 use crate::builtin::{self, Builtin};
 use crate::error::{Error, Result};
@@ -79,7 +78,7 @@ pub struct ModelInfo {
 }
 
 /// Resolves `model` (folder, built-in name or Hub id) and loads it onto `device`.
-pub fn load_pipeline<B: Backend>(
+pub fn load_pipeline<B: FusedOps>(
     model: &str,
     options: &ModelOptions,
     device: &B::Device,

@@ -43,7 +43,7 @@
 //! Noise is always produced in float32; [`Generator::randn_tensor`] casts it to the
 //! requested dtype (torch would draw half-precision noise with a different recipe).
 
-use burn::tensor::backend::Backend;
+use crate::FusedOps;
 use burn::tensor::{DType, Tensor, TensorData};
 
 /// Length of the Mersenne Twister state, in 32-bit words.
@@ -158,7 +158,7 @@ impl Generator {
     }
 
     /// [`randn`](Self::randn) as a tensor on `device`, cast to `dtype` (drawn in float32).
-    pub fn randn_tensor<B: Backend, const D: usize>(
+    pub fn randn_tensor<B: FusedOps, const D: usize>(
         &mut self,
         shape: [usize; D],
         device: &B::Device,

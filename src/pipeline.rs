@@ -2,10 +2,10 @@
 //! both text encoders, classifier-free guidance, micro-conditioning, the scheduler
 //! loop and the VAE decode. It knows nothing of HTTP or the command line.
 
+use crate::FusedOps;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::clip::{self, ClipTextModel};
@@ -122,7 +122,7 @@ impl GenerationRequest {
 }
 
 /// Concatenates along the batch dimension; a single tensor is returned as it is.
-fn cat_rows<B: Backend, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor<B, D> {
+fn cat_rows<B: FusedOps, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor<B, D> {
     if parts.len() == 1 {
         if let Some(only) = parts.pop() {
             return only;
@@ -170,7 +170,7 @@ impl Image {
 
 /// What a run produced.
 #[derive(Debug)]
-pub struct Generated<B: Backend> {
+pub struct Generated<B: FusedOps> {
     /// The decoded images.
     pub images: Vec<Image>,
     /// The final latents, `[n, 4, h/8, w/8]`, before VAE scaling.
@@ -179,7 +179,7 @@ pub struct Generated<B: Backend> {
 
 /// Text conditioning for one run, guidance branches stacked as `[negative; positive]`.
 #[derive(Debug, Clone)]
-pub struct PromptEmbeds<B: Backend> {
+pub struct PromptEmbeds<B: FusedOps> {
     /// `[n or 2n, 77, D1 + D2]` penultimate states of both encoders.
     pub context: Tensor<B, 3>,
     /// `[n or 2n, D]` pooled projection of the second encoder.
@@ -187,7 +187,7 @@ pub struct PromptEmbeds<B: Backend> {
 }
 
 /// A loaded SDXL pipeline on one device.
-pub struct SdxlPipeline<B: Backend> {
+pub struct SdxlPipeline<B: FusedOps> {
     /// `tokenizer/`.
     pub tokenizer: ClipTokenizer,
     /// `tokenizer_2/`.
@@ -212,7 +212,7 @@ pub struct SdxlPipeline<B: Backend> {
 }
 
 /// The components of a pipeline, for [`SdxlPipeline::from_parts`].
-pub struct PipelineParts<B: Backend> {
+pub struct PipelineParts<B: FusedOps> {
     /// First tokenizer (pads with `<|endoftext|>`).
     pub tokenizer: ClipTokenizer,
     /// Second tokenizer (pads with `!`).
@@ -246,7 +246,7 @@ pub fn vae_dtype(dtype: DType, config: &vae::VaeConfig) -> DType {
     }
 }
 
-impl<B: Backend> SdxlPipeline<B> {
+impl<B: FusedOps> SdxlPipeline<B> {
     /// Loads every component of a diffusers-layout SDXL folder onto `device`.
     pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;

@@ -6,8 +6,8 @@
 //! small: activations stay of order one through SDXL's depth, so a random model makes
 //! finite, non-constant images and realistic work for benchmarks.
 
+use crate::FusedOps;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 /// Values generated per independently seeded chunk: chunks can be generated on any
@@ -18,7 +18,7 @@ const CHUNK: usize = 1 << 20;
 /// Lazy parameters are never initialised by Burn first, so no device memory or time is
 /// spent on values that are thrown away. `stream` separates the components of one model
 /// (the same seed gives different values to the UNet and the VAE).
-pub fn randomize<B: Backend, M: Module<B>>(module: M, seed: u64, stream: u64, dtype: DType) -> M {
+pub fn randomize<B: FusedOps, M: Module<B>>(module: M, seed: u64, stream: u64, dtype: DType) -> M {
     let mut mapper = RandomMapper {
         seed: mix(seed ^ mix(stream.wrapping_add(0x5EED))),
         dtype,
@@ -78,7 +78,7 @@ impl RandomMapper {
     }
 }
 
-impl<B: Backend> ModuleMapper<B> for RandomMapper {
+impl<B: FusedOps> ModuleMapper<B> for RandomMapper {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path
             .push((name.to_string(), container_type.to_string()));
@@ -158,9 +158,9 @@ fn generate<T: Copy + Default + Send>(
 
 /// The number of float parameters of `module`, read from shapes alone: lazy parameters
 /// stay uninitialised (Burn's `num_params` would allocate them).
-pub fn lazy_num_params<B: Backend, M: Module<B>>(module: &M) -> usize {
+pub fn lazy_num_params<B: FusedOps, M: Module<B>>(module: &M) -> usize {
     struct Count(usize);
-    impl<B: Backend> ModuleVisitor<B> for Count {
+    impl<B: FusedOps> ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             self.0 += param.lazy_shape().num_elements();
         }

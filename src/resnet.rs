@@ -1,18 +1,18 @@
 //! diffusers' `ResnetBlock2D` (models/resnet.py), shared by the UNet and the VAE.
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::layers::{as_channels, conv2d, group_norm, group_norm_forward, linear};
+use crate::layers::{as_channels, conv2d, group_norm, group_norm_silu, linear};
 
 /// A residual block: GroupNorm, SiLU, 3×3 conv, optional time-embedding shift, twice,
 /// plus a 1×1 shortcut when the channel count changes.
 #[derive(Module, Debug)]
-pub struct ResnetBlock2D<B: Backend> {
+pub struct ResnetBlock2D<B: FusedOps> {
     /// First normalisation.
     pub norm1: GroupNorm<B>,
     /// First 3×3 convolution.
@@ -47,7 +47,7 @@ pub struct ResnetConfig {
 
 impl ResnetConfig {
     /// Builds the block with uninitialised (lazy) parameters.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock2D<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> ResnetBlock2D<B> {
         let (i, o) = (self.in_channels, self.out_channels);
         ResnetBlock2D {
             norm1: group_norm(self.groups, i, self.eps, device),
@@ -61,17 +61,15 @@ impl ResnetConfig {
     }
 }
 
-impl<B: Backend> ResnetBlock2D<B> {
+impl<B: FusedOps> ResnetBlock2D<B> {
     /// `x`: `[N, C_in, H, W]`; `temb`: `[N, T]` (already the raw embedding; the SiLU
     /// before the projection is applied here, as diffusers does).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self
-            .conv1
-            .forward(silu(group_norm_forward(&self.norm1, x.clone())));
+        let mut h = self.conv1.forward(group_norm_silu(&self.norm1, x.clone()));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             h = h + as_channels(proj.forward(silu(t)));
         }
-        let h = self.conv2.forward(silu(group_norm_forward(&self.norm2, h)));
+        let h = self.conv2.forward(group_norm_silu(&self.norm2, h));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

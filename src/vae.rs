@@ -5,19 +5,18 @@
 //! `decoder.mid_block.attentions.0.…`, `quant_conv`, …), so the safetensors files load
 //! without renaming.
 
+use crate::FusedOps;
 use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, PaddingConfig2d};
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm, group_norm_forward, upsample_nearest2x};
+use crate::layers::{conv2d, group_norm, group_norm_silu, upsample_nearest2x};
 use crate::loader::{load_module, read_json, weight_files, LoadReport};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
 
@@ -203,12 +202,12 @@ impl VaeConfig {
 /// a 3×3 convolution with stride 2 and no padding (asymmetric, so the conv's own
 /// padding cannot express it symmetrically).
 #[derive(Module, Debug)]
-pub struct Downsample2D<B: Backend> {
+pub struct Downsample2D<B: FusedOps> {
     /// The strided 3×3 convolution.
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Downsample2D<B> {
+impl<B: FusedOps> Downsample2D<B> {
     fn new(channels: usize, device: &B::Device) -> Self {
         let conv = Conv2dConfig::new([channels, channels], [3, 3])
             .with_stride([2, 2])
@@ -226,12 +225,12 @@ impl<B: Backend> Downsample2D<B> {
 
 /// diffusers' `Upsample2D` with a convolution: nearest-neighbour 2× then a 3×3 conv.
 #[derive(Module, Debug)]
-pub struct Upsample2D<B: Backend> {
+pub struct Upsample2D<B: FusedOps> {
     /// The 3×3 convolution after upsampling.
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Upsample2D<B> {
+impl<B: FusedOps> Upsample2D<B> {
     /// `[N, C, H, W]` → `[N, C, 2H, 2W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         self.conv.forward(upsample_nearest2x(x))
@@ -240,14 +239,14 @@ impl<B: Backend> Upsample2D<B> {
 
 /// `DownEncoderBlock2D`: resnets, then an optional downsampler.
 #[derive(Module, Debug)]
-pub struct DownEncoderBlock2D<B: Backend> {
+pub struct DownEncoderBlock2D<B: FusedOps> {
     /// `layers_per_block` resnets.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// One downsampler, or none on the last (lowest-resolution) block.
     pub downsamplers: Vec<Downsample2D<B>>,
 }
 
-impl<B: Backend> DownEncoderBlock2D<B> {
+impl<B: FusedOps> DownEncoderBlock2D<B> {
     /// Runs the block.
     pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 4> {
         for r in &self.resnets {
@@ -262,14 +261,14 @@ impl<B: Backend> DownEncoderBlock2D<B> {
 
 /// `UpDecoderBlock2D`: resnets, then an optional upsampler.
 #[derive(Module, Debug)]
-pub struct UpDecoderBlock2D<B: Backend> {
+pub struct UpDecoderBlock2D<B: FusedOps> {
     /// `layers_per_block + 1` resnets.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// One upsampler, or none on the last (full-resolution) block.
     pub upsamplers: Vec<Upsample2D<B>>,
 }
 
-impl<B: Backend> UpDecoderBlock2D<B> {
+impl<B: FusedOps> UpDecoderBlock2D<B> {
     /// Runs the block.
     pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 4> {
         for r in &self.resnets {
@@ -284,7 +283,7 @@ impl<B: Backend> UpDecoderBlock2D<B> {
 
 /// `UNetMidBlock2D` without time embedding: resnet, (attention, resnet).
 #[derive(Module, Debug)]
-pub struct MidBlock2D<B: Backend> {
+pub struct MidBlock2D<B: FusedOps> {
     /// Two resnets.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// One single-head spatial self-attention, or none when `mid_block_add_attention`
@@ -292,7 +291,7 @@ pub struct MidBlock2D<B: Backend> {
     pub attentions: Vec<Attention<B>>,
 }
 
-impl<B: Backend> MidBlock2D<B> {
+impl<B: FusedOps> MidBlock2D<B> {
     fn new(config: &VaeConfig, channels: usize, device: &B::Device) -> Self {
         let attention = AttentionConfig {
             query_dim: channels,
@@ -334,7 +333,7 @@ impl<B: Backend> MidBlock2D<B> {
 
 /// The VAE encoder: image → `2 * latent_channels` moments (before `quant_conv`).
 #[derive(Module, Debug)]
-pub struct Encoder<B: Backend> {
+pub struct Encoder<B: FusedOps> {
     /// Image → first block width.
     pub conv_in: Conv2d<B>,
     /// One block per resolution level.
@@ -347,7 +346,7 @@ pub struct Encoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: FusedOps> Encoder<B> {
     fn new(c: &VaeConfig, device: &B::Device) -> Self {
         let widths = &c.block_out_channels;
         let last = widths[widths.len() - 1];
@@ -385,13 +384,13 @@ impl<B: Backend> Encoder<B> {
         }
         let x = self.mid_block.forward(x);
         self.conv_out
-            .forward(silu(group_norm_forward(&self.conv_norm_out, x)))
+            .forward(group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
 /// The VAE decoder: latents (after `post_quant_conv`) → image.
 #[derive(Module, Debug)]
-pub struct Decoder<B: Backend> {
+pub struct Decoder<B: FusedOps> {
     /// Latents → last block width.
     pub conv_in: Conv2d<B>,
     /// Mid block at the lowest resolution.
@@ -404,7 +403,7 @@ pub struct Decoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: FusedOps> Decoder<B> {
     fn new(c: &VaeConfig, device: &B::Device) -> Self {
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let up_blocks = reversed
@@ -443,13 +442,13 @@ impl<B: Backend> Decoder<B> {
             x = b.forward(x);
         }
         self.conv_out
-            .forward(silu(group_norm_forward(&self.conv_norm_out, x)))
+            .forward(group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
 /// The diagonal Gaussian the encoder describes for each latent element.
 #[derive(Debug, Clone)]
-pub struct LatentDist<B: Backend> {
+pub struct LatentDist<B: FusedOps> {
     /// Mean (the distribution's mode).
     pub mean: Tensor<B, 4>,
     /// Standard deviation, `exp(0.5 * logvar)`.
@@ -458,7 +457,7 @@ pub struct LatentDist<B: Backend> {
     pub logvar: Tensor<B, 4>,
 }
 
-impl<B: Backend> LatentDist<B> {
+impl<B: FusedOps> LatentDist<B> {
     /// A sample `mean + std * noise`, with `noise` standard normal of the same shape
     /// (drawn by the caller so that seeding stays in one place).
     pub fn sample(&self, noise: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -469,7 +468,7 @@ impl<B: Backend> LatentDist<B> {
 
 /// diffusers' `AutoencoderKL`.
 #[derive(Module, Debug)]
-pub struct AutoencoderKL<B: Backend> {
+pub struct AutoencoderKL<B: FusedOps> {
     /// Image → moments.
     pub encoder: Encoder<B>,
     /// Latents → image.
@@ -483,7 +482,7 @@ pub struct AutoencoderKL<B: Backend> {
 
 /// Reads `vae_dir/config.json`, builds the VAE and loads its weights (the `variant`
 /// file such as `fp16` when present, else the plain one), casting them to `dtype`.
-pub fn load<B: Backend>(
+pub fn load<B: FusedOps>(
     vae_dir: &Path,
     variant: Option<&str>,
     dtype: DType,
@@ -493,7 +492,7 @@ pub fn load<B: Backend>(
 }
 
 /// [`load`], also returning what the loader matched.
-pub fn load_with_report<B: Backend>(
+pub fn load_with_report<B: FusedOps>(
     vae_dir: &Path,
     variant: Option<&str>,
     dtype: DType,
@@ -505,7 +504,7 @@ pub fn load_with_report<B: Backend>(
     load_module(module, &files, dtype, "vae", &[])
 }
 
-impl<B: Backend> AutoencoderKL<B> {
+impl<B: FusedOps> AutoencoderKL<B> {
     /// Builds the model with lazy (uninitialised) parameters from a validated config.
     pub fn new(config: VaeConfig, device: &B::Device) -> Self {
         let latent = config.latent_channels;

@@ -14,10 +14,10 @@ mod wgpu_probe;
 #[cfg(feature = "wgpu")]
 mod wgpu_setup;
 
+use crate::FusedOps;
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 
 pub use inventory::{Adapter, AdapterKind, CudaDevice, GraphicsApi, Inventory};
@@ -111,7 +111,7 @@ pub trait WithBackend {
     }
     /// Runs on backend `B`; `label` names the device for logs and `/health`
     /// (`cpu`, `vulkan:0 (NVIDIA H100 80GB HBM3)`, `cuda:0 (…)`).
-    fn run<B: Backend>(self, device: B::Device, label: String) -> Self::Output;
+    fn run<B: FusedOps>(self, device: B::Device, label: String) -> Self::Output;
 }
 
 /// The CPU backend.

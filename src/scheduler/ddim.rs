@@ -1,7 +1,7 @@
 //! diffusers' `DDIMScheduler` with η = 0 (deterministic, what diffusers' SDXL pipeline
 //! uses): `x_prev = √ᾱ_prev · x̂₀ + √(1 − ᾱ_prev) · ε̂`.
 
-use burn::tensor::backend::Backend;
+use crate::FusedOps;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
@@ -74,7 +74,7 @@ impl Ddim {
         Ok(())
     }
 
-    pub(crate) fn step<B: Backend>(
+    pub(crate) fn step<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,

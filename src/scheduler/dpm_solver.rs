@@ -6,9 +6,9 @@
 //! the first-order update is `x ← (σ_next/σ)·x − α_next·(e^(−h) − 1)·x̂₀`; the second
 //! order extrapolates x̂₀ from the previous step's.
 
+use crate::FusedOps;
 use std::any::Any;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
@@ -209,7 +209,7 @@ impl DpmSolver {
         Ok(())
     }
 
-    pub(crate) fn step<B: Backend>(
+    pub(crate) fn step<B: FusedOps>(
         &mut self,
         model_output: Tensor<B, 4>,
         step_index: usize,

@@ -2,7 +2,7 @@
 //! probability-flow ODE, `x ← x + (x − x̂₀)/σ · (σ_next − σ)`, optionally on a Karras
 //! σ schedule. Also the σ tables of [`super::euler_ancestral`].
 
-use burn::tensor::backend::Backend;
+use crate::FusedOps;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
@@ -141,7 +141,7 @@ impl Euler {
     }
 
     /// `x / √(σ² + 1)`: the UNet sees unit-variance input.
-    pub(crate) fn scale_model_input<B: Backend>(
+    pub(crate) fn scale_model_input<B: FusedOps>(
         &self,
         sample: Tensor<B, 4>,
         step_index: usize,
@@ -151,7 +151,7 @@ impl Euler {
     }
 
     /// The clean-sample estimate x̂₀ from the model output at noise level σ.
-    pub(crate) fn denoised<B: Backend>(
+    pub(crate) fn denoised<B: FusedOps>(
         prediction: Prediction,
         model_output: Tensor<B, 4>,
         sample: Tensor<B, 4>,
@@ -167,7 +167,7 @@ impl Euler {
         }
     }
 
-    pub(crate) fn step<B: Backend>(
+    pub(crate) fn step<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,

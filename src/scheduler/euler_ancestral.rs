@@ -2,7 +2,7 @@
 //! step and adds fresh noise of standard deviation σ_up, with σ_down² + σ_up² = σ_next²
 //! and σ_up = σ_next · √(1 − σ_next²/σ²). SDXL-Turbo uses it with `trailing` spacing.
 
-use burn::tensor::backend::Backend;
+use crate::FusedOps;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig};
@@ -34,7 +34,7 @@ impl EulerAncestral {
 
     /// One ancestral step. Noise is drawn from `rng` even on the last step (where σ_up is
     /// 0) so that the generator advances exactly as diffusers' does.
-    pub(crate) fn step<B: Backend>(
+    pub(crate) fn step<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,

@@ -23,11 +23,11 @@ mod euler;
 mod euler_ancestral;
 mod tables;
 
+use crate::FusedOps;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 pub use config::{parse_python_json, SchedulerConfig};
@@ -272,7 +272,7 @@ impl Scheduler {
     ///
     /// # Panics
     /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
-    pub fn scale_model_input<B: Backend>(
+    pub fn scale_model_input<B: FusedOps>(
         &self,
         sample: Tensor<B, 4>,
         step_index: usize,
@@ -290,7 +290,7 @@ impl Scheduler {
     ///
     /// # Panics
     /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
-    pub fn step<B: Backend>(
+    pub fn step<B: FusedOps>(
         &mut self,
         model_output: Tensor<B, 4>,
         step_index: usize,

@@ -2,6 +2,7 @@
 //! answering each through a oneshot channel. The HTTP side only ever `try_send`s, so a
 //! full queue is refused at once and the async runtime never blocks on the model.
 
+use crate::FusedOps;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use burn::tensor::backend::Backend;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{dispatch, DeviceSpec, WithBackend};
@@ -323,7 +323,7 @@ impl WithBackend for Spawn {
         Some(self.0.source.load.dtype)
     }
 
-    fn run<B: Backend>(self, device: B::Device, label: String) -> anyhow::Result<Worker> {
+    fn run<B: FusedOps>(self, device: B::Device, label: String) -> anyhow::Result<Worker> {
         let options = self.0;
         let (tx, rx) = mpsc::channel(options.max_queue_size);
         let shared = Arc::new(Shared {
@@ -383,7 +383,7 @@ impl WithBackend for Spawn {
 }
 
 /// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
-fn serve_jobs<B: Backend>(
+fn serve_jobs<B: FusedOps>(
     pipeline: &SdxlPipeline<B>,
     mut rx: mpsc::Receiver<Job>,
     shared: &Shared,
@@ -426,7 +426,7 @@ fn serve_jobs<B: Backend>(
     tracing::info!("worker stopped");
 }
 
-fn run_batch<B: Backend>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &Shared) {
+fn run_batch<B: FusedOps>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &Shared) {
     let c = &shared.counters;
     bump(&c.started, batch.len());
     let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();

@@ -1,8 +1,8 @@
 //! Down, mid and up blocks of the UNet (`down_blocks.N`, `mid_block`, `up_blocks.N`).
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::transformer::Transformer2DModel;
@@ -11,19 +11,19 @@ use crate::resnet::{ResnetBlock2D, ResnetConfig};
 
 /// `Downsample2D`: a strided 3×3 convolution.
 #[derive(Module, Debug)]
-pub struct Downsample2D<B: Backend> {
+pub struct Downsample2D<B: FusedOps> {
     /// The convolution.
     pub conv: Conv2d<B>,
 }
 
 /// `Upsample2D`: nearest-neighbour upsampling, then a 3×3 convolution.
 #[derive(Module, Debug)]
-pub struct Upsample2D<B: Backend> {
+pub struct Upsample2D<B: FusedOps> {
     /// The convolution.
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Upsample2D<B> {
+impl<B: FusedOps> Upsample2D<B> {
     /// Upsamples to `size` (the matching skip connection's height and width), which is
     /// twice the input unless the latent size was not a multiple of the UNet's overall
     /// downsampling factor.
@@ -39,7 +39,7 @@ impl<B: Backend> Upsample2D<B> {
 }
 
 /// PyTorch's `interpolate(mode="nearest", size=…)`: source index `floor(i · in / out)`.
-pub fn resize_nearest<B: Backend>(x: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
+pub fn resize_nearest<B: FusedOps>(x: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
     let [_, _, h, w] = x.dims();
     let device = x.device();
     let index = |n_in: usize, n_out: usize| {
@@ -62,7 +62,7 @@ pub(crate) struct BlockSettings {
 }
 
 impl BlockSettings {
-    fn resnet<B: Backend>(
+    fn resnet<B: FusedOps>(
         &self,
         i: usize,
         o: usize,
@@ -83,7 +83,7 @@ impl BlockSettings {
 
 impl BlockSettings {
     /// One transformer per resnet when the block has attention, none otherwise.
-    fn transformers<B: Backend>(
+    fn transformers<B: FusedOps>(
         &self,
         attn: Option<AttnSettings>,
         layers: usize,
@@ -119,7 +119,7 @@ pub(crate) struct AttnSettings {
 
 /// `DownBlock2D` or `CrossAttnDownBlock2D` (the latter has `attentions`).
 #[derive(Module, Debug)]
-pub struct DownBlock<B: Backend> {
+pub struct DownBlock<B: FusedOps> {
     /// Residual blocks.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// One transformer after each resnet (empty for `DownBlock2D`).
@@ -128,7 +128,7 @@ pub struct DownBlock<B: Backend> {
     pub downsamplers: Vec<Downsample2D<B>>,
 }
 
-impl<B: Backend> DownBlock<B> {
+impl<B: FusedOps> DownBlock<B> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         s: &BlockSettings,
@@ -186,14 +186,14 @@ impl<B: Backend> DownBlock<B> {
 
 /// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet.
 #[derive(Module, Debug)]
-pub struct MidBlock<B: Backend> {
+pub struct MidBlock<B: FusedOps> {
     /// The two residual blocks.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// The transformer between them.
     pub attentions: Vec<Transformer2DModel<B>>,
 }
 
-impl<B: Backend> MidBlock<B> {
+impl<B: FusedOps> MidBlock<B> {
     pub(crate) fn new(
         s: &BlockSettings,
         channels: usize,
@@ -235,7 +235,7 @@ impl<B: Backend> MidBlock<B> {
 
 /// `UpBlock2D` or `CrossAttnUpBlock2D`.
 #[derive(Module, Debug)]
-pub struct UpBlock<B: Backend> {
+pub struct UpBlock<B: FusedOps> {
     /// Residual blocks, each fed the previous output concatenated with a skip.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// One transformer after each resnet (empty for `UpBlock2D`).
@@ -244,7 +244,7 @@ pub struct UpBlock<B: Backend> {
     pub upsamplers: Vec<Upsample2D<B>>,
 }
 
-impl<B: Backend> UpBlock<B> {
+impl<B: FusedOps> UpBlock<B> {
     /// `prev`: channels coming from below; `skip_in`: channels of the matching down
     /// block's input; `output`: this block's width.
     #[allow(clippy::too_many_arguments)]

@@ -1,10 +1,10 @@
 //! Timestep and micro-conditioning embeddings (`time_proj`, `time_embedding`,
 //! `add_time_proj`, `add_embedding` in diffusers).
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::layers::linear;
@@ -38,7 +38,7 @@ pub fn sinusoidal(values: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift:
 }
 
 /// Uploads host values as a `[rows, cols]` tensor of `dtype`.
-pub fn host_tensor<B: Backend>(
+pub fn host_tensor<B: FusedOps>(
     values: Vec<f32>,
     rows: usize,
     cols: usize,
@@ -50,14 +50,14 @@ pub fn host_tensor<B: Backend>(
 
 /// `TimestepEmbedding`: Linear, SiLU, Linear.
 #[derive(Module, Debug)]
-pub struct TimestepEmbedding<B: Backend> {
+pub struct TimestepEmbedding<B: FusedOps> {
     /// First projection.
     pub linear_1: Linear<B>,
     /// Second projection.
     pub linear_2: Linear<B>,
 }
 
-impl<B: Backend> TimestepEmbedding<B> {
+impl<B: FusedOps> TimestepEmbedding<B> {
     /// Builds the layer with lazy parameters.
     pub fn new(input: usize, dim: usize, device: &B::Device) -> Self {
         Self {

@@ -6,13 +6,12 @@ mod config;
 mod embeddings;
 mod transformer;
 
+use crate::FusedOps;
 use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 pub use blocks::{resize_nearest, DownBlock, Downsample2D, MidBlock, UpBlock, Upsample2D};
@@ -26,12 +25,12 @@ use blocks::{AttnSettings, BlockSettings};
 use embeddings::host_tensor;
 
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm, group_norm_forward};
+use crate::layers::{conv2d, group_norm, group_norm_silu};
 use crate::loader::{load_module, weight_files, LoadReport};
 
 /// The SDXL denoising UNet.
 #[derive(Module, Debug)]
-pub struct UNet2DConditionModel<B: Backend> {
+pub struct UNet2DConditionModel<B: FusedOps> {
     /// Latents → first block width.
     pub conv_in: Conv2d<B>,
     /// Embeds the sinusoidal timestep.
@@ -51,7 +50,7 @@ pub struct UNet2DConditionModel<B: Backend> {
     config: UNetConfig,
 }
 
-impl<B: Backend> UNet2DConditionModel<B> {
+impl<B: FusedOps> UNet2DConditionModel<B> {
     /// Builds the model with lazy (unmaterialised) parameters from a config.
     /// `config_path` only names the file in errors.
     pub fn new(config: &UNetConfig, config_path: &Path, device: &B::Device) -> Result<Self> {
@@ -224,7 +223,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             x = block.forward(x, &emb, &context, &mut skips);
         }
-        let x = silu(group_norm_forward(&self.conv_norm_out, x));
+        let x = group_norm_silu(&self.conv_norm_out, x);
         Ok(self.conv_out.forward(x))
     }
 }

@@ -1,10 +1,9 @@
 //! `Transformer2DModel` with linear projections and its `BasicTransformerBlock`s
 //! (self-attention, cross-attention to the text, GEGLU feed-forward).
 
+use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, Linear};
-use burn::tensor::activation::gelu;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::attention::{Attention, AttentionConfig};
@@ -13,26 +12,22 @@ use crate::layers::{group_norm, group_norm_forward, layer_norm, linear, LayerNor
 /// `GEGLU`: one projection to twice the width, the second half gating the first
 /// through exact GELU.
 #[derive(Module, Debug)]
-pub struct Geglu<B: Backend> {
+pub struct Geglu<B: FusedOps> {
     /// Projection to `2 × inner`.
     pub proj: Linear<B>,
 }
 
-impl<B: Backend> Geglu<B> {
+impl<B: FusedOps> Geglu<B> {
     /// `[N, L, dim]` → `[N, L, inner]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.proj.forward(x);
-        let mut parts = h.chunk(2, 2);
-        let gate = parts.pop().expect("chunk(2) yields two parts");
-        let value = parts.pop().expect("chunk(2) yields two parts");
-        value * gelu(gate)
+        B::fused_geglu(self.proj.forward(x))
     }
 }
 
 /// One entry of `ff.net`: diffusers stores `[GEGLU, Dropout, Linear]` as a
 /// `ModuleList`, so an enum keeps the indices (and so the weight names) identical.
 #[derive(Module, Debug)]
-pub enum FeedForwardLayer<B: Backend> {
+pub enum FeedForwardLayer<B: FusedOps> {
     /// `net.0`.
     Geglu(Geglu<B>),
     /// `net.1` (no weights; identity at inference).
@@ -41,7 +36,7 @@ pub enum FeedForwardLayer<B: Backend> {
     Linear(Linear<B>),
 }
 
-impl<B: Backend> FeedForwardLayer<B> {
+impl<B: FusedOps> FeedForwardLayer<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             FeedForwardLayer::Geglu(g) => g.forward(x),
@@ -53,12 +48,12 @@ impl<B: Backend> FeedForwardLayer<B> {
 
 /// diffusers' `FeedForward` with GEGLU.
 #[derive(Module, Debug)]
-pub struct FeedForward<B: Backend> {
+pub struct FeedForward<B: FusedOps> {
     /// `ff.net.{0,1,2}`.
     pub net: Vec<FeedForwardLayer<B>>,
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: FusedOps> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.net.iter().fold(x, |x, layer| layer.forward(x))
     }
@@ -66,7 +61,7 @@ impl<B: Backend> FeedForward<B> {
 
 /// diffusers' `BasicTransformerBlock` as configured for SDXL.
 #[derive(Module, Debug)]
-pub struct BasicTransformerBlock<B: Backend> {
+pub struct BasicTransformerBlock<B: FusedOps> {
     /// Norm before self-attention.
     pub norm1: LayerNorm<B>,
     /// Self-attention.
@@ -81,7 +76,7 @@ pub struct BasicTransformerBlock<B: Backend> {
     pub ff: FeedForward<B>,
 }
 
-impl<B: Backend> BasicTransformerBlock<B> {
+impl<B: FusedOps> BasicTransformerBlock<B> {
     fn new(dim: usize, heads: usize, cross_dim: usize, eps: f64, device: &B::Device) -> Self {
         let head_dim = dim / heads;
         let attn = |cross| AttentionConfig {
@@ -123,7 +118,7 @@ impl<B: Backend> BasicTransformerBlock<B> {
 
 /// `Transformer2DModel` with `use_linear_projection = true`.
 #[derive(Module, Debug)]
-pub struct Transformer2DModel<B: Backend> {
+pub struct Transformer2DModel<B: FusedOps> {
     /// GroupNorm on the spatial input.
     pub norm: GroupNorm<B>,
     /// Channels → inner width.
@@ -134,7 +129,7 @@ pub struct Transformer2DModel<B: Backend> {
     pub proj_out: Linear<B>,
 }
 
-impl<B: Backend> Transformer2DModel<B> {
+impl<B: FusedOps> Transformer2DModel<B> {
     /// `channels` split into `heads`; `depth` blocks attending to a `cross_dim`-wide context.
     pub fn new(
         channels: usize,

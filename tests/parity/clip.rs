@@ -1,8 +1,8 @@
 //! SDXL's two CLIP text encoders against transformers' hidden states.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use hypergen::clip::{self, pooled_positions, ClipTextModel};
+use hypergen::FusedOps;
 
 use crate::common::{assert_matches, fixture_dir, TOL_F32};
 use crate::tokenizer::cases;
@@ -10,13 +10,13 @@ use crate::tokenizer::cases;
 /// Prompts with reference hidden states.
 const PROMPTS: usize = 3;
 
-fn load<B: Backend>(folder: &str, device: &B::Device) -> ClipTextModel<B> {
+fn load<B: FusedOps>(folder: &str, device: &B::Device) -> ClipTextModel<B> {
     clip::load::<B>(&fixture_dir().join(folder), None, DType::F32, device)
         .unwrap_or_else(|e| panic!("{folder} loads: {e}"))
 }
 
 /// Reference ids of the first prompts as one `[PROMPTS, 77]` batch.
-fn ids<B: Backend>(
+fn ids<B: FusedOps>(
     pick: fn(&crate::tokenizer::Case) -> &Vec<u32>,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
@@ -29,11 +29,11 @@ fn ids<B: Backend>(
     Tensor::from_data(TensorData::new(flat, [PROMPTS, len]), device)
 }
 
-fn row<B: Backend, const D: usize>(t: &Tensor<B, D>, i: usize) -> Tensor<B, D> {
+fn row<B: FusedOps, const D: usize>(t: &Tensor<B, D>, i: usize) -> Tensor<B, D> {
     t.clone().slice(i..i + 1)
 }
 
-fn text_encoder_1<B: Backend>(device: &B::Device) {
+fn text_encoder_1<B: FusedOps>(device: &B::Device) {
     let model = load::<B>("text_encoder", device);
     let out = model.forward(ids::<B>(|c| &c.tokenizer, device));
     assert!(out.text_embeds.is_none(), "text_encoder has no projection");
@@ -45,7 +45,7 @@ fn text_encoder_1<B: Backend>(device: &B::Device) {
     }
 }
 
-fn text_encoder_2<B: Backend>(device: &B::Device) {
+fn text_encoder_2<B: FusedOps>(device: &B::Device) {
     let model = load::<B>("text_encoder_2", device);
     let out = model.forward(ids::<B>(|c| &c.tokenizer_2, device));
     let embeds = out.text_embeds.expect("text_encoder_2 has a projection");
@@ -62,7 +62,7 @@ crate::on_backends!(clip_text_encoder_2, text_encoder_2);
 
 /// Both pooling rules: the legacy "first largest id" (eos_token_id 2) and "first
 /// eos_token_id" (0 when absent).
-fn pooling_positions<B: Backend>(device: &B::Device) {
+fn pooling_positions<B: FusedOps>(device: &B::Device) {
     let ids = Tensor::<B, 2, Int>::from_data(
         TensorData::new(
             vec![

@@ -3,11 +3,11 @@
 
 #![allow(dead_code)]
 
+use hypergen::FusedOps;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 /// Relative error every float32 parity check must meet: ‖out − ref‖ / ‖ref‖.
@@ -83,13 +83,13 @@ pub fn reference(name: &str) -> RefTensor {
 }
 
 /// The reference tensor `name` on `device`.
-pub fn ref_tensor<B: Backend, const D: usize>(name: &str, device: &B::Device) -> Tensor<B, D> {
+pub fn ref_tensor<B: FusedOps, const D: usize>(name: &str, device: &B::Device) -> Tensor<B, D> {
     let r = reference(name);
     Tensor::from_data(TensorData::new(r.data, r.shape), device)
 }
 
 /// A tensor's values as f32, whatever its dtype.
-pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub fn values<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
@@ -109,7 +109,7 @@ pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Asserts shape and relative error against the reference tensor `name`.
-pub fn assert_matches<B: Backend, const D: usize>(
+pub fn assert_matches<B: FusedOps, const D: usize>(
     what: &str,
     got: Tensor<B, D>,
     name: &str,

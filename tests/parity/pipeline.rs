@@ -1,9 +1,9 @@
 //! Whole-pipeline runs against diffusers: final latents and the decoded image, on both
 //! backends; the command line; cancellation, validation and seeding.
 
+use hypergen::FusedOps;
 use std::ops::ControlFlow;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
 use hypergen::scheduler::SchedulerConfig;
@@ -15,7 +15,7 @@ const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 const NEGATIVE: &str =
     "A Cozy cabin, in the SNOWY woods -- oil painting; 4k, trending on ArtStation!!";
 
-fn load<B: Backend>(device: &B::Device, dtype: DType) -> SdxlPipeline<B> {
+fn load<B: FusedOps>(device: &B::Device, dtype: DType) -> SdxlPipeline<B> {
     let options = LoadOptions {
         dtype,
         ..Default::default()
@@ -58,7 +58,7 @@ fn assert_image_matches(what: &str, rgb: &[u8], name: &str) {
     assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
 }
 
-fn cfg5_euler4<B: Backend>(device: &B::Device) {
+fn cfg5_euler4<B: FusedOps>(device: &B::Device) {
     let pipe = load::<B>(device, DType::F32);
     let out = pipe
         .generate(&request(PROMPT, None, 4, 5.0), &mut no_progress)
@@ -77,7 +77,7 @@ fn cfg5_euler4<B: Backend>(device: &B::Device) {
 }
 crate::on_backends!(pipeline_cfg5_euler4, cfg5_euler4);
 
-fn cfg7_5_negative<B: Backend>(device: &B::Device) {
+fn cfg7_5_negative<B: FusedOps>(device: &B::Device) {
     let pipe = load::<B>(device, DType::F32);
     let latents = pipe
         .denoise(&request(PROMPT, Some(NEGATIVE), 4, 7.5), &mut no_progress)
@@ -91,7 +91,7 @@ fn cfg7_5_negative<B: Backend>(device: &B::Device) {
 }
 crate::on_backends!(pipeline_cfg7_5_negative, cfg7_5_negative);
 
-fn turbo1<B: Backend>(device: &B::Device) {
+fn turbo1<B: FusedOps>(device: &B::Device) {
     let mut pipe = load::<B>(device, DType::F32);
     pipe.scheduler_config =
         SchedulerConfig::read(&reference_dir().join("turbo_scheduler_config.json"))
@@ -353,7 +353,7 @@ fn pipeline_batch_equals_separate() {
     batch_equals_separate::<Cpu>(&Default::default());
 }
 
-fn batch_equals_separate<B: Backend>(device: &B::Device) {
+fn batch_equals_separate<B: FusedOps>(device: &B::Device) {
     use hypergen::scheduler::SchedulerKind;
     let pipe = load::<B>(device, DType::F32);
     for (guidance, scheduler) in [(5.0, None), (0.0, Some(SchedulerKind::EulerAncestral))] {

@@ -1,9 +1,9 @@
 //! Schedulers against diffusers: every table in `reference/schedulers.json`, the SDXL-Turbo
 //! config, the classes built from the fixture's own config, and 4-step trajectories.
 
+use hypergen::FusedOps;
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
 use hypergen::noise::Generator;
 use hypergen::scheduler::{parse_python_json, Scheduler, SchedulerConfig, SchedulerKind};
 use hypergen::Error;
@@ -150,7 +150,7 @@ fn turbo_config() {
 }
 
 /// `sched.KIND.4steps.afterI` for the kinds that have a trajectory.
-fn trajectory<B: Backend>(device: &B::Device, kind: &str) {
+fn trajectory<B: FusedOps>(device: &B::Device, kind: &str) {
     let all = schedulers_json();
     let entry = &all[&format!("{kind}.4")];
     let mut sched = Scheduler::from_config(&entry_config(entry), None).expect("builds");
@@ -167,19 +167,19 @@ fn trajectory<B: Backend>(device: &B::Device, kind: &str) {
     }
 }
 
-fn euler<B: Backend>(device: &B::Device) {
+fn euler<B: FusedOps>(device: &B::Device) {
     trajectory::<B>(device, "euler");
 }
-fn euler_karras<B: Backend>(device: &B::Device) {
+fn euler_karras<B: FusedOps>(device: &B::Device) {
     trajectory::<B>(device, "euler_karras");
 }
-fn ddim<B: Backend>(device: &B::Device) {
+fn ddim<B: FusedOps>(device: &B::Device) {
     trajectory::<B>(device, "ddim");
 }
-fn dpmpp_2m<B: Backend>(device: &B::Device) {
+fn dpmpp_2m<B: FusedOps>(device: &B::Device) {
     trajectory::<B>(device, "dpmpp_2m");
 }
-fn dpmpp_2m_karras<B: Backend>(device: &B::Device) {
+fn dpmpp_2m_karras<B: FusedOps>(device: &B::Device) {
     trajectory::<B>(device, "dpmpp_2m_karras");
 }
 
@@ -579,7 +579,7 @@ const CASES: &[Case] = &[
     },
 ];
 
-fn diffusers_runs<B: Backend>(device: &B::Device) {
+fn diffusers_runs<B: FusedOps>(device: &B::Device) {
     const SHAPE: [usize; 4] = [1, 4, 8, 8];
     for case in CASES {
         let what = case.name;

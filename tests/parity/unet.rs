@@ -1,12 +1,12 @@
 //! UNet noise prediction at three timesteps against diffusers.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use hypergen::unet::UNet2DConditionModel;
+use hypergen::FusedOps;
 
 use crate::common::{assert_matches, fixture_dir, ref_tensor, reference, TOL_F32};
 
-fn unet_matches_reference<B: Backend>(device: &B::Device) {
+fn unet_matches_reference<B: FusedOps>(device: &B::Device) {
     let dir = fixture_dir().join("unet");
     let (unet, report) = UNet2DConditionModel::<B>::load(&dir, None, DType::F32, device)
         .expect("fixture UNet loads");

@@ -1,9 +1,9 @@
 //! `AutoencoderKL`: decoder and encoder against diffusers, weight coverage, and config
 //! refusal.
 
+use hypergen::FusedOps;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use hypergen::loader::{inspect_safetensors, weight_files};
 use hypergen::vae::{self, AutoencoderKL};
@@ -17,7 +17,7 @@ const TOL_F16: f64 = 5e-2;
 
 /// Loads the fixture VAE in f32, checking that every tensor in the file was used and
 /// every parameter was filled.
-fn load_fixture<B: Backend>(device: &B::Device) -> AutoencoderKL<B> {
+fn load_fixture<B: FusedOps>(device: &B::Device) -> AutoencoderKL<B> {
     let dir = fixture_dir().join("vae");
     let (vae, report) = vae::load_with_report::<B>(&dir, None, DType::F32, device)
         .unwrap_or_else(|e| panic!("loading the fixture VAE: {e}"));
@@ -35,14 +35,14 @@ fn load_fixture<B: Backend>(device: &B::Device) -> AutoencoderKL<B> {
     vae
 }
 
-fn decode_matches<B: Backend>(device: &B::Device) {
+fn decode_matches<B: FusedOps>(device: &B::Device) {
     let vae = load_fixture::<B>(device);
     let out = vae.decode(ref_tensor::<B, 4>("vae.decode.in", device));
     assert_matches("vae.decode", out, "vae.decode.out", TOL_F32);
 }
 crate::on_backends!(vae_decode, decode_matches);
 
-fn encode_matches<B: Backend>(device: &B::Device) {
+fn encode_matches<B: FusedOps>(device: &B::Device) {
     let vae = load_fixture::<B>(device);
     let dist = vae.encode(ref_tensor::<B, 4>("vae.encode.in", device));
     // logvar is consistent with std by construction; check it once, loosely, so a
@@ -65,7 +65,7 @@ crate::on_backends!(vae_encode, encode_matches);
 /// rounding the weights to f16 alone costs 9e-4 here; f16 compute measured 2.0e-3 on the
 /// CPU and 1.0e-2 on wgpu (whose f16 convolutions accumulate less precisely), while
 /// GroupNorm statistics summed in f16 gave 0.76.
-fn decode_casts_input_to_param_dtype<B: Backend>(device: &B::Device) {
+fn decode_casts_input_to_param_dtype<B: FusedOps>(device: &B::Device) {
     let dir = fixture_dir().join("vae");
     let vae = vae::load::<B>(&dir, Some("fp16"), DType::F16, device).expect("load in f16");
     assert_eq!(vae.dtype(), DType::F16);

@@ -1,0 +1,140 @@
+//! hypergen's fused ops for Burn.
+//!
+//! Three hot paths of SDXL get one trait method each in [`FusedOps`]: GroupNorm with an
+//! optional SiLU, GEGLU, and scaled dot-product attention. Every backend gets the plain
+//! Burn composition ([`plain`]) by default; CubeCL backends (wgpu and CUDA behind Burn's
+//! fusion) get our own kernels from one source (feature `cube`), each checked against
+//! the plain ops by hypergen's parity tests.
+//!
+//! Which kernels run is chosen once per process by `HYPERGEN_KERNELS` ([`KernelSet`]), so
+//! a benchmark can time every variant without a rebuild.
+
+#![warn(missing_docs)]
+
+use std::sync::OnceLock;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+pub mod plain;
+
+#[cfg(feature = "cube")]
+pub mod cube;
+
+/// Backends the SDXL model runs on: Burn's [`Backend`] plus hypergen's fused ops.
+///
+/// Every method has a plain-Burn default, so a backend opts in to kernels by overriding.
+pub trait FusedOps: Backend {
+    /// GroupNorm over `x` `[N, C, L]` in `groups` groups with float32 statistics, then the
+    /// per-channel affine (`gamma`, `beta` `[C]`) and, when `silu`, SiLU. Output dtype is
+    /// the input's.
+    fn fused_group_norm(
+        x: Tensor<Self, 3>,
+        affine: Option<(Tensor<Self, 1>, Tensor<Self, 1>)>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Tensor<Self, 3> {
+        plain::group_norm(x, affine, groups, eps, silu)
+    }
+
+    /// GEGLU on `x` `[N, L, 2I]`: the first half times exact (erf) GELU of the second.
+    fn fused_geglu(x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        plain::geglu(x)
+    }
+
+    /// Non-causal softmax attention of `q` `[N, H, L, D]` over `k`, `v` `[N, H, S, D]`
+    /// with scale `1/sqrt(D)`, never holding more than [`plain::SCORE_BUDGET`] scores.
+    fn fused_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
+    }
+}
+
+impl FusedOps for burn::backend::Flex {}
+
+/// Which of our kernels run, from `HYPERGEN_KERNELS`: `all` (default), `none`, or a comma
+/// list of `group_norm`, `geglu`, `attention`. Off means the plain Burn ops of [`plain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSet {
+    /// Fused GroupNorm(+SiLU).
+    pub group_norm: bool,
+    /// Fused GEGLU.
+    pub geglu: bool,
+    /// Flash attention.
+    pub attention: bool,
+}
+
+impl KernelSet {
+    /// Every kernel on.
+    pub const ALL: KernelSet = KernelSet {
+        group_norm: true,
+        geglu: true,
+        attention: true,
+    };
+    /// Every kernel off.
+    pub const NONE: KernelSet = KernelSet {
+        group_norm: false,
+        geglu: false,
+        attention: false,
+    };
+
+    /// Parses the `HYPERGEN_KERNELS` syntax.
+    pub fn parse(s: &str) -> Result<KernelSet, String> {
+        let s = s.trim();
+        match s {
+            "" | "all" => return Ok(Self::ALL),
+            "none" => return Ok(Self::NONE),
+            _ => {}
+        }
+        let mut set = Self::NONE;
+        for name in s.split(',').map(str::trim) {
+            match name {
+                "group_norm" => set.group_norm = true,
+                "geglu" => set.geglu = true,
+                "attention" => set.attention = true,
+                other => {
+                    return Err(format!(
+                        "unknown kernel `{other}` in HYPERGEN_KERNELS (expected all, none, or a \
+                         comma list of group_norm, geglu, attention)"
+                    ))
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// The process-wide set: `HYPERGEN_KERNELS` read once. An invalid value is reported
+    /// on stderr and treated as `all`.
+    pub fn current() -> KernelSet {
+        static SET: OnceLock<KernelSet> = OnceLock::new();
+        *SET.get_or_init(|| match std::env::var("HYPERGEN_KERNELS") {
+            Ok(v) => Self::parse(&v).unwrap_or_else(|e| {
+                eprintln!("hypergen: {e}; using all");
+                Self::ALL
+            }),
+            Err(_) => Self::ALL,
+        })
+    }
+}
+
+impl std::fmt::Display for KernelSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [
+            (self.group_norm, "group_norm"),
+            (self.geglu, "geglu"),
+            (self.attention, "attention"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
+        if names.is_empty() {
+            write!(f, "none")
+        } else {
+            write!(f, "{}", names.join(","))
+        }
+    }
+}

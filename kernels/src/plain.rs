@@ -1,0 +1,81 @@
+//! The fused ops written as plain Burn tensor ops: the default on every backend, the
+//! fallback where a kernel does not apply, and the reference our kernels are tested
+//! against.
+
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Tensor};
+
+/// Most attention scores (`N·H·rows·S`) held at once by [`attention_chunked`]: 2²⁴ floats
+/// (64 MiB in f32). SDXL at 1024² would otherwise hold 4096² scores per head in the
+/// UNet and 16384² in the VAE (1 GiB).
+pub const SCORE_BUDGET: usize = 1 << 24;
+
+/// GroupNorm on `[N, C, L]` with statistics in float32 (half-precision sums over a
+/// group lose most of their precision), optional affine and SiLU, output in `x`'s dtype.
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    affine: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    groups: usize,
+    eps: f64,
+    silu_after: bool,
+) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    let [n, c, l] = x.dims();
+    let x = x.cast(DType::F32).reshape([n, groups, (c / groups) * l]);
+    let centered = x.clone() - x.mean_dim(2);
+    let var = centered.clone().square().mean_dim(2);
+    let mut out = (centered / (var + eps).sqrt()).reshape([n, c, l]);
+    if let Some((gamma, beta)) = affine {
+        out = out * gamma.cast(DType::F32).reshape([1, c, 1])
+            + beta.cast(DType::F32).reshape([1, c, 1]);
+    }
+    if silu_after {
+        out = silu(out);
+    }
+    out.cast(dtype)
+}
+
+/// GEGLU on `[N, L, 2I]`: `x[.., :I] * gelu(x[.., I:])`, GELU exact (erf).
+pub fn geglu<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [_, _, w] = x.dims();
+    let half = w / 2;
+    let value = x.clone().narrow(2, 0, half);
+    let gate = x.narrow(2, half, half);
+    value * gelu(gate)
+}
+
+/// Softmax attention through Burn's `attention` op in one call: the reference.
+pub fn attention_full<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    attention(q, k, v, None, None, AttentionModuleOptions::default())
+}
+
+/// Softmax attention computed over blocks of query rows so that no more than `budget`
+/// scores exist at once; equal to [`attention_full`] (each row's softmax is independent).
+pub fn attention_chunked<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    budget: usize,
+) -> Tensor<B, 4> {
+    let [n, h, l, _] = q.dims();
+    let s = k.dims()[2];
+    let rows = (budget / (n * h * s).max(1)).max(1);
+    if rows >= l {
+        return attention_full(q, k, v);
+    }
+    let parts = (0..l)
+        .step_by(rows)
+        .map(|start| {
+            let len = rows.min(l - start);
+            attention_full(q.clone().narrow(2, start, len), k.clone(), v.clone())
+        })
+        .collect();
+    Tensor::cat(parts, 2)
+}
