@@ -31,4 +31,4 @@ pub mod vae;
 pub use error::{Error, Result};
 /// Our fused ops (CubeCL kernels, plain-Burn fallbacks): the backend bound of all model code.
 pub use hypergen_kernels as kernels;
-pub use hypergen_kernels::FusedOps;
+pub use hypergen_kernels::{DeviceMemory, FusedOps};

@@ -52,6 +52,23 @@ pub trait FusedOps: Backend {
     ) -> Tensor<Self, 4> {
         plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
     }
+
+    /// Device memory held by the backend's allocator on `device`, after finishing queued
+    /// work; `None` where the backend does not manage device memory (the CPU).
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        let _ = device;
+        None
+    }
+}
+
+/// A snapshot of a device allocator's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes in live tensors.
+    pub in_use: u64,
+    /// Bytes the allocator holds from the device (its pools only grow within a run unless
+    /// cleaned up, so after a run this is the run's high-water mark).
+    pub reserved: u64,
 }
 
 impl FusedOps for burn::backend::Flex {}
