@@ -21,6 +21,9 @@ pub mod plain;
 #[cfg(feature = "cube")]
 pub mod cube;
 
+/// Widest attention head our flash kernel takes; wider heads use other kernels.
+pub const MAX_HEAD_DIM: usize = 256;
+
 /// Backends the SDXL model runs on: Burn's [`Backend`] plus hypergen's fused ops.
 ///
 /// Every method has a plain-Burn default, so a backend opts in to kernels by overriding.
@@ -44,13 +47,26 @@ pub trait FusedOps: Backend {
     }
 
     /// Non-causal softmax attention of `q` `[N, H, L, D]` over `k`, `v` `[N, H, S, D]`
-    /// with scale `1/sqrt(D)`, never holding more than [`plain::SCORE_BUDGET`] scores.
+    /// with scale `1/sqrt(D)`, never holding more than [`plain::SCORE_BUDGET`] scores:
+    /// on CubeCL backends the fastest flash kernel (ours or Burn's, autotuned), on
+    /// others query blocks through Burn's attention op.
     fn fused_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
         plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
+    }
+
+    /// Our flash-attention kernel alone (no autotuned choice), for tests and benchmarks;
+    /// `None` on backends without it (the CPU).
+    fn flash_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Option<Tensor<Self, 4>> {
+        let _ = (q, k, v);
+        None
     }
 
     /// Device memory held by the backend's allocator on `device`, after finishing queued

@@ -25,7 +25,11 @@ pub fn group_norm<B: Backend>(
     let dtype = x.dtype();
     let [n, c, l] = x.dims();
     let x = x.cast(DType::F32).reshape([n, groups, (c / groups) * l]);
-    let centered = x.clone() - x.mean_dim(2);
+    // Sum deviations from each group's first element: summing raw values whose mean is
+    // large next to their spread loses the spread's digits in f32.
+    let pivot = x.clone().narrow(2, 0, 1);
+    let mean = (x.clone() - pivot.clone()).mean_dim(2) + pivot;
+    let centered = x - mean;
     let var = centered.clone().square().mean_dim(2);
     let mut out = (centered / (var + eps).sqrt()).reshape([n, c, l]);
     if let Some((gamma, beta)) = affine {

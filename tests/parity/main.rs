@@ -7,6 +7,7 @@ mod builtin;
 mod clip;
 mod devices;
 mod hub;
+mod kernels;
 mod loader;
 mod pipeline;
 mod scheduler;
