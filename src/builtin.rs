@@ -225,7 +225,7 @@ impl Builtin {
             seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
             "built-in model ready: RANDOM WEIGHTS (images are noise-like; for tests and benchmarks)"
         );
-        Ok(SdxlPipeline::from_parts(
+        let mut pipeline = SdxlPipeline::from_parts(
             PipelineParts {
                 tokenizer,
                 tokenizer_2,
@@ -239,7 +239,9 @@ impl Builtin {
                 source: PathBuf::from(format!("builtin:{}", self.name)),
             },
             device,
-        ))
+        );
+        pipeline.set_vae_tiling(options.vae_tiling)?;
+        Ok(pipeline)
     }
 }
 

@@ -14,6 +14,7 @@ use crate::device::{dispatch, DeviceSpec, WithBackend};
 use crate::model_source::{load_pipeline, ModelOptions};
 use crate::pipeline::{GenerationRequest, LoadOptions};
 use crate::scheduler::SchedulerKind;
+use crate::vae_tiling::VaeTileSize;
 
 /// hypergen: Stable Diffusion XL on any GPU vendor.
 #[derive(Debug, Parser)]
@@ -56,6 +57,11 @@ pub struct LoadArgs {
     /// Hub revision of the model (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,
+    /// Decode with a tiled VAE so that large images fit small GPUs: alone, tiles of the
+    /// VAE config's `sample_size` (1024 px for SDXL: only larger images are tiled);
+    /// `--vae-tiling=PIXELS` for smaller tiles (a multiple of 8).
+    #[arg(long, value_name = "PIXELS", num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
+    pub vae_tiling: Option<VaeTileSize>,
 }
 
 impl LoadArgs {
@@ -71,6 +77,7 @@ impl LoadArgs {
                 dtype: parse_dtype(&self.dtype)?,
                 variant: self.variant.clone(),
                 vae: self.vae.as_ref().map(PathBuf::from),
+                vae_tiling: self.vae_tiling,
             },
             revision: self.revision.clone(),
             hub: crate::hub::HubOptions::from_env(),

@@ -27,6 +27,7 @@ pub mod server;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 pub use error::{Error, Result};
 /// Our fused ops (CubeCL kernels, plain-Burn fallbacks): the backend bound of all model code.

@@ -16,6 +16,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
 use crate::vae::{self, AutoencoderKL};
+use crate::vae_tiling::{VaeTileSize, VaeTiling};
 
 /// How to load a pipeline.
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub struct LoadOptions {
     /// e.g. an fp16-safe VAE such as `madebyollin/sdxl-vae-fp16-fix`, whose config
     /// clears `force_upcast` so that it decodes in float16 without overflowing.
     pub vae: Option<PathBuf>,
+    /// Decode with a tiled VAE (see [`crate::vae_tiling`]) so that large images fit
+    /// small GPUs; `None` decodes in one piece. Images no larger than one tile are
+    /// decoded in one piece either way.
+    pub vae_tiling: Option<VaeTileSize>,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +42,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             variant: None,
             vae: None,
+            vae_tiling: None,
         }
     }
 }
@@ -208,6 +214,7 @@ pub struct SdxlPipeline<B: FusedOps> {
     pub dtype: DType,
     /// Where the model came from.
     pub source: PathBuf,
+    vae_tiling: Option<VaeTiling>,
     device: B::Device,
 }
 
@@ -273,7 +280,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
             variant = variant.unwrap_or("default"),
             "loaded SDXL pipeline"
         );
-        Ok(Self::from_parts(
+        let mut pipeline = Self::from_parts(
             PipelineParts {
                 tokenizer,
                 tokenizer_2,
@@ -287,7 +294,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 source: dir.to_path_buf(),
             },
             device,
-        ))
+        );
+        pipeline.set_vae_tiling(options.vae_tiling)?;
+        Ok(pipeline)
     }
 
     /// Assembles a pipeline from components built elsewhere (the built-in models).
@@ -315,8 +324,31 @@ impl<B: FusedOps> SdxlPipeline<B> {
             index,
             dtype,
             source,
+            vae_tiling: None,
             device: device.clone(),
         }
+    }
+
+    /// Turns tiled VAE decoding on (`Some`, resolved against the VAE's config) or off.
+    pub fn set_vae_tiling(&mut self, size: Option<VaeTileSize>) -> Result<()> {
+        self.vae_tiling = size
+            .map(|s| VaeTiling::new(self.vae.config(), s))
+            .transpose()?;
+        Ok(())
+    }
+
+    /// Uses exactly these tiling parameters for the VAE decode (`None`: no tiling).
+    pub fn set_vae_tiling_params(&mut self, tiling: Option<VaeTiling>) -> Result<()> {
+        if let Some(t) = &tiling {
+            t.validate()?;
+        }
+        self.vae_tiling = tiling;
+        Ok(())
+    }
+
+    /// The VAE tiling in effect, if any.
+    pub fn vae_tiling(&self) -> Option<&VaeTiling> {
+        self.vae_tiling.as_ref()
     }
 
     /// The device the pipeline runs on.
@@ -606,7 +638,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
         Ok(jobs.into_iter().map(|(_, _, latents)| latents).collect())
     }
 
-    /// Decodes final latents into images (unscaling them as the VAE config says).
+    /// Decodes final latents into images (unscaling them as the VAE config says), tiled
+    /// when [`vae_tiling`](Self::vae_tiling) is set and the latents exceed one tile.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<Image>> {
         let cfg = self.vae.config();
         let [n, c, _, _] = latents.dims();
@@ -621,7 +654,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
             }
             _ => latents / cfg.scaling_factor,
         };
-        let image = self.vae.decode(latents);
+        let image = self.vae.decode_with(latents, self.vae_tiling.as_ref())?;
         let [_, ch, h, w] = image.dims();
         if ch != 3 {
             return Err(Error::Unsupported {

@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// Hub revision of the model (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,
+    /// Decode with a tiled VAE so that large images fit small GPUs: alone, tiles of the
+    /// VAE config's `sample_size` (1024 px for SDXL: only larger images are tiled);
+    /// `--vae-tiling=PIXELS` for smaller tiles (a multiple of 8).
+    #[arg(long, value_name = "PIXELS", num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
+    pub vae_tiling: Option<crate::vae_tiling::VaeTileSize>,
     /// Require `Authorization: Bearer KEY` on every route but /health, /docs and /openapi.json.
     #[arg(long, env = "HYPERGEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
@@ -106,7 +111,7 @@ pub struct ServerConfig {
     pub model: String,
     /// The device to run on.
     pub device: DeviceSpec,
-    /// Dtype, weight variant and VAE.
+    /// Dtype, weight variant, VAE and VAE tiling.
     pub load: LoadOptions,
     /// Hub revision of the model (`None`: `main`).
     pub revision: Option<String>,
@@ -172,6 +177,7 @@ impl ServerConfig {
                 dtype: crate::cli::parse_dtype(&args.dtype)?,
                 variant: args.variant.clone(),
                 vae: args.vae.as_ref().map(PathBuf::from),
+                vae_tiling: args.vae_tiling,
             },
             revision: args.revision.clone(),
             api_key: args.api_key.clone(),

@@ -15,3 +15,4 @@ mod server;
 mod tokenizer;
 mod unet;
 mod vae;
+mod vae_tiling;
