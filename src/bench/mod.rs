@@ -539,7 +539,7 @@ impl WithBackend for Work<'_> {
                     name: info.id,
                     random_weights: info.random_weights,
                     load_s,
-                    parameters: vec![
+                    parameters: BTreeMap::from([
                         ("text_encoder".into(), pipeline.text_encoder.num_params()),
                         (
                             "text_encoder_2".into(),
@@ -547,7 +547,7 @@ impl WithBackend for Work<'_> {
                         ),
                         ("unet".into(), pipeline.unet.num_params()),
                         ("vae".into(), pipeline.vae.num_params()),
-                    ],
+                    ]),
                     vae_dtype: dtype_name(pipeline.vae.dtype()),
                     memory_after_load: memory::sample::<B>(&device, reset),
                 });
