@@ -205,7 +205,7 @@ pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::bench::BenchOpti
         let default_steps = if turbo { "1" } else { "30" };
         Mode::Model {
             model: args.model.clone(),
-            options: args.load.model_options()?,
+            options: Box::new(args.load.model_options()?),
             bench: ModelBench {
                 sizes,
                 steps: bench::parse_counts(

@@ -241,7 +241,7 @@ pub enum Mode {
         /// A folder, built-in name or Hub id (as `generate --model` takes).
         model: String,
         /// How to load it (its `load.dtype` is replaced by [`BenchOptions::dtype`]).
-        options: ModelOptions,
+        options: Box<ModelOptions>,
         /// What to time.
         bench: ModelBench,
     },
@@ -660,7 +660,7 @@ impl BenchReport {
             },
         );
         if let Some(m) = &self.model {
-            let total: usize = m.parameters.iter().map(|(_, n)| n).sum();
+            let total: usize = m.parameters.values().sum();
             let _ = writeln!(
                 s,
                 "model {}{}: {:.3} B parameters, VAE in {}, loaded in {:.1} s, {} after load",

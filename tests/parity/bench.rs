@@ -9,14 +9,13 @@ use hypergen::bench::{self, BenchOptions, BenchReport, Component, Mode, ModelBen
 use hypergen::cli::{bench_options, BenchArgs, Cli, Command};
 use hypergen::device::DeviceSpec;
 use hypergen::kernels::KernelSet;
-use hypergen::model_source::ModelOptions;
 use serde_json::Value;
 
 fn model_options(components: Vec<Component>, batches: Vec<usize>) -> BenchOptions {
     BenchOptions {
         mode: Mode::Model {
             model: "tiny-sdxl-random".into(),
-            options: ModelOptions::default(),
+            options: Box::default(),
             bench: ModelBench {
                 sizes: vec![(64, 64)],
                 steps: vec![2],
