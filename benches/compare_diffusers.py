@@ -27,6 +27,7 @@ Checking it on a CPU with the tiny config (seconds):
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -89,6 +90,16 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- diffusers
 
 
+def nvidia_driver():
+    """The NVIDIA driver version, from nvidia-smi when it is there."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 class Diffusers:
     """A random-weight SDXL pipeline built from config files."""
 
@@ -141,7 +152,7 @@ class Diffusers:
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             self.info.update(gpu=props.name, cuda=torch.version.cuda,
-                             gpu_memory_gib=round(props.total_memory / 2**30, 1))
+                             gpu_memory_gib=round(props.total_memory / 2**30, 1), driver=nvidia_driver())
 
     @staticmethod
     def _scheduler(path):
@@ -319,7 +330,9 @@ def main(argv=None):
                         dres[(label, "pipeline", w, h, b, s)] = r
                         print(f"diffusers {label} pipeline {w}x{h} b{b} {s} steps: {fmt_s(r['median_s'])}",
                               flush=True)
-        del diff.pipe
+        # Hand the GPU to hypergen: drop every diffusers tensor first.
+        del diff.pipe, diff.base_scheduler
+        gc.collect()
         if not cpu:
             diff.torch.cuda.empty_cache()
 
@@ -404,7 +417,8 @@ def main(argv=None):
     if diff is not None:
         print(f"diffusers {diff.info['diffusers']}, torch {diff.info['torch']}, "
               f"attention {','.join(diff.info['attention_processors'])}"
-              + (f", {diff.info['gpu']}, CUDA {diff.info['cuda']}" if "gpu" in diff.info else ""))
+              + (f", {diff.info['gpu']}, CUDA {diff.info['cuda']}, driver {diff.info.get('driver')}"
+                 if "gpu" in diff.info else ""))
     print(line(header))
     print(line(["-" * w for w in widths]))
     for r in rows:

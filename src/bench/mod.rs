@@ -580,6 +580,9 @@ fn kernels_name(set: KernelSet) -> String {
 
 /// `1.23 s`, `45.6 ms`, `789 µs`.
 pub fn format_seconds(s: f64) -> String {
+    if s < 0.0 {
+        return format!("-{}", format_seconds(-s));
+    }
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {
