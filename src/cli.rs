@@ -36,6 +36,9 @@ pub enum Command {
     Openapi,
     /// List the GPUs and backends this build can use, and what `--device auto` picks.
     Devices,
+    /// Time text encoding, the UNet step, the VAE decode and the whole pipeline (or, with
+    /// `ops`, SDXL's hot ops at their real shapes) on a device.
+    Bench(Box<BenchArgs>),
 }
 
 /// Where a model runs and how it is loaded: flags shared by the commands that load one.
@@ -128,6 +131,125 @@ pub struct GenerateArgs {
     /// Output PNG path; with several images, `-N` is added before the extension.
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
+}
+
+/// Flags of `hypergen bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model as `generate --model` takes it (full-size random-weight built-ins need no
+    /// download), or `ops` for the per-op microbenchmark.
+    #[arg(default_value = crate::bench::DEFAULT_MODEL)]
+    pub model: String,
+    /// Device, dtype and loading.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Image sizes: N (square) or WIDTHxHEIGHT, comma-separated [default: 1024; 512 for
+    /// models whose name contains `turbo`].
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Image width (instead of --size; --height defaults to it).
+    #[arg(long, conflicts_with = "size")]
+    pub width: Option<usize>,
+    /// Image height (instead of --size; --width defaults to it).
+    #[arg(long, conflicts_with = "size")]
+    pub height: Option<usize>,
+    /// Denoising steps of the whole-pipeline runs, comma-separated [default: 30; 1 for
+    /// turbo models].
+    #[arg(long)]
+    pub steps: Option<String>,
+    /// Images per run, comma-separated; images/s is reported for each and the best (ops:
+    /// one value, the UNet ops get twice as many rows).
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Guidance scale [default: 5; 0 for turbo models].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Untimed runs before each measurement (kernel compilation, autotuning).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// What to time: `all` or a comma list of text, unet, scheduler, vae, pipeline.
+    #[arg(long, default_value = "all")]
+    pub components: String,
+    /// Prompt for text encoding and the pipeline.
+    #[arg(long, default_value = "a photo of an astronaut riding a horse on mars")]
+    pub prompt: String,
+    /// Dense throughput of the device, for the ratio to the arithmetic floor (TFLOP/s).
+    #[arg(long, default_value_t = crate::bench::flops::DEFAULT_PEAK_TFLOPS)]
+    pub peak_tflops: f64,
+    /// `ops` only: time the ops whose name contains this (e.g. `attention`, `unet.`).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Turns `hypergen bench` flags into the library's options.
+pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::bench::BenchOptions> {
+    use crate::bench::{self, Mode, ModelBench, OpBench};
+    let turbo = args.model.to_ascii_lowercase().contains("turbo");
+    let sizes = match (&args.size, args.width, args.height) {
+        (Some(s), _, _) => bench::parse_sizes(s)?,
+        (None, Some(w), h) => vec![(w, h.unwrap_or(w))],
+        (None, None, Some(h)) => vec![(h, h)],
+        (None, None, None) => vec![if turbo { (512, 512) } else { (1024, 1024) }],
+    };
+    let batches = bench::parse_counts("batch", &args.batch)?;
+    let dtype = parse_dtype(&args.load.dtype)?;
+    let mode = if args.model == "ops" {
+        let [batch] = batches[..] else {
+            bail!("invalid `batch`: `hypergen bench ops` takes one batch size");
+        };
+        Mode::Ops(OpBench {
+            sizes,
+            batch,
+            filter: args.filter.clone(),
+        })
+    } else {
+        let default_steps = if turbo { "1" } else { "30" };
+        Mode::Model {
+            model: args.model.clone(),
+            options: Box::new(args.load.model_options()?),
+            bench: ModelBench {
+                sizes,
+                steps: bench::parse_counts(
+                    "steps",
+                    args.steps.as_deref().unwrap_or(default_steps),
+                )?,
+                batches,
+                guidance: args.guidance.unwrap_or(if turbo { 0.0 } else { 5.0 }),
+                components: bench::parse_components(&args.components)?,
+                prompt: args.prompt.clone(),
+                peak_tflops: args.peak_tflops,
+            },
+        }
+    };
+    let options = bench::BenchOptions {
+        mode,
+        dtype,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+/// `hypergen bench`: runs the benchmark, prints its tables (progress on stderr) and
+/// writes the JSON report when asked.
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = bench_options(&args)?;
+    let device = args.load.device_spec()?;
+    let report = crate::bench::run(&device, options, &mut |line| eprintln!("{line}"))?;
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// Parses `float32`/`float16`/`bfloat16` (and the short forms `fp32`, `fp16`, `bf16`).
@@ -283,14 +405,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 /// Parses the command line and runs the command; the binary's whole `main`.
 pub fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    run(Cli::parse())
+}
+
+/// Runs a parsed command line (logging to stderr, `RUST_LOG` or `info`).
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // try_init: a process that runs several commands (tests, the bench target) logs once.
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+        .try_init();
+    match cli.command {
+        Command::Bench(args) => bench(*args),
         Command::Generate(args) => generate(*args),
         Command::Serve(args) => crate::server::serve(*args),
         Command::Openapi => {

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod bench;
 pub mod builtin;
 pub mod cli;
 pub mod clip;

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod bench;
 mod builtin;
 mod clip;
 mod devices;
