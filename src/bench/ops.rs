@@ -10,7 +10,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use serde::Serialize;
 
 use super::{measure, sync, Timing};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::plain;
 use crate::FusedOps;
 
@@ -381,6 +381,17 @@ fn run_case<B: FusedOps>(
                     Ok(B::fused_attention(q.clone(), k.clone(), v.clone()))
                 })?,
             ));
+            // Our flash kernel alone, where the backend has it (the fused path may pick
+            // Burn's tensor-core kernels instead).
+            if B::flash_attention(q.clone(), k.clone(), v.clone()).is_some() {
+                out.push((
+                    "ours",
+                    measure::<B, _>(device, warmup, iters, || {
+                        B::flash_attention(q.clone(), k.clone(), v.clone())
+                            .ok_or_else(|| Error::Backend("no flash kernel here".into()))
+                    })?,
+                ));
+            }
             out.push((
                 "plain",
                 measure::<B, _>(device, warmup, iters, || {
