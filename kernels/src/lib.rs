@@ -18,6 +18,8 @@ use burn::tensor::Tensor;
 
 pub mod plain;
 
+mod cpu;
+
 #[cfg(feature = "cube")]
 pub mod cube;
 
@@ -86,8 +88,6 @@ pub struct DeviceMemory {
     /// cleaned up, so after a run this is the run's high-water mark).
     pub reserved: u64,
 }
-
-impl FusedOps for burn::backend::Flex {}
 
 /// Which of our kernels run, from `HYPERGEN_KERNELS`: `all` (default), `none`, or a comma
 /// list of `group_norm`, `geglu`, `attention`. Off means the plain Burn ops of [`plain`].
