@@ -7,18 +7,21 @@
 //! tile once for all its rows. Plain FMAs, no tensor cores: portable to every
 //! CubeCL target (WGSL, SPIR-V, CUDA) and every head width (the VAE's is 512).
 
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Shape;
+use burn::tensor::{Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::kernel::attention::{attention as burn_attention, AttentionStrategy};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeRuntime;
 use burn_cubecl::CubeTuneId;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl::tune::{local_tuner, LocalTuner, Tunable, TunableSet};
 use cubecl::{CubeCount, CubeDim};
 use cubek::attention::launch::AttentionAutotuneKey;
 use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
+
+use crate::plain;
 
 /// Query rows (units) per cube.
 const BLOCK_Q: u32 = 64;
@@ -179,17 +182,26 @@ pub fn flash_attention<R: CubeRuntime>(
 
 type Qkv<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
 
-/// Attention by the faster flash kernel for this device and shape, timed once per shape
-/// by CubeCL's autotuner: ours, or Burn's tensor-core kernels where the device has
-/// them (they fail setup elsewhere and drop out; their inputs are made contiguous,
-/// which Burn 0.21's flash kernels need). Burn's unit flash kernel is not a candidate:
-/// wrong on strided inputs and at 7e-5 relative error in f32 on contiguous ones
-/// (ours: 3e-7). Burn's score-materialising fallback is not a candidate either.
-pub fn attention_autotuned<R: CubeRuntime>(
+/// Attention by the fastest of the bounded-memory kernels for this device and shape,
+/// timed once per shape by CubeCL's autotuner: our flash kernel; Burn's tensor-core
+/// flash kernels where the device has them (they fail setup elsewhere and drop out;
+/// their inputs are made contiguous, which Burn 0.21's flash kernels need); or Burn's
+/// attention op over blocks of query rows (matmuls, at most [`plain::SCORE_BUDGET`]
+/// scores). Never Burn's whole-matrix fallback. Burn's unit flash kernel is not a
+/// candidate: wrong on strided inputs and at 7e-5 relative error in f32 on contiguous
+/// ones (ours: 3e-7). On lavapipe the row-block path wins (its matmuls are vectorised,
+/// our kernel's FMAs are not); on GPUs the autotuner decides.
+pub fn attention_autotuned<R, F, I, BT>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
     v: CubeTensor<R>,
-) -> CubeTensor<R> {
+) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
     static TUNER: LocalTuner<AttentionAutotuneKey, CubeTuneId> = local_tuner!();
     let client = q.client.clone();
     let id = CubeTuneId::new(&client, &q.device);
@@ -213,6 +225,9 @@ pub fn attention_autotuned<R: CubeRuntime>(
         })
         .with(Tunable::new("hypergen_flash", |(q, k, v): Qkv<R>| {
             Ok::<_, String>(flash_attention(q, k, v))
+        }))
+        .with(Tunable::new("chunked_matmul", |(q, k, v): Qkv<R>| {
+            Ok::<_, String>(chunked::<CubeBackend<R, F, I, BT>>(q, k, v))
         }));
         let accelerated: [fn() -> AttentionStrategy; 3] =
             [|| accelerated(2), || accelerated(4), || accelerated(8)];
@@ -225,6 +240,19 @@ pub fn attention_autotuned<R: CubeRuntime>(
         set
     });
     TUNER.execute(&id, &client, tunables, (q, k, v))
+}
+
+/// Burn's attention op over blocks of query rows ([`plain::attention_chunked`]): score
+/// blocks through the backend's matmuls, never more than [`plain::SCORE_BUDGET`] scores.
+fn chunked<B: Backend>(
+    q: B::FloatTensorPrimitive,
+    k: B::FloatTensorPrimitive,
+    v: B::FloatTensorPrimitive,
+) -> B::FloatTensorPrimitive {
+    let t = |p| BurnTensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+    plain::attention_chunked(t(q), t(k), t(v), plain::SCORE_BUDGET)
+        .into_primitive()
+        .tensor()
 }
 
 fn accelerated(num_planes: u8) -> AttentionStrategy {

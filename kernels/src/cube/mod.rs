@@ -81,7 +81,9 @@ where
                 let affine = affine.then(|| (next(), next()));
                 group_norm::group_norm(x, affine, groups, eps, silu)
             }
-            Kernel::Attention => attention::attention_autotuned(next(), next(), next()),
+            Kernel::Attention => {
+                attention::attention_autotuned::<R, F, I, BT>(next(), next(), next())
+            }
             Kernel::Flash => attention::flash_attention(next(), next(), next()),
         }
     }
