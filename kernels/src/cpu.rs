@@ -33,7 +33,6 @@ impl FusedOps for Flex {
             return plain::group_norm(x, affine, groups, eps, silu);
         };
         let group_len = c / groups * l;
-        let per_channel = l;
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
         let groups_per_thread = (n * groups).div_ceil(threads).max(1);
         std::thread::scope(|scope| {
@@ -42,7 +41,7 @@ impl FusedOps for Flex {
                 scope.spawn(move || {
                     for (i, group) in block.chunks_mut(group_len).enumerate() {
                         let g = (t * groups_per_thread + i) % groups;
-                        normalise(group, g * (c / groups), per_channel, affine, eps, silu);
+                        normalise(group, g * (c / groups), l, affine, eps, silu);
                     }
                 });
             }

@@ -128,18 +128,18 @@ fn merge_stats_kernel(
 
 /// Elementwise: normalise, affine, optional SiLU, cast to `F`.
 #[cube(launch)]
-fn apply_kernel<F: Float>(
+fn apply_kernel<F: Float, P: Float>(
     input: &Tensor<F>,
     stats: &Tensor<f32>,
-    gamma: &Tensor<f32>,
-    beta: &Tensor<f32>,
+    gamma: &Tensor<P>,
+    beta: &Tensor<P>,
     output: &mut Tensor<F>,
     channels: usize,
     spatial: usize,
     group_len: usize,
     #[comptime] affine: bool,
     #[comptime] silu: bool,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, P)] _dtypes: [StorageType; 2],
 ) {
     if ABSOLUTE_POS >= output.len() {
         terminate!();
@@ -148,7 +148,7 @@ fn apply_kernel<F: Float>(
     let mut y = (f32::cast_from(input[ABSOLUTE_POS]) - stats[group * 2]) * stats[group * 2 + 1];
     if affine {
         let c = (ABSOLUTE_POS / spatial) % channels;
-        y = y * gamma[c] + beta[c];
+        y = y * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
     }
     if silu {
         y = y / (f32::new(1.0) + (-y).exp());
@@ -156,7 +156,8 @@ fn apply_kernel<F: Float>(
     output[ABSOLUTE_POS] = F::cast_from(y);
 }
 
-/// GroupNorm on `x` `[N, C, L]`; `affine` holds `gamma`, `beta` as float32 `[C]`.
+/// GroupNorm on `x` `[N, C, L]`; `affine` holds `gamma`, `beta` `[C]` in one float dtype
+/// (the parameters', read as they are stored: no cast per call).
 pub fn group_norm<R: CubeRuntime>(
     x: CubeTensor<R>,
     affine: Option<(CubeTensor<R>, CubeTensor<R>)>,
@@ -228,6 +229,7 @@ pub fn group_norm<R: CubeRuntime>(
         Some((g, b)) => (into_contiguous(g), into_contiguous(b)),
         None => (stats.clone(), stats.clone()),
     };
+    let param_dtype = gamma.dtype;
     let cube_dim = CubeDim::new(&client, total);
     apply_kernel::launch::<R>(
         &client,
@@ -243,7 +245,7 @@ pub fn group_norm<R: CubeRuntime>(
         group_len,
         has_affine,
         silu,
-        dtype.into(),
+        [dtype.into(), param_dtype.into()],
     );
     out
 }

@@ -162,8 +162,10 @@ where
         silu: bool,
     ) -> Tensor<Self, 3> {
         let [_, c, _] = x.dims();
+        let params_supported = affine.as_ref().is_none_or(|(g, _)| supported(g.dtype()));
         if !KernelSet::current().group_norm
             || !supported(x.dtype())
+            || !params_supported
             || groups == 0
             || c % groups != 0
         {
@@ -173,8 +175,15 @@ where
         let mut inputs = vec![primitive(x)];
         let has_affine = affine.is_some();
         if let Some((gamma, beta)) = affine {
-            inputs.push(primitive(gamma.cast(DType::F32)));
-            inputs.push(primitive(beta.cast(DType::F32)));
+            // The kernel reads the parameters in their stored dtype; only a mismatched
+            // pair (never the case for a loaded GroupNorm) is cast.
+            let beta = if beta.dtype() == gamma.dtype() {
+                beta
+            } else {
+                beta.cast(gamma.dtype())
+            };
+            inputs.push(primitive(gamma));
+            inputs.push(primitive(beta));
         }
         let kernel = Kernel::GroupNorm {
             groups,
