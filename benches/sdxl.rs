@@ -2,7 +2,7 @@
 //! `hypergen bench` (see `benches/README.md`), e.g.
 //! `cargo bench --bench sdxl -- --device wgpu --dtype float16 --size 512,1024`.
 //!
-//! Not a libtest harness: the timing lives in `hypergen::bench`. `cargo test` builds and
+//! Not a libtest harness: the timing lives in `hypergen::app::bench`. `cargo test` builds and
 //! runs this target without `--bench`; it then does nothing.
 
 use clap::Parser;
@@ -17,5 +17,5 @@ fn main() -> anyhow::Result<()> {
     let argv = ["hypergen".to_string(), "bench".to_string()]
         .into_iter()
         .chain(flags);
-    hypergen::cli::run(hypergen::cli::Cli::parse_from(argv))
+    hypergen::app::cli::run(hypergen::app::cli::Cli::parse_from(argv))
 }

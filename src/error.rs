@@ -38,6 +38,10 @@ pub enum Error {
         /// What is not supported.
         message: String,
     },
+    /// A config asks for something hypergen does not implement, found while building a
+    /// model from it; the loader names the file ([`Error::in_file`]).
+    #[error("unsupported configuration: {0}")]
+    UnsupportedConfig(String),
     /// A safetensors file is truncated or corrupt.
     #[error("{path}: truncated or corrupt safetensors file: {message}")]
     Safetensors {
@@ -117,6 +121,18 @@ impl Error {
         Error::InvalidArgument {
             name,
             message: message.into(),
+        }
+    }
+
+    /// Names the config file an [`Error::UnsupportedConfig`] came from; other errors
+    /// pass through unchanged.
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            Error::UnsupportedConfig(message) => Error::Unsupported {
+                path: path.into(),
+                message,
+            },
+            other => other,
         }
     }
 

@@ -1,34 +1,31 @@
 //! hypergen: Stable Diffusion XL in Burn, computing what diffusers computes, on any
 //! GPU vendor (CUDA, Vulkan, Metal) and on the CPU.
 //!
-//! The crate is library first: the pipeline ([`pipeline`]) knows nothing of HTTP or
-//! of the command line, and model code is generic over the Burn backend; the backend
-//! is chosen once, at the edge ([`device`]). Module paths follow diffusers' weight
-//! names, so `down_blocks.1.attentions.0.…` lives in [`unet`].
+//! The crate is a library first, in layers where every import points down:
+//!
+//! - [`model`]: the networks (text encoders, UNet, VAE) and tokenizers, built from their
+//!   configs (`XConfig::init(&device)`); they never see a file. Module paths follow
+//!   diffusers' weight names, so `down_blocks.1.attentions.0.…` lives in [`model::unet`].
+//! - [`scheduler`]: diffusers' samplers, built from `scheduler_config.json`.
+//! - [`load`]: every model source (folder, Hub, built-in random model) turned into one
+//!   [`pipeline::SdxlComponents`] value.
+//! - [`pipeline`]: the stages of SDXL text-to-image, run over those components.
+//! - [`device`]: the one place a backend is chosen; [`kernels`]: our fused ops.
+//!
+//! The application (command line, HTTP server, benchmark) is [`app`], behind the `app`
+//! cargo feature (on by default); without it the library builds with none of its
+//! dependencies (no poem, tokio, clap or indicatif).
 
 #![warn(missing_docs)]
 
-pub mod attention;
-pub mod bench;
-pub mod builtin;
-pub mod cli;
-pub mod clip;
+#[cfg(feature = "app")]
+pub mod app;
 pub mod device;
 pub mod error;
-pub mod hub;
-pub mod layers;
-pub mod loader;
-pub mod model_source;
-pub mod noise;
+pub mod load;
+pub mod model;
 pub mod pipeline;
-pub mod random_init;
-pub mod resnet;
 pub mod scheduler;
-pub mod server;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
-pub mod vae_tiling;
 
 pub use error::{Error, Result};
 /// Our fused ops (CubeCL kernels, plain-Burn fallbacks): the backend bound of all model code.

@@ -1,5 +1,5 @@
-//! The `hypergen` binary: everything lives in the library.
+//! The `hypergen` binary: the application lives in `hypergen::app`.
 
 fn main() -> anyhow::Result<()> {
-    hypergen::cli::main()
+    hypergen::app::cli::main()
 }

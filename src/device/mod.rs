@@ -7,6 +7,7 @@
 //! ([`Inventory::probe`]) and a missing device is an error listing what is available.
 
 mod cuda_probe;
+mod dtype;
 mod inventory;
 mod report;
 mod resolve;
@@ -20,6 +21,7 @@ use std::str::FromStr;
 
 use burn::tensor::DType;
 
+pub use dtype::{dtype_name, DTypeChoice};
 pub use inventory::{Adapter, AdapterKind, CudaDevice, GraphicsApi, Inventory};
 pub use report::report;
 pub use resolve::{resolve, ResolvedDevice, Target};
@@ -104,14 +106,23 @@ impl fmt::Display for DeviceSpec {
 pub trait WithBackend {
     /// What the code returns.
     type Output;
-    /// The dtype the code will run in, checked against the device before it starts
-    /// (see [`ResolvedDevice::check_dtype`]); `None` skips the check.
-    fn dtype(&self) -> Option<DType> {
+    /// The dtype the code asks to run in, resolved on the device before it starts
+    /// ([`ResolvedDevice::pick_dtype`]); `None` is float32, unchecked.
+    fn dtype(&self) -> Option<DTypeChoice> {
         None
     }
-    /// Runs on backend `B`; `label` names the device for logs and `/health`
-    /// (`cpu`, `vulkan:0 (NVIDIA H100 80GB HBM3)`, `cuda:0 (…)`).
-    fn run<B: FusedOps>(self, device: B::Device, label: String) -> Self::Output;
+    /// Runs on backend `B`, where `placed` says which device and dtype.
+    fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> Self::Output;
+}
+
+/// Where [`WithBackend`] code runs, as [`dispatch`] resolved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The device for logs and `/health`: `cpu`, `vulkan:0 (NVIDIA H100 80GB HBM3)`,
+    /// `cuda:0 (…)`.
+    pub label: String,
+    /// The dtype the work asked for, resolved on this device.
+    pub dtype: DType,
 }
 
 /// The CPU backend.
@@ -134,28 +145,38 @@ pub fn dispatch<W: WithBackend>(spec: &DeviceSpec, work: W) -> Result<W::Output>
     run_on(&resolved, work)
 }
 
-/// Runs `work` on an already resolved device, after checking its dtype.
+/// Runs `work` on an already resolved device, after resolving its dtype there.
 pub fn run_on<W: WithBackend>(resolved: &ResolvedDevice, work: W) -> Result<W::Output> {
-    if let Some(dtype) = work.dtype() {
-        resolved.check_dtype(dtype)?;
-    }
-    let label = resolved.label();
+    let dtype = match work.dtype() {
+        Some(choice) => {
+            let dtype = resolved.pick_dtype(choice)?;
+            if choice == DTypeChoice::Auto {
+                tracing::info!(device = %resolved.label(), "dtype auto: {}", dtype_name(dtype));
+            }
+            dtype
+        }
+        None => DType::F32,
+    };
+    let placed = Placed {
+        label: resolved.label(),
+        dtype,
+    };
     match &resolved.target {
-        Target::Cpu => Ok(work.run::<CpuBackend>(Default::default(), label)),
+        Target::Cpu => Ok(work.run::<CpuBackend>(Default::default(), placed)),
         #[cfg(feature = "wgpu")]
         Target::Wgpu(adapter) => {
             let device = wgpu_setup::device_for(adapter)?;
-            Ok(work.run::<WgpuBackend>(device, label))
+            Ok(work.run::<WgpuBackend>(device, placed))
         }
         #[cfg(feature = "cuda")]
         Target::Cuda(d) => {
             let device = burn::backend::cuda::CudaDevice::new(d.index);
-            Ok(work.run::<CudaBackend>(device, label))
+            Ok(work.run::<CudaBackend>(device, placed))
         }
         #[allow(unreachable_patterns)]
         _ => Err(Error::invalid(
             "device",
-            format!("{label} is not compiled into this build"),
+            format!("{} is not compiled into this build", placed.label),
         )),
     }
 }

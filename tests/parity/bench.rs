@@ -5,9 +5,9 @@
 
 use burn::tensor::DType;
 use clap::Parser;
-use hypergen::bench::{self, BenchOptions, BenchReport, Component, Mode, ModelBench, OpBench};
-use hypergen::cli::{bench_options, BenchArgs, Cli, Command};
-use hypergen::device::DeviceSpec;
+use hypergen::app::bench::{self, BenchOptions, BenchReport, Component, Mode, ModelBench, OpBench};
+use hypergen::app::cli::{bench_options, BenchArgs, Cli, Command};
+use hypergen::device::{DTypeChoice, DeviceSpec};
 use hypergen::kernels::KernelSet;
 use serde_json::Value;
 
@@ -15,7 +15,8 @@ fn model_options(components: Vec<Component>, batches: Vec<usize>) -> BenchOption
     BenchOptions {
         mode: Mode::Model {
             model: "tiny-sdxl-random".into(),
-            options: Box::default(),
+            load: Box::default(),
+            run: Default::default(),
             bench: ModelBench {
                 sizes: vec![(64, 64)],
                 steps: vec![2],
@@ -26,7 +27,7 @@ fn model_options(components: Vec<Component>, batches: Vec<usize>) -> BenchOption
                 peak_tflops: 770.0,
             },
         },
-        dtype: DType::F32,
+        dtype: DTypeChoice::Exact(DType::F32),
         warmup: 0,
         iters: 2,
     }
@@ -169,7 +170,7 @@ fn bench_ops_on_cpu() {
             batch: 1,
             filter: None,
         }),
-        dtype: DType::F32,
+        dtype: DTypeChoice::Exact(DType::F32),
         warmup: 0,
         iters: 1,
     };
@@ -226,7 +227,7 @@ fn bench_ops_on_cpu() {
             batch: 1,
             filter: Some("geglu".into()),
         }),
-        dtype: DType::F32,
+        dtype: DTypeChoice::Exact(DType::F32),
         warmup: 0,
         iters: 1,
     });
@@ -291,7 +292,7 @@ fn bench_argument_errors_are_clean() {
     let o =
         bench_options(&args(&["ops", "--size", "512,1024x768", "--dtype", "fp16"])).expect("ops");
     assert!(matches!(&o.mode, Mode::Ops(b) if b.sizes == vec![(512, 512), (1024, 768)]));
-    assert_eq!(o.dtype, DType::F16);
+    assert_eq!(o.dtype, DTypeChoice::Exact(DType::F16));
 
     refused(&["--size", "0"], "size");
     refused(&["--size", "big"], "size");
@@ -304,7 +305,11 @@ fn bench_argument_errors_are_clean() {
     refused(&["--components", "unet,decoder"], "decoder");
     refused(&["--iters", "0"], "iters");
     refused(&["--guidance=-1"], "guidance");
-    refused(&["--dtype", "int8"], "dtype");
+    // A dtype the parser does not know is refused by it, naming the flag.
+    let e = Cli::try_parse_from(["hypergen", "bench", "--dtype", "int8"])
+        .expect_err("int8 refused")
+        .to_string();
+    assert!(e.contains("--dtype") && e.contains("int8"), "{e}");
     // --size and --width together is a flag conflict, reported by the parser.
     assert!(Cli::try_parse_from(["hypergen", "bench", "--size", "64", "--width", "64"]).is_err());
 
@@ -312,7 +317,9 @@ fn bench_argument_errors_are_clean() {
     let run_err = |argv: &[&str]| {
         let full = ["hypergen", "bench"].iter().chain(argv).copied();
         let cli = Cli::try_parse_from(full).expect("flags parse");
-        hypergen::cli::run(cli).expect_err("refused").to_string()
+        hypergen::app::cli::run(cli)
+            .expect_err("refused")
+            .to_string()
     };
     let e = run_err(&["no-such-model", "--device", "cpu", "--size", "64"]);
     assert!(e.contains("no-such-model"), "{e}");

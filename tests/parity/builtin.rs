@@ -5,9 +5,9 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::DType;
-use hypergen::builtin;
-use hypergen::model_source::{load_pipeline, ModelOptions};
-use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
+use hypergen::load::builtin;
+use hypergen::load::{load_components, load_pipeline};
+use hypergen::pipeline::{GenerationRequest, Progress, SdxlPipeline};
 
 use crate::common::{fixture_dir, Cpu};
 
@@ -39,12 +39,14 @@ fn std_dev(v: &[u8]) -> f64 {
 }
 
 fn tiny(dtype: DType) -> SdxlPipeline<Cpu> {
-    let options = LoadOptions {
+    load_pipeline::<Cpu>(
+        "tiny-sdxl-random",
         dtype,
-        ..Default::default()
-    };
-    SdxlPipeline::<Cpu>::from_builtin("tiny-sdxl-random", &options, &Default::default())
-        .expect("built-in model builds")
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("built-in model builds")
 }
 
 #[test]
@@ -57,14 +59,10 @@ fn builtin_names() {
             "sdxl-turbo-random"
         ]
     );
-    let e = SdxlPipeline::<Cpu>::from_builtin(
-        "tiny-sdxl",
-        &LoadOptions::default(),
-        &Default::default(),
-    )
-    .err()
-    .expect("unknown name refused")
-    .to_string();
+    let e = builtin::get("tiny-sdxl")
+        .err()
+        .expect("unknown name refused")
+        .to_string();
     assert!(e.contains("tiny-sdxl-random"), "{e}");
 }
 
@@ -105,8 +103,8 @@ fn builtin_tiny_in_half_precision_on_cpu() {
     for dtype in [DType::F16, DType::BF16] {
         let pipe = tiny(dtype);
         // The weights really are half precision; the VAE is upcast (`force_upcast`).
-        assert_eq!(pipe.unet.dtype(), dtype);
-        assert_eq!(pipe.vae.dtype(), DType::F32);
+        assert_eq!(pipe.components().unet.dtype(), dtype);
+        assert_eq!(pipe.components().vae.dtype(), DType::F32);
         let half = rgb(&pipe, &req);
         let mean_diff = full
             .iter()
@@ -123,15 +121,17 @@ fn builtin_tiny_in_half_precision_on_cpu() {
     }
 }
 
-/// `load_pipeline` labels built-in models as random weights.
+/// `load_components` labels built-in models as random weights.
 #[test]
-fn builtin_through_load_pipeline() {
-    let (_, info) = load_pipeline::<Cpu>(
+fn builtin_through_load_components() {
+    let c = load_components::<Cpu>(
         "tiny-sdxl-random",
-        &ModelOptions::default(),
+        DType::F32,
+        &Default::default(),
         &Default::default(),
     )
     .expect("built-in loads");
+    let info = c.info;
     assert_eq!(info.id, "tiny-sdxl-random");
     assert!(info.random_weights);
     assert_eq!(info.local_dir, None);
@@ -162,7 +162,7 @@ fn builtin_full_size_presets_have_sdxl_shapes() {
 #[test]
 fn builtin_tokenizers_match_the_reference() {
     let (t1, t2) = builtin::clip_tokenizers().expect("embedded tokenizers");
-    let f1 = hypergen::tokenizer::ClipTokenizer::from_dir(&fixture_dir().join("tokenizer"))
+    let f1 = hypergen::model::tokenizer::ClipTokenizer::from_dir(&fixture_dir().join("tokenizer"))
         .expect("fixture");
     for case in crate::tokenizer::cases() {
         assert_eq!(
@@ -184,7 +184,7 @@ fn builtin_tokenizers_match_the_reference() {
             case.prompt
         );
     }
-    use hypergen::tokenizer::ClipTokenizer;
+    use hypergen::model::tokenizer::ClipTokenizer;
     let e = ClipTokenizer::from_memory("{}", "#version: 0.2\na b c\n", "!", 77)
         .expect_err("bad merges");
     assert!(e.to_string().contains("merges.txt line 1"), "{e}");
@@ -230,11 +230,11 @@ fn cli_generate_builtin_offline() {
 /// says the weights are random.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_builtin_labels_random_weights() {
+    use hypergen::app::server::{Server, ServerConfig};
     use hypergen::device::DeviceSpec;
-    use hypergen::server::{Server, ServerConfig};
 
     let mut config = ServerConfig::new("tiny-sdxl-random", DeviceSpec::Cpu);
-    config.load.dtype = DType::F32;
+    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
     let server = Server::start(config, "127.0.0.1:0")
         .await
         .expect("server starts");

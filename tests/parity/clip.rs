@@ -1,7 +1,7 @@
 //! SDXL's two CLIP text encoders against transformers' hidden states.
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use hypergen::clip::{self, pooled_positions, ClipTextModel};
+use hypergen::model::clip::{pooled_positions, ClipTextModel};
 use hypergen::FusedOps;
 
 use crate::common::{assert_matches, fixture_dir, TOL_F32};
@@ -11,8 +11,14 @@ use crate::tokenizer::cases;
 const PROMPTS: usize = 3;
 
 fn load<B: FusedOps>(folder: &str, device: &B::Device) -> ClipTextModel<B> {
-    clip::load::<B>(&fixture_dir().join(folder), None, DType::F32, device)
-        .unwrap_or_else(|e| panic!("{folder} loads: {e}"))
+    hypergen::load::folder::load_text_encoder::<B>(
+        &fixture_dir().join(folder),
+        None,
+        DType::F32,
+        device,
+    )
+    .map(|(m, _)| m)
+    .unwrap_or_else(|e| panic!("{folder} loads: {e}"))
 }
 
 /// Reference ids of the first prompts as one `[PROMPTS, 77]` batch.
@@ -95,8 +101,14 @@ fn clip_loads_without_missing_or_unused_tensors() {
     for folder in ["text_encoder", "text_encoder_2"] {
         for variant in [None, Some("fp16")] {
             let model: ClipTextModel<crate::common::Cpu> =
-                clip::load(&fixture_dir().join(folder), variant, DType::F32, &device)
-                    .unwrap_or_else(|e| panic!("{folder} {variant:?}: {e}"));
+                hypergen::load::folder::load_text_encoder(
+                    &fixture_dir().join(folder),
+                    variant,
+                    DType::F32,
+                    &device,
+                )
+                .map(|(m, _)| m)
+                .unwrap_or_else(|e| panic!("{folder} {variant:?}: {e}"));
             let c = model.config();
             assert_eq!(model.text_model.encoder.layers.len(), c.num_hidden_layers);
             assert_eq!(

@@ -149,3 +149,27 @@ macro_rules! on_backends {
         }
     };
 }
+
+/// The fixture folder as the model name `load_pipeline` takes.
+pub fn fixture_model() -> String {
+    fixture_dir().display().to_string()
+}
+
+/// The fixture as a pipeline in `dtype` on `device`, with `options` and `run`.
+pub fn fixture_pipeline_with<B: FusedOps>(
+    dtype: burn::tensor::DType,
+    options: &hypergen::load::LoadOptions,
+    run: &hypergen::pipeline::RunOptions,
+    device: &B::Device,
+) -> hypergen::pipeline::SdxlPipeline<B> {
+    hypergen::load::load_pipeline::<B>(&fixture_model(), dtype, options, run, device)
+        .expect("fixture pipeline loads")
+}
+
+/// The fixture as a pipeline in `dtype` on `device` (default files, its own VAE).
+pub fn fixture_pipeline<B: FusedOps>(
+    dtype: burn::tensor::DType,
+    device: &B::Device,
+) -> hypergen::pipeline::SdxlPipeline<B> {
+    fixture_pipeline_with(dtype, &Default::default(), &Default::default(), device)
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use hypergen::unet::UNet2DConditionModel;
+use hypergen::model::unet::UNet2DConditionModel;
 use hypergen::Error;
 
 use crate::common::{fixture_dir, Cpu};
@@ -25,7 +25,8 @@ fn unet_copy() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn load(dir: &Path, variant: Option<&str>) -> hypergen::Result<UNet2DConditionModel<Cpu>> {
-    UNet2DConditionModel::<Cpu>::load(dir, variant, DType::F32, &Default::default()).map(|(m, _)| m)
+    hypergen::load::folder::load_unet::<Cpu>(dir, variant, DType::F32, &Default::default())
+        .map(|(m, _)| m)
 }
 
 /// All tensors of a safetensors file as (dtype, shape, bytes).

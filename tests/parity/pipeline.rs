@@ -5,7 +5,7 @@ use hypergen::FusedOps;
 use std::ops::ControlFlow;
 
 use burn::tensor::DType;
-use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
+use hypergen::pipeline::{GenerationRequest, Progress, SdxlPipeline};
 use hypergen::scheduler::SchedulerConfig;
 use hypergen::Error;
 
@@ -16,11 +16,7 @@ const NEGATIVE: &str =
     "A Cozy cabin, in the SNOWY woods -- oil painting; 4k, trending on ArtStation!!";
 
 fn load<B: FusedOps>(device: &B::Device, dtype: DType) -> SdxlPipeline<B> {
-    let options = LoadOptions {
-        dtype,
-        ..Default::default()
-    };
-    SdxlPipeline::<B>::load(&fixture_dir(), &options, device).expect("fixture pipeline loads")
+    crate::common::fixture_pipeline::<B>(dtype, device)
 }
 
 /// The reference runs: 128×128 from `pipe.init_latents`, micro-conditioning (128, 128),
@@ -93,7 +89,7 @@ crate::on_backends!(pipeline_cfg7_5_negative, cfg7_5_negative);
 
 fn turbo1<B: FusedOps>(device: &B::Device) {
     let mut pipe = load::<B>(device, DType::F32);
-    pipe.scheduler_config =
+    pipe.components_mut().scheduler_config =
         SchedulerConfig::read(&reference_dir().join("turbo_scheduler_config.json"))
             .expect("turbo config");
     let latents = pipe
@@ -282,9 +278,13 @@ fn seeds_are_reproducible() {
 fn pipeline_f16_wgpu() {
     let device = crate::common::gpu_device();
     let pipe = load::<crate::common::Gpu>(&device, DType::F16);
-    assert_eq!(pipe.unet.dtype(), DType::F16, "UNet runs in float16");
     assert_eq!(
-        pipe.vae.dtype(),
+        pipe.components().unet.dtype(),
+        DType::F16,
+        "UNet runs in float16"
+    );
+    assert_eq!(
+        pipe.components().vae.dtype(),
         DType::F32,
         "the SDXL VAE is upcast (force_upcast)"
     );

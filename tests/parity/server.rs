@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use burn::tensor::DType;
+use hypergen::app::server::worker::WorkerHooks;
+use hypergen::app::server::{Server, ServerConfig};
+use hypergen::device::DTypeChoice;
 use hypergen::device::DeviceSpec;
-use hypergen::pipeline::{GenerationRequest, LoadOptions, SdxlPipeline};
-use hypergen::server::worker::WorkerHooks;
-use hypergen::server::{Server, ServerConfig};
+use hypergen::pipeline::GenerationRequest;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
@@ -22,10 +23,7 @@ const KEY: &str = "sk-test-0123456789";
 
 fn config() -> ServerConfig {
     let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.load = LoadOptions {
-        dtype: DType::F32,
-        ..Default::default()
-    };
+    config.worker.dtype = DTypeChoice::Exact(DType::F32);
     config
 }
 
@@ -179,7 +177,7 @@ async fn server_routes() {
     assert_eq!(spec.status(), 200);
     assert_eq!(
         spec.text().await.expect("text"),
-        hypergen::server::openapi_json()
+        hypergen::app::server::openapi_json()
     );
     let docs = client
         .get(format!("{base}/docs"))
@@ -254,8 +252,7 @@ async fn server_routes() {
     );
 
     // The server is a thin layer: its image is the pipeline's for the same request.
-    let pipe = SdxlPipeline::<Cpu>::load(&fixture_dir(), &config().load, &Default::default())
-        .expect("pipeline");
+    let pipe = crate::common::fixture_pipeline::<Cpu>(DType::F32, &Default::default());
     let direct = pipe
         .generate(
             &GenerationRequest {
@@ -442,7 +439,7 @@ async fn server_auth() {
 
     // The key never shows in the flags' Debug output (which `hypergen serve` logs).
     use clap::Parser;
-    let cli = hypergen::cli::Cli::try_parse_from(["hypergen", "serve", "m", "--api-key", KEY])
+    let cli = hypergen::app::cli::Cli::try_parse_from(["hypergen", "serve", "m", "--api-key", KEY])
         .expect("flags parse");
     let shown = format!("{cli:?}");
     assert!(
@@ -558,8 +555,8 @@ async fn server_validation_errors() {
 async fn server_queue_full() {
     let gate = Gate::default();
     let mut cfg = config();
-    cfg.max_queue_size = 2;
-    cfg.hooks = gate.hooks();
+    cfg.worker.max_queue_size = 2;
+    cfg.worker.hooks = gate.hooks();
     let server = start(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
@@ -644,7 +641,7 @@ async fn send_raw(addr: std::net::SocketAddr, body: &Value) -> tokio::net::TcpSt
 async fn server_disconnects() {
     let gate = Gate::default();
     let mut cfg = config();
-    cfg.hooks = gate.hooks();
+    cfg.worker.hooks = gate.hooks();
     let server = start(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
@@ -721,8 +718,8 @@ async fn server_disconnects() {
 async fn server_batches_compatible_jobs() {
     let gate = Gate::default();
     let mut cfg = config();
-    cfg.max_batch_size = 3;
-    cfg.hooks = gate.hooks();
+    cfg.worker.max_batch_size = 3;
+    cfg.worker.hooks = gate.hooks();
     let server = start(cfg).await;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/images/generations", server.url());
@@ -775,7 +772,7 @@ async fn server_batches_compatible_jobs() {
 /// described, and bodies have examples. `HYPERGEN_UPDATE_OPENAPI=1` rewrites the file.
 #[test]
 fn openapi_schema_is_committed() {
-    let spec = hypergen::server::openapi_json();
+    let spec = hypergen::app::server::openapi_json();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json");
     if std::env::var_os("HYPERGEN_UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, format!("{spec}\n")).expect("write openapi.json");
@@ -984,7 +981,7 @@ fn server_binary_shuts_down_gracefully() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
-        hypergen::server::openapi_json()
+        hypergen::app::server::openapi_json()
     );
 }
 

@@ -1,7 +1,7 @@
 //! Both SDXL tokenizers against transformers' ids for every case in
 //! `reference/tokenizer_cases.json`.
 
-use hypergen::tokenizer::ClipTokenizer;
+use hypergen::model::tokenizer::ClipTokenizer;
 use hypergen::Error;
 use serde::Deserialize;
 

@@ -1,14 +1,13 @@
 //! UNet noise prediction at three timesteps against diffusers.
 
 use burn::tensor::DType;
-use hypergen::unet::UNet2DConditionModel;
 use hypergen::FusedOps;
 
 use crate::common::{assert_matches, fixture_dir, ref_tensor, reference, TOL_F32};
 
 fn unet_matches_reference<B: FusedOps>(device: &B::Device) {
     let dir = fixture_dir().join("unet");
-    let (unet, report) = UNet2DConditionModel::<B>::load(&dir, None, DType::F32, device)
+    let (unet, report) = hypergen::load::folder::load_unet::<B>(&dir, None, DType::F32, device)
         .expect("fixture UNet loads");
     assert!(report.missing.is_empty() && report.unused.is_empty());
     let sample = ref_tensor::<B, 4>("unet.sample", device);
@@ -47,7 +46,7 @@ fn resize_nearest_matches_pytorch_indexing() {
         TensorData::new((0..15).map(|v| v as f32).collect::<Vec<_>>(), [1, 1, 3, 5]),
         &device,
     );
-    let y = hypergen::unet::resize_nearest(x, [5, 9]);
+    let y = hypergen::model::sampling::resize_nearest(x, [5, 9]);
     let rows = [0, 0, 1, 1, 2]; // floor(i * 3 / 5)
     let cols = [0, 0, 1, 1, 2, 2, 3, 3, 4]; // floor(i * 5 / 9)
     let want: Vec<f32> = rows

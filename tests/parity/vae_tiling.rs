@@ -9,20 +9,23 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Tensor, TensorData};
 use clap::Parser;
-use hypergen::cli::{Cli, Command};
-use hypergen::noise::Generator;
-use hypergen::pipeline::{LoadOptions, SdxlPipeline};
-use hypergen::vae::{self, AutoencoderKL, VaeConfig};
-use hypergen::vae_tiling::{VaeTileSize, VaeTiling};
+use hypergen::app::cli::{Cli, Command};
+use hypergen::model::vae::tiling::{VaeTileSize, VaeTiling};
+use hypergen::model::vae::{AutoencoderKL, VaeConfig};
+use hypergen::pipeline::noise::Generator;
+use hypergen::pipeline::{RunOptions, SdxlPipeline};
 use hypergen::Error;
 
 use crate::common::{fixture_dir, ref_tensor, rel_error, values, Cpu, TOL_F32};
 
-/// Pixels per latent cell of the fixture VAE (four levels).
-const FACTOR: usize = 8;
+/// Pixels per latent cell of a VAE: 2^(levels − 1), from its config.
+fn factor<B: FusedOps>(vae: &AutoencoderKL<B>) -> usize {
+    1 << (vae.config().block_out_channels.len() - 1)
+}
 
 fn load_fixture<B: FusedOps>(device: &B::Device) -> AutoencoderKL<B> {
-    vae::load::<B>(&fixture_dir().join("vae"), None, DType::F32, device)
+    hypergen::load::folder::load_vae::<B>(&fixture_dir().join("vae"), None, DType::F32, device)
+        .map(|(m, _)| m)
         .unwrap_or_else(|e| panic!("loading the fixture VAE: {e}"))
 }
 
@@ -106,7 +109,7 @@ fn assemble_by_hand<B: FusedOps>(
     tile: usize,
     device: &B::Device,
 ) -> Host {
-    let tile_px = tile * FACTOR;
+    let tile_px = tile * factor(vae);
     let stride = (tile as f64 * 0.75) as usize;
     let blend = (tile_px as f64 * 0.25) as usize;
     let keep = tile_px - blend;
@@ -172,19 +175,31 @@ fn noise(seed: u64, dims: [usize; 4]) -> Host {
     }
 }
 
-/// The fixture's defaults (tiles of `sample_size` = 128 px = 16 cells) do not apply to
-/// its 16×16 reference latents, so the decode is the plain one, value for value.
+/// The default tiles follow the VAE config (`sample_size` pixels, `sample_size / f`
+/// cells, overlap 0.25), and tiles that hold the whole latents leave the decode the
+/// plain one, value for value.
 fn skipped_when_latents_fit<B: FusedOps>(device: &B::Device) {
     let vae = load_fixture::<B>(device);
+    let f = factor(&vae);
+    let sample = vae.config().sample_size;
     let tiling = VaeTiling::new(vae.config(), VaeTileSize::Config).expect("default tiling");
     assert_eq!(
         (tiling.tile_latent, tiling.tile_sample, tiling.overlap),
-        (16, 128, 0.25)
+        (sample / f, sample, 0.25)
     );
     let z = ref_tensor::<B, 4>("vae.decode.in", device);
-    assert!(!tiling.applies(16, 16));
+    let [_, _, h, w] = z.dims();
+    assert_eq!(
+        tiling.applies(h, w),
+        h > sample / f || w > sample / f,
+        "the config's tiles apply exactly to latents larger than one tile"
+    );
+    // Tiles of exactly the latents' larger side hold them whole.
+    let whole = VaeTiling::new(vae.config(), VaeTileSize::Pixels(h.max(w) * f))
+        .expect("tiles of the latents' size");
+    assert!(!whole.applies(h, w));
     let plain = values(vae.decode(z.clone()));
-    let tiled = values(vae.decode_with(z, Some(&tiling)).expect("decode_with"));
+    let tiled = values(vae.decode_with(z, Some(&whole)).expect("decode_with"));
     assert_eq!(plain, tiled, "an untiled decode must be the plain decode");
 }
 crate::on_backends!(vae_tiling_skipped, skipped_when_latents_fit);
@@ -197,7 +212,7 @@ fn forced_single_tile_is_plain<B: FusedOps>(device: &B::Device) {
     let z = ref_tensor::<B, 4>("vae.decode.in", device);
     let plain = Host::of(vae.decode(z.clone()));
     let tiled = Host::of(
-        vae.tiled_decode(z, &VaeTiling::latent(32, FACTOR))
+        vae.tiled_decode(z, &VaeTiling::latent(32, factor(&vae)))
             .expect("tiled_decode"),
     );
     assert_eq!(plain.dims, tiled.dims);
@@ -218,14 +233,15 @@ fn matches_assembly_by_hand<B: FusedOps>(device: &B::Device) {
         ("reference 16x16, forced tile 16", reference, 16),
     ];
     for (what, latents, tile) in cases {
-        let tiling = VaeTiling::latent(tile, FACTOR);
+        let tiling = VaeTiling::latent(tile, factor(&vae));
         let got = Host::of(
             vae.tiled_decode(latents.tensor::<B>(device), &tiling)
                 .expect("tiled_decode"),
         );
         let want = assemble_by_hand(&vae, &latents, tile, device);
         let [n, _, h, w] = latents.dims;
-        assert_eq!(got.dims, [n, 3, h * FACTOR, w * FACTOR], "{what}: shape");
+        let f = factor(&vae);
+        assert_eq!(got.dims, [n, 3, h * f, w * f], "{what}: shape");
         assert_eq!(got.dims, want.dims, "{what}: shape by hand");
         assert!(got.data.iter().all(|v| v.is_finite()), "{what}: non-finite");
         let err = rel_error(&got.data, &want.data);
@@ -291,7 +307,7 @@ fn vae_tiling_flags() {
         let mut args = vec!["hypergen", "generate", "--model", "m", "--prompt", "p"];
         args.extend_from_slice(extra);
         match Cli::try_parse_from(args).expect("flags parse").command {
-            Command::Generate(g) => g.load.model_options().expect("options").load.vae_tiling,
+            Command::Generate(g) => g.load.run_options().vae_tiling,
             _ => panic!("not generate"),
         }
     };
@@ -318,28 +334,30 @@ fn vae_tiling_flags() {
         panic!("not serve")
     };
     assert_eq!(args.model, "m");
-    let (config, _) = hypergen::server::ServerConfig::from_args(&args).expect("config");
-    assert_eq!(config.load.vae_tiling, Some(VaeTileSize::Config));
+    let (config, _) = args.server_config().expect("config");
+    assert_eq!(config.worker.run.vae_tiling, Some(VaeTileSize::Config));
 }
 
-/// The pipeline option reaches the decode: 64 px tiles change the fixture's 128² image,
-/// the config's 128 px tiles leave it exactly as untiled.
+/// The pipeline option reaches the decode: tiles of half the reference latents change
+/// the image, tiles that hold the latents whole leave it exactly as untiled.
 #[test]
 fn vae_tiling_pipeline_option() {
     let device = Default::default();
     let load = |vae_tiling| {
-        let options = LoadOptions {
-            vae_tiling,
-            ..Default::default()
-        };
-        SdxlPipeline::<Cpu>::load(&fixture_dir(), &options, &device).expect("fixture pipeline")
+        let run = RunOptions { vae_tiling };
+        crate::common::fixture_pipeline_with::<Cpu>(DType::F32, &Default::default(), &run, &device)
     };
     let mut pipeline = load(None);
     assert!(pipeline.vae_tiling().is_none());
-    let small = load(Some(VaeTileSize::Pixels(64)));
-    assert_eq!(small.vae_tiling(), Some(&VaeTiling::latent(8, FACTOR)));
+    let f = pipeline.vae_scale_factor();
+    // The reference run's latent size, from the reference tensors.
+    let init = crate::common::reference("pipe.init_latents");
+    let [_, c, h, w] = <[usize; 4]>::try_from(init.shape.clone()).expect("rank 4");
+    let half = h.max(w).div_ceil(2);
+    let small = load(Some(VaeTileSize::Pixels(half * f)));
+    assert_eq!(small.vae_tiling(), Some(&VaeTiling::latent(half, f)));
 
-    let latents = noise(3, [1, 4, 16, 16]).tensor::<Cpu>(&device);
+    let latents = noise(3, [1, c, h, w]).tensor::<Cpu>(&device);
     let image = |p: &SdxlPipeline<Cpu>| {
         let mut images = p.decode(latents.clone()).expect("decode");
         assert_eq!(images.len(), 1);
@@ -347,27 +365,39 @@ fn vae_tiling_pipeline_option() {
     };
     let plain = image(&pipeline);
     let tiled = image(&small);
-    assert_eq!((tiled.width, tiled.height), (128, 128));
-    assert_ne!(tiled.rgb, plain.rgb, "64 px tiles must take effect");
+    assert_eq!((tiled.width, tiled.height), (w * f, h * f));
+    assert_ne!(
+        tiled.rgb, plain.rgb,
+        "tiles of half the latents must take effect"
+    );
+    pipeline
+        .set_vae_tiling(Some(VaeTileSize::Pixels(h.max(w) * f)))
+        .expect("tiles of the whole latents");
+    assert_eq!(image(&pipeline).rgb, plain.rgb, "no tiling within one tile");
     pipeline
         .set_vae_tiling(Some(VaeTileSize::Config))
         .expect("default tiling");
-    assert_eq!(image(&pipeline).rgb, plain.rgb, "no tiling below one tile");
+    let config = VaeTiling::new(pipeline.components().vae.config(), VaeTileSize::Config)
+        .expect("config tiling");
+    assert_eq!(pipeline.vae_tiling(), Some(&config));
 
     // The same through a whole (one-step) generation.
     let req = hypergen::pipeline::GenerationRequest {
         prompt: "a cat".into(),
         num_inference_steps: 1,
-        width: 128,
-        height: 128,
+        width: w * f,
+        height: h * f,
         ..Default::default()
     };
     let mut go = |_| ControlFlow::Continue(());
+    pipeline.set_vae_tiling(None).expect("unset tiling");
     let before = pipeline.generate(&req, &mut go).expect("generate");
     let after = small.generate(&req, &mut go).expect("generate tiled");
     assert_eq!(before.latents.dims(), after.latents.dims());
     assert_ne!(before.images[0].rgb, after.images[0].rgb);
-    pipeline.set_vae_tiling(None).expect("unset tiling");
+    pipeline
+        .set_vae_tiling(Some(VaeTileSize::Pixels(h.max(w) * f)))
+        .expect("tiles of the whole latents");
     let again = pipeline.generate(&req, &mut go).expect("generate again");
     assert_eq!(before.images[0].rgb, again.images[0].rgb);
 }

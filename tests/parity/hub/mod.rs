@@ -10,9 +10,10 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use hypergen::hub::{resolve_model_with, resolve_vae_with, HubOptions};
-use hypergen::model_source::{load_pipeline, ModelOptions};
-use hypergen::pipeline::{GenerationRequest, LoadOptions, Progress, SdxlPipeline};
+use burn::tensor::DType;
+use hypergen::load::hub::{resolve_model_with, resolve_vae_with, HubOptions};
+use hypergen::load::{load_pipeline, LoadOptions};
+use hypergen::pipeline::{GenerationRequest, Progress, SdxlPipeline};
 
 use crate::common::{fixture_dir, Cpu};
 use server::{Config, Hub, SHA};
@@ -75,13 +76,19 @@ fn generate(pipe: &SdxlPipeline<Cpu>) -> (Vec<u8>, Vec<f32>) {
 fn hub_download_load_generate_then_cache() {
     let hub = hub(Config::default());
     let cache = tempfile::tempdir().expect("tempdir");
-    let opts = ModelOptions {
-        load: LoadOptions::default(),
-        revision: None,
+    let opts = LoadOptions {
         hub: options(&hub, cache.path()),
+        ..Default::default()
     };
-    let (pipe, info) =
-        load_pipeline::<Cpu>(REPO, &opts, &Default::default()).expect("hub model loads");
+    let pipe = load_pipeline::<Cpu>(
+        REPO,
+        DType::F32,
+        &opts,
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("hub model loads");
+    let info = pipe.components().info.clone();
     let dir = info.local_dir.clone().expect("a snapshot folder");
     assert_eq!(info.id, REPO);
     assert!(!info.random_weights);
@@ -104,9 +111,7 @@ fn hub_download_load_generate_then_cache() {
         &fixture_dir().join("unet/diffusion_pytorch_model.safetensors"),
     );
 
-    let local =
-        SdxlPipeline::<Cpu>::load(&fixture_dir(), &LoadOptions::default(), &Default::default())
-            .expect("local");
+    let local = crate::common::fixture_pipeline::<Cpu>(DType::F32, &Default::default());
     assert!(
         generate(&pipe) == generate(&local),
         "hub and local folder generate differently"
@@ -330,10 +335,14 @@ fn hub_gated_repository_and_lone_vae() {
     );
     // The VAE loads as the pipeline's `--vae`.
     let load = LoadOptions {
-        vae: Some(dir),
+        vae: Some(dir.display().to_string()),
         variant: Some("fp16".into()),
         ..Default::default()
     };
-    SdxlPipeline::<Cpu>::load(&fixture_dir(), &load, &Default::default())
-        .expect("pipeline with --vae");
+    crate::common::fixture_pipeline_with::<Cpu>(
+        DType::F32,
+        &load,
+        &Default::default(),
+        &Default::default(),
+    );
 }

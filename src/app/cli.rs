@@ -1,0 +1,539 @@
+//! The `hypergen` command line: flag definitions and the commands they start.
+//! `main.rs` only calls [`main`].
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::app::server::auth::ApiKey;
+use crate::app::server::request::SizeLimits;
+use crate::app::server::ServerConfig;
+use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::load::{load_pipeline, LoadOptions};
+use crate::model::vae::tiling::VaeTileSize;
+use crate::pipeline::{GenerationRequest, Progress, RequestDefaults, RunOptions};
+use crate::scheduler::SchedulerKind;
+use crate::FusedOps;
+
+/// hypergen: Stable Diffusion XL on any GPU vendor.
+#[derive(Debug, Parser)]
+#[command(name = "hypergen", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a prompt and write them as PNG files.
+    Generate(Box<GenerateArgs>),
+    /// Serve the model over HTTP (HyperGen- and OpenAI-compatible API).
+    Serve(Box<ServeArgs>),
+    /// Print the HTTP API's OpenAPI schema (what `openapi/openapi.json` holds).
+    Openapi,
+    /// List the GPUs and backends this build can use, and what `--device auto` picks.
+    Devices,
+    /// Time text encoding, the UNet step, the VAE decode and the whole pipeline (or, with
+    /// `ops`, SDXL's hot ops at their real shapes) on a device.
+    Bench(Box<BenchArgs>),
+}
+
+/// Where a model runs and how it is loaded: flags shared by every command that loads one.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// auto, cpu, wgpu, vulkan[:N], metal[:N], mps, dx12[:N], cuda[:N] (see `hypergen devices`).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (float32 on the CPU, float16 on GPUs that have it), float32, float16 or bfloat16.
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    pub dtype: DTypeChoice,
+    /// Weight-file variant to load (`fp16`); default: fp16 for half dtypes.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// A VAE to use instead of the model's: a folder or a Hub id (e.g. the fp16-safe
+    /// madebyollin/sdxl-vae-fp16-fix).
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// Hub revision of the model (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Decode with a tiled VAE so that large images fit small GPUs: alone, tiles of the
+    /// VAE config's `sample_size` (1024 px for SDXL: only larger images are tiled);
+    /// `--vae-tiling=PIXELS` for smaller tiles (a multiple of 8).
+    #[arg(long, value_name = "PIXELS", num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
+    pub vae_tiling: Option<VaeTileSize>,
+    /// Threads of the CPU backend (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+}
+
+impl LoadArgs {
+    /// The parsed `--device`.
+    pub fn device_spec(&self) -> anyhow::Result<DeviceSpec> {
+        Ok(self.device.parse()?)
+    }
+
+    /// Where the model's files are (Hub settings from the environment).
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            variant: self.variant.clone(),
+            vae: self.vae.clone(),
+            revision: self.revision.clone(),
+            ..LoadOptions::default()
+        }
+    }
+
+    /// How the loaded model runs.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            vae_tiling: self.vae_tiling,
+        }
+    }
+
+    /// Sizes the CPU backend's thread pool (`--threads`); once per process, before any
+    /// CPU work. A pool that already exists (tests, the bench target) is kept.
+    pub fn apply_threads(&self) {
+        if let Some(n) = self.threads {
+            if rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .build_global()
+                .is_err()
+            {
+                tracing::warn!(
+                    threads = n,
+                    "--threads: the CPU thread pool already exists; keeping it"
+                );
+            }
+        }
+    }
+}
+
+/// `--dtype` as clap parses it.
+fn parse_dtype(s: &str) -> Result<DTypeChoice, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
+}
+
+/// Flags of `hypergen generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers-layout SDXL folder, a Hub repository id (stabilityai/sdxl-turbo) or a
+    /// built-in model (tiny-sdxl-random, sdxl-base-1.0-random, sdxl-turbo-random).
+    #[arg(long)]
+    pub model: String,
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (empty: zero embeddings, as SDXL does).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = RequestDefaults::LIBRARY.steps)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (≤ 1 disables guidance).
+    #[arg(long, default_value_t = RequestDefaults::LIBRARY.guidance_scale)]
+    pub guidance: f64,
+    /// Noise seed; the same seed gives the same image on every backend.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Width in pixels (multiple of 8).
+    #[arg(long, default_value_t = RequestDefaults::LIBRARY.width)]
+    pub width: usize,
+    /// Height in pixels (multiple of 8).
+    #[arg(long, default_value_t = RequestDefaults::LIBRARY.height)]
+    pub height: usize,
+    /// Scheduler instead of the model's: euler, euler_karras, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Images to generate (default: 1, or the batch size of --latents).
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// Device, dtype and loading.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Starting noise: a safetensors file with one tensor `latents` of shape [n, 4, h/8, w/8].
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Output PNG path; with several images, `-N` is added before the extension.
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+}
+
+/// Flags of `hypergen serve` (HyperGen's, plus a few of hypergen's own). `Debug` never
+/// shows the API key.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The model: a local diffusers-layout SDXL folder, a Hub repository id
+    /// (stabilityai/sdxl-turbo), or a built-in random-weight model (tiny-sdxl-random,
+    /// sdxl-base-1.0-random, sdxl-turbo-random; no network or files needed).
+    pub model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Device, dtype and loading.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Require `Authorization: Bearer KEY` on every route but /health, /docs and /openapi.json.
+    #[arg(long, env = "HYPERGEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
+    /// A LoRA adapter to load at start (not supported yet: refused).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Accepted requests that may wait; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 100)]
+    pub max_queue_size: usize,
+    /// Most queued requests with the same settings run as one batch.
+    #[arg(long, default_value_t = 1)]
+    pub max_batch_size: usize,
+    /// Smallest image side a request may ask for, in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub min_size: usize,
+    /// Largest image side a request may ask for, in pixels.
+    #[arg(long, default_value_t = 2048)]
+    pub max_size: usize,
+    /// Base of the image URLs the server hands out (default: http:// + the request's Host).
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Memory for images served by URL, in MiB (the oldest are evicted first).
+    #[arg(long, default_value_t = 512)]
+    pub url_store_mb: usize,
+}
+
+impl ServeArgs {
+    /// The server configuration and listen address these flags describe.
+    pub fn server_config(&self) -> anyhow::Result<(ServerConfig, String)> {
+        if self.lora.is_some() {
+            bail!("--lora: LoRA adapters are not supported yet");
+        }
+        if self.min_size == 0 || self.min_size > self.max_size {
+            bail!("--min-size must be at least 1 and at most --max-size");
+        }
+        let mut config = ServerConfig::new(&self.model, self.load.device_spec()?);
+        let worker = &mut config.worker;
+        worker.dtype = self.load.dtype;
+        worker.load = self.load.load_options();
+        worker.run = self.load.run_options();
+        worker.max_queue_size = self.max_queue_size;
+        worker.max_batch_size = self.max_batch_size;
+        config.api_key = self.api_key.clone();
+        config.limits = SizeLimits {
+            min: self.min_size,
+            max: self.max_size,
+        };
+        config.public_url = self.public_url.clone();
+        config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        Ok((config, format!("{host}:{}", self.port)))
+    }
+}
+
+/// Flags of `hypergen bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model as `generate --model` takes it (full-size random-weight built-ins need no
+    /// download), or `ops` for the per-op microbenchmark.
+    #[arg(default_value = crate::app::bench::DEFAULT_MODEL)]
+    pub model: String,
+    /// Device, dtype and loading.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Image sizes: N (square) or WIDTHxHEIGHT, comma-separated [default: 1024; 512 for
+    /// models whose name contains `turbo`].
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Image width (instead of --size; --height defaults to it).
+    #[arg(long, conflicts_with = "size")]
+    pub width: Option<usize>,
+    /// Image height (instead of --size; --width defaults to it).
+    #[arg(long, conflicts_with = "size")]
+    pub height: Option<usize>,
+    /// Denoising steps of the whole-pipeline runs, comma-separated [default: 30; 1 for
+    /// turbo models].
+    #[arg(long)]
+    pub steps: Option<String>,
+    /// Images per run, comma-separated; images/s is reported for each and the best (ops:
+    /// one value, the UNet ops get twice as many rows).
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Guidance scale [default: 5; 0 for turbo models].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Untimed runs before each measurement (kernel compilation, autotuning).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// What to time: `all` or a comma list of text, unet, scheduler, vae, pipeline.
+    #[arg(long, default_value = "all")]
+    pub components: String,
+    /// Prompt for text encoding and the pipeline.
+    #[arg(long, default_value = "a photo of an astronaut riding a horse on mars")]
+    pub prompt: String,
+    /// Dense throughput of the device, for the ratio to the arithmetic floor (TFLOP/s).
+    #[arg(long, default_value_t = crate::app::bench::flops::DEFAULT_PEAK_TFLOPS)]
+    pub peak_tflops: f64,
+    /// `ops` only: time the ops whose name contains this (e.g. `attention`, `unet.`).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Turns `hypergen bench` flags into the library's options.
+pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::app::bench::BenchOptions> {
+    use crate::app::bench::{self, Mode, ModelBench, OpBench};
+    let turbo = args.model.to_ascii_lowercase().contains("turbo");
+    let sizes = match (&args.size, args.width, args.height) {
+        (Some(s), _, _) => bench::parse_sizes(s)?,
+        (None, Some(w), h) => vec![(w, h.unwrap_or(w))],
+        (None, None, Some(h)) => vec![(h, h)],
+        (None, None, None) => vec![if turbo { (512, 512) } else { (1024, 1024) }],
+    };
+    let batches = bench::parse_counts("batch", &args.batch)?;
+    let dtype = args.load.dtype;
+    let mode = if args.model == "ops" {
+        let [batch] = batches[..] else {
+            bail!("invalid `batch`: `hypergen bench ops` takes one batch size");
+        };
+        Mode::Ops(OpBench {
+            sizes,
+            batch,
+            filter: args.filter.clone(),
+        })
+    } else {
+        let default_steps = if turbo { "1" } else { "30" };
+        Mode::Model {
+            model: args.model.clone(),
+            load: Box::new(args.load.load_options()),
+            run: args.load.run_options(),
+            bench: ModelBench {
+                sizes,
+                steps: bench::parse_counts(
+                    "steps",
+                    args.steps.as_deref().unwrap_or(default_steps),
+                )?,
+                batches,
+                guidance: args.guidance.unwrap_or(if turbo { 0.0 } else { 5.0 }),
+                components: bench::parse_components(&args.components)?,
+                prompt: args.prompt.clone(),
+                peak_tflops: args.peak_tflops,
+            },
+        }
+    };
+    let options = bench::BenchOptions {
+        mode,
+        dtype,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+/// `hypergen bench`: runs the benchmark, prints its tables (progress on stderr) and
+/// writes the JSON report when asked.
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = bench_options(&args)?;
+    let device = args.load.device_spec()?;
+    args.load.apply_threads();
+    let report = crate::app::bench::run(&device, options, &mut |line| eprintln!("{line}"))?;
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Reads a `--latents` file: one tensor named `latents`, float32 (or float16), rank 4.
+pub fn read_latents(path: &Path) -> anyhow::Result<(Vec<f32>, [usize; 4])> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let view = st
+        .tensor("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: `latents` has shape {:?}, expected [n, 4, h/8, w/8]",
+            path.display(),
+            view.shape()
+        )
+    })?;
+    let data = match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => view
+            .data()
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!(
+            "{}: `latents` is {other:?}, expected F32 or F16",
+            path.display()
+        ),
+    };
+    Ok((data, shape))
+}
+
+/// The file name for image `i` of `n`.
+fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    out.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+struct Generate {
+    args: GenerateArgs,
+    request: GenerationRequest,
+}
+
+impl WithBackend for Generate {
+    type Output = anyhow::Result<()>;
+
+    fn dtype(&self) -> Option<DTypeChoice> {
+        Some(self.args.load.dtype)
+    }
+
+    fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> anyhow::Result<()> {
+        let load = &self.args.load;
+        let pipeline = load_pipeline::<B>(
+            &self.args.model,
+            placed.dtype,
+            &load.load_options(),
+            &load.run_options(),
+            &device,
+        )
+        .with_context(|| format!("loading {}", self.args.model))?;
+        let info = &pipeline.components().info;
+        if info.random_weights {
+            tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
+        }
+        tracing::info!(device = %placed.label, model = %info.id, "generating");
+        let bar = ProgressBar::new(self.request.num_inference_steps as u64).with_style(
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut on_step = |p: Progress| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.step as u64);
+            ControlFlow::Continue(())
+        };
+        let out = pipeline
+            .generate(&self.request, &mut on_step)
+            .context("generating")?;
+        bar.finish_and_clear();
+        let n = out.images.len();
+        for (i, img) in out.images.iter().enumerate() {
+            let path = numbered(&self.args.out, i, n);
+            let png = img.to_png()?;
+            std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+        }
+        Ok(())
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = args.load.device_spec()?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()?;
+    let latents = args.latents.as_deref().map(read_latents).transpose()?;
+    let num_images = match (&latents, args.num_images) {
+        (Some((_, shape)), Some(n)) if shape[0] != n => {
+            bail!(
+                "--num-images {n} disagrees with the batch size {} of --latents",
+                shape[0]
+            )
+        }
+        (Some((_, shape)), _) => shape[0],
+        (None, n) => n.unwrap_or(1),
+    };
+    if let Some((_, shape)) = &latents {
+        let (h, w) = (shape[2] * 8, shape[3] * 8);
+        if (h, w) != (args.height, args.width) {
+            bail!(
+                "--latents has spatial size {}x{} (an image of {w}x{h}), but --width/--height ask for {}x{}",
+                shape[3], shape[2], args.width, args.height
+            );
+        }
+    }
+    let request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width,
+        height: args.height,
+        num_images,
+        seed: args.seed,
+        scheduler,
+        latents: latents.map(|(v, _)| v),
+        ..Default::default()
+    };
+    args.load.apply_threads();
+    dispatch(&device, Generate { args, request })?
+}
+
+/// Parses the command line and runs the command; the binary's whole `main`.
+pub fn main() -> anyhow::Result<()> {
+    run(Cli::parse())
+}
+
+/// Runs a parsed command line (logging to stderr, `RUST_LOG` or `info`).
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // try_init: a process that runs several commands (tests, the bench target) logs once.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match cli.command {
+        Command::Bench(args) => bench(*args),
+        Command::Generate(args) => generate(*args),
+        Command::Serve(args) => {
+            tracing::info!(?args, "hypergen serve");
+            let (config, bind) = args.server_config()?;
+            args.load.apply_threads();
+            crate::app::server::serve(config, &bind)
+        }
+        Command::Openapi => {
+            println!("{}", crate::app::server::openapi_json());
+            Ok(())
+        }
+        Command::Devices => {
+            print!(
+                "{}",
+                crate::device::report(&crate::device::Inventory::probe())
+            );
+            Ok(())
+        }
+    }
+}

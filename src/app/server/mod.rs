@@ -1,0 +1,317 @@
+//! `hypergen serve`: an HTTP service compatible with HyperGen and OpenAI's Images API,
+//! a thin typed layer (poem + poem-openapi) over [`crate::pipeline`].
+//!
+//! - [`api`]: the routes; [`types`]: every body in the schema; [`request`]: body
+//!   parsing and checks; [`error`]: OpenAI's error object for every failure;
+//!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
+//!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
+//!   clients that went away.
+//! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
+//!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
+//!   (committed as `openapi/openapi.json`; regenerate it with
+//!   `hypergen openapi > openapi/openapi.json`).
+
+pub mod api;
+pub mod auth;
+pub mod conn;
+pub mod error;
+pub mod images;
+pub mod request;
+pub mod types;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::OpenApiService;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::device::DeviceSpec;
+use crate::pipeline::ModelInfo;
+use auth::ApiKey;
+use conn::{Connections, TrackingAcceptor};
+use images::ImageStore;
+use request::SizeLimits;
+use worker::{Worker, WorkerOptions, WorkerStats};
+
+/// Everything a [`Server`] needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The worker: the model, where and how it runs, its queue.
+    pub worker: WorkerOptions,
+    /// The API key, if the server requires one.
+    pub api_key: Option<ApiKey>,
+    /// Image sizes requests may ask for.
+    pub limits: SizeLimits,
+    /// Base of image URLs; `None`: `http://` + the request's `Host`.
+    pub public_url: Option<String>,
+    /// How long image URLs stay valid.
+    pub url_ttl: Duration,
+    /// Memory for images served by URL, in bytes.
+    pub url_store_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for a model (folder, built-in name or Hub id), HyperGen's where it has
+    /// them, on `device`; Hub settings from the environment.
+    pub fn new(model: impl AsRef<Path>, device: DeviceSpec) -> Self {
+        Self {
+            worker: WorkerOptions::new(model.as_ref().display().to_string(), device),
+            api_key: None,
+            limits: SizeLimits::default(),
+            public_url: None,
+            url_ttl: images::DEFAULT_TTL,
+            url_store_bytes: 512 << 20,
+        }
+    }
+}
+
+/// What every route can reach.
+pub struct AppState {
+    /// How the server was configured.
+    pub config: ServerConfig,
+    /// What the worker loaded.
+    pub model: ModelInfo,
+    /// The worker and its queue.
+    pub worker: Worker,
+    /// Images served by URL.
+    pub images: ImageStore,
+    /// When the model was loaded, in Unix seconds.
+    pub started: i64,
+    /// Open connections, to notice clients that went away.
+    pub connections: Arc<Connections>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("model", &self.config.worker.model)
+            .field("auth", &self.config.api_key.is_some())
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// The scheme and authority image URLs start with, for this request.
+    pub fn public_base(&self, req: &poem::Request) -> String {
+        if let Some(base) = &self.config.public_url {
+            return base.trim_end_matches('/').to_string();
+        }
+        let scheme = match req.header("x-forwarded-proto") {
+            Some(p) if p.eq_ignore_ascii_case("https") => "https",
+            _ => "http",
+        };
+        let host = req
+            .header("host")
+            .map(str::to_string)
+            .unwrap_or_else(|| req.local_addr().to_string());
+        format!("{scheme}://{host}")
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The OpenAPI service: routes and schema.
+pub fn openapi_service() -> OpenApiService<api::Api, ()> {
+    OpenApiService::new(api::Api, "hypergen", env!("CARGO_PKG_VERSION")).description(
+        "Stable Diffusion XL over HTTP, compatible with HyperGen and OpenAI's Images API. \
+         When the server has an API key, every route but `/health`, `/docs` and \
+         `/openapi.json` needs `Authorization: Bearer KEY`. Every error is OpenAI's \
+         error object.",
+    )
+}
+
+/// The schema as served at `/openapi.json` and committed as `openapi/openapi.json`.
+pub fn openapi_json() -> String {
+    openapi_service().spec()
+}
+
+/// The whole HTTP application over `state`.
+pub fn app(state: Arc<AppState>) -> impl Endpoint {
+    let service = openapi_service();
+    let docs = service.swagger_ui();
+    let spec = service.spec_endpoint();
+    Route::new()
+        .nest("/", service)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .data(state)
+        .catch_all_error(error::catch_all)
+}
+
+/// A running server: the model loaded, listening.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Loads the model (on the worker thread), then listens on `bind` (`host:port`;
+    /// port 0 picks a free one). Returns once requests can be served.
+    pub async fn start(config: ServerConfig, bind: &str) -> anyhow::Result<Server> {
+        let w = &config.worker;
+        tracing::info!(model = %w.model, device = %w.device, dtype = %w.dtype, "loading model");
+        let options = config.worker.clone();
+        let worker = tokio::task::spawn_blocking(move || Worker::spawn(options))
+            .await
+            .context("the loading task failed")?
+            .with_context(|| format!("loading model `{}`", config.worker.model))?;
+        let model = worker
+            .model_info()
+            .context("the worker reported ready without a model")?;
+        tracing::info!(
+            model = %w.model,
+            device = worker.device(),
+            dtype = %w.dtype,
+            max_queue_size = w.max_queue_size,
+            max_batch_size = w.max_batch_size,
+            auth = config.api_key.is_some(),
+            "model loaded"
+        );
+        if model.random_weights {
+            tracing::warn!(
+                model = %w.model,
+                "serving a built-in model with RANDOM weights: its images are noise (for tests and benchmarks)"
+            );
+        }
+        let state = Arc::new(AppState {
+            images: ImageStore::new(config.url_ttl, config.url_store_bytes),
+            config,
+            model,
+            worker,
+            started: unix_now(),
+            connections: Arc::new(Connections::default()),
+        });
+        let listener = match tokio::net::TcpListener::bind(bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                shut_worker(&state).await;
+                return Err(e).with_context(|| format!("listening on {bind}"));
+            }
+        };
+        let addr = listener.local_addr().context("listening")?;
+        let acceptor =
+            TrackingAcceptor::new(listener, state.connections.clone()).context("listening")?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(
+            poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                app(state.clone()),
+                async move {
+                    let _ = stopped.await;
+                },
+                None,
+            ),
+        );
+        tracing::info!("listening on http://{addr} (API docs at http://{addr}/docs)");
+        Ok(Server {
+            addr,
+            state,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDRESS`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What happened to jobs so far.
+    pub fn stats(&self) -> WorkerStats {
+        self.state.worker.stats()
+    }
+
+    /// Graceful shutdown: stop accepting, finish the running job, refuse the queued
+    /// ones (503), wait for every response to go out, stop the worker.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.state.worker.begin_shutdown();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let served = (&mut self.task).await;
+        shut_worker(&self.state).await;
+        served
+            .context("the server task failed")?
+            .context("the server failed")?;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+async fn shut_worker(state: &Arc<AppState>) {
+    state.worker.begin_shutdown();
+    let state = state.clone();
+    let _ = tokio::task::spawn_blocking(move || state.worker.join()).await;
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// `hypergen serve`: listens on `bind` until SIGINT/SIGTERM, then shuts down gracefully
+/// (exit 0).
+pub fn serve(config: ServerConfig, bind: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let server = Server::start(config, bind).await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing the running job, refusing queued ones");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        });
+        server.shutdown().await
+    })
+}

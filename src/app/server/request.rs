@@ -1,0 +1,382 @@
+//! Reading and checking request bodies. The body is parsed field by field, so that every
+//! refusal names its field in `param` (the framework's own JSON payload reports neither
+//! the field nor OpenAI's error shape), and then turned into a pipeline request.
+
+use poem::{Request, RequestBody};
+use poem_openapi::payload::{ParsePayload, Payload};
+use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
+use poem_openapi::types::Type;
+use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::types::{self, ImageGenerationRequest, ResponseFormat, SchedulerName};
+use crate::pipeline::GenerationRequest;
+use crate::scheduler::SchedulerKind;
+
+/// Largest request body the server reads, in bytes; larger ones get 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Most images one request may ask for.
+pub const MAX_IMAGES: u64 = 10;
+/// Most denoising steps one request may ask for.
+pub const MAX_STEPS: u64 = 150;
+/// Largest guidance scale accepted.
+pub const MAX_GUIDANCE: f64 = 20.0;
+/// Largest LoRA scale accepted.
+pub const MAX_LORA_SCALE: f64 = 2.0;
+
+/// The image sizes the server accepts: each side a multiple of 8 in `min..=max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// Smallest side in pixels.
+    pub min: usize,
+    /// Largest side in pixels.
+    pub max: usize,
+}
+
+impl Default for SizeLimits {
+    fn default() -> Self {
+        Self { min: 64, max: 2048 }
+    }
+}
+
+/// A body type read field by field with [`Fields`].
+pub trait FromFields: Sized {
+    /// Builds the value from the body's fields; every field must be consumed.
+    fn from_fields(fields: &mut Fields) -> Result<Self, ApiError>;
+}
+
+/// A JSON request body of type `T`: documented as `T` in the schema, parsed with
+/// [`FromFields`], limited to [`MAX_BODY_BYTES`]. Any content type is read as JSON, so
+/// that `curl -d` without a header works.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: Type + Send> Payload for JsonBody<T> {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn check_content_type(_content_type: &str) -> bool {
+        true
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: FromFields + Send> ParsePayload for JsonBody<T> {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        let too_long = request
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > MAX_BODY_BYTES);
+        if too_long {
+            return Err(ApiError::too_large(MAX_BODY_BYTES).into());
+        }
+        let bytes = body
+            .take()?
+            .into_bytes_limit(MAX_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(MAX_BODY_BYTES),
+                other => {
+                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
+                }
+            })?;
+        Ok(Self(parse_body(&bytes)?))
+    }
+}
+
+/// Parses a body: JSON, an object, then [`FromFields`].
+pub fn parse_body<T: FromFields>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body is empty; send a JSON object",
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    let Value::Object(map) = value else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    };
+    let mut fields = Fields(map);
+    let out = T::from_fields(&mut fields)?;
+    fields.finish()?;
+    Ok(out)
+}
+
+impl<'a, T: Type + FromFields + Send> ApiExtractor<'a> for JsonBody<T> {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        <Self as Payload>::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        Some(MetaRequest {
+            description: None,
+            content: vec![MetaMediaType {
+                content_type: <Self as Payload>::CONTENT_TYPE,
+                schema: <Self as Payload>::schema_ref(),
+            }],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        <Self as ParsePayload>::from_request(request, body).await
+    }
+}
+
+/// The fields of a JSON object, taken one by one with typed accessors that name the
+/// field in their errors. `null` counts as absent.
+#[derive(Debug)]
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.0.remove(name).filter(|v| !v.is_null())
+    }
+
+    fn wrong_type(name: &str, want: &str, got: &Value) -> ApiError {
+        let got = match got {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        };
+        ApiError::field(
+            name,
+            "invalid_type",
+            format!("`{name}` must be {want}, got {got}"),
+        )
+    }
+
+    /// A string field.
+    pub fn string(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(Self::wrong_type(name, "a string", &other)),
+        }
+    }
+
+    /// A required string field.
+    pub fn required_string(&mut self, name: &str) -> Result<String, ApiError> {
+        self.string(name)?
+            .ok_or_else(|| ApiError::field(name, "missing_field", format!("`{name}` is required")))
+    }
+
+    /// A non-negative integer field.
+    pub fn unsigned(&mut self, name: &str) -> Result<Option<u64>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                ApiError::field(
+                    name,
+                    "invalid_type",
+                    format!("`{name}` must be a non-negative integer, got {n}"),
+                )
+            }),
+            Some(other) => Err(Self::wrong_type(name, "an integer", &other)),
+        }
+    }
+
+    /// A number field.
+    pub fn number(&mut self, name: &str) -> Result<Option<f64>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| {
+                ApiError::field(name, "invalid_type", format!("`{name}` must be a number"))
+            }),
+            Some(other) => Err(Self::wrong_type(name, "a number", &other)),
+        }
+    }
+
+    /// Refuses whatever field is left.
+    pub fn finish(self) -> Result<(), ApiError> {
+        match self.0.keys().next() {
+            None => Ok(()),
+            Some(name) => Err(ApiError::field(
+                name,
+                "unknown_field",
+                format!("unrecognized request argument supplied: `{name}`"),
+            )),
+        }
+    }
+}
+
+/// `value` checked against `lo..=hi`.
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ApiError> {
+    if value >= lo && value <= hi {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid_value(
+            name,
+            format!("`{name}` must be between {lo} and {hi}, got {value}"),
+        ))
+    }
+}
+
+impl FromFields for ImageGenerationRequest {
+    fn from_fields(f: &mut Fields) -> Result<Self, ApiError> {
+        // A struct literal, so that a new field cannot be forgotten here.
+        Ok(Self {
+            prompt: f.required_string("prompt")?,
+            model: f.string("model")?,
+            n: match f.unsigned("n")? {
+                Some(n) => in_range("n", n, 1, MAX_IMAGES)? as u32,
+                None => types::default_n(),
+            },
+            size: f.string("size")?.unwrap_or_else(types::default_size),
+            quality: f.string("quality")?,
+            style: f.string("style")?,
+            user: f.string("user")?,
+            response_format: match f.string("response_format")?.as_deref() {
+                None | Some("b64_json") => ResponseFormat::B64Json,
+                Some("url") => ResponseFormat::Url,
+                Some(other) => {
+                    return Err(ApiError::invalid_value(
+                        "response_format",
+                        format!("`response_format` must be `b64_json` or `url`, got `{other}`"),
+                    ))
+                }
+            },
+            negative_prompt: f.string("negative_prompt")?,
+            num_inference_steps: match f.unsigned("num_inference_steps")? {
+                Some(s) => in_range("num_inference_steps", s, 1, MAX_STEPS)? as u32,
+                None => types::default_steps(),
+            },
+            guidance_scale: match f.number("guidance_scale")? {
+                Some(g) => in_range("guidance_scale", g, 0.0, MAX_GUIDANCE)?,
+                None => types::default_guidance(),
+            },
+            seed: f.unsigned("seed")?,
+            lora_path: f.string("lora_path")?,
+            lora_scale: match f.number("lora_scale")? {
+                Some(s) => in_range("lora_scale", s, 0.0, MAX_LORA_SCALE)?,
+                None => types::default_lora_scale(),
+            },
+            scheduler: match f.string("scheduler")? {
+                None => None,
+                Some(s) => Some(SchedulerName::from(
+                    s.parse::<SchedulerKind>()
+                        .map_err(|e| ApiError::invalid_value("scheduler", e.to_string()))?,
+                )),
+            },
+        })
+    }
+}
+
+/// Parses `WIDTHxHEIGHT` (or `auto`, 1024x1024) within `limits`.
+pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), ApiError> {
+    let size = size.trim();
+    let auto = types::default_size();
+    let size = if size.eq_ignore_ascii_case("auto") {
+        auto.as_str()
+    } else {
+        size
+    };
+    let bad = || {
+        ApiError::invalid_value(
+            "size",
+            format!("`size` must look like `1024x1024` (WIDTHxHEIGHT), got `{size}`"),
+        )
+    };
+    let (w, h) = size.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let w: usize = w.trim().parse().map_err(|_| bad())?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    for (what, v) in [("width", w), ("height", h)] {
+        if v < limits.min || v > limits.max || !v.is_multiple_of(8) {
+            return Err(ApiError::invalid_value(
+                "size",
+                format!(
+                    "the {what} {v} must be a multiple of 8 between {} and {}",
+                    limits.min, limits.max
+                ),
+            ));
+        }
+    }
+    Ok((w, h))
+}
+
+/// A request the pipeline can run, and how to answer it.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// What the worker runs.
+    pub generation: GenerationRequest,
+    /// How to return the images.
+    pub response_format: ResponseFormat,
+}
+
+/// Checks what the field parser cannot (size, features hypergen lacks) and builds the
+/// pipeline request; `seed` fills in an absent seed.
+pub fn check(
+    req: &ImageGenerationRequest,
+    limits: &SizeLimits,
+    seed: impl FnOnce() -> u64,
+) -> Result<Checked, ApiError> {
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::invalid_value(
+            "prompt",
+            "`prompt` must not be empty",
+        ));
+    }
+    let (width, height) = parse_size(&req.size, limits)?;
+    if req.lora_path.is_some() {
+        return Err(ApiError::invalid_value(
+            "lora_path",
+            "LoRA adapters are not supported by this server yet",
+        ));
+    }
+    Ok(Checked {
+        generation: GenerationRequest {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            num_inference_steps: req.num_inference_steps as usize,
+            guidance_scale: req.guidance_scale,
+            width,
+            height,
+            num_images: req.n as usize,
+            seed: req.seed.unwrap_or_else(seed),
+            scheduler: req.scheduler.map(SchedulerKind::from),
+            ..Default::default()
+        },
+        response_format: req.response_format,
+    })
+}
+
+/// A random seed for a request that has none.
+pub fn random_seed() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: the clock still differs between requests.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}

@@ -1,0 +1,350 @@
+//! The HTTP schema: every request, response and error body, as `poem-openapi` types with
+//! descriptions and examples. OpenAI's Images API shapes, plus hypergen's extra fields.
+
+use poem_openapi::types::Example;
+use poem_openapi::{Enum, Object};
+
+use crate::pipeline::RequestDefaults;
+use crate::scheduler::SchedulerKind;
+
+/// Body of `POST /v1/images/generations`: OpenAI's image request, plus the diffusion
+/// settings OpenAI does not have. Unknown fields are refused (400, `param` names them).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example, skip_serializing_if_is_none)]
+pub struct ImageGenerationRequest {
+    /// What to draw. CLIP reads the first 77 tokens; the rest is cut off (with a
+    /// warning in the server log).
+    pub prompt: String,
+    /// Accepted for OpenAI compatibility and ignored: the server runs the model it was
+    /// started with (see `GET /v1/models`).
+    pub model: Option<String>,
+    /// How many images to make from this prompt, 1 to 10.
+    #[oai(
+        default = "default_n",
+        validator(minimum(value = "1"), maximum(value = "10"))
+    )]
+    pub n: u32,
+    /// `WIDTHxHEIGHT` in pixels. Both must be multiples of 8 within the server's limits,
+    /// 64 to 2048 unless it was started with other `--min-size`/`--max-size`. `auto`
+    /// means 1024x1024.
+    #[oai(default = "default_size")]
+    pub size: String,
+    /// Accepted for OpenAI compatibility and ignored.
+    pub quality: Option<String>,
+    /// Accepted for OpenAI compatibility and ignored.
+    pub style: Option<String>,
+    /// Accepted for OpenAI compatibility and ignored (not logged).
+    pub user: Option<String>,
+    /// `b64_json`: the PNG in the response; `url`: a link to the PNG on this server,
+    /// valid for one hour.
+    #[oai(default = "default_response_format")]
+    pub response_format: ResponseFormat,
+    /// What to steer away from. Absent or empty: zero conditioning, as SDXL does.
+    pub negative_prompt: Option<String>,
+    /// Denoising steps, 1 to 150.
+    #[oai(
+        default = "default_steps",
+        validator(minimum(value = "1"), maximum(value = "150"))
+    )]
+    pub num_inference_steps: u32,
+    /// Classifier-free guidance scale, 0 to 20; 1 or less runs without guidance.
+    #[oai(
+        default = "default_guidance",
+        validator(minimum(value = "0"), maximum(value = "20"))
+    )]
+    pub guidance_scale: f64,
+    /// Noise seed: the same seed, settings and model give the same image on every
+    /// device. Random when absent.
+    pub seed: Option<u64>,
+    /// A LoRA adapter to apply. Not supported yet: a request that sets it is refused.
+    pub lora_path: Option<String>,
+    /// Strength of `lora_path`, 0 to 2.
+    #[oai(
+        default = "default_lora_scale",
+        validator(minimum(value = "0"), maximum(value = "2"))
+    )]
+    pub lora_scale: f64,
+    /// The sampler; absent: the model's own scheduler config.
+    pub scheduler: Option<SchedulerName>,
+}
+
+/// Default of [`ImageGenerationRequest::n`].
+pub fn default_n() -> u32 {
+    1
+}
+/// Default of [`ImageGenerationRequest::size`].
+pub fn default_size() -> String {
+    let d = RequestDefaults::HYPERGEN_API;
+    format!("{}x{}", d.width, d.height)
+}
+/// Default of [`ImageGenerationRequest::response_format`].
+pub fn default_response_format() -> ResponseFormat {
+    ResponseFormat::B64Json
+}
+/// Default of [`ImageGenerationRequest::num_inference_steps`].
+pub fn default_steps() -> u32 {
+    RequestDefaults::HYPERGEN_API.steps as u32
+}
+/// Default of [`ImageGenerationRequest::guidance_scale`].
+pub fn default_guidance() -> f64 {
+    RequestDefaults::HYPERGEN_API.guidance_scale
+}
+/// Default of [`ImageGenerationRequest::lora_scale`].
+pub fn default_lora_scale() -> f64 {
+    1.0
+}
+
+impl Example for ImageGenerationRequest {
+    fn example() -> Self {
+        Self {
+            prompt: "a photo of an astronaut riding a horse on mars".into(),
+            model: Some("stabilityai/stable-diffusion-xl-base-1.0".into()),
+            n: 1,
+            size: "1024x1024".into(),
+            quality: None,
+            style: None,
+            user: None,
+            response_format: ResponseFormat::B64Json,
+            negative_prompt: Some("blurry, low quality".into()),
+            num_inference_steps: 30,
+            guidance_scale: 5.0,
+            seed: Some(42),
+            lora_path: None,
+            lora_scale: 1.0,
+            scheduler: Some(SchedulerName::Euler),
+        }
+    }
+}
+
+/// How generated images are returned.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFormat {
+    /// Base64-encoded PNG in `b64_json`.
+    #[oai(rename = "b64_json")]
+    B64Json,
+    /// A URL on this server serving the PNG for one hour, in `url`.
+    #[oai(rename = "url")]
+    Url,
+}
+
+/// A sampler hypergen implements (the names of `hypergen generate --scheduler`).
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerName {
+    /// Euler (diffusers' `EulerDiscreteScheduler`).
+    #[oai(rename = "euler")]
+    Euler,
+    /// Euler with Karras sigmas.
+    #[oai(rename = "euler_karras")]
+    EulerKarras,
+    /// Euler ancestral (stochastic: draws noise from the seed at every step).
+    #[oai(rename = "euler_ancestral")]
+    EulerAncestral,
+    /// DDIM with η = 0.
+    #[oai(rename = "ddim")]
+    Ddim,
+    /// DPM-Solver++ 2M.
+    #[oai(rename = "dpmpp_2m")]
+    DpmPp2m,
+    /// DPM-Solver++ 2M with Karras sigmas.
+    #[oai(rename = "dpmpp_2m_karras")]
+    DpmPp2mKarras,
+}
+
+impl From<SchedulerKind> for SchedulerName {
+    fn from(kind: SchedulerKind) -> Self {
+        match kind {
+            SchedulerKind::Euler => SchedulerName::Euler,
+            SchedulerKind::EulerKarras => SchedulerName::EulerKarras,
+            SchedulerKind::EulerAncestral => SchedulerName::EulerAncestral,
+            SchedulerKind::Ddim => SchedulerName::Ddim,
+            SchedulerKind::DpmPp2m => SchedulerName::DpmPp2m,
+            SchedulerKind::DpmPp2mKarras => SchedulerName::DpmPp2mKarras,
+        }
+    }
+}
+
+impl From<SchedulerName> for SchedulerKind {
+    fn from(name: SchedulerName) -> Self {
+        match name {
+            SchedulerName::Euler => SchedulerKind::Euler,
+            SchedulerName::EulerKarras => SchedulerKind::EulerKarras,
+            SchedulerName::EulerAncestral => SchedulerKind::EulerAncestral,
+            SchedulerName::Ddim => SchedulerKind::Ddim,
+            SchedulerName::DpmPp2m => SchedulerKind::DpmPp2m,
+            SchedulerName::DpmPp2mKarras => SchedulerKind::DpmPp2mKarras,
+        }
+    }
+}
+
+/// Response of `POST /v1/images/generations` (OpenAI's `ImagesResponse`).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ImagesResponse {
+    /// When the images were made, in Unix seconds.
+    pub created: i64,
+    /// One entry per image, in order.
+    pub data: Vec<ImageData>,
+}
+
+impl Example for ImagesResponse {
+    fn example() -> Self {
+        Self {
+            created: 1_700_000_000,
+            data: vec![ImageData::example()],
+        }
+    }
+}
+
+/// One generated image: `b64_json` or `url`, as the request's `response_format` asked.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example, skip_serializing_if_is_none)]
+pub struct ImageData {
+    /// The PNG, base64-encoded (`response_format` `b64_json`).
+    pub b64_json: Option<String>,
+    /// Where to download the PNG (`response_format` `url`); valid for one hour, with
+    /// the same `Authorization` as the API when the server has a key.
+    pub url: Option<String>,
+    /// The prompt the image was made from (hypergen does not rewrite prompts).
+    pub revised_prompt: Option<String>,
+}
+
+impl Example for ImageData {
+    fn example() -> Self {
+        Self {
+            b64_json: None,
+            url: Some(
+                "http://localhost:8000/v1/images/files/6f1c0e7d9b2a4c1e8f3a5b7d9e0f1a2b".into(),
+            ),
+            revised_prompt: Some("a photo of an astronaut riding a horse on mars".into()),
+        }
+    }
+}
+
+/// Whether the server can take requests.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// The model is loaded and the worker is taking jobs.
+    Healthy,
+    /// The worker has stopped or the server is shutting down.
+    Unhealthy,
+}
+
+/// Response of `GET /health`.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct HealthResponse {
+    /// `healthy`, or `unhealthy` when the worker cannot serve.
+    pub status: HealthStatus,
+    /// The model the server was started with, as it was named.
+    pub model: String,
+    /// Accepted requests that have not started yet.
+    pub queue_size: u64,
+    /// The device the model runs on (`cpu`, `cuda:0`, `vulkan`, …).
+    pub device: String,
+}
+
+impl Example for HealthResponse {
+    fn example() -> Self {
+        Self {
+            status: HealthStatus::Healthy,
+            model: "./stable-diffusion-xl-base-1.0".into(),
+            queue_size: 0,
+            device: "cuda:0".into(),
+        }
+    }
+}
+
+/// Response of `GET /v1/models` (OpenAI's list object).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    /// The loaded model.
+    pub data: Vec<Model>,
+}
+
+impl Example for ModelList {
+    fn example() -> Self {
+        Self {
+            object: "list".into(),
+            data: vec![Model::example()],
+        }
+    }
+}
+
+/// A model the server serves (OpenAI's model object).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct Model {
+    /// The model as the server was started with it.
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    /// When the server loaded it, in Unix seconds.
+    pub created: i64,
+    /// Always `hypergen`.
+    pub owned_by: String,
+    /// True for hypergen's built-in models, whose weights are random: their images are
+    /// noise (for tests and benchmarks).
+    pub random_weights: bool,
+}
+
+impl Example for Model {
+    fn example() -> Self {
+        Self {
+            id: "./stable-diffusion-xl-base-1.0".into(),
+            object: "model".into(),
+            created: 1_700_000_000,
+            owned_by: "hypergen".into(),
+            random_weights: false,
+        }
+    }
+}
+
+/// Every error response: OpenAI's error object.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ErrorResponse {
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
+impl Example for ErrorResponse {
+    fn example() -> Self {
+        Self {
+            error: ErrorBody {
+                message: "`n` must be between 1 and 10, got 12".into(),
+                kind: "invalid_request_error".into(),
+                param: Some("n".into()),
+                code: Some("invalid_value".into()),
+            },
+        }
+    }
+}
+
+/// The content of an error response.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ErrorBody {
+    /// A human-readable explanation.
+    pub message: String,
+    /// `invalid_request_error` (400, 401, 404, 405, 413) or `server_error` (500, 503),
+    /// as OpenAI names them.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, for invalid input; else null.
+    pub param: Option<String>,
+    /// A machine-readable code (`invalid_value`, `invalid_type`, `missing_field`,
+    /// `unknown_field`, `invalid_json`, `invalid_api_key`, `missing_api_key`,
+    /// `not_found`, `method_not_allowed`, `request_too_large`, `queue_full`,
+    /// `shutting_down`, `generation_failed`, `internal_error`).
+    pub code: Option<String>,
+}
+
+impl Example for ErrorBody {
+    fn example() -> Self {
+        ErrorResponse::example().error
+    }
+}

@@ -1,0 +1,521 @@
+//! The worker: one OS thread that owns the pipeline and runs jobs from a bounded queue,
+//! answering each through a oneshot channel. The HTTP side only ever `try_send`s, so a
+//! full queue is refused at once and the async runtime never blocks on the model.
+
+use crate::FusedOps;
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::error::Error;
+use crate::load::{load_pipeline, LoadOptions};
+use crate::pipeline::{GenerationRequest, ModelInfo, Progress, RunOptions, SdxlPipeline};
+
+/// PNG files of a finished job, or why there are none.
+pub type JobResult = Result<Vec<Vec<u8>>, JobError>;
+
+/// Why a job produced no images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// The pipeline failed (message for the client).
+    Failed(String),
+    /// The server began shutting down before the job started.
+    ShuttingDown,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// `max_queue_size` jobs are already waiting.
+    QueueFull,
+    /// The worker is shutting down or has stopped.
+    Closed,
+}
+
+/// One accepted request.
+struct Job {
+    id: u64,
+    request: GenerationRequest,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// Counters of what happened to jobs since the worker started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Jobs accepted into the queue.
+    pub accepted: u64,
+    /// Jobs refused because the queue was full.
+    pub refused: u64,
+    /// Jobs that began running.
+    pub started: u64,
+    /// Jobs that finished and were answered.
+    pub completed: u64,
+    /// Jobs that failed (answered with an error).
+    pub failed: u64,
+    /// Jobs whose client went away while they ran (stopped at the next step).
+    pub cancelled: u64,
+    /// Jobs whose client went away before they started (never run).
+    pub skipped: u64,
+    /// Queued jobs refused because the server was shutting down.
+    pub shut_out: u64,
+    /// Requests whose client went away while they waited for their answer.
+    pub abandoned: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    started: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    skipped: AtomicU64,
+    shut_out: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Called on the worker thread with the number of jobs, before each batch runs.
+pub type BatchHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Instrumentation for tests and metrics; none by default.
+#[derive(Clone, Default)]
+pub struct WorkerHooks {
+    /// Runs before each batch (after its jobs left the queue).
+    pub before_batch: Option<BatchHook>,
+}
+
+impl std::fmt::Debug for WorkerHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHooks")
+            .field("before_batch", &self.before_batch.is_some())
+            .finish()
+    }
+}
+
+/// What the worker loads, where it runs, and how it schedules.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The model: a diffusers-layout folder, a built-in name or a Hub id.
+    pub model: String,
+    /// The device to run on.
+    pub device: DeviceSpec,
+    /// The dtype to run in (`auto`: as the device prefers).
+    pub dtype: DTypeChoice,
+    /// Weight variant, VAE, Hub revision and Hub settings.
+    pub load: LoadOptions,
+    /// VAE tiling.
+    pub run: RunOptions,
+    /// Accepted jobs that may wait (≥ 1).
+    pub max_queue_size: usize,
+    /// Most compatible jobs run as one batch (≥ 1).
+    pub max_batch_size: usize,
+    /// Instrumentation.
+    pub hooks: WorkerHooks,
+}
+
+impl WorkerOptions {
+    /// Defaults for `model` on `device` (HyperGen's queue of 100, no batching; dtype
+    /// `auto`; Hub settings from the environment).
+    pub fn new(model: String, device: DeviceSpec) -> Self {
+        Self {
+            model,
+            device,
+            dtype: DTypeChoice::Auto,
+            load: LoadOptions::default(),
+            run: RunOptions::default(),
+            max_queue_size: 100,
+            max_batch_size: 1,
+            hooks: WorkerHooks::default(),
+        }
+    }
+}
+
+/// State shared by the handle and the thread.
+struct Shared {
+    device: String,
+    /// What was loaded (set before the worker reports ready).
+    info: Mutex<Option<ModelInfo>>,
+    max_queue: usize,
+    /// Accepted jobs not yet started (or dropped).
+    queued: AtomicUsize,
+    alive: AtomicBool,
+    shutting_down: AtomicBool,
+    counters: Counters,
+}
+
+impl Shared {
+    /// Takes `job` off the queue's books unless it should run: refused when shutting
+    /// down, skipped when its client is gone.
+    fn admit(&self, job: Job) -> Option<Job> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            bump(&self.counters.shut_out, 1);
+            tracing::info!(job = job.id, "refused queued job: shutting down");
+            let _ = job.reply.send(Err(JobError::ShuttingDown));
+            return None;
+        }
+        if job.reply.is_closed() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            bump(&self.counters.skipped, 1);
+            tracing::info!(
+                job = job.id,
+                "client went away before the job started; dropped"
+            );
+            return None;
+        }
+        Some(job)
+    }
+}
+
+/// Clears `alive` when the worker thread ends, however it ends.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The handle to a running worker; not generic over the backend.
+pub struct Worker {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("device", &self.shared.device)
+            .field("queue_size", &self.queue_size())
+            .field("healthy", &self.is_healthy())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Loads the model on the backend `options.device` names, on a new worker thread,
+    /// and returns once it is loaded (or with the load error).
+    pub fn spawn(options: WorkerOptions) -> anyhow::Result<Worker> {
+        if options.max_queue_size == 0 {
+            return Err(anyhow!("--max-queue-size must be at least 1"));
+        }
+        if options.max_batch_size == 0 {
+            return Err(anyhow!("--max-batch-size must be at least 1"));
+        }
+        let device = options.device.clone();
+        dispatch(&device, Spawn(options))?
+    }
+
+    /// Queues a request; never waits. The receiver gets the PNGs or the failure.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return Err(SubmitError::Closed);
+        };
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(SubmitError::Closed);
+        }
+        let shared = &self.shared;
+        // Admission by count, so that jobs the worker has taken off the channel but
+        // not started still count against the limit.
+        if shared.queued.fetch_add(1, Ordering::SeqCst) >= shared.max_queue {
+            shared.queued.fetch_sub(1, Ordering::SeqCst);
+            bump(&shared.counters.refused, 1);
+            return Err(SubmitError::QueueFull);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        match tx.try_send(Job { id, request, reply }) {
+            Ok(()) => {
+                bump(&shared.counters.accepted, 1);
+                Ok((id, rx))
+            }
+            Err(e) => {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        bump(&shared.counters.refused, 1);
+                        Err(SubmitError::QueueFull)
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Err(SubmitError::Closed),
+                }
+            }
+        }
+    }
+
+    /// Accepted jobs not yet started.
+    pub fn queue_size(&self) -> usize {
+        self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// The queue's capacity.
+    pub fn max_queue_size(&self) -> usize {
+        self.shared.max_queue
+    }
+
+    /// Whether the worker is running and taking jobs.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+            && !self.shared.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &str {
+        &self.shared.device
+    }
+
+    /// What was loaded: its id, where from, and whether its weights are random.
+    pub fn model_info(&self) -> Option<ModelInfo> {
+        self.shared
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// What happened to jobs so far.
+    pub fn stats(&self) -> WorkerStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        WorkerStats {
+            accepted: get(&c.accepted),
+            refused: get(&c.refused),
+            started: get(&c.started),
+            completed: get(&c.completed),
+            failed: get(&c.failed),
+            cancelled: get(&c.cancelled),
+            skipped: get(&c.skipped),
+            shut_out: get(&c.shut_out),
+            abandoned: get(&c.abandoned),
+        }
+    }
+
+    /// Records that a request's client went away while it waited (its answer receiver
+    /// is already dropped, so the worker skips or stops the job).
+    pub fn note_abandoned(&self) {
+        bump(&self.shared.counters.abandoned, 1);
+    }
+
+    /// Stops taking jobs: the running batch finishes, queued jobs are refused
+    /// ([`JobError::ShuttingDown`]), and the thread ends once the queue is empty.
+    pub fn begin_shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        // Dropping the only sender lets the thread see the end of the queue.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Waits for the thread to end (after [`begin_shutdown`](Self::begin_shutdown)).
+    /// Blocking: call it off the async runtime.
+    pub fn join(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the worker thread panicked");
+            }
+        }
+    }
+}
+
+/// The [`WithBackend`] body that starts the worker on the chosen backend.
+struct Spawn(WorkerOptions);
+
+impl WithBackend for Spawn {
+    type Output = anyhow::Result<Worker>;
+
+    fn dtype(&self) -> Option<DTypeChoice> {
+        Some(self.0.dtype)
+    }
+
+    fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> anyhow::Result<Worker> {
+        let options = self.0;
+        let (tx, rx) = mpsc::channel(options.max_queue_size);
+        let dtype = placed.dtype;
+        let shared = Arc::new(Shared {
+            device: placed.label,
+            info: Mutex::new(None),
+            max_queue: options.max_queue_size,
+            queued: AtomicUsize::new(0),
+            alive: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("hypergen-worker".into())
+            .spawn(move || {
+                let loaded = catch_unwind(AssertUnwindSafe(|| {
+                    load_pipeline::<B>(&options.model, dtype, &options.load, &options.run, &device)
+                }));
+                let pipeline = match loaded {
+                    Ok(Ok(p)) => {
+                        let info = p.components().info.clone();
+                        *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        p
+                    }
+                    Ok(Err(e)) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::new(e)));
+                        return;
+                    }
+                    Err(panic) => {
+                        let _ = ready_tx.send(Err(anyhow!(
+                            "loading the model panicked: {}",
+                            panic_message(&panic)
+                        )));
+                        return;
+                    }
+                };
+                thread_shared.alive.store(true, Ordering::SeqCst);
+                let guard = AliveGuard(thread_shared);
+                let _ = ready_tx.send(Ok(()));
+                serve_jobs(&pipeline, rx, &guard.0, &options);
+            })
+            .context("starting the worker thread")?;
+        let loaded = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow!("the worker thread stopped while loading the model")));
+        if let Err(e) = loaded {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Worker {
+            tx: Mutex::new(Some(tx)),
+            shared,
+            thread: Mutex::new(Some(thread)),
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
+fn serve_jobs<B: FusedOps>(
+    pipeline: &SdxlPipeline<B>,
+    mut rx: mpsc::Receiver<Job>,
+    shared: &Shared,
+    options: &WorkerOptions,
+) {
+    // A job taken while gathering a batch that it cannot join waits here for the next.
+    let mut pending: Option<Job> = None;
+    loop {
+        let job = match pending.take() {
+            Some(job) => job,
+            None => match rx.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let Some(job) = shared.admit(job) else {
+            continue;
+        };
+        let mut batch = vec![job];
+        while batch.len() < options.max_batch_size {
+            let Ok(next) = rx.try_recv() else {
+                break;
+            };
+            let Some(next) = shared.admit(next) else {
+                continue;
+            };
+            if batch[0].request.batch_compatible(&next.request) {
+                batch.push(next);
+            } else {
+                pending = Some(next);
+                break;
+            }
+        }
+        shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        if let Some(hook) = &options.hooks.before_batch {
+            hook(batch.len());
+        }
+        run_batch(pipeline, batch, shared);
+    }
+    tracing::info!("worker stopped");
+}
+
+fn run_batch<B: FusedOps>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &Shared) {
+    let c = &shared.counters;
+    bump(&c.started, batch.len());
+    let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
+    let first = &batch[0].request;
+    tracing::info!(
+        jobs = ?ids,
+        width = first.width,
+        height = first.height,
+        steps = first.num_inference_steps,
+        "generating"
+    );
+    let requests: Vec<GenerationRequest> = batch.iter().map(|j| j.request.clone()).collect();
+    let start = Instant::now();
+    // Stop early only when nobody is waiting for any image of the batch.
+    let mut on_step = |_: Progress| {
+        if batch.iter().all(|j| j.reply.is_closed()) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        pipeline.generate_batch(&requests, &mut on_step)
+    }));
+    let failure = match outcome {
+        Ok(Ok(outputs)) => {
+            for (job, out) in batch.into_iter().zip(outputs) {
+                let pngs: Result<Vec<Vec<u8>>, Error> =
+                    out.images.iter().map(|img| img.to_png()).collect();
+                let answer = pngs.map_err(|e| JobError::Failed(e.to_string()));
+                let failed = answer.is_err();
+                if job.reply.send(answer).is_err() {
+                    bump(&c.cancelled, 1);
+                    tracing::info!(job = job.id, "client went away; result discarded");
+                } else if failed {
+                    bump(&c.failed, 1);
+                } else {
+                    bump(&c.completed, 1);
+                }
+            }
+            tracing::info!(jobs = ?ids, seconds = start.elapsed().as_secs_f64(), "generated");
+            return;
+        }
+        Ok(Err(Error::Cancelled)) => {
+            bump(&c.cancelled, batch.len());
+            tracing::info!(jobs = ?ids, "every client went away; generation cancelled");
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => format!("the generation panicked: {}", panic_message(&panic)),
+    };
+    tracing::error!(jobs = ?ids, error = %failure, "generation failed");
+    bump(&c.failed, batch.len());
+    for job in batch {
+        let _ = job.reply.send(Err(JobError::Failed(failure.clone())));
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -1,0 +1,52 @@
+//! The kinds of model name the command line and the server accept: a local diffusers
+//! folder, a built-in random-weight model, or a Hub repository id.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::load::builtin::{self, Builtin};
+use crate::load::hub;
+
+/// What a model name refers to.
+#[derive(Clone, Copy)]
+pub enum ModelSource<'a> {
+    /// A diffusers-layout folder on disk.
+    Local(&'a Path),
+    /// A built-in model (see [`builtin::names`]).
+    Builtin(&'static Builtin),
+    /// A Hugging Face Hub repository id.
+    Hub(&'a str),
+}
+
+impl<'a> ModelSource<'a> {
+    /// Classifies `model`: an existing folder wins, then a built-in name, then anything
+    /// shaped like a repository id.
+    pub fn parse(model: &'a str) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            return Ok(ModelSource::Local(path));
+        }
+        if let Some(b) = builtin::find(model) {
+            return Ok(ModelSource::Builtin(b));
+        }
+        if hub::is_repo_id(model) {
+            return Ok(ModelSource::Hub(model));
+        }
+        let looks_like_path = model.starts_with(['/', '.', '~'])
+            || model.contains('\\')
+            || model.matches('/').count() > 1;
+        if looks_like_path {
+            return Err(Error::invalid(
+                "model",
+                format!("`{model}`: no such directory (a model is a diffusers-layout folder, a built-in name or a Hub repository id)"),
+            ));
+        }
+        Err(Error::invalid(
+            "model",
+            format!(
+                "`{model}` is not a folder, a built-in model ({}) or a Hub repository id (owner/name)",
+                builtin::names().join(", ")
+            ),
+        ))
+    }
+}

@@ -1,0 +1,130 @@
+//! diffusers' `Attention` (models/attention_processor.py) with the default SDPA
+//! processor, shared by the UNet's transformer blocks and the VAE's mid block.
+
+use crate::FusedOps;
+use burn::module::Module;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+
+use crate::model::layers::{group_norm, group_norm_forward, linear};
+
+/// Multi-head attention with separate q/k/v projections and an output projection.
+/// `to_out` is a list because diffusers stores it as `to_out.0` (a Linear) followed
+/// by a dropout.
+#[derive(Module, Debug)]
+pub struct Attention<B: FusedOps> {
+    /// Optional GroupNorm on spatial input (the VAE's mid-block attention).
+    pub group_norm: Option<GroupNorm<B>>,
+    /// Query projection.
+    pub to_q: Linear<B>,
+    /// Key projection.
+    pub to_k: Linear<B>,
+    /// Value projection.
+    pub to_v: Linear<B>,
+    /// Output projection (`to_out.0`).
+    pub to_out: Vec<Linear<B>>,
+    heads: usize,
+}
+
+/// How to build an [`Attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    /// Query (and output) width.
+    pub query_dim: usize,
+    /// Width of the context for cross-attention; `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub dim_head: usize,
+    /// Whether q/k/v have biases (the VAE's do, the UNet's do not).
+    pub qkv_bias: bool,
+    /// GroupNorm (groups, eps) applied to spatial input first, as in the VAE.
+    pub group_norm: Option<(usize, f64)>,
+}
+
+impl AttentionConfig {
+    /// Builds the layer with uninitialised (lazy) parameters.
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Attention<B> {
+        let inner = self.heads * self.dim_head;
+        let ctx = self.cross_attention_dim.unwrap_or(self.query_dim);
+        Attention {
+            group_norm: self
+                .group_norm
+                .map(|(g, eps)| group_norm(g, self.query_dim, eps, device)),
+            to_q: linear(self.query_dim, inner, self.qkv_bias, device),
+            to_k: linear(ctx, inner, self.qkv_bias, device),
+            to_v: linear(ctx, inner, self.qkv_bias, device),
+            to_out: vec![linear(inner, self.query_dim, true, device)],
+            heads: self.heads,
+        }
+    }
+}
+
+/// Splits `[N, L, H*D]` into heads `[N, H, L, D]`.
+pub fn split_heads<B: FusedOps>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [n, l, c] = x.dims();
+    x.reshape([n, l, heads, c / heads]).swap_dims(1, 2)
+}
+
+/// Merges heads `[N, H, L, D]` back into `[N, L, H*D]`.
+pub fn merge_heads<B: FusedOps>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [n, h, l, d] = x.dims();
+    x.swap_dims(1, 2).reshape([n, l, h * d])
+}
+
+/// Scaled dot-product attention over `[N, L, H*D]` inputs. Non-causal attention (the
+/// UNet and VAE) goes through [`FusedOps::fused_attention`], which never holds the full score
+/// matrix; causal attention (CLIP, 77 tokens) through Burn's fused `attention` op.
+pub fn sdpa<B: FusedOps>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let (q, k, v) = (
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+    );
+    let out = if causal {
+        let options = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        attention(q, k, v, None, None, options)
+    } else {
+        B::fused_attention(q, k, v)
+    };
+    merge_heads(out)
+}
+
+impl<B: FusedOps> Attention<B> {
+    /// Sequence attention: `x` `[N, L, C]`, `context` `[N, S, C_ctx]` (self-attention
+    /// when `None`). Returns `[N, L, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let ctx = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(ctx.clone());
+        let v = self.to_v.forward(ctx);
+        let out = sdpa(q, k, v, self.heads, false);
+        self.to_out[0].forward(out)
+    }
+
+    /// Spatial self-attention with residual, as the VAE's mid block uses it:
+    /// `x` `[N, C, H, W]` → `[N, C, H, W]`.
+    pub fn forward_spatial(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [n, c, h, w] = x.dims();
+        let residual = x.clone();
+        let x = match &self.group_norm {
+            Some(norm) => group_norm_forward(norm, x),
+            None => x,
+        };
+        let seq = x.reshape([n, c, h * w]).swap_dims(1, 2);
+        let out = self.forward(seq, None);
+        out.swap_dims(1, 2).reshape([n, c, h, w]) + residual
+    }
+}

@@ -1,0 +1,392 @@
+//! transformers' CLIP text encoder (`CLIPTextModel` and `CLIPTextModelWithProjection`),
+//! the two text encoders of SDXL.
+//!
+//! Field paths equal the transformers weight names (`text_model.encoder.layers.0.
+//! self_attn.q_proj.weight`, `text_projection.weight`, …) so weights load by name.
+
+use crate::FusedOps;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear};
+use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
+use burn::tensor::{Int, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::attention::sdpa;
+use crate::model::layers::{layer_norm, linear, LayerNorm};
+
+/// `config.json` of a CLIP text encoder folder: transformers' `CLIPTextConfig` keys,
+/// with transformers' defaults for absent ones.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    /// Model classes the folder was saved from, e.g. `CLIPTextModelWithProjection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Number of token embeddings.
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    /// Width of the MLP's inner layer.
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    /// Number of transformer layers.
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Number of position embeddings: the longest id sequence the model accepts.
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// MLP activation: `quick_gelu`, `gelu`, `gelu_new` or `gelu_pytorch_tanh`.
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    /// Epsilon of every LayerNorm.
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Width of `text_projection`'s output.
+    #[serde(default = "defaults::projection_dim")]
+    pub projection_dim: usize,
+    /// Padding id (unused by the forward pass, kept for completeness).
+    #[serde(default = "defaults::pad_token_id")]
+    pub pad_token_id: i64,
+    /// Beginning-of-text id.
+    #[serde(default = "defaults::bos_token_id")]
+    pub bos_token_id: i64,
+    /// End-of-text id; the legacy value 2 (as in SDXL's configs) means "pool at the
+    /// largest id", which is `<|endoftext|>` in CLIP's vocabulary.
+    #[serde(default = "defaults::eos_token_id")]
+    pub eos_token_id: i64,
+}
+
+mod defaults {
+    pub fn vocab_size() -> usize {
+        49408
+    }
+    pub fn hidden_size() -> usize {
+        512
+    }
+    pub fn intermediate_size() -> usize {
+        2048
+    }
+    pub fn num_hidden_layers() -> usize {
+        12
+    }
+    pub fn num_attention_heads() -> usize {
+        8
+    }
+    pub fn max_position_embeddings() -> usize {
+        77
+    }
+    pub fn hidden_act() -> String {
+        "quick_gelu".into()
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn projection_dim() -> usize {
+        512
+    }
+    pub fn pad_token_id() -> i64 {
+        1
+    }
+    pub fn bos_token_id() -> i64 {
+        49406
+    }
+    pub fn eos_token_id() -> i64 {
+        49407
+    }
+}
+
+/// The MLP activations CLIP checkpoints use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP, SDXL's first encoder).
+    QuickGelu,
+    /// Exact, erf-based GELU (OpenCLIP bigG, SDXL's second encoder).
+    Gelu,
+    /// tanh-approximated GELU.
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    fn apply<B: FusedOps, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Self::Gelu => gelu(x),
+            Self::GeluTanh => gelu_approximate(x),
+        }
+    }
+}
+
+/// `text_model.embeddings`: token plus learned position embeddings.
+#[derive(Module, Debug)]
+pub struct ClipEmbeddings<B: FusedOps> {
+    /// `[vocab_size, hidden_size]`.
+    pub token_embedding: Embedding<B>,
+    /// `[max_position_embeddings, hidden_size]`.
+    pub position_embedding: Embedding<B>,
+}
+
+impl<B: FusedOps> ClipEmbeddings<B> {
+    /// `ids` `[N, L]` → `[N, L, hidden]`, positions 0..L.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, l] = ids.dims();
+        let tokens = self.token_embedding.forward(ids);
+        let positions = self.position_embedding.weight.val().slice(0..l).unsqueeze();
+        tokens + positions
+    }
+}
+
+/// `self_attn`: causal multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: FusedOps> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub out_proj: Linear<B>,
+    heads: usize,
+}
+
+impl<B: FusedOps> ClipAttention<B> {
+    /// `[N, L, C]` → `[N, L, C]`, each position attending to itself and earlier ones.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.out_proj.forward(sdpa(q, k, v, self.heads, true))
+    }
+}
+
+/// `mlp`: fc1, activation, fc2.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: FusedOps> {
+    /// `hidden → intermediate`.
+    pub fc1: Linear<B>,
+    /// `intermediate → hidden`.
+    pub fc2: Linear<B>,
+    #[module(skip)]
+    act: Activation,
+}
+
+impl<B: FusedOps> ClipMlp<B> {
+    /// `[N, L, C]` → `[N, L, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward(self.act.apply(self.fc1.forward(x)))
+    }
+}
+
+/// `encoder.layers.N`: pre-norm attention and MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: FusedOps> {
+    /// Causal self-attention.
+    pub self_attn: ClipAttention<B>,
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm<B>,
+    /// Feed-forward block.
+    pub mlp: ClipMlp<B>,
+    /// Norm before the MLP.
+    pub layer_norm2: LayerNorm<B>,
+}
+
+impl<B: FusedOps> ClipEncoderLayer<B> {
+    /// `[N, L, C]` → `[N, L, C]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+/// `text_model.encoder`.
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: FusedOps> {
+    /// `layers.0` … `layers.{num_hidden_layers-1}`.
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// `text_model`: embeddings, encoder, final LayerNorm.
+#[derive(Module, Debug)]
+pub struct ClipTransformer<B: FusedOps> {
+    /// Token and position embeddings.
+    pub embeddings: ClipEmbeddings<B>,
+    /// The transformer layers.
+    pub encoder: ClipEncoder<B>,
+    /// Norm applied to the last layer's output.
+    pub final_layer_norm: LayerNorm<B>,
+}
+
+/// A CLIP text encoder, with `text_projection` when it was saved as
+/// `CLIPTextModelWithProjection`.
+#[derive(Module, Debug)]
+pub struct ClipTextModel<B: FusedOps> {
+    /// The transformer.
+    pub text_model: ClipTransformer<B>,
+    /// Projection of the pooled output (no bias); SDXL's second encoder has it.
+    pub text_projection: Option<Linear<B>>,
+    #[module(skip)]
+    pub(crate) config: ClipTextConfig,
+}
+
+/// What one forward pass gives SDXL.
+#[derive(Debug, Clone)]
+pub struct ClipOutput<B: FusedOps> {
+    /// `hidden_states[-2]`: the second-to-last layer's output, not normalised,
+    /// `[N, L, hidden]` (what SDXL conditions on).
+    pub penultimate: Tensor<B, 3>,
+    /// `final_layer_norm` of the last layer's output, `[N, L, hidden]`.
+    pub last: Tensor<B, 3>,
+    /// `last` at each sequence's end-of-text position, `[N, hidden]`.
+    pub pooled: Tensor<B, 2>,
+    /// `text_projection(pooled)`, `[N, projection_dim]`, when the model has it.
+    pub text_embeds: Option<Tensor<B, 2>>,
+}
+
+impl ClipTextConfig {
+    /// Whether the folder was saved as a `…WithProjection` class (SDXL's second encoder),
+    /// so that the model has `text_projection`.
+    pub fn with_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .any(|a| a.contains("WithProjection"))
+    }
+
+    /// Builds the model with lazy (unmaterialised) parameters; the loader fills them.
+    /// `text_projection` is built when [`with_projection`](Self::with_projection).
+    ///
+    /// Errors ([`Error::UnsupportedConfig`]) when the config asks for something that
+    /// cannot be built (an unknown activation, a width not divisible by the head count).
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Result<ClipTextModel<B>> {
+        let unsupported = Error::UnsupportedConfig;
+        let with_projection = self.with_projection();
+        let act = Activation::parse(&self.hidden_act)
+            .ok_or_else(|| unsupported(format!("hidden_act `{}`", self.hidden_act)))?;
+        let (c, heads) = (self.hidden_size, self.num_attention_heads);
+        if heads == 0 || c % heads != 0 {
+            return Err(unsupported(format!(
+                "hidden_size {c} is not divisible by num_attention_heads {heads}"
+            )));
+        }
+        let eps = self.layer_norm_eps;
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| ClipEncoderLayer {
+                self_attn: ClipAttention {
+                    q_proj: linear(c, c, true, device),
+                    k_proj: linear(c, c, true, device),
+                    v_proj: linear(c, c, true, device),
+                    out_proj: linear(c, c, true, device),
+                    heads,
+                },
+                layer_norm1: layer_norm(c, eps, device),
+                mlp: ClipMlp {
+                    fc1: linear(c, self.intermediate_size, true, device),
+                    fc2: linear(self.intermediate_size, c, true, device),
+                    act,
+                },
+                layer_norm2: layer_norm(c, eps, device),
+            })
+            .collect();
+        Ok(ClipTextModel {
+            text_model: ClipTransformer {
+                embeddings: ClipEmbeddings {
+                    token_embedding: EmbeddingConfig::new(self.vocab_size, c).init(device),
+                    position_embedding: EmbeddingConfig::new(self.max_position_embeddings, c)
+                        .init(device),
+                },
+                encoder: ClipEncoder { layers },
+                final_layer_norm: layer_norm(c, eps, device),
+            },
+            text_projection: with_projection.then(|| linear(c, self.projection_dim, false, device)),
+            config: self.clone(),
+        })
+    }
+}
+
+impl<B: FusedOps> ClipTextModel<B> {
+    /// The config the model was built from.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Encodes `ids` `[N, L]`.
+    ///
+    /// # Panics
+    ///
+    /// When `L` exceeds `max_position_embeddings` (77); the tokenizer never produces
+    /// longer sequences.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> ClipOutput<B> {
+        let tm = &self.text_model;
+        let mut x = tm.embeddings.forward(ids.clone());
+        // hidden_states[-2] is the embeddings when there is a single layer.
+        let mut penultimate = x.clone();
+        let n_layers = tm.encoder.layers.len();
+        for (i, layer) in tm.encoder.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i + 2 == n_layers {
+                penultimate = x.clone();
+            }
+        }
+        let last = tm.final_layer_norm.forward(x);
+        let pooled = gather_rows(
+            last.clone(),
+            pooled_positions(ids, self.config.eos_token_id),
+        );
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|p| p.forward(pooled.clone()));
+        ClipOutput {
+            penultimate,
+            last,
+            pooled,
+            text_embeds,
+        }
+    }
+}
+
+/// The position pooled per sequence, `[N, 1]`, for `ids` `[N, L]`, as transformers
+/// picks it: with the legacy `eos_token_id == 2` the first position of the largest id
+/// (CLIP's `<|endoftext|>` is the largest), otherwise the first position holding
+/// `eos_token_id` (0 when there is none).
+pub fn pooled_positions<B: FusedOps>(
+    ids: Tensor<B, 2, Int>,
+    eos_token_id: i64,
+) -> Tensor<B, 2, Int> {
+    let [n, l] = ids.dims();
+    let hits = if eos_token_id == 2 {
+        let max = ids.clone().max_dim(1);
+        ids.clone().equal(max.expand([n, l]))
+    } else {
+        ids.clone().equal_elem(eos_token_id)
+    };
+    // The smallest position among the hits; computed as a min so ties resolve to the
+    // first occurrence on every backend (argmax gives no such guarantee).
+    let positions = Tensor::<B, 1, Int>::arange(0..l as i64, &ids.device())
+        .unsqueeze::<2>()
+        .expand([n, l]);
+    let first = positions.mask_fill(hits.bool_not(), l as i64).min_dim(1);
+    let none = first.clone().equal_elem(l as i64);
+    first.mask_fill(none, 0)
+}
+
+/// `x[i, pos[i], :]` for `x` `[N, L, C]`, `pos` `[N, 1]` → `[N, C]`.
+fn gather_rows<B: FusedOps>(x: Tensor<B, 3>, pos: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let [n, _, c] = x.dims();
+    let index = pos.reshape([n, 1, 1]).expand([n, 1, c]);
+    x.gather(1, index).reshape([n, c])
+}

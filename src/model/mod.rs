@@ -1,0 +1,13 @@
+//! The networks of SDXL and their building blocks, one file per component with its
+//! config beside it. Each model is built from its config alone
+//! (`UNetConfig::init(&device)`, `VaeConfig::init`, `ClipTextConfig::init`) with lazy
+//! parameters that [`crate::load`] fills; models store their config and never see a file.
+
+pub mod attention;
+pub mod clip;
+pub mod layers;
+pub mod resnet;
+pub mod sampling;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,222 @@
+//! diffusers' `UNet2DConditionModel` for the SDXL family, built from `unet/config.json`
+//! alone. Field paths equal diffusers' weight names (`down_blocks.1.attentions.0.…`).
+
+mod blocks;
+mod config;
+mod embeddings;
+mod transformer;
+
+use crate::FusedOps;
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::GroupNorm;
+use burn::tensor::{DType, Tensor};
+
+pub use blocks::{DownBlock, MidBlock, UpBlock};
+pub use config::{PerBlock, ResolvedUNet, UNetConfig};
+pub use embeddings::{sinusoidal, TimestepEmbedding};
+pub use transformer::{
+    BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel,
+};
+
+use blocks::{AttnSettings, BlockSettings};
+use embeddings::host_tensor;
+
+use crate::error::{Error, Result};
+use crate::model::layers::{conv2d, group_norm, group_norm_silu};
+
+/// The SDXL denoising UNet.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel<B: FusedOps> {
+    /// Latents → first block width.
+    pub conv_in: Conv2d<B>,
+    /// Embeds the sinusoidal timestep.
+    pub time_embedding: TimestepEmbedding<B>,
+    /// Embeds pooled text plus micro-conditioning (`text_time`).
+    pub add_embedding: TimestepEmbedding<B>,
+    /// Encoder blocks.
+    pub down_blocks: Vec<DownBlock<B>>,
+    /// Bottleneck.
+    pub mid_block: MidBlock<B>,
+    /// Decoder blocks.
+    pub up_blocks: Vec<UpBlock<B>>,
+    /// Final normalisation.
+    pub conv_norm_out: GroupNorm<B>,
+    /// First block width → latents.
+    pub conv_out: Conv2d<B>,
+    resolved: ResolvedUNet,
+}
+
+impl UNetConfig {
+    /// Builds the model with lazy (unmaterialised) parameters; the loader fills them.
+    /// Errors ([`Error::UnsupportedConfig`]) when the config asks for something not
+    /// implemented.
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+        let r = self.resolve()?;
+        let config = self;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let s = BlockSettings {
+            temb: r.time_embed_dim,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            resnet_scale: config.resnet_out_scale_factor,
+        };
+        let attn = |i: usize, depth: usize| AttnSettings {
+            heads: r.heads[i],
+            depth,
+            cross_dim: r.cross_attention_dim[i],
+        };
+        let down_blocks = (0..n)
+            .map(|i| {
+                DownBlock::new(
+                    &s,
+                    if i == 0 { ch[0] } else { ch[i - 1] },
+                    ch[i],
+                    r.layers[i],
+                    r.down_attn[i].then(|| attn(i, r.transformer_layers[i])),
+                    (i + 1 < n).then_some(config.downsample_padding),
+                    device,
+                )
+            })
+            .collect();
+        let mid_block = MidBlock::new(
+            &s,
+            ch[n - 1],
+            config.mid_block_scale_factor,
+            attn(n - 1, r.transformer_layers[n - 1]),
+            device,
+        );
+        let mut prev = ch[n - 1];
+        let up_blocks = (0..n)
+            .map(|i| {
+                let d = n - 1 - i; // the down block this up block mirrors
+                let out = ch[d];
+                let skip_in = ch[d.saturating_sub(1)];
+                let block = UpBlock::new(
+                    &s,
+                    prev,
+                    skip_in,
+                    out,
+                    r.layers[d] + 1,
+                    r.up_attn[i].then(|| attn(d, r.up_transformer_layers[i])),
+                    i + 1 < n,
+                    device,
+                );
+                prev = out;
+                block
+            })
+            .collect();
+        let (kin, kout) = (config.conv_in_kernel, config.conv_out_kernel);
+        Ok(UNet2DConditionModel {
+            conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
+            time_embedding: TimestepEmbedding::new(ch[0], r.time_embed_dim, device),
+            add_embedding: TimestepEmbedding::new(r.add_embedding_in, r.time_embed_dim, device),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, device),
+            conv_out: conv2d(ch[0], config.out_channels, kout, 1, kout / 2, device),
+            resolved: r,
+        })
+    }
+}
+
+impl<B: FusedOps> UNet2DConditionModel<B> {
+    /// The config the model was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.resolved.config
+    }
+
+    /// The per-block settings resolved from the config when the model was built.
+    pub fn resolved(&self) -> &ResolvedUNet {
+        &self.resolved
+    }
+
+    /// The dtype of the parameters (what inputs are cast to).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.val().dtype()
+    }
+
+    /// Predicts noise.
+    ///
+    /// - `sample`: `[N, in_channels, h, w]` latents.
+    /// - `timesteps`: one timestep per batch row (float, as Euler schedulers give them).
+    /// - `context`: `[N, S, cross_attention_dim]` text states.
+    /// - `text_embeds`: `[N, D]` pooled text projection.
+    /// - `time_ids`: `N × 6` micro-conditioning numbers, row-major.
+    pub fn forward(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: &[f32],
+        context: Tensor<B, 3>,
+        text_embeds: Tensor<B, 2>,
+        time_ids: &[f32],
+    ) -> Result<Tensor<B, 4>> {
+        let [n, c, _, _] = sample.dims();
+        let r = &self.resolved;
+        let cfg = &r.config;
+        let dtype = self.dtype();
+        let device = sample.device();
+        if c != cfg.in_channels {
+            return Err(Error::invalid(
+                "sample",
+                format!("has {c} channels, the UNet takes {}", cfg.in_channels),
+            ));
+        }
+        if timesteps.len() != n || time_ids.len() != n * 6 {
+            return Err(Error::invalid(
+                "timesteps",
+                format!(
+                    "need one timestep and six time ids per batch row ({n} rows; got {} and {})",
+                    timesteps.len(),
+                    time_ids.len()
+                ),
+            ));
+        }
+        let [tn, td] = text_embeds.dims();
+        let want = r.add_embedding_in - 6 * r.addition_time_embed_dim;
+        if tn != n || td != want {
+            return Err(Error::invalid(
+                "text_embeds",
+                format!("shape [{tn}, {td}], the UNet takes [{n}, {want}]"),
+            ));
+        }
+        let [cn, _, cd] = context.dims();
+        if cn != n || cd != r.cross_attention_dim[0] {
+            return Err(Error::invalid(
+                "encoder_hidden_states",
+                format!(
+                    "shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]",
+                    r.cross_attention_dim[0]
+                ),
+            ));
+        }
+        let sample = sample.cast(dtype);
+        let context = context.cast(dtype);
+        let ch0 = cfg.block_out_channels[0];
+
+        let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let t_emb = host_tensor::<B>(t_emb, n, ch0, dtype, &device);
+        let mut emb = self.time_embedding.forward(t_emb);
+
+        let ad = r.addition_time_embed_dim;
+        let time_emb = sinusoidal(time_ids, ad, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let time_emb = host_tensor::<B>(time_emb, n, 6 * ad, dtype, &device);
+        let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
+        emb = emb + self.add_embedding.forward(add_in);
+
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            x = block.forward(x, &emb, &context, &mut skips);
+        }
+        x = self.mid_block.forward(x, &emb, &context);
+        for block in &self.up_blocks {
+            x = block.forward(x, &emb, &context, &mut skips);
+        }
+        let x = group_norm_silu(&self.conv_norm_out, x);
+        Ok(self.conv_out.forward(x))
+    }
+}

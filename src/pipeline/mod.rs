@@ -1,0 +1,530 @@
+//! The SDXL text-to-image pipeline, as diffusers' `StableDiffusionXLPipeline` runs it,
+//! in its stages: [`check_inputs`](SdxlPipeline::check_inputs),
+//! [`encode_prompt`](SdxlPipeline::encode_prompt),
+//! [`prepare_latents`](SdxlPipeline::prepare_latents), the micro-conditioning
+//! ([`GenerationRequest::add_time_ids`]), the denoising loop
+//! ([`denoise_batch`](SdxlPipeline::denoise_batch), one
+//! [`predict_noise`](SdxlPipeline::predict_noise) per step) and
+//! [`decode`](SdxlPipeline::decode). It knows nothing of HTTP or the command line.
+
+mod components;
+mod image;
+pub mod noise;
+mod request;
+
+pub use components::{ModelIndex, ModelInfo, SdxlComponents};
+pub use image::Image;
+pub use request::{GenerationRequest, Progress, RequestDefaults};
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
+use crate::scheduler::Scheduler;
+use crate::FusedOps;
+use noise::Generator;
+
+/// How a loaded model runs (as opposed to how it is loaded: [`crate::load::LoadOptions`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Decode with a tiled VAE (see [`crate::model::vae::tiling`]) so that large images
+    /// fit small GPUs; `None` decodes in one piece. Images no larger than one tile are
+    /// decoded in one piece either way.
+    pub vae_tiling: Option<VaeTileSize>,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Generated<B: FusedOps> {
+    /// The decoded images.
+    pub images: Vec<Image>,
+    /// The final latents, `[n, 4, h/8, w/8]`, before VAE scaling.
+    pub latents: Tensor<B, 4>,
+}
+
+/// Text conditioning for one run, guidance branches stacked as `[negative; positive]`.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds<B: FusedOps> {
+    /// `[n or 2n, 77, D1 + D2]` penultimate states of both encoders.
+    pub context: Tensor<B, 3>,
+    /// `[n or 2n, D]` pooled projection of the second encoder.
+    pub pooled: Tensor<B, 2>,
+}
+
+/// One request's state in the denoising loop: its own scheduler (a multistep
+/// scheduler's history) and generator (an ancestral scheduler's noise), so a batched
+/// run equals a run on its own.
+struct Job<B: FusedOps> {
+    scheduler: Scheduler,
+    rng: Generator,
+    latents: Tensor<B, 4>,
+}
+
+/// Concatenates along the batch dimension; a single tensor is returned as it is.
+fn cat_rows<B: FusedOps, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor<B, D> {
+    if parts.len() == 1 {
+        if let Some(only) = parts.pop() {
+            return only;
+        }
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// An SDXL pipeline on one device: the loaded components and how to run them.
+pub struct SdxlPipeline<B: FusedOps> {
+    components: SdxlComponents<B>,
+    vae_tiling: Option<VaeTiling>,
+    device: B::Device,
+}
+
+impl<B: FusedOps> SdxlPipeline<B> {
+    /// A pipeline over `components` (from [`crate::load`]) on `device`, where they live.
+    /// Fails when the VAE tiling does not fit the VAE.
+    pub fn new(
+        components: SdxlComponents<B>,
+        options: &RunOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut pipeline = Self {
+            components,
+            vae_tiling: None,
+            device: device.clone(),
+        };
+        pipeline.set_vae_tiling(options.vae_tiling)?;
+        Ok(pipeline)
+    }
+
+    /// The loaded model.
+    pub fn components(&self) -> &SdxlComponents<B> {
+        &self.components
+    }
+
+    /// The loaded model, to change (e.g. to merge adapters into its weights).
+    pub fn components_mut(&mut self) -> &mut SdxlComponents<B> {
+        &mut self.components
+    }
+
+    /// Gives the components back.
+    pub fn into_components(self) -> SdxlComponents<B> {
+        self.components
+    }
+
+    /// Turns tiled VAE decoding on (`Some`, resolved against the VAE's config) or off.
+    pub fn set_vae_tiling(&mut self, size: Option<VaeTileSize>) -> Result<()> {
+        self.vae_tiling = size
+            .map(|s| VaeTiling::new(self.components.vae.config(), s))
+            .transpose()?;
+        Ok(())
+    }
+
+    /// Uses exactly these tiling parameters for the VAE decode (`None`: no tiling).
+    pub fn set_vae_tiling_params(&mut self, tiling: Option<VaeTiling>) -> Result<()> {
+        if let Some(t) = &tiling {
+            t.validate()?;
+        }
+        self.vae_tiling = tiling;
+        Ok(())
+    }
+
+    /// The VAE tiling in effect, if any.
+    pub fn vae_tiling(&self) -> Option<&VaeTiling> {
+        self.vae_tiling.as_ref()
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Pixels per latent cell (8 for SDXL).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self
+            .components
+            .vae
+            .config()
+            .block_out_channels
+            .len()
+            .saturating_sub(1)
+    }
+
+    /// Refuses requests the pipeline cannot run, and batches whose requests cannot
+    /// share their model calls ([`GenerationRequest::batch_compatible`]).
+    pub fn check_inputs(&self, reqs: &[GenerationRequest]) -> Result<()> {
+        let first = reqs
+            .first()
+            .ok_or_else(|| Error::invalid("batch", "no requests"))?;
+        let f = self.vae_scale_factor();
+        for req in reqs {
+            for (name, value) in [("width", req.width), ("height", req.height)] {
+                if value == 0 || !value.is_multiple_of(f) {
+                    return Err(Error::invalid(
+                        name,
+                        format!("{value} is not a positive multiple of {f}"),
+                    ));
+                }
+            }
+            if req.num_inference_steps == 0 {
+                return Err(Error::invalid("num_inference_steps", "must be at least 1"));
+            }
+            if req.num_images == 0 {
+                return Err(Error::invalid("num_images", "must be at least 1"));
+            }
+            if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
+                return Err(Error::invalid(
+                    "guidance_scale",
+                    "must be a finite number ≥ 0",
+                ));
+            }
+            if !first.batch_compatible(req) {
+                return Err(Error::invalid(
+                    "batch",
+                    "requests in one batch must share size, steps, guidance, scheduler and \
+                     micro-conditioning",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn token_tensor(&self, ids: &[u32]) -> Tensor<B, 2, Int> {
+        let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        Tensor::from_data(TensorData::new(data, [1, ids.len()]), &self.device)
+    }
+
+    /// Encodes one prompt with both encoders: `([1, 77, D1 + D2], [1, D])`.
+    pub fn encode_text(&self, prompt: &str) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+        let c = &self.components;
+        let t1 = c.tokenizer.encode(prompt)?;
+        let t2 = c.tokenizer_2.encode(prompt)?;
+        let max = c.tokenizer.max_length();
+        if t1.untruncated_len > max {
+            tracing::warn!(
+                tokens = t1.untruncated_len,
+                max,
+                "prompt is longer than the text encoders take; the end is cut off"
+            );
+        }
+        let o1 = c.text_encoder.forward(self.token_tensor(&t1.ids));
+        let o2 = c.text_encoder_2.forward(self.token_tensor(&t2.ids));
+        let pooled = o2.text_embeds.ok_or_else(|| Error::Unsupported {
+            path: c.info.component_path("text_encoder_2"),
+            message:
+                "text_encoder_2 has no text_projection (SDXL needs CLIPTextModelWithProjection)"
+                    .into(),
+        })?;
+        Ok((Tensor::cat(vec![o1.penultimate, o2.penultimate], 2), pooled))
+    }
+
+    /// Conditioning for `n` images, with the negative branch first when `guidance`.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        n: usize,
+        guidance: bool,
+    ) -> Result<PromptEmbeds<B>> {
+        let (ctx, pooled) = self.encode_text(prompt)?;
+        let repeat3 = |t: Tensor<B, 3>| t.repeat_dim(0, n);
+        let repeat2 = |t: Tensor<B, 2>| t.repeat_dim(0, n);
+        if !guidance {
+            return Ok(PromptEmbeds {
+                context: repeat3(ctx),
+                pooled: repeat2(pooled),
+            });
+        }
+        let negative = negative_prompt.filter(|s| !s.is_empty());
+        let (nctx, npooled) = match negative {
+            None if self.components.index.force_zeros_for_empty_prompt => {
+                (ctx.zeros_like(), pooled.zeros_like())
+            }
+            other => self.encode_text(other.unwrap_or(""))?,
+        };
+        Ok(PromptEmbeds {
+            context: Tensor::cat(vec![repeat3(nctx), repeat3(ctx)], 0),
+            pooled: Tensor::cat(vec![repeat2(npooled), repeat2(pooled)], 0),
+        })
+    }
+
+    /// The scheduler a request runs with, its timesteps set.
+    pub fn prepare_scheduler(&self, req: &GenerationRequest) -> Result<Scheduler> {
+        let mut scheduler =
+            Scheduler::from_config(&self.components.scheduler_config, req.scheduler)?;
+        scheduler.set_timesteps(req.num_inference_steps)?;
+        Ok(scheduler)
+    }
+
+    /// The starting latents of a request, `[n, in_channels, h/f, w/f]`: its own
+    /// `latents` or noise drawn from `rng`, scaled by the scheduler's `init_noise_sigma`.
+    pub fn prepare_latents(
+        &self,
+        req: &GenerationRequest,
+        scheduler: &Scheduler,
+        rng: &mut Generator,
+    ) -> Result<Tensor<B, 4>> {
+        let f = self.vae_scale_factor();
+        let channels = self.components.unet.config().in_channels;
+        let shape = [req.num_images, channels, req.height / f, req.width / f];
+        let noise = match &req.latents {
+            Some(v) => {
+                let want: usize = shape.iter().product();
+                if v.len() != want {
+                    return Err(Error::invalid(
+                        "latents",
+                        format!(
+                            "expected shape {shape:?} ({want} values), got {} values",
+                            v.len()
+                        ),
+                    ));
+                }
+                v.clone()
+            }
+            None => rng.randn(&shape),
+        };
+        Ok(
+            Tensor::<B, 4>::from_data(TensorData::new(noise, shape), &self.device)
+                * scheduler.init_noise_sigma(),
+        )
+    }
+
+    /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
+    /// the UNet runs on `[latents; latents]` against `[negative; positive]` conditioning
+    /// and the branches are combined with `guidance_scale`, or on `latents` alone
+    /// without guidance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn predict_noise(
+        &self,
+        scheduler: &Scheduler,
+        latents: Tensor<B, 4>,
+        i: usize,
+        t: f64,
+        embeds: &PromptEmbeds<B>,
+        time_ids: &[f32],
+        guidance_scale: Option<f64>,
+    ) -> Result<Tensor<B, 4>> {
+        let dtype = latents.dtype();
+        let input = match guidance_scale {
+            Some(_) => Tensor::cat(vec![latents.clone(), latents], 0),
+            None => latents,
+        };
+        let rows = input.dims()[0];
+        let input = scheduler.scale_model_input(input, i);
+        let eps = self.components.unet.forward(
+            input,
+            &vec![t as f32; rows],
+            embeds.context.clone(),
+            embeds.pooled.clone(),
+            time_ids,
+        )?;
+        let eps = eps.cast(dtype);
+        let Some(scale) = guidance_scale else {
+            return Ok(eps);
+        };
+        let mut parts = eps.chunk(2, 0);
+        let (Some(text), Some(uncond)) = (parts.pop(), parts.pop()) else {
+            return Err(Error::Backend("guidance split".into()));
+        };
+        Ok(uncond.clone() + (text - uncond) * scale)
+    }
+
+    /// Runs the whole pipeline. `progress` is called after every step; returning
+    /// `ControlFlow::Break` cancels the run before the next step ([`Error::Cancelled`]).
+    pub fn generate(
+        &self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Generated<B>> {
+        let mut out = self.generate_batch(std::slice::from_ref(req), progress)?;
+        out.pop()
+            .ok_or_else(|| Error::Backend("a batch of one produced nothing".into()))
+    }
+
+    /// Runs several requests as one batch: one UNet call per step for all of their
+    /// images, one VAE decode. Each request keeps its own prompt, negative prompt, seed
+    /// (starting noise and, for ancestral schedulers, step noise) and image count, so
+    /// every result equals what [`generate`](Self::generate) gives for that request
+    /// alone. The requests must agree on everything else
+    /// ([`GenerationRequest::batch_compatible`]). `progress` reports the shared steps;
+    /// `ControlFlow::Break` cancels the whole batch.
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<Generated<B>>> {
+        let latents = self.denoise_batch(reqs, progress)?;
+        let counts: Vec<usize> = latents.iter().map(|l| l.dims()[0]).collect();
+        let mut images = self.decode(cat_rows(latents.clone()))?.into_iter();
+        Ok(latents
+            .into_iter()
+            .zip(counts)
+            .map(|(latents, n)| Generated {
+                images: images.by_ref().take(n).collect(),
+                latents,
+            })
+            .collect())
+    }
+
+    /// The denoising loop alone: returns the final latents.
+    pub fn denoise(
+        &self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let mut out = self.denoise_batch(std::slice::from_ref(req), progress)?;
+        out.pop()
+            .ok_or_else(|| Error::Backend("a batch of one produced nothing".into()))
+    }
+
+    /// Conditioning of a batch: every request's negative rows, then every request's
+    /// positive rows, so that the UNet's `[latents; latents]` input lines up with it.
+    fn batch_embeds(&self, reqs: &[GenerationRequest], guidance: bool) -> Result<PromptEmbeds<B>> {
+        let mut negatives = Vec::with_capacity(reqs.len());
+        let mut positives = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let n = req.num_images;
+            let e = self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+            if guidance {
+                negatives.push((
+                    e.context.clone().narrow(0, 0, n),
+                    e.pooled.clone().narrow(0, 0, n),
+                ));
+                positives.push((e.context.narrow(0, n, n), e.pooled.narrow(0, n, n)));
+            } else {
+                positives.push((e.context, e.pooled));
+            }
+        }
+        let (contexts, pooleds): (Vec<_>, Vec<_>) = negatives.into_iter().chain(positives).unzip();
+        Ok(PromptEmbeds {
+            context: cat_rows(contexts),
+            pooled: cat_rows(pooleds),
+        })
+    }
+
+    /// The denoising loop for a batch (see [`generate_batch`](Self::generate_batch)):
+    /// the final latents of each request, in order.
+    pub fn denoise_batch(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<Tensor<B, 4>>> {
+        self.check_inputs(reqs)?;
+        let first = &reqs[0];
+        let guidance = first
+            .do_classifier_free_guidance()
+            .then_some(first.guidance_scale);
+        let mut jobs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let scheduler = self.prepare_scheduler(req)?;
+            let mut rng = Generator::new(req.seed);
+            let latents = self.prepare_latents(req, &scheduler, &mut rng)?;
+            jobs.push(Job {
+                scheduler,
+                rng,
+                latents,
+            });
+        }
+        let embeds = self.batch_embeds(reqs, guidance.is_some())?;
+        let rows = embeds.context.dims()[0];
+        let time_ids: Vec<f32> = (0..rows).flat_map(|_| first.add_time_ids()).collect();
+
+        let timesteps = jobs[0].scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        if progress(Progress { step: 0, total }).is_break() {
+            return Err(Error::Cancelled);
+        }
+        for (i, &t) in timesteps.iter().enumerate() {
+            let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
+            // The input scaling depends only on the step, the same for every request.
+            let eps = self.predict_noise(
+                &jobs[0].scheduler,
+                latents,
+                i,
+                t,
+                &embeds,
+                &time_ids,
+                guidance,
+            )?;
+            let mut offset = 0;
+            for job in jobs.iter_mut() {
+                let k = job.latents.dims()[0];
+                let own = if reqs.len() == 1 {
+                    eps.clone()
+                } else {
+                    eps.clone().narrow(0, offset, k)
+                };
+                job.latents = job
+                    .scheduler
+                    .step(own, i, job.latents.clone(), &mut job.rng);
+                offset += k;
+            }
+            if progress(Progress { step: i + 1, total }).is_break() {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(jobs.into_iter().map(|j| j.latents).collect())
+    }
+
+    /// Undoes the VAE's latent scaling (and shift, for VAEs with `latents_mean`/`std`).
+    pub fn unscale_latents(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        let cfg = self.components.vae.config();
+        let c = latents.dims()[1];
+        match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(mean), Some(std)) if mean.len() == c && std.len() == c => {
+                let dev = latents.device();
+                let m = Tensor::<B, 1>::from_data(TensorData::new(mean.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
+                let s = Tensor::<B, 1>::from_data(TensorData::new(std.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
+                latents * s / cfg.scaling_factor + m
+            }
+            _ => latents / cfg.scaling_factor,
+        }
+    }
+
+    /// Decodes final latents into images, tiled when [`vae_tiling`](Self::vae_tiling)
+    /// is set and the latents exceed one tile.
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<Image>> {
+        let latents = self.unscale_latents(latents);
+        let image = self
+            .components
+            .vae
+            .decode_with(latents, self.vae_tiling.as_ref())?;
+        self.postprocess(image)
+    }
+
+    /// diffusers' `VaeImageProcessor.postprocess`: `[-1, 1]` → `[0, 1]`, clamp, ×255,
+    /// round, as 8-bit RGB images.
+    pub fn postprocess(&self, image: Tensor<B, 4>) -> Result<Vec<Image>> {
+        let [n, ch, h, w] = image.dims();
+        if ch != 3 {
+            return Err(Error::Unsupported {
+                path: self
+                    .components
+                    .info
+                    .component_path("vae")
+                    .join("config.json"),
+                message: format!("the VAE decodes {ch} channels; images need 3"),
+            });
+        }
+        let pixels = ((image.cast(DType::F32) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .permute([0, 2, 3, 1]);
+        let values: Vec<f32> = pixels
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| Error::Backend(format!("reading the image back: {e:?}")))?;
+        let per = h * w * 3;
+        Ok((0..n)
+            .map(|i| Image {
+                width: w,
+                height: h,
+                rgb: values[i * per..(i + 1) * per]
+                    .iter()
+                    .map(|&v| v as u8)
+                    .collect(),
+            })
+            .collect())
+    }
+}
