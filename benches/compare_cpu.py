@@ -649,6 +649,10 @@ def render_table(rows, machine, args):
            f"{machine.get('transformers')}; {machine.get('hypergen') or 'hypergen not run'}"
            + (" (DEBUG BUILD: not for real numbers)" if machine.get("hypergen_release_build") is False else ""),
            fmt(header), fmt(["-" * w for w in widths])]
+    busy = machine.get("load_average_start")
+    if busy is not None and busy > 0.25 * (machine.get("logical_cpus") or 1):
+        out.insert(3, f"WARNING: load average {busy:.2f} at the start on {machine.get('logical_cpus')} CPUs: "
+                      f"the machine was busy, times are unreliable")
     out += [fmt(x) for x in lines]
     return "\n".join(out)
 
@@ -658,6 +662,7 @@ def draw_chart(rows, machine, args, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     shown = [r for r in rows if (r.result.get("diffusers") or {}).get("median_s")
              or (r.result.get("hypergen") or {}).get("median_s")]
@@ -690,7 +695,14 @@ def draw_chart(rows, machine, args, path):
                         color="#2a7a2a" if rt is not None and rt < 1 else "#a02020")
         ax.set_xscale("log")
         if vals:
-            ax.set_xlim(min(vals) / 1.6, max(vals) * 3.5)
+            lo = 10 ** math.floor(math.log10(min(vals) / 1.5))
+            hi = max(vals) * 3.5
+            ax.set_xlim(lo, hi)
+            plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            # Few decades: label the 2…9 ticks too, else only the powers of ten.
+            ax.xaxis.set_minor_formatter(plain if hi / lo < 30 else ticker.NullFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(unit)
         ax.grid(axis="x", which="both", alpha=0.25)
 
@@ -704,6 +716,9 @@ def draw_chart(rows, machine, args, path):
                          Patch(color=colors["hypergen"], label="hypergen (Burn CPU)")],
                 loc="lower right", fontsize=9)
     debug = " — hypergen DEBUG build" if machine.get("hypergen_release_build") is False else ""
+    busy = machine.get("load_average_start")
+    if busy is not None and busy > 0.25 * (machine.get("logical_cpus") or 1):
+        debug += f" — busy machine (load {busy:.1f})"
     fig.suptitle(f"hypergen vs diffusers, CPU float32: {machine.get('cpu_model')}, {machine['threads']} threads, "
                  f"{machine['date']}{debug}", fontsize=11)
     ax_t.set_title(f"torch {machine.get('torch')}, diffusers {machine.get('diffusers')}; "
