@@ -487,6 +487,9 @@ impl PartTargets {
     }
 }
 
+/// A part's merges: weight path → its shape and what adds to it.
+type PartPlan<'a> = BTreeMap<String, (ParamInfo, Vec<Contribution<'a>>)>;
+
 /// One merge: which layer of which adapter, with its total factor.
 struct Contribution<'a> {
     layer: &'a LoraLayer,
@@ -501,8 +504,8 @@ fn part_targets<B: FusedOps>(c: &SdxlComponents<B>, part: LoraPart) -> PartTarge
     }
 }
 
-/// Checks that `layer` fits the weight `module` of shape `info` (Burn's layout), and
-/// returns the PyTorch-layout shape `[out, in, …]`.
+/// Checks that `layer` fits the weight `module` of shape `info` (Burn's layout): `up` is
+/// `[out, rank(, 1, 1)]` and `down` is `[rank, in, …]` with the layer's fan-in.
 fn check_fit(
     adapter: &LoraAdapter,
     layer: &LoraLayer,
@@ -548,8 +551,7 @@ pub fn apply_loras<B: FusedOps>(
     adapters: &[(&LoraAdapter, f32)],
 ) -> Result<()> {
     // Plan: every contribution to every weight, checked against the model.
-    let mut plan: BTreeMap<LoraPart, BTreeMap<String, (ParamInfo, Vec<Contribution<'_>>)>> =
-        BTreeMap::new();
+    let mut plan: BTreeMap<LoraPart, PartPlan<'_>> = BTreeMap::new();
     let mut targets: BTreeMap<LoraPart, PartTargets> = BTreeMap::new();
     for (adapter, scale) in adapters {
         if !scale.is_finite() {
