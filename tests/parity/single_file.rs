@@ -100,3 +100,37 @@ fn single_file_without_config_names_mismatch() {
     assert!(err.contains("--config"), "{err}");
     assert!(err.contains("shape"), "{err}");
 }
+
+/// `hypergen generate --model model.safetensors --config DIR` writes the reference image.
+#[test]
+fn single_file_cli_generate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let configs = tmp.path().join("configs");
+    std::fs::create_dir_all(&configs).expect("mkdir");
+    copy_configs(&fixture_dir(), &configs);
+    let out = tmp.path().join("x.png");
+    let init = reference("pipe.init_latents");
+    let json = crate::lora::extras_json();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .args(["generate", "--model"])
+        .arg(fixture_dir().join("single_file").join("model.safetensors"))
+        .arg("--config")
+        .arg(&configs)
+        .args(["--prompt", json["prompt"].as_str().expect("prompt")])
+        .args(["--steps", "4", "--guidance", "5"])
+        .args(["--width", &(init.shape[3] * 8).to_string()])
+        .args(["--height", &(init.shape[2] * 8).to_string()])
+        .arg("--latents")
+        .arg(crate::common::reference_dir().join("init_latents.safetensors"))
+        .args(["--device", "cpu", "--dtype", "float32", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run hypergen");
+    assert!(status.success(), "hypergen generate failed: {status}");
+    let png = image::open(&out).expect("PNG written").to_rgb8();
+    crate::lora::assert_image_close(
+        "single-file cli",
+        png.as_raw(),
+        &reference("pipe.cfg5.euler4.image_u8"),
+    );
+}
