@@ -104,6 +104,34 @@ pub enum Error {
         /// What went wrong and, where possible, what to do about it.
         message: String,
     },
+    /// A LoRA file cannot be used: not a LoRA, a pickle, an unsupported layer type.
+    #[error("LoRA {path}: {message}")]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// LoRA layers that match no layer of the model (another architecture's adapter).
+    #[error("LoRA {path}: {count} layer(s) match no layer of this model: {keys}")]
+    LoraUnmatched {
+        /// The LoRA file.
+        path: PathBuf,
+        /// How many layers matched nothing.
+        count: usize,
+        /// A few of their names.
+        keys: String,
+    },
+    /// A LoRA layer whose shapes do not fit the model's layer.
+    #[error("LoRA {path}: layer {layer}: {message}")]
+    LoraShape {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The model layer (`unet.down_blocks.1.…to_q`).
+        layer: String,
+        /// The shapes that disagree.
+        message: String,
+    },
     /// A tensor operation failed at run time (for example reading back device memory).
     #[error("backend: {0}")]
     Backend(String),

@@ -12,6 +12,7 @@ use crate::app::server::auth::ApiKey;
 use crate::app::server::request::SizeLimits;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
 use crate::pipeline::{GenerationRequest, Progress, RequestDefaults, RunOptions};
@@ -62,6 +63,11 @@ pub struct LoadArgs {
     /// Hub revision of the model (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,
+    /// For a single-file checkpoint (`--model model.safetensors`): a diffusers-layout
+    /// folder whose JSON configs and tokenizer files give the architecture (default:
+    /// SDXL base 1.0's when the checkpoint's shapes fit it).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
     /// Decode with a tiled VAE so that large images fit small GPUs: alone, tiles of the
     /// VAE config's `sample_size` (1024 px for SDXL: only larger images are tiled);
     /// `--vae-tiling=PIXELS` for smaller tiles (a multiple of 8).
@@ -70,6 +76,11 @@ pub struct LoadArgs {
     /// Threads of the CPU backend (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// A LoRA adapter merged into the weights at start: a .safetensors file (kohya or
+    /// diffusers/PEFT names) or a folder holding pytorch_lora_weights.safetensors, with an
+    /// optional scale (default 1). Repeat for several; they add up.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<LoraSpec>,
 }
 
 impl LoadArgs {
@@ -84,6 +95,7 @@ impl LoadArgs {
             variant: self.variant.clone(),
             vae: self.vae.clone(),
             revision: self.revision.clone(),
+            config: self.config.clone(),
             ..LoadOptions::default()
         }
     }
@@ -111,6 +123,11 @@ impl LoadArgs {
             }
         }
     }
+}
+
+/// `--lora` as clap parses it.
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
 /// `--dtype` as clap parses it.
@@ -183,9 +200,6 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health, /docs and /openapi.json.
     #[arg(long, env = "HYPERGEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
-    /// A LoRA adapter to load at start (not supported yet: refused).
-    #[arg(long)]
-    pub lora: Option<PathBuf>,
     /// Accepted requests that may wait; more get 503 with Retry-After.
     #[arg(long, default_value_t = 100)]
     pub max_queue_size: usize,
@@ -209,9 +223,6 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The server configuration and listen address these flags describe.
     pub fn server_config(&self) -> anyhow::Result<(ServerConfig, String)> {
-        if self.lora.is_some() {
-            bail!("--lora: LoRA adapters are not supported yet");
-        }
         if self.min_size == 0 || self.min_size > self.max_size {
             bail!("--min-size must be at least 1 and at most --max-size");
         }
@@ -220,6 +231,7 @@ impl ServeArgs {
         worker.dtype = self.load.dtype;
         worker.load = self.load.load_options();
         worker.run = self.load.run_options();
+        worker.loras = self.load.loras.clone();
         worker.max_queue_size = self.max_queue_size;
         worker.max_batch_size = self.max_batch_size;
         config.api_key = self.api_key.clone();
@@ -417,7 +429,7 @@ impl WithBackend for Generate {
 
     fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> anyhow::Result<()> {
         let load = &self.args.load;
-        let pipeline = load_pipeline::<B>(
+        let mut pipeline = load_pipeline::<B>(
             &self.args.model,
             placed.dtype,
             &load.load_options(),
@@ -425,6 +437,7 @@ impl WithBackend for Generate {
             &device,
         )
         .with_context(|| format!("loading {}", self.args.model))?;
+        apply_lora_specs(pipeline.components_mut(), &load.loras).context("--lora")?;
         let info = &pipeline.components().info;
         if info.random_weights {
             tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");

@@ -156,7 +156,7 @@ impl Builtin {
 
     /// The model's components with lazy (unallocated) parameters: what the configs
     /// describe, before any weight exists. `dtype` is recorded, not yet applied.
-    fn lazy_components<B: FusedOps>(
+    pub(crate) fn lazy_components<B: FusedOps>(
         &self,
         dtype: DType,
         device: &B::Device,
@@ -193,6 +193,7 @@ impl Builtin {
                 random_weights: true,
                 local_dir: None,
             },
+            loras: Default::default(),
         })
     }
 

@@ -464,5 +464,6 @@ pub fn load_folder<B: FusedOps>(
             random_weights: false,
             local_dir: Some(dir.to_path_buf()),
         },
+        loras: Default::default(),
     })
 }

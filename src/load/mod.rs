@@ -6,7 +6,11 @@
 pub mod builtin;
 pub mod folder;
 pub mod hub;
+pub mod lora;
+pub mod params;
 pub mod random_init;
+pub mod sgm;
+pub mod single_file;
 pub mod source;
 
 use std::path::PathBuf;
@@ -35,6 +39,10 @@ pub struct LoadOptions {
     pub revision: Option<String>,
     /// Hub endpoint, cache and token (by default the environment's).
     pub hub: HubOptions,
+    /// For single-file checkpoints: a diffusers-layout folder whose JSON configs and
+    /// tokenizer files give the architecture (default: SDXL base 1.0's, when the
+    /// checkpoint's shapes fit it).
+    pub config: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -84,6 +92,9 @@ pub fn load_components<B: FusedOps>(
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| model.to_string());
             folder::load_folder(dir, id, dtype, options, vae.as_deref(), device)
+        }
+        ModelSource::SingleFile(file) => {
+            single_file::load_single_file(file, dtype, options, device)
         }
         ModelSource::Hub(id) => {
             let dir =

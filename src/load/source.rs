@@ -16,6 +16,8 @@ pub enum ModelSource<'a> {
     Builtin(&'static Builtin),
     /// A Hugging Face Hub repository id.
     Hub(&'a str),
+    /// A single-file checkpoint (`.safetensors`) in the original SGM layout.
+    SingleFile(&'a Path),
 }
 
 impl<'a> ModelSource<'a> {
@@ -25,6 +27,9 @@ impl<'a> ModelSource<'a> {
         let path = Path::new(model);
         if path.is_dir() {
             return Ok(ModelSource::Local(path));
+        }
+        if crate::load::single_file::is_single_file(path) {
+            return Ok(ModelSource::SingleFile(path));
         }
         if let Some(b) = builtin::find(model) {
             return Ok(ModelSource::Builtin(b));

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use burn::tensor::DType;
 use serde::Deserialize;
 
+use crate::load::lora::LoraState;
 use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
@@ -73,4 +74,7 @@ pub struct SdxlComponents<B: FusedOps> {
     pub dtype: DType,
     /// Where the model came from.
     pub info: ModelInfo,
+    /// LoRA adapters merged into the weights, and the base tensors they replaced
+    /// ([`crate::load::lora::apply_loras`]).
+    pub loras: LoraState<B>,
 }

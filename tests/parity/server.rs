@@ -152,7 +152,7 @@ async fn server_routes() {
     let (h, _) = health(&client, &base).await;
     assert_eq!(
         h,
-        json!({"status": "healthy", "model": fixture_dir().display().to_string(), "queue_size": 0, "device": "cpu"})
+        json!({"status": "healthy", "model": fixture_dir().display().to_string(), "queue_size": 0, "device": "cpu", "loras": []})
     );
 
     let models: Value = client
@@ -1041,4 +1041,46 @@ async fn server_openai_python_client() {
     assert!(out.status.success(), "the openai client failed:\n{text}");
     assert!(text.contains("openai client OK"), "{text}");
     server.shutdown().await.expect("shutdown");
+}
+
+/// `serve --lora`: adapters merged at start are listed by `/health` and `/v1/models`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_start_loras_are_listed() {
+    let mut config = config();
+    let case = &crate::lora::lora_cases()[0];
+    let spec = hypergen::load::lora::LoraSpec {
+        path: case.adapters[0].0.clone(),
+        scale: 0.5,
+    };
+    config.worker.loras = vec![spec.clone()];
+    let server = start(config).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let (h, _) = health(&client, &base).await;
+    let want = json!([{"name": spec.path.display().to_string(), "scale": 0.5}]);
+    assert_eq!(h["loras"], want);
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["loras"], want);
+}
+
+/// A bad `--lora` stops the server at start with the adapter's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_bad_start_lora_fails() {
+    let mut config = config();
+    config.worker.loras = vec![hypergen::load::lora::LoraSpec {
+        path: fixture_dir().join("no-such-lora.safetensors"),
+        scale: 1.0,
+    }];
+    let err = match Server::start(config, "127.0.0.1:0").await {
+        Ok(_) => panic!("a missing LoRA must stop the server"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("no-such-lora"), "{err}");
 }

@@ -157,6 +157,7 @@ impl Api {
             model: state.config.worker.model.clone(),
             queue_size: state.worker.queue_size() as u64,
             device: state.worker.device().to_string(),
+            loras: state.worker.loras().iter().map(Into::into).collect(),
         });
         if healthy {
             HealthResult::Healthy(body)
@@ -183,6 +184,7 @@ impl Api {
                 created: state.started,
                 owned_by: "hypergen".into(),
                 random_weights: state.model.random_weights,
+                loras: state.worker.loras().iter().map(Into::into).collect(),
             }],
         }))
     }

@@ -350,7 +350,7 @@ pub fn check(
     if req.lora_path.is_some() {
         return Err(ApiError::invalid_value(
             "lora_path",
-            "LoRA adapters are not supported by this server yet",
+            "per-request LoRA adapters are not supported yet; start the server with `--lora PATH[:SCALE]` to merge adapters at start",
         ));
     }
     Ok(Checked {

@@ -56,7 +56,8 @@ pub struct ImageGenerationRequest {
     /// Noise seed: the same seed, settings and model give the same image on every
     /// device. Random when absent.
     pub seed: Option<u64>,
-    /// A LoRA adapter to apply. Not supported yet: a request that sets it is refused.
+    /// A LoRA adapter to apply. Not supported per request yet: a request that sets it is
+    /// refused (start the server with `--lora` to merge adapters at start).
     pub lora_path: Option<String>,
     /// Strength of `lora_path`, 0 to 2.
     #[oai(
@@ -242,6 +243,36 @@ pub struct HealthResponse {
     pub queue_size: u64,
     /// The device the model runs on (`cpu`, `cuda:0`, `vulkan`, …).
     pub device: String,
+    /// LoRA adapters merged into the model at start (`--lora`), in order.
+    pub loras: Vec<LoadedLora>,
+}
+
+/// A LoRA adapter merged into the served model.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct LoadedLora {
+    /// The adapter as it was named (`--lora PATH`).
+    pub name: String,
+    /// Its scale.
+    pub scale: f64,
+}
+
+impl Example for LoadedLora {
+    fn example() -> Self {
+        Self {
+            name: "loras/pixel-art-xl.safetensors".into(),
+            scale: 0.8,
+        }
+    }
+}
+
+impl From<&crate::load::lora::ActiveLora> for LoadedLora {
+    fn from(a: &crate::load::lora::ActiveLora) -> Self {
+        Self {
+            name: a.name.clone(),
+            scale: f64::from(a.scale),
+        }
+    }
 }
 
 impl Example for HealthResponse {
@@ -251,6 +282,7 @@ impl Example for HealthResponse {
             model: "./stable-diffusion-xl-base-1.0".into(),
             queue_size: 0,
             device: "cuda:0".into(),
+            loras: vec![LoadedLora::example()],
         }
     }
 }
@@ -289,6 +321,8 @@ pub struct Model {
     /// True for hypergen's built-in models, whose weights are random: their images are
     /// noise (for tests and benchmarks).
     pub random_weights: bool,
+    /// LoRA adapters merged into it at start (`--lora`), in order.
+    pub loras: Vec<LoadedLora>,
 }
 
 impl Example for Model {
@@ -299,6 +333,7 @@ impl Example for Model {
             created: 1_700_000_000,
             owned_by: "hypergen".into(),
             random_weights: false,
+            loras: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::error::Error;
+use crate::load::lora::{apply_lora_specs, ActiveLora, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::pipeline::{GenerationRequest, ModelInfo, Progress, RunOptions, SdxlPipeline};
 
@@ -117,6 +118,8 @@ pub struct WorkerOptions {
     pub load: LoadOptions,
     /// VAE tiling.
     pub run: RunOptions,
+    /// LoRA adapters merged at start (`--lora`).
+    pub loras: Vec<LoraSpec>,
     /// Accepted jobs that may wait (≥ 1).
     pub max_queue_size: usize,
     /// Most compatible jobs run as one batch (≥ 1).
@@ -135,6 +138,7 @@ impl WorkerOptions {
             dtype: DTypeChoice::Auto,
             load: LoadOptions::default(),
             run: RunOptions::default(),
+            loras: Vec::new(),
             max_queue_size: 100,
             max_batch_size: 1,
             hooks: WorkerHooks::default(),
@@ -147,6 +151,8 @@ struct Shared {
     device: String,
     /// What was loaded (set before the worker reports ready).
     info: Mutex<Option<ModelInfo>>,
+    /// The adapters merged at start.
+    loras: Mutex<Vec<ActiveLora>>,
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
@@ -286,6 +292,15 @@ impl Worker {
         &self.shared.device
     }
 
+    /// The LoRA adapters merged at start (`--lora`), with their scales.
+    pub fn loras(&self) -> Vec<ActiveLora> {
+        self.shared
+            .loras
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// What was loaded: its id, where from, and whether its weights are random.
     pub fn model_info(&self) -> Option<ModelInfo> {
         self.shared
@@ -355,6 +370,7 @@ impl WithBackend for Spawn {
         let shared = Arc::new(Shared {
             device: placed.label,
             info: Mutex::new(None),
+            loras: Mutex::new(Vec::new()),
             max_queue: options.max_queue_size,
             queued: AtomicUsize::new(0),
             alive: AtomicBool::new(false),
@@ -367,12 +383,25 @@ impl WithBackend for Spawn {
             .name("hypergen-worker".into())
             .spawn(move || {
                 let loaded = catch_unwind(AssertUnwindSafe(|| {
-                    load_pipeline::<B>(&options.model, dtype, &options.load, &options.run, &device)
+                    let mut p = load_pipeline::<B>(
+                        &options.model,
+                        dtype,
+                        &options.load,
+                        &options.run,
+                        &device,
+                    )?;
+                    apply_lora_specs(p.components_mut(), &options.loras)?;
+                    Ok::<_, crate::Error>(p)
                 }));
                 let pipeline = match loaded {
                     Ok(Ok(p)) => {
                         let info = p.components().info.clone();
                         *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        *thread_shared
+                            .loras
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            p.components().loras.active().to_vec();
                         p
                     }
                     Ok(Err(e)) => {
