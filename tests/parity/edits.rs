@@ -1,0 +1,280 @@
+//! Image-to-image and inpainting against diffusers' SDXL img2img / inpaint pipelines:
+//! every `img2img.*` and `inpaint.*` case of `reference/extras/extras.json`, through the
+//! library (CPU and wgpu) and the command line. Settings, sizes and seeds come from
+//! `extras.json` and the reference tensors, never from constants.
+
+use hypergen::FusedOps;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use burn::tensor::DType;
+use hypergen::pipeline::{GenerationRequest, Image, InitImage, Mask, Progress};
+
+use crate::common::{fixture_dir, fixture_pipeline, rel_error, values, RefTensor, TOL_F32};
+
+/// `reference/extras/`.
+pub fn extras_dir() -> PathBuf {
+    crate::common::reference_dir().join("extras")
+}
+
+/// `extras.json`.
+pub fn extras_json() -> serde_json::Value {
+    let path = extras_dir().join("extras.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("extras.json parses")
+}
+
+/// A tensor of `extras.safetensors`.
+pub fn extra_tensor(name: &str) -> RefTensor {
+    let path = extras_dir().join("extras.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("extras parse");
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("extras tensor `{name}`: {e}"));
+    let data = match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    };
+    RefTensor {
+        shape: view.shape().to_vec(),
+        data,
+    }
+}
+
+/// One image-to-image or inpainting case of `extras.json`.
+#[derive(Debug, Clone)]
+pub struct EditCase {
+    pub name: String,
+    pub prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub image: PathBuf,
+    /// diffusers' mask (white = repaint), for inpainting.
+    pub mask: Option<PathBuf>,
+    pub strength: f64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+impl EditCase {
+    /// OpenAI's RGBA mask beside the diffusers one (`mask_rgba.png`, alpha 0 = repaint).
+    pub fn rgba_mask(&self) -> Option<PathBuf> {
+        self.mask
+            .as_ref()
+            .map(|_| extras_dir().join("mask_rgba.png"))
+    }
+}
+
+/// The number in `torch.Generator('cpu').manual_seed(N)`.
+fn seed_of(generator: &str) -> u64 {
+    let start = generator
+        .find("manual_seed(")
+        .expect("a manual_seed generator")
+        + 12;
+    let rest = &generator[start..];
+    rest[..rest.find(')').expect("closing parenthesis")]
+        .trim()
+        .parse()
+        .expect("integer seed")
+}
+
+/// Every `img2img.*` and `inpaint.*` case, sorted by name.
+pub fn edit_cases() -> Vec<EditCase> {
+    let json = extras_json();
+    let prompt = json["prompt"].as_str().expect("prompt").to_string();
+    let cases = json["cases"].as_object().expect("cases");
+    let mut out: Vec<EditCase> = cases
+        .iter()
+        .filter(|(k, _)| k.starts_with("img2img.") || k.starts_with("inpaint."))
+        .map(|(name, c)| {
+            let file = |v: &serde_json::Value| {
+                // "mask.png (white = repaint)": the file name is the first word.
+                let s = v.as_str().expect("file name");
+                extras_dir().join(s.split_whitespace().next().expect("a file name"))
+            };
+            let r = extra_tensor(&format!("{name}.image_u8"));
+            EditCase {
+                name: name.clone(),
+                prompt: prompt.clone(),
+                height: r.shape[0],
+                width: r.shape[1],
+                image: file(&c["image"]),
+                mask: c.get("mask").map(file),
+                strength: c["strength"].as_f64().expect("strength"),
+                steps: c["num_inference_steps"].as_u64().expect("steps") as usize,
+                guidance: c["guidance_scale"].as_f64().expect("guidance"),
+                seed: seed_of(c["generator"].as_str().expect("generator")),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    assert!(
+        out.iter().any(|c| c.mask.is_some()) && out.iter().any(|c| c.mask.is_none()),
+        "extras.json has image-to-image and inpainting cases"
+    );
+    out
+}
+
+/// The library request of a case, the image and mask read as the CLI and server do.
+fn request(case: &EditCase, rgba_mask: bool) -> GenerationRequest {
+    let img = image::open(&case.image).expect("init image");
+    let mask_path = if rgba_mask {
+        case.rgba_mask()
+    } else {
+        case.mask.clone()
+    };
+    let mask = mask_path.map(|p| Mask::from_dynamic(&image::open(p).expect("mask")));
+    GenerationRequest {
+        prompt: case.prompt.clone(),
+        num_inference_steps: case.steps,
+        guidance_scale: case.guidance,
+        width: case.width,
+        height: case.height,
+        seed: case.seed,
+        init_image: Some(InitImage {
+            image: Image::from_dynamic(&img),
+            mask,
+            strength: case.strength,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Asserts every channel is within 1/255 of the case's reference image.
+pub fn assert_case_image(what: &str, case: &EditCase, rgb: &[u8]) {
+    let want = extra_tensor(&format!("{}.image_u8", case.name));
+    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
+    let worst = rgb
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: max channel difference {worst}/255");
+    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
+}
+
+fn no_progress(_: Progress) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+fn all_cases<B: FusedOps>(device: &B::Device) {
+    let pipe = fixture_pipeline::<B>(DType::F32, device);
+    for case in edit_cases() {
+        let out = pipe
+            .generate(&request(&case, false), &mut no_progress)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let want = extra_tensor(&format!("{}.latents", case.name));
+        assert_eq!(
+            out.latents.dims().to_vec(),
+            want.shape,
+            "{}: shape",
+            case.name
+        );
+        let err = rel_error(&values(out.latents), &want.data);
+        eprintln!("{} latents: relative error {err:.3e}", case.name);
+        assert!(
+            err <= TOL_F32,
+            "{}: latents relative error {err:.3e}",
+            case.name
+        );
+        assert_case_image(&case.name, &case, &out.images[0].rgb);
+    }
+}
+crate::on_backends!(edits_fixture_cases, all_cases);
+
+/// OpenAI's transparent mask gives exactly diffusers' white-mask result.
+#[test]
+fn rgba_mask_equals_white_mask() {
+    for case in edit_cases().into_iter().filter(|c| c.mask.is_some()) {
+        let white = request(&case, false);
+        let rgba = request(&case, true);
+        let (Some(a), Some(b)) = (white.init_image, rgba.init_image) else {
+            panic!("init images");
+        };
+        assert_eq!(a.mask, b.mask, "{}: masks differ", case.name);
+        assert!(a
+            .mask
+            .is_some_and(|m| m.repaint.iter().any(|&r| r) && m.repaint.iter().any(|&r| !r)));
+    }
+}
+
+/// `hypergen generate --image [--mask] --strength` writes the reference image.
+#[test]
+fn cli_edits_match_diffusers() {
+    let dir = std::env::temp_dir().join(format!("hypergen-cli-edits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for case in edit_cases() {
+        let out = dir.join(format!("{}.png", case.name));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"));
+        cmd.args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--prompt", &case.prompt])
+            .args(["--steps", &case.steps.to_string()])
+            .args(["--guidance", &case.guidance.to_string()])
+            .args(["--seed", &case.seed.to_string()])
+            .args(["--strength", &case.strength.to_string()])
+            .arg("--image")
+            .arg(&case.image)
+            .args(["--device", "cpu", "--dtype", "float32", "--out"])
+            .arg(&out);
+        if let Some(mask) = &case.mask {
+            cmd.arg("--mask").arg(mask);
+        }
+        let status = cmd.status().expect("run hypergen");
+        assert!(
+            status.success(),
+            "{}: hypergen generate failed: {status}",
+            case.name
+        );
+        let png = image::open(&out).expect("PNG written").to_rgb8();
+        assert_eq!(
+            (png.width() as usize, png.height() as usize),
+            (case.width, case.height)
+        );
+        assert_case_image(&format!("cli {}", case.name), &case, png.as_raw());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bad strengths and sizes are refused with the field named, before any work.
+#[test]
+fn edits_validation() {
+    let pipe = fixture_pipeline::<crate::common::Cpu>(DType::F32, &Default::default());
+    let case = edit_cases()
+        .into_iter()
+        .find(|c| c.mask.is_some())
+        .expect("inpaint case");
+    let check = |req: GenerationRequest, field: &str| match pipe.generate(&req, &mut no_progress) {
+        Err(hypergen::Error::InvalidArgument { name, .. }) => assert_eq!(name, field),
+        other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+    };
+    let mut r = request(&case, false);
+    if let Some(i) = r.init_image.as_mut() {
+        i.strength = 1.5;
+    }
+    check(r, "strength");
+    let mut r = request(&case, false);
+    if let Some(i) = r.init_image.as_mut() {
+        // One step at strength 0.1 leaves nothing to run.
+        i.strength = 0.5 / r.num_inference_steps as f64;
+    }
+    check(r, "strength");
+    let mut r = request(&case, false);
+    r.width += 8;
+    check(r, "image");
+    let mut r = request(&case, false);
+    if let Some(i) = r.init_image.as_mut() {
+        i.mask = i
+            .mask
+            .as_ref()
+            .map(|m| m.resized(m.width / 2, m.height / 2).expect("resize"));
+    }
+    check(r, "mask");
+}
