@@ -221,6 +221,10 @@ pub struct ServeArgs {
     /// Memory for images served by URL, in MiB (the oldest are evicted first).
     #[arg(long, default_value_t = 512)]
     pub url_store_mb: usize,
+    /// Do not write the generation parameters (prompt, steps, sampler, seed…) into PNGs
+    /// as an A1111-style `parameters` text chunk.
+    #[arg(long)]
+    pub no_png_parameters: bool,
 }
 
 impl ServeArgs {
@@ -246,6 +250,7 @@ impl ServeArgs {
         };
         config.public_url = self.public_url.clone();
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
+        config.worker.png_parameters = !self.no_png_parameters;
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {

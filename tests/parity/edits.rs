@@ -278,3 +278,99 @@ fn edits_validation() {
     }
     check(r, "mask");
 }
+
+/// `output_format` on the generations route: JPEG and WebP answers decode to the asked
+/// size, by b64 and by URL (with the right Content-Type); a PNG carries an A1111
+/// `parameters` chunk that PIL reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_output_formats() {
+    use base64::Engine as _;
+    use serde_json::{json, Value};
+    let mut config =
+        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
+    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
+    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
+        .await
+        .expect("server starts");
+    let base = format!("http://{}", server.local_addr());
+    let client = reqwest::Client::new();
+    let (w, h) = (64u32, 72u32);
+    let post = |body: Value| {
+        let client = client.clone();
+        let url = format!("{base}/v1/images/generations");
+        async move {
+            let resp = client.post(url).json(&body).send().await.expect("post");
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.expect("json")
+        }
+    };
+    let req = |format: &str, response: &str| {
+        json!({"prompt": "a red cube", "negative_prompt": "blur", "size": format!("{w}x{h}"),
+               "num_inference_steps": 2, "seed": 3, "output_format": format,
+               "output_compression": 80, "response_format": response})
+    };
+    for (format, want) in [
+        ("jpeg", image::ImageFormat::Jpeg),
+        ("webp", image::ImageFormat::WebP),
+        ("png", image::ImageFormat::Png),
+    ] {
+        let body = post(req(format, "b64_json")).await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
+            .expect("base64");
+        assert_eq!(image::guess_format(&bytes).expect("known format"), want);
+        let img = image::load_from_memory_with_format(&bytes, want).expect("decodes");
+        assert_eq!((img.width(), img.height()), (w, h), "{format}");
+
+        let body = post(req(format, "url")).await;
+        let url = body["data"][0]["url"].as_str().expect("url");
+        let resp = client.get(url).send().await.expect("download");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().expect("ascii"),
+            format!("image/{format}")
+        );
+        let via_url = resp.bytes().await.expect("bytes");
+        assert_eq!(image::guess_format(&via_url).expect("known"), want);
+
+        if format == "png" {
+            let path =
+                std::env::temp_dir().join(format!("hypergen-params-{}.png", std::process::id()));
+            std::fs::write(&path, &bytes).expect("write");
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sys; from PIL import Image; im = Image.open(sys.argv[1]); im.load(); print(im.info['parameters'])",
+                ])
+                .arg(&path)
+                .output()
+                .expect("python3");
+            let _ = std::fs::remove_file(&path);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "PIL: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                text.starts_with("a red cube\nNegative prompt: blur\nSteps: 2, Sampler: "),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("CFG scale: 7.5, Seed: 3, Size: {w}x{h}, Model: ")),
+                "{text}"
+            );
+        }
+    }
+    // A bad format names its field.
+    let resp = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&json!({"prompt": "x", "output_format": "gif"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.expect("json");
+    assert_eq!(err["error"]["param"], "output_format");
+    server.shutdown().await.expect("shutdown");
+}

@@ -19,6 +19,7 @@ use super::types::{
 };
 use super::worker::{JobError, SubmitError};
 use super::AppState;
+use crate::pipeline::OutputFormat;
 
 /// Groups of routes in the documentation.
 #[derive(Tags)]
@@ -95,9 +96,15 @@ pub enum GenerateResult {
 /// Responses of `GET /v1/images/files/{id}`.
 #[derive(ApiResponse)]
 pub enum ImageFileResult {
-    /// The PNG.
+    /// The image, as a PNG (`output_format: "png"`, the default).
     #[oai(status = 200, content_type = "image/png")]
     Png(Binary<bytes::Bytes>),
+    /// The image, as a JPEG (`output_format: "jpeg"`).
+    #[oai(status = 200, content_type = "image/jpeg")]
+    Jpeg(Binary<bytes::Bytes>),
+    /// The image, as a lossless WebP (`output_format: "webp"`).
+    #[oai(status = 200, content_type = "image/webp")]
+    Webp(Binary<bytes::Bytes>),
     /// Missing, malformed or wrong API key.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorResponse>),
@@ -219,7 +226,9 @@ impl Api {
 
     /// Download an image
     ///
-    /// A PNG made with `response_format: "url"`; each stays available for one hour.
+    /// An image made with `response_format: "url"`, in the `output_format` asked for
+    /// (PNG, JPEG or WebP, with the matching Content-Type); each stays available for one
+    /// hour.
     #[oai(
         path = "/v1/images/files/:id",
         method = "get",
@@ -234,8 +243,10 @@ impl Api {
         #[oai(example = "example_image_id")]
         id: Path<String>,
     ) -> ImageFileResult {
-        match state.images.get(&id.0) {
-            Some(png) => ImageFileResult::Png(Binary(png)),
+        match state.images.get_file(&id.0) {
+            Some((bytes, OutputFormat::Png)) => ImageFileResult::Png(Binary(bytes)),
+            Some((bytes, OutputFormat::Jpeg)) => ImageFileResult::Jpeg(Binary(bytes)),
+            Some((bytes, OutputFormat::Webp)) => ImageFileResult::Webp(Binary(bytes)),
             None => {
                 ApiError::not_found(format!("no image `{}` (URLs expire after one hour)", id.0))
                     .into()
@@ -255,10 +266,13 @@ async fn generate(
         return Err(ApiError::shutting_down());
     }
     let g = &checked.generation;
-    let (id, answer) = state.worker.submit(g.clone()).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
-        SubmitError::Closed => ApiError::shutting_down(),
-    })?;
+    let (id, answer) = state
+        .worker
+        .submit(g.clone(), checked.encoding.clone())
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
+            SubmitError::Closed => ApiError::shutting_down(),
+        })?;
     tracing::info!(
         job = id,
         seed = g.seed,
@@ -305,6 +319,7 @@ async fn generate(
         ResponseFormat::Url => Some(state.public_base(http)),
         ResponseFormat::B64Json => None,
     };
+    let format = checked.encoding.format;
     let mut data = Vec::with_capacity(pngs.len());
     for png in pngs {
         let (b64_json, url) = match &base {
@@ -313,7 +328,7 @@ async fn generate(
                 None,
             ),
             Some(base) => {
-                let id = state.images.insert(png).ok_or_else(|| {
+                let id = state.images.insert_as(png, format).ok_or_else(|| {
                     ApiError::internal(
                         "the image is larger than the server's URL store; use b64_json",
                     )

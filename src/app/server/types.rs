@@ -4,7 +4,7 @@
 use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 
-use crate::pipeline::RequestDefaults;
+use crate::pipeline::{OutputFormat, RequestDefaults};
 use crate::scheduler::SchedulerKind;
 
 /// Body of `POST /v1/images/generations`: OpenAI's image request, plus the diffusion
@@ -39,6 +39,15 @@ pub struct ImageGenerationRequest {
     /// valid for one hour.
     #[oai(default = "default_response_format")]
     pub response_format: ResponseFormat,
+    /// The file format of the images: `png` (default; with the generation parameters in
+    /// a `parameters` text chunk, as A1111 writes them, unless the server was started
+    /// with `--no-png-parameters`), `jpeg` or `webp` (lossless).
+    pub output_format: Option<OutputFormatName>,
+    /// Compression level 0–100 (default 100). For `jpeg` it is the encoder's quality
+    /// (100 = best; 0 is taken as 1). PNG and WebP are lossless and ignore it: the
+    /// `image` crate has no lossy WebP encoder.
+    #[oai(validator(minimum(value = "0"), maximum(value = "100")))]
+    pub output_compression: Option<u8>,
     /// What to steer away from. Absent or empty: zero conditioning, as SDXL does.
     pub negative_prompt: Option<String>,
     /// Denoising steps, 1 to 150.
@@ -105,6 +114,8 @@ impl Example for ImageGenerationRequest {
             style: None,
             user: None,
             response_format: ResponseFormat::B64Json,
+            output_format: Some(OutputFormatName::Png),
+            output_compression: None,
             negative_prompt: Some("blurry, low quality".into()),
             num_inference_steps: 30,
             guidance_scale: 5.0,
@@ -112,6 +123,30 @@ impl Example for ImageGenerationRequest {
             lora_path: None,
             lora_scale: 1.0,
             scheduler: Some(SchedulerName::Euler),
+        }
+    }
+}
+
+/// The file formats of `output_format`.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormatName {
+    /// PNG (lossless).
+    #[oai(rename = "png")]
+    Png,
+    /// JPEG.
+    #[oai(rename = "jpeg")]
+    Jpeg,
+    /// WebP (lossless).
+    #[oai(rename = "webp")]
+    Webp,
+}
+
+impl From<OutputFormatName> for OutputFormat {
+    fn from(f: OutputFormatName) -> Self {
+        match f {
+            OutputFormatName::Png => OutputFormat::Png,
+            OutputFormatName::Jpeg => OutputFormat::Jpeg,
+            OutputFormatName::Webp => OutputFormat::Webp,
         }
     }
 }
