@@ -4,6 +4,7 @@
 //! `extras.json` and the reference tensors, never from constants.
 
 use hypergen::FusedOps;
+use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
@@ -372,5 +373,198 @@ async fn server_output_formats() {
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.expect("json");
     assert_eq!(err["error"]["param"], "output_format");
+    server.shutdown().await.expect("shutdown");
+}
+
+/// A `multipart/form-data` body by hand: `(name, filename, bytes)` parts.
+fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "hypergen-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, file, data) in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body
+                .extend(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+        }
+        body.extend(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// PNG's chunk CRC, to forge a header.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `/v1/images/edits`: every case with both mask conventions gives diffusers' image;
+/// bad input gets a 400 naming its field (413 for a form over the limit) and the server
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_edits_match_diffusers() {
+    use base64::Engine as _;
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config =
+        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
+    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
+    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
+        .await
+        .expect("server starts");
+    let base = format!("http://{}", server.local_addr());
+    let client = reqwest::Client::new();
+    let post = |parts: Vec<(&'static str, Option<&'static str>, Vec<u8>)>| {
+        let client = client.clone();
+        let url = format!("{base}/v1/images/edits");
+        async move {
+            let (ct, body) = multipart(&parts);
+            let resp = client
+                .post(url)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .expect("post");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        }
+    };
+    let cases = edit_cases();
+    let case = &cases[0];
+    let image = std::fs::read(&case.image).expect("image");
+    let text = |v: String| v.into_bytes();
+
+    // Bad input, each naming its field.
+    let small_png = {
+        let img = image::RgbImage::new(16, 16);
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .expect("png");
+        out
+    };
+    let mut bomb = small_png.clone();
+    // IHDR data starts at byte 16: claim 100000x100000.
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    for (parts, param) in [
+        (vec![("prompt", None, text("x".into()))], "image"),
+        (
+            vec![
+                ("image", Some("a.png"), b"not an image".to_vec()),
+                ("prompt", None, text("x".into())),
+            ],
+            "image",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), bomb),
+                ("prompt", None, text("x".into())),
+            ],
+            "image",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), image.clone()),
+                ("mask", Some("m.png"), small_png.clone()),
+                ("prompt", None, text("x".into())),
+            ],
+            "mask",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), image.clone()),
+                ("prompt", None, text("x".into())),
+                ("strength", None, text("1.5".into())),
+            ],
+            "strength",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), image.clone()),
+                ("prompt", None, text("x".into())),
+                ("output_format", None, text("gif".into())),
+            ],
+            "output_format",
+        ),
+    ] {
+        let (status, body) = post(parts).await;
+        assert_eq!(status, 400, "{param}: {body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
+    // A form over the body limit: refused from its length, before it is read.
+    let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n--b\r\n",
+        hypergen::app::server::edit::MAX_EDIT_BODY_BYTES + 1
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 12];
+    stream.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"HTTP/1.1 413");
+    drop(stream);
+
+    // Every case, both mask conventions: the reference image.
+    for case in &cases {
+        let masks: Vec<Option<PathBuf>> = match &case.mask {
+            Some(m) => vec![Some(m.clone()), case.rgba_mask()],
+            None => vec![None],
+        };
+        for mask in masks {
+            let mut parts = vec![
+                (
+                    "image",
+                    Some("image.png"),
+                    std::fs::read(&case.image).expect("image"),
+                ),
+                ("prompt", None, text(case.prompt.clone())),
+                ("strength", None, text(case.strength.to_string())),
+                ("num_inference_steps", None, text(case.steps.to_string())),
+                ("guidance_scale", None, text(case.guidance.to_string())),
+                ("seed", None, text(case.seed.to_string())),
+                (
+                    "size",
+                    None,
+                    text(format!("{}x{}", case.width, case.height)),
+                ),
+            ];
+            if let Some(m) = &mask {
+                parts.push(("mask", Some("mask.png"), std::fs::read(m).expect("mask")));
+            }
+            let (status, body) = post(parts).await;
+            assert_eq!(status, 200, "{}: {body}", case.name);
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
+                .expect("base64");
+            let img = image::load_from_memory(&png).expect("png").to_rgb8();
+            assert_case_image(
+                &format!("server {} {mask:?}", case.name),
+                case,
+                img.as_raw(),
+            );
+        }
+    }
     server.shutdown().await.expect("shutdown");
 }

@@ -810,7 +810,12 @@ fn openapi_schema_is_committed() {
             }
         }
     }
-    assert_eq!(operations, 4);
+    assert_eq!(operations, 5);
+    let edit = &doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"];
+    assert!(
+        edit["multipart/form-data"].is_object(),
+        "the edits route takes a multipart form: {edit}"
+    );
     for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
         assert!(
             schema["description"].is_string(),

@@ -11,6 +11,7 @@ use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use super::auth::Authorized;
+use super::edit::{self, EditForm};
 use super::error::{ApiError, RETRY_AFTER_SECS};
 use super::request::{self, JsonBody};
 use super::types::{
@@ -91,6 +92,54 @@ pub enum GenerateResult {
         #[oai(header = "Retry-After")]
         u64,
     ),
+}
+
+/// Responses of `POST /v1/images/edits`.
+#[derive(ApiResponse)]
+pub enum EditResult {
+    /// The edited images, in order.
+    #[oai(status = 200)]
+    Ok(Json<ImagesResponse>),
+    /// Invalid input: a missing or unreadable image, a mask of another size, an image
+    /// over the pixel cap, a value out of range, an unknown field. `param` names the
+    /// field at fault.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorResponse>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The form is larger than 32 MiB.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorResponse>),
+    /// The edit failed. Not worth retrying as is.
+    #[oai(status = 500)]
+    Failed(
+        Json<ErrorResponse>,
+        /// Always `false`: OpenAI's clients then do not re-run the request.
+        #[oai(header = "x-should-retry")]
+        String,
+    ),
+    /// The queue is full, or the server is shutting down. Retry later.
+    #[oai(status = 503)]
+    Unavailable(
+        Json<ErrorResponse>,
+        /// Seconds to wait before retrying.
+        #[oai(header = "Retry-After")]
+        u64,
+    ),
+}
+
+impl From<ApiError> for EditResult {
+    fn from(e: ApiError) -> Self {
+        let body = Json(e.body());
+        match e.status.as_u16() {
+            400 => EditResult::BadRequest(body),
+            401 => EditResult::Unauthorized(body),
+            413 => EditResult::PayloadTooLarge(body),
+            503 => EditResult::Unavailable(body, RETRY_AFTER_SECS),
+            _ => EditResult::Failed(body, "false".into()),
+        }
+    }
 }
 
 /// Responses of `GET /v1/images/files/{id}`.
@@ -224,6 +273,43 @@ impl Api {
         }
     }
 
+    /// Edit an image
+    ///
+    /// OpenAI's image edit (`multipart/form-data`): image-to-image, or inpainting with a
+    /// `mask`, with SDXL's settings and `strength` as extra fields. Queued and cancelled
+    /// like `/v1/images/generations`.
+    #[oai(
+        path = "/v1/images/edits",
+        method = "post",
+        operation_id = "createImageEdit",
+        tag = "ApiTags::Images"
+    )]
+    async fn create_image_edit(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+        request: &Request,
+        /// The image, the mask, the prompt and settings.
+        form: EditForm,
+    ) -> EditResult {
+        let outcome = match edit::check_edit(form, &state.config.limits, request::random_seed) {
+            Ok(checked) => {
+                let prompt = checked.generation.prompt.clone();
+                run_checked(&state, request, checked, &prompt).await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(images) => EditResult::Ok(Json(images)),
+            Err(e) => {
+                if e.status.is_server_error() {
+                    tracing::warn!(error = %e, "edit request not served");
+                }
+                e.into()
+            }
+        }
+    }
+
     /// Download an image
     ///
     /// An image made with `response_format: "url"`, in the `output_format` asked for
@@ -262,6 +348,17 @@ async fn generate(
     req: &ImageGenerationRequest,
 ) -> Result<ImagesResponse, ApiError> {
     let checked = request::check(req, &state.config.limits, request::random_seed)?;
+    run_checked(state, http, checked, &req.prompt).await
+}
+
+/// Queues a checked request, waits for it (dropping it if the client goes away) and
+/// shapes the answer.
+async fn run_checked(
+    state: &AppState,
+    http: &Request,
+    checked: request::Checked,
+    prompt: &str,
+) -> Result<ImagesResponse, ApiError> {
     if state.worker.is_shutting_down() {
         return Err(ApiError::shutting_down());
     }
@@ -339,7 +436,7 @@ async fn generate(
         data.push(ImageData {
             b64_json,
             url,
-            revised_prompt: Some(req.prompt.clone()),
+            revised_prompt: Some(prompt.to_string()),
         });
     }
     Ok(ImagesResponse {

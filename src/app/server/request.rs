@@ -151,6 +151,25 @@ impl<'a, T: Type + FromFields + Send> ApiExtractor<'a> for JsonBody<T> {
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
+    /// The fields of a parsed object.
+    pub fn new(map: Map<String, Value>) -> Self {
+        Self(map)
+    }
+
+    /// Removes a field whatever its value (fields accepted and ignored).
+    pub fn take_any(&mut self, name: &str) -> Option<Value> {
+        self.take(name)
+    }
+
+    /// A boolean field.
+    pub fn boolean(&mut self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(Self::wrong_type(name, "a boolean", &other)),
+        }
+    }
+
     fn take(&mut self, name: &str) -> Option<Value> {
         self.0.remove(name).filter(|v| !v.is_null())
     }
