@@ -1028,10 +1028,24 @@ async fn server_openai_python_client() {
     let server = start(cfg).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let base = server.url();
+    // An inpainting case of the fixture, with OpenAI's transparent mask.
+    let case = crate::edits::edit_cases()
+        .into_iter()
+        .find(|c| c.mask.is_some())
+        .expect("an inpainting case");
+    let edited =
+        std::env::temp_dir().join(format!("hypergen-openai-edit-{}.png", std::process::id()));
+    let edit = json!({
+        "image": case.image, "mask": case.rgba_mask(), "prompt": case.prompt,
+        "size": format!("{}x{}", case.width, case.height), "out": edited,
+        "extra": {"strength": case.strength, "num_inference_steps": case.steps,
+                  "guidance_scale": case.guidance, "seed": case.seed},
+    })
+    .to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
             .arg(&script)
-            .args([&base, KEY])
+            .args([&base, KEY, &edit])
             .output()
     })
     .await
@@ -1045,5 +1059,8 @@ async fn server_openai_python_client() {
     eprintln!("{text}");
     assert!(out.status.success(), "the openai client failed:\n{text}");
     assert!(text.contains("openai client OK"), "{text}");
+    let png = image::open(&edited).expect("the edited PNG").to_rgb8();
+    let _ = std::fs::remove_file(&edited);
+    crate::edits::assert_case_image("openai client edit", &case, png.as_raw());
     server.shutdown().await.expect("shutdown");
 }
