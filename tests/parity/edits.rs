@@ -374,6 +374,34 @@ async fn server_output_formats() {
     let err: Value = resp.json().await.expect("json");
     assert_eq!(err["error"]["param"], "output_format");
     server.shutdown().await.expect("shutdown");
+
+    // With the chunk turned off (`--no-png-parameters`), the PNG has no text chunk.
+    let mut config =
+        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
+    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
+    config.worker.png_parameters = false;
+    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
+        .await
+        .expect("server starts");
+    let body: Value = client
+        .post(format!(
+            "http://{}/v1/images/generations",
+            server.local_addr()
+        ))
+        .json(&req("png", "b64_json"))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
+        .expect("base64");
+    let has = |kind: &[u8]| bytes.windows(4).any(|w| w == kind);
+    assert!(!has(b"tEXt") && !has(b"iTXt"), "a text chunk was written");
+    image::load_from_memory(&bytes).expect("still a PNG");
+    server.shutdown().await.expect("shutdown");
 }
 
 /// A `multipart/form-data` body by hand: `(name, filename, bytes)` parts.
