@@ -1,6 +1,10 @@
 """OpenAI's official Python client against a running hypergen server.
 
-Usage: python3 tests/openai_client.py BASE_URL API_KEY
+Usage: python3 tests/openai_client.py BASE_URL API_KEY [EDIT_JSON]
+
+With EDIT_JSON (`{"image", "mask", "prompt", "size", "extra", "out"}`), also edits the
+image with `images.edit(image=…, mask=…)` and writes the returned PNG to `out` for the
+caller to compare with diffusers' reference.
 
 Lists the models, generates images as b64_json and as url with hypergen's extra
 fields passed through `extra_body`, decodes the PNGs, and checks that errors arrive
@@ -76,6 +80,23 @@ def main() -> None:
     except openai.AuthenticationError as e:
         assert e.code == "invalid_api_key", e.body
     print("errors: typed, with param and code")
+
+    if len(sys.argv) > 3:
+        import json
+
+        edit = json.loads(sys.argv[3])
+        with open(edit["image"], "rb") as image, open(edit["mask"], "rb") as mask:
+            result = client.images.edit(
+                image=image,
+                mask=mask,
+                prompt=edit["prompt"],
+                size=edit["size"],
+                response_format="b64_json",
+                extra_body=edit["extra"],
+            )
+        with open(edit["out"], "wb") as out:
+            out.write(base64.b64decode(result.data[0].b64_json))
+        print("edit: written to", edit["out"])
     print("openai client OK")
 
 

@@ -15,7 +15,9 @@ use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
-use crate::pipeline::{GenerationRequest, Progress, RequestDefaults, RunOptions};
+use crate::pipeline::{
+    GenerationRequest, Image, InitImage, Mask, Progress, RequestDefaults, RunOptions,
+};
 use crate::scheduler::SchedulerKind;
 use crate::FusedOps;
 
@@ -157,12 +159,27 @@ pub struct GenerateArgs {
     /// Noise seed; the same seed gives the same image on every backend.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Width in pixels (multiple of 8).
-    #[arg(long, default_value_t = RequestDefaults::LIBRARY.width)]
-    pub width: usize,
-    /// Height in pixels (multiple of 8).
-    #[arg(long, default_value_t = RequestDefaults::LIBRARY.height)]
-    pub height: usize,
+    /// Width in pixels (multiple of 8); default 1024, or the --image's width rounded
+    /// down to a multiple of 8.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels (multiple of 8); default 1024, or the --image's height rounded
+    /// down to a multiple of 8.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image-to-image: the image (PNG, JPEG or WebP) to start from; resized to
+    /// --width × --height with a Lanczos filter when they differ from its size.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Inpainting (with --image): the mask, the image's size. With transparency, alpha 0
+    /// is repainted (OpenAI's convention); opaque, white is repainted and black kept
+    /// (diffusers').
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
+    /// How much of the schedule runs with --image, 0–1: the run starts at step
+    /// steps − ⌊steps × strength⌋. Default 0.75, or 1.0 with --mask.
+    #[arg(long, requires = "image")]
+    pub strength: Option<f64>,
     /// Scheduler instead of the model's: euler, euler_karras, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras.
     #[arg(long)]
     pub scheduler: Option<String>,
@@ -218,6 +235,10 @@ pub struct ServeArgs {
     /// Memory for images served by URL, in MiB (the oldest are evicted first).
     #[arg(long, default_value_t = 512)]
     pub url_store_mb: usize,
+    /// Do not write the generation parameters (prompt, steps, sampler, seed…) into PNGs
+    /// as an A1111-style `parameters` text chunk.
+    #[arg(long)]
+    pub no_png_parameters: bool,
 }
 
 impl ServeArgs {
@@ -241,6 +262,7 @@ impl ServeArgs {
         };
         config.public_url = self.public_url.clone();
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
+        config.worker.png_parameters = !self.no_png_parameters;
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {
@@ -487,26 +509,75 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         (Some((_, shape)), _) => shape[0],
         (None, n) => n.unwrap_or(1),
     };
+    let image = args
+        .image
+        .as_deref()
+        .map(|p| image::open(p).with_context(|| format!("--image {}", p.display())))
+        .transpose()?;
+    let (width, height) = match &image {
+        // diffusers' default size for an input image: its own, down to a multiple of 8.
+        Some(img) => (
+            args.width.unwrap_or(img.width() as usize / 8 * 8),
+            args.height.unwrap_or(img.height() as usize / 8 * 8),
+        ),
+        None => (
+            args.width.unwrap_or(RequestDefaults::LIBRARY.width),
+            args.height.unwrap_or(RequestDefaults::LIBRARY.height),
+        ),
+    };
     if let Some((_, shape)) = &latents {
         let (h, w) = (shape[2] * 8, shape[3] * 8);
-        if (h, w) != (args.height, args.width) {
+        if (h, w) != (height, width) {
             bail!(
-                "--latents has spatial size {}x{} (an image of {w}x{h}), but --width/--height ask for {}x{}",
-                shape[3], shape[2], args.width, args.height
+                "--latents has spatial size {}x{} (an image of {w}x{h}), but --width/--height ask for {width}x{height}",
+                shape[3], shape[2]
             );
         }
     }
+    let init_image = match &image {
+        None => None,
+        Some(img) => {
+            let mask = args
+                .mask
+                .as_deref()
+                .map(|p| image::open(p).with_context(|| format!("--mask {}", p.display())))
+                .transpose()?;
+            if let Some(m) = &mask {
+                if (m.width(), m.height()) != (img.width(), img.height()) {
+                    bail!(
+                        "--mask is {}x{} but --image is {}x{}",
+                        m.width(),
+                        m.height(),
+                        img.width(),
+                        img.height()
+                    );
+                }
+            }
+            let mask = mask
+                .map(|m| Mask::from_dynamic(&m).resized(width, height))
+                .transpose()?;
+            let strength = args
+                .strength
+                .unwrap_or_else(|| InitImage::default_strength(mask.is_some()));
+            Some(InitImage {
+                image: Image::from_dynamic(img).resized(width, height)?,
+                mask,
+                strength,
+            })
+        }
+    };
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         num_inference_steps: args.steps,
         guidance_scale: args.guidance,
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         num_images,
         seed: args.seed,
         scheduler,
         latents: latents.map(|(v, _)| v),
+        init_image,
         ..Default::default()
     };
     args.load.apply_threads();

@@ -13,7 +13,7 @@ pub mod noise;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
-pub use image::Image;
+pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
 use std::ops::ControlFlow;
@@ -60,6 +60,19 @@ struct Job<B: FusedOps> {
     scheduler: Scheduler,
     rng: Generator,
     latents: Tensor<B, 4>,
+    inpaint: Option<InpaintState<B>>,
+}
+
+/// What inpainting keeps between steps: the original image's latents, the noise they
+/// are re-noised with, and the mask on the latent grid.
+#[derive(Debug, Clone)]
+pub struct InpaintState<B: FusedOps> {
+    /// The encoded input image, `[n, 4, h/f, w/f]`, scaled for the UNet.
+    pub image_latents: Tensor<B, 4>,
+    /// The starting noise (the same draw that noised the start), `[n, 4, h/f, w/f]`.
+    pub noise: Tensor<B, 4>,
+    /// 1 = repaint, 0 = keep, `[n, 4, h/f, w/f]` (repeated over channels).
+    pub mask: Tensor<B, 4>,
 }
 
 /// Concatenates along the batch dimension; a single tensor is returned as it is.
@@ -177,6 +190,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
                     "must be a finite number ≥ 0",
                 ));
             }
+            if let Some(init) = &req.init_image {
+                self.check_init_image(req, init)?;
+            }
             if !first.batch_compatible(req) {
                 return Err(Error::invalid(
                     "batch",
@@ -185,6 +201,43 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The checks of an image-to-image or inpainting request: sizes and strength.
+    fn check_init_image(&self, req: &GenerationRequest, init: &InitImage) -> Result<()> {
+        let img = &init.image;
+        if (img.width, img.height) != (req.width, req.height)
+            || img.rgb.len() != img.width * img.height * 3
+        {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "the image is {}x{} but the request is {}x{} (resize it first)",
+                    img.width, img.height, req.width, req.height
+                ),
+            ));
+        }
+        if let Some(mask) = &init.mask {
+            if (mask.width, mask.height) != (img.width, img.height)
+                || mask.repaint.len() != mask.width * mask.height
+            {
+                return Err(Error::invalid(
+                    "mask",
+                    format!(
+                        "the mask is {}x{} but the image is {}x{}",
+                        mask.width, mask.height, img.width, img.height
+                    ),
+                ));
+            }
+        }
+        if req.latents.is_some() {
+            return Err(Error::invalid(
+                "latents",
+                "starting latents and an input image cannot be combined",
+            ));
+        }
+        Scheduler::start_step(req.num_inference_steps, init.strength)?;
         Ok(())
     }
 
@@ -286,6 +339,110 @@ impl<B: FusedOps> SdxlPipeline<B> {
             Tensor::<B, 4>::from_data(TensorData::new(noise, shape), &self.device)
                 * scheduler.init_noise_sigma(),
         )
+    }
+
+    /// diffusers' `VaeImageProcessor.preprocess` of an image already at its size:
+    /// 8-bit RGB → `[1, 3, H, W]` float32 in [-1, 1] (`2·(v/255) − 1`).
+    pub fn preprocess(&self, image: &Image) -> Tensor<B, 4> {
+        let (w, h) = (image.width, image.height);
+        let mut chw = vec![0f32; 3 * h * w];
+        for (p, px) in image.rgb.chunks_exact(3).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                chw[c * h * w + p] = 2.0 * (v as f32 / 255.0) - 1.0;
+            }
+        }
+        Tensor::from_data(TensorData::new(chw, [1, 3, h, w]), &self.device)
+    }
+
+    /// Applies the VAE's latent scaling (and shift, for VAEs with `latents_mean`/`std`):
+    /// the inverse of [`unscale_latents`](Self::unscale_latents).
+    pub fn scale_latents(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        let cfg = self.components.vae.config();
+        let c = latents.dims()[1];
+        match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(mean), Some(std)) if mean.len() == c && std.len() == c => {
+                let dev = latents.device();
+                let m = Tensor::<B, 1>::from_data(TensorData::new(mean.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
+                let s = Tensor::<B, 1>::from_data(TensorData::new(std.clone(), [c]), &dev)
+                    .reshape([1, c, 1, 1]);
+                (latents - m) * cfg.scaling_factor / s
+            }
+            _ => latents * cfg.scaling_factor,
+        }
+    }
+
+    /// diffusers' `_encode_vae_image`: the image encoded by the VAE, a sample of its
+    /// latent distribution (noise drawn from `rng`, `[1, 4, h/f, w/f]`), scaled for the
+    /// UNet, as float32.
+    pub fn encode_image(&self, image: &Image, rng: &mut Generator) -> Result<Tensor<B, 4>> {
+        let dist = self.components.vae.encode(self.preprocess(image));
+        let noise = rng.randn_tensor::<B, 4>(dist.mean.dims(), &self.device, DType::F32);
+        Ok(self.scale_latents(dist.sample(noise).cast(DType::F32)))
+    }
+
+    /// The starting latents of image-to-image and inpainting (diffusers' img2img and
+    /// inpaint `prepare_latents`), `start` being the first step run
+    /// ([`Scheduler::start_step`]). Draws in diffusers' order: the image's latent sample
+    /// (one for all `num_images`), then the noise `[n, 4, h/f, w/f]`; for inpainting,
+    /// then the sample of the masked image's encoding, which a 4-channel UNet does not
+    /// use but which advances the generator as diffusers' does. Image-to-image starts at
+    /// `add_noise(image, noise, start)`; inpainting too, except at strength 1, where it
+    /// starts from `noise · init_noise_sigma` as diffusers does.
+    pub fn prepare_image_latents(
+        &self,
+        req: &GenerationRequest,
+        init: &InitImage,
+        scheduler: &Scheduler,
+        start: usize,
+        rng: &mut Generator,
+    ) -> Result<(Tensor<B, 4>, Option<InpaintState<B>>)> {
+        let n = req.num_images;
+        let image_latents = self.encode_image(&init.image, rng)?.repeat_dim(0, n);
+        let [_, c, h, w] = image_latents.dims();
+        let noise = rng.randn_tensor::<B, 4>([n, c, h, w], &self.device, DType::F32);
+        let Some(mask) = &init.mask else {
+            let latents = scheduler.add_noise(image_latents, noise, start);
+            return Ok((latents, None));
+        };
+        // The masked image's latents: only the draw matters for a 4-channel UNet.
+        let _ = rng.randn(&[1, c, h, w]);
+        let latents = if init.strength >= 1.0 {
+            noise.clone() * scheduler.init_noise_sigma()
+        } else {
+            scheduler.add_noise(image_latents.clone(), noise.clone(), start)
+        };
+        let grid = mask.to_grid(w, h);
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(grid, [1, 1, h, w]), &self.device)
+            .repeat_dim(1, c)
+            .repeat_dim(0, n);
+        Ok((
+            latents,
+            Some(InpaintState {
+                image_latents,
+                noise,
+                mask,
+            }),
+        ))
+    }
+
+    /// Inpainting's blend after step `i` (diffusers' 4-channel branch): the kept region
+    /// becomes the original latents noised to the next step's level (the clean latents
+    /// after the last step), the repainted region keeps the denoised `latents`.
+    pub fn blend_inpaint(
+        &self,
+        scheduler: &Scheduler,
+        state: &InpaintState<B>,
+        latents: Tensor<B, 4>,
+        i: usize,
+    ) -> Tensor<B, 4> {
+        let proper = if i + 1 < scheduler.timesteps().len() {
+            scheduler.add_noise(state.image_latents.clone(), state.noise.clone(), i + 1)
+        } else {
+            state.image_latents.clone()
+        };
+        let keep = state.mask.ones_like() - state.mask.clone();
+        keep * proper + state.mask.clone() * latents
     }
 
     /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
@@ -413,15 +570,24 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let guidance = first
             .do_classifier_free_guidance()
             .then_some(first.guidance_scale);
+        // Requests in a batch share the strength, hence the first step.
+        let start = match &first.init_image {
+            Some(init) => Scheduler::start_step(first.num_inference_steps, init.strength)?,
+            None => 0,
+        };
         let mut jobs = Vec::with_capacity(reqs.len());
         for req in reqs {
             let scheduler = self.prepare_scheduler(req)?;
             let mut rng = Generator::new(req.seed);
-            let latents = self.prepare_latents(req, &scheduler, &mut rng)?;
+            let (latents, inpaint) = match &req.init_image {
+                Some(init) => self.prepare_image_latents(req, init, &scheduler, start, &mut rng)?,
+                None => (self.prepare_latents(req, &scheduler, &mut rng)?, None),
+            };
             jobs.push(Job {
                 scheduler,
                 rng,
                 latents,
+                inpaint,
             });
         }
         let embeds = self.batch_embeds(reqs, guidance.is_some())?;
@@ -429,11 +595,11 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let time_ids: Vec<f32> = (0..rows).flat_map(|_| first.add_time_ids()).collect();
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
-        let total = timesteps.len();
+        let total = timesteps.len() - start;
         if progress(Progress { step: 0, total }).is_break() {
             return Err(Error::Cancelled);
         }
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
             // The input scaling depends only on the step, the same for every request.
             let eps = self.predict_noise(
@@ -456,9 +622,17 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 job.latents = job
                     .scheduler
                     .step(own, i, job.latents.clone(), &mut job.rng);
+                if let Some(state) = &job.inpaint {
+                    job.latents = self.blend_inpaint(&job.scheduler, state, job.latents.clone(), i);
+                }
                 offset += k;
             }
-            if progress(Progress { step: i + 1, total }).is_break() {
+            if progress(Progress {
+                step: i + 1 - start,
+                total,
+            })
+            .is_break()
+            {
                 return Err(Error::Cancelled);
             }
         }

@@ -1,5 +1,6 @@
 //! What one run is asked to do, and the defaults for what a caller leaves out.
 
+use super::image::InitImage;
 use crate::scheduler::SchedulerKind;
 
 /// Request settings a caller did not give, written once for every front end.
@@ -65,6 +66,10 @@ pub struct GenerationRequest {
     pub crops_coords_top_left: (usize, usize),
     /// Micro-conditioning `target_size` (height, width); defaults to the output size.
     pub target_size: Option<(usize, usize)>,
+    /// Image-to-image or inpainting: the image to start from (diffusers'
+    /// `StableDiffusionXLImg2ImgPipeline` / `StableDiffusionXLInpaintPipeline`). `None`:
+    /// text-to-image.
+    pub init_image: Option<InitImage>,
 }
 
 impl Default for GenerationRequest {
@@ -85,6 +90,7 @@ impl Default for GenerationRequest {
             original_size: None,
             crops_coords_top_left: (0, 0),
             target_size: None,
+            init_image: None,
         }
     }
 }
@@ -102,6 +108,9 @@ impl GenerationRequest {
             && self.original_size == other.original_size
             && self.crops_coords_top_left == other.crops_coords_top_left
             && self.target_size == other.target_size
+            // The same start step: both text-to-image, or both from an image at one strength.
+            && self.init_image.as_ref().map(|i| i.strength.to_bits())
+                == other.init_image.as_ref().map(|i| i.strength.to_bits())
     }
 
     /// Whether classifier-free guidance runs (a negative branch beside the positive one).

@@ -74,6 +74,17 @@ impl Ddim {
         Ok(())
     }
 
+    /// `(√ᾱ_t, √(1 − ᾱ_t))` at the timestep of `step_index`, in float32 as diffusers'
+    /// `add_noise` computes them.
+    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f64, f64) {
+        let t = self.timesteps[step_index] as usize;
+        let a = self.alphas_cumprod[t];
+        (
+            tables::f32r(a.sqrt()),
+            tables::f32r(tables::f32r(1.0 - a).sqrt()),
+        )
+    }
+
     pub(crate) fn step<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,

@@ -305,6 +305,68 @@ impl Scheduler {
         }
     }
 
+    /// diffusers' `add_noise`: `original` noised to the level of step `step_index` of
+    /// the schedule (image-to-image's start, inpainting's kept region). Euler kinds:
+    /// `x + σ·noise`; DPM-Solver: `α_t·x + σ_t·noise` with α_t = 1/√(σ²+1), σ_t = σ·α_t;
+    /// DDIM: `√ᾱ_t·x + √(1 − ᾱ_t)·noise` at the step's timestep. Computed in the
+    /// sample's dtype with host scalars.
+    ///
+    /// # Panics
+    /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
+    pub fn add_noise<B: FusedOps>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        let n = self.timesteps().len();
+        assert!(
+            step_index < n,
+            "add_noise at step {step_index} is past the {n} steps set by set_timesteps"
+        );
+        let noise = noise.cast(original.dtype());
+        match &self.inner {
+            Inner::Euler(s) => original + noise.mul_scalar(s.sigmas[step_index]),
+            Inner::EulerAncestral(s) => original + noise.mul_scalar(s.tables.sigmas[step_index]),
+            Inner::Dpm(s) => {
+                let sigma = s.sigmas[step_index];
+                // diffusers' `_sigma_to_alpha_sigma_t`, in float32 like its tensors.
+                let alpha_t = tables::f32r(1.0 / tables::f32r(sigma * sigma + 1.0).sqrt());
+                let sigma_t = tables::f32r(sigma * alpha_t);
+                original.mul_scalar(alpha_t) + noise.mul_scalar(sigma_t)
+            }
+            Inner::Ddim(s) => {
+                let (a, b) = s.noise_coefficients(step_index);
+                original.mul_scalar(a) + noise.mul_scalar(b)
+            }
+        }
+    }
+
+    /// diffusers' `get_timesteps` for image-to-image and inpainting: the first step of
+    /// the schedule that a run at `strength` (0–1) starts from, `steps − ⌊steps·strength⌋`
+    /// (every scheduler here has `order` 1). Strength 1 starts at step 0; a strength so
+    /// small that no step is left is [`Error::InvalidArgument`].
+    pub fn start_step(num_inference_steps: usize, strength: f64) -> Result<usize> {
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(Error::invalid(
+                "strength",
+                format!("{strength} is not between 0 and 1"),
+            ));
+        }
+        // Python's int(num_inference_steps * strength): the f64 product, truncated.
+        let init = ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+        if init == 0 {
+            return Err(Error::invalid(
+                "strength",
+                format!(
+                    "strength {strength} with {num_inference_steps} steps leaves no step to run \
+                     (needs steps × strength ≥ 1)"
+                ),
+            ));
+        }
+        Ok(num_inference_steps - init)
+    }
+
     /// Which scheduler this is.
     pub fn kind(&self) -> SchedulerKind {
         self.kind

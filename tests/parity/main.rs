@@ -7,6 +7,7 @@ mod bench;
 mod builtin;
 mod clip;
 mod devices;
+mod edits;
 mod hub;
 mod kernels;
 mod loader;

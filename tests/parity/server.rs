@@ -810,7 +810,12 @@ fn openapi_schema_is_committed() {
             }
         }
     }
-    assert_eq!(operations, 4);
+    assert_eq!(operations, 5);
+    let edit = &doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"];
+    assert!(
+        edit["multipart/form-data"].is_object(),
+        "the edits route takes a multipart form: {edit}"
+    );
     for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
         assert!(
             schema["description"].is_string(),
@@ -1023,10 +1028,24 @@ async fn server_openai_python_client() {
     let server = start(cfg).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let base = server.url();
+    // An inpainting case of the fixture, with OpenAI's transparent mask.
+    let case = crate::edits::edit_cases()
+        .into_iter()
+        .find(|c| c.mask.is_some())
+        .expect("an inpainting case");
+    let edited =
+        std::env::temp_dir().join(format!("hypergen-openai-edit-{}.png", std::process::id()));
+    let edit = json!({
+        "image": case.image, "mask": case.rgba_mask(), "prompt": case.prompt,
+        "size": format!("{}x{}", case.width, case.height), "out": edited,
+        "extra": {"strength": case.strength, "num_inference_steps": case.steps,
+                  "guidance_scale": case.guidance, "seed": case.seed},
+    })
+    .to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
             .arg(&script)
-            .args([&base, KEY])
+            .args([&base, KEY, &edit])
             .output()
     })
     .await
@@ -1040,6 +1059,9 @@ async fn server_openai_python_client() {
     eprintln!("{text}");
     assert!(out.status.success(), "the openai client failed:\n{text}");
     assert!(text.contains("openai client OK"), "{text}");
+    let png = image::open(&edited).expect("the edited PNG").to_rgb8();
+    let _ = std::fs::remove_file(&edited);
+    crate::edits::assert_case_image("openai client edit", &case, png.as_raw());
     server.shutdown().await.expect("shutdown");
 }
 

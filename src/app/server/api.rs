@@ -11,6 +11,7 @@ use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use super::auth::Authorized;
+use super::edit::{self, EditForm};
 use super::error::{ApiError, RETRY_AFTER_SECS};
 use super::request::{self, JsonBody};
 use super::types::{
@@ -19,6 +20,7 @@ use super::types::{
 };
 use super::worker::{JobError, SubmitError};
 use super::AppState;
+use crate::pipeline::OutputFormat;
 
 /// Groups of routes in the documentation.
 #[derive(Tags)]
@@ -92,12 +94,66 @@ pub enum GenerateResult {
     ),
 }
 
+/// Responses of `POST /v1/images/edits`.
+#[derive(ApiResponse)]
+pub enum EditResult {
+    /// The edited images, in order.
+    #[oai(status = 200)]
+    Ok(Json<ImagesResponse>),
+    /// Invalid input: a missing or unreadable image, a mask of another size, an image
+    /// over the pixel cap, a value out of range, an unknown field. `param` names the
+    /// field at fault.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorResponse>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The form is larger than 32 MiB.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorResponse>),
+    /// The edit failed. Not worth retrying as is.
+    #[oai(status = 500)]
+    Failed(
+        Json<ErrorResponse>,
+        /// Always `false`: OpenAI's clients then do not re-run the request.
+        #[oai(header = "x-should-retry")]
+        String,
+    ),
+    /// The queue is full, or the server is shutting down. Retry later.
+    #[oai(status = 503)]
+    Unavailable(
+        Json<ErrorResponse>,
+        /// Seconds to wait before retrying.
+        #[oai(header = "Retry-After")]
+        u64,
+    ),
+}
+
+impl From<ApiError> for EditResult {
+    fn from(e: ApiError) -> Self {
+        let body = Json(e.body());
+        match e.status.as_u16() {
+            400 => EditResult::BadRequest(body),
+            401 => EditResult::Unauthorized(body),
+            413 => EditResult::PayloadTooLarge(body),
+            503 => EditResult::Unavailable(body, RETRY_AFTER_SECS),
+            _ => EditResult::Failed(body, "false".into()),
+        }
+    }
+}
+
 /// Responses of `GET /v1/images/files/{id}`.
 #[derive(ApiResponse)]
 pub enum ImageFileResult {
-    /// The PNG.
+    /// The image, as a PNG (`output_format: "png"`, the default).
     #[oai(status = 200, content_type = "image/png")]
     Png(Binary<bytes::Bytes>),
+    /// The image, as a JPEG (`output_format: "jpeg"`).
+    #[oai(status = 200, content_type = "image/jpeg")]
+    Jpeg(Binary<bytes::Bytes>),
+    /// The image, as a lossless WebP (`output_format: "webp"`).
+    #[oai(status = 200, content_type = "image/webp")]
+    Webp(Binary<bytes::Bytes>),
     /// Missing, malformed or wrong API key.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorResponse>),
@@ -219,9 +275,48 @@ impl Api {
         }
     }
 
+    /// Edit an image
+    ///
+    /// OpenAI's image edit (`multipart/form-data`): image-to-image, or inpainting with a
+    /// `mask`, with SDXL's settings and `strength` as extra fields. Queued and cancelled
+    /// like `/v1/images/generations`.
+    #[oai(
+        path = "/v1/images/edits",
+        method = "post",
+        operation_id = "createImageEdit",
+        tag = "ApiTags::Images"
+    )]
+    async fn create_image_edit(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+        request: &Request,
+        /// The image, the mask, the prompt and settings.
+        form: EditForm,
+    ) -> EditResult {
+        let outcome = match edit::check_edit(form, &state.config.limits, request::random_seed) {
+            Ok(checked) => {
+                let prompt = checked.generation.prompt.clone();
+                run_checked(&state, request, checked, &prompt).await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(images) => EditResult::Ok(Json(images)),
+            Err(e) => {
+                if e.status.is_server_error() {
+                    tracing::warn!(error = %e, "edit request not served");
+                }
+                e.into()
+            }
+        }
+    }
+
     /// Download an image
     ///
-    /// A PNG made with `response_format: "url"`; each stays available for one hour.
+    /// An image made with `response_format: "url"`, in the `output_format` asked for
+    /// (PNG, JPEG or WebP, with the matching Content-Type); each stays available for one
+    /// hour.
     #[oai(
         path = "/v1/images/files/:id",
         method = "get",
@@ -236,8 +331,10 @@ impl Api {
         #[oai(example = "example_image_id")]
         id: Path<String>,
     ) -> ImageFileResult {
-        match state.images.get(&id.0) {
-            Some(png) => ImageFileResult::Png(Binary(png)),
+        match state.images.get_file(&id.0) {
+            Some((bytes, OutputFormat::Png)) => ImageFileResult::Png(Binary(bytes)),
+            Some((bytes, OutputFormat::Jpeg)) => ImageFileResult::Jpeg(Binary(bytes)),
+            Some((bytes, OutputFormat::Webp)) => ImageFileResult::Webp(Binary(bytes)),
             None => {
                 ApiError::not_found(format!("no image `{}` (URLs expire after one hour)", id.0))
                     .into()
@@ -253,14 +350,28 @@ async fn generate(
     req: &ImageGenerationRequest,
 ) -> Result<ImagesResponse, ApiError> {
     let checked = request::check(req, &state.config.limits, request::random_seed)?;
+    run_checked(state, http, checked, &req.prompt).await
+}
+
+/// Queues a checked request, waits for it (dropping it if the client goes away) and
+/// shapes the answer.
+async fn run_checked(
+    state: &AppState,
+    http: &Request,
+    checked: request::Checked,
+    prompt: &str,
+) -> Result<ImagesResponse, ApiError> {
     if state.worker.is_shutting_down() {
         return Err(ApiError::shutting_down());
     }
     let g = &checked.generation;
-    let (id, answer) = state.worker.submit(g.clone()).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
-        SubmitError::Closed => ApiError::shutting_down(),
-    })?;
+    let (id, answer) = state
+        .worker
+        .submit(g.clone(), checked.encoding.clone())
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
+            SubmitError::Closed => ApiError::shutting_down(),
+        })?;
     tracing::info!(
         job = id,
         seed = g.seed,
@@ -307,6 +418,7 @@ async fn generate(
         ResponseFormat::Url => Some(state.public_base(http)),
         ResponseFormat::B64Json => None,
     };
+    let format = checked.encoding.format;
     let mut data = Vec::with_capacity(pngs.len());
     for png in pngs {
         let (b64_json, url) = match &base {
@@ -315,7 +427,7 @@ async fn generate(
                 None,
             ),
             Some(base) => {
-                let id = state.images.insert(png).ok_or_else(|| {
+                let id = state.images.insert_as(png, format).ok_or_else(|| {
                     ApiError::internal(
                         "the image is larger than the server's URL store; use b64_json",
                     )
@@ -326,7 +438,7 @@ async fn generate(
         data.push(ImageData {
             b64_json,
             url,
-            revised_prompt: Some(req.prompt.clone()),
+            revised_prompt: Some(prompt.to_string()),
         });
     }
     Ok(ImagesResponse {

@@ -5,11 +5,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::pipeline::OutputFormat;
+
 /// How long an image URL stays valid.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
 struct Entry {
     png: bytes::Bytes,
+    /// What the bytes are, for the answer's Content-Type.
+    format: OutputFormat,
     expires: Instant,
 }
 
@@ -79,6 +83,11 @@ impl ImageStore {
     /// Stores `png` and returns its id, evicting expired and then the oldest images to
     /// make room. `None` when the image alone is larger than the store.
     pub fn insert(&self, png: Vec<u8>) -> Option<String> {
+        self.insert_as(png, OutputFormat::Png)
+    }
+
+    /// Stores an image file of `format` (see [`insert`](Self::insert)).
+    pub fn insert_as(&self, png: Vec<u8>, format: OutputFormat) -> Option<String> {
         if png.len() > self.max_bytes {
             return None;
         }
@@ -93,6 +102,7 @@ impl ImageStore {
             id.clone(),
             Entry {
                 png: png.into(),
+                format,
                 expires: now + self.ttl,
             },
         );
@@ -105,6 +115,14 @@ impl ImageStore {
         let mut inner = self.lock();
         inner.evict_expired(now);
         inner.entries.get(id).map(|e| e.png.clone())
+    }
+
+    /// The image file stored under `id` and its format, unless it expired or was evicted.
+    pub fn get_file(&self, id: &str) -> Option<(bytes::Bytes, OutputFormat)> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.evict_expired(now);
+        inner.entries.get(id).map(|e| (e.png.clone(), e.format))
     }
 
     /// Images held and their total size in bytes.

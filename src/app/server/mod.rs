@@ -14,6 +14,7 @@
 pub mod api;
 pub mod auth;
 pub mod conn;
+pub mod edit;
 pub mod error;
 pub mod images;
 pub mod request;

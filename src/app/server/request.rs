@@ -10,8 +10,8 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::types::{self, ImageGenerationRequest, ResponseFormat, SchedulerName};
-use crate::pipeline::GenerationRequest;
+use super::types::{self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName};
+use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
 use crate::scheduler::SchedulerKind;
 
 /// Largest request body the server reads, in bytes; larger ones get 413.
@@ -151,6 +151,25 @@ impl<'a, T: Type + FromFields + Send> ApiExtractor<'a> for JsonBody<T> {
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
+    /// The fields of a parsed object.
+    pub fn new(map: Map<String, Value>) -> Self {
+        Self(map)
+    }
+
+    /// Removes a field whatever its value (fields accepted and ignored).
+    pub fn take_any(&mut self, name: &str) -> Option<Value> {
+        self.take(name)
+    }
+
+    /// A boolean field.
+    pub fn boolean(&mut self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(Self::wrong_type(name, "a boolean", &other)),
+        }
+    }
+
     fn take(&mut self, name: &str) -> Option<Value> {
         self.0.remove(name).filter(|v| !v.is_null())
     }
@@ -266,6 +285,14 @@ impl FromFields for ImageGenerationRequest {
                     ))
                 }
             },
+            output_format: match f.string("output_format")? {
+                None => None,
+                Some(s) => Some(parse_output_format(&s)?),
+            },
+            output_compression: match f.unsigned("output_compression")? {
+                Some(c) => Some(in_range("output_compression", c, 0, 100)? as u8),
+                None => None,
+            },
             negative_prompt: f.string("negative_prompt")?,
             num_inference_steps: match f.unsigned("num_inference_steps")? {
                 Some(s) => in_range("num_inference_steps", s, 1, MAX_STEPS)? as u32,
@@ -289,6 +316,29 @@ impl FromFields for ImageGenerationRequest {
                 )),
             },
         })
+    }
+}
+
+/// Parses `output_format`: `png`, `jpeg` (or `jpg`) or `webp`.
+pub fn parse_output_format(s: &str) -> Result<OutputFormatName, ApiError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "png" => Ok(OutputFormatName::Png),
+        "jpeg" | "jpg" => Ok(OutputFormatName::Jpeg),
+        "webp" => Ok(OutputFormatName::Webp),
+        _ => Err(ApiError::invalid_value(
+            "output_format",
+            format!("`output_format` must be `png`, `jpeg` or `webp`, got `{s}`"),
+        )),
+    }
+}
+
+/// The encoding a request asks for: its format, and `output_compression` as the JPEG
+/// quality (default 100).
+pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> Encoding {
+    Encoding {
+        format: format.map(OutputFormat::from).unwrap_or_default(),
+        quality: compression.unwrap_or(100),
+        parameters: None,
     }
 }
 
@@ -331,6 +381,8 @@ pub struct Checked {
     pub generation: GenerationRequest,
     /// How to return the images.
     pub response_format: ResponseFormat,
+    /// The file format of the images.
+    pub encoding: Encoding,
 }
 
 /// Checks what the field parser cannot (size, features hypergen lacks) and builds the
@@ -367,6 +419,7 @@ pub fn check(
             ..Default::default()
         },
         response_format: req.response_format,
+        encoding: encoding(req.output_format, req.output_compression),
     })
 }
 

@@ -4,7 +4,7 @@
 use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 
-use crate::pipeline::RequestDefaults;
+use crate::pipeline::{OutputFormat, RequestDefaults};
 use crate::scheduler::SchedulerKind;
 
 /// Body of `POST /v1/images/generations`: OpenAI's image request, plus the diffusion
@@ -39,6 +39,15 @@ pub struct ImageGenerationRequest {
     /// valid for one hour.
     #[oai(default = "default_response_format")]
     pub response_format: ResponseFormat,
+    /// The file format of the images: `png` (default; with the generation parameters in
+    /// a `parameters` text chunk, as A1111 writes them, unless the server was started
+    /// with `--no-png-parameters`), `jpeg` or `webp` (lossless).
+    pub output_format: Option<OutputFormatName>,
+    /// Compression level 0–100 (default 100). For `jpeg` it is the encoder's quality
+    /// (100 = best; 0 is taken as 1). PNG and WebP are lossless and ignore it: the
+    /// `image` crate has no lossy WebP encoder.
+    #[oai(validator(minimum(value = "0"), maximum(value = "100")))]
+    pub output_compression: Option<u8>,
     /// What to steer away from. Absent or empty: zero conditioning, as SDXL does.
     pub negative_prompt: Option<String>,
     /// Denoising steps, 1 to 150.
@@ -106,6 +115,8 @@ impl Example for ImageGenerationRequest {
             style: None,
             user: None,
             response_format: ResponseFormat::B64Json,
+            output_format: Some(OutputFormatName::Png),
+            output_compression: None,
             negative_prompt: Some("blurry, low quality".into()),
             num_inference_steps: 30,
             guidance_scale: 5.0,
@@ -113,6 +124,86 @@ impl Example for ImageGenerationRequest {
             lora_path: None,
             lora_scale: 1.0,
             scheduler: Some(SchedulerName::Euler),
+        }
+    }
+}
+
+/// Form of `POST /v1/images/edits` (`multipart/form-data`): OpenAI's image edit, plus
+/// the SDXL settings of `/v1/images/generations` and `strength`. Without `mask` the whole
+/// image is changed (image-to-image); with one, only the masked region is repainted
+/// (inpainting with the base model: after every step the kept region is reset to the
+/// original, re-noised to the step's level).
+#[derive(poem_openapi::Multipart, Debug)]
+pub struct ImageEditRequest {
+    /// The image to edit: PNG, JPEG or WebP, at most 4096×4096 pixels (checked from the
+    /// file's header before decoding). Alpha is dropped. An image whose size differs
+    /// from `size` is resized to it with a Lanczos (Lanczos3) filter. `image[]` is read
+    /// as `image` (the first one is used).
+    pub image: poem_openapi::types::multipart::Upload,
+    /// Where to edit, the image's size. With transparency, OpenAI's convention: pixels
+    /// with alpha 0 (up to 127) are repainted, opaque ones kept. Without (fully opaque
+    /// or no alpha channel), diffusers' convention: white (luminance ≥ 128) is repainted,
+    /// black kept.
+    pub mask: Option<poem_openapi::types::multipart::Upload>,
+    /// What the edited image should show.
+    pub prompt: String,
+    /// Accepted for OpenAI compatibility and ignored.
+    pub model: Option<String>,
+    /// How many images, 1 to 10.
+    pub n: Option<u32>,
+    /// `WIDTHxHEIGHT` of the output, multiples of 8 within the server's limits. Absent
+    /// or `auto`: the image's size, rounded down to multiples of 8.
+    pub size: Option<String>,
+    /// `b64_json` (default) or `url`.
+    pub response_format: Option<ResponseFormat>,
+    /// `png` (default, with the A1111 `parameters` chunk), `jpeg` or `webp` (lossless).
+    pub output_format: Option<OutputFormatName>,
+    /// 0–100, default 100: the JPEG quality; PNG and WebP are lossless and ignore it.
+    pub output_compression: Option<u8>,
+    /// Streaming is not supported yet: `true` is refused (400, `param: "stream"`).
+    pub stream: Option<bool>,
+    /// Accepted for OpenAI compatibility and ignored (no streaming yet).
+    pub partial_images: Option<u32>,
+    /// Accepted for OpenAI compatibility and ignored (not logged).
+    pub user: Option<String>,
+    /// How much of the schedule runs, 0 to 1: the run starts at step
+    /// `steps − ⌊steps × strength⌋` (diffusers' `strength`). Default 0.75 without a
+    /// mask, 1.0 (the masked region from pure noise) with one. `steps × strength` must be
+    /// at least 1.
+    pub strength: Option<f64>,
+    /// What to steer away from.
+    pub negative_prompt: Option<String>,
+    /// Denoising steps of the whole schedule, 1 to 150 (default 50).
+    pub num_inference_steps: Option<u32>,
+    /// Classifier-free guidance scale, 0 to 20 (default 7.5).
+    pub guidance_scale: Option<f64>,
+    /// Noise seed (random when absent). The image's latent sample is drawn first, then
+    /// the noise, as diffusers draws them.
+    pub seed: Option<u64>,
+    /// The sampler; absent: the model's own.
+    pub scheduler: Option<SchedulerName>,
+}
+
+/// The file formats of `output_format`.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormatName {
+    /// PNG (lossless).
+    #[oai(rename = "png")]
+    Png,
+    /// JPEG.
+    #[oai(rename = "jpeg")]
+    Jpeg,
+    /// WebP (lossless).
+    #[oai(rename = "webp")]
+    Webp,
+}
+
+impl From<OutputFormatName> for OutputFormat {
+    fn from(f: OutputFormatName) -> Self {
+        match f {
+            OutputFormatName::Png => OutputFormat::Png,
+            OutputFormatName::Jpeg => OutputFormat::Jpeg,
+            OutputFormatName::Webp => OutputFormat::Webp,
         }
     }
 }

@@ -17,7 +17,11 @@ use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::error::Error;
 use crate::load::lora::{apply_lora_specs, ActiveLora, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
-use crate::pipeline::{GenerationRequest, ModelInfo, Progress, RunOptions, SdxlPipeline};
+use crate::pipeline::{
+    a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Progress, RunOptions,
+    SdxlPipeline,
+};
+use crate::scheduler::SchedulerKind;
 
 /// PNG files of a finished job, or why there are none.
 pub type JobResult = Result<Vec<Vec<u8>>, JobError>;
@@ -44,6 +48,8 @@ pub enum SubmitError {
 struct Job {
     id: u64,
     request: GenerationRequest,
+    /// The file format of its images (the worker adds the PNG parameters text).
+    encoding: Encoding,
     reply: oneshot::Sender<JobResult>,
 }
 
@@ -124,6 +130,9 @@ pub struct WorkerOptions {
     pub max_queue_size: usize,
     /// Most compatible jobs run as one batch (≥ 1).
     pub max_batch_size: usize,
+    /// Write the generation parameters into PNGs (a `parameters` text chunk, as A1111
+    /// does); `hypergen serve --no-png-parameters` turns it off.
+    pub png_parameters: bool,
     /// Instrumentation.
     pub hooks: WorkerHooks,
 }
@@ -141,6 +150,7 @@ impl WorkerOptions {
             loras: Vec::new(),
             max_queue_size: 100,
             max_batch_size: 1,
+            png_parameters: true,
             hooks: WorkerHooks::default(),
         }
     }
@@ -226,10 +236,12 @@ impl Worker {
         dispatch(&device, Spawn(options))?
     }
 
-    /// Queues a request; never waits. The receiver gets the PNGs or the failure.
+    /// Queues a request whose images are written as `encoding` says; never waits. The
+    /// receiver gets the encoded images or the failure.
     pub fn submit(
         &self,
         request: GenerationRequest,
+        encoding: Encoding,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
@@ -248,7 +260,12 @@ impl Worker {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        match tx.try_send(Job { id, request, reply }) {
+        match tx.try_send(Job {
+            id,
+            request,
+            encoding,
+            reply,
+        }) {
             Ok(()) => {
                 bump(&shared.counters.accepted, 1);
                 Ok((id, rx))
@@ -477,12 +494,17 @@ fn serve_jobs<B: FusedOps>(
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
-        run_batch(pipeline, batch, shared);
+        run_batch(pipeline, batch, shared, options.png_parameters);
     }
     tracing::info!("worker stopped");
 }
 
-fn run_batch<B: FusedOps>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &Shared) {
+fn run_batch<B: FusedOps>(
+    pipeline: &SdxlPipeline<B>,
+    batch: Vec<Job>,
+    shared: &Shared,
+    png_parameters: bool,
+) {
     let c = &shared.counters;
     bump(&c.started, batch.len());
     let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
@@ -510,8 +532,12 @@ fn run_batch<B: FusedOps>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &
     let failure = match outcome {
         Ok(Ok(outputs)) => {
             for (job, out) in batch.into_iter().zip(outputs) {
+                let mut encoding = job.encoding.clone();
+                if png_parameters && encoding.format == OutputFormat::Png {
+                    encoding.parameters = Some(parameters_text(pipeline, &job.request));
+                }
                 let pngs: Result<Vec<Vec<u8>>, Error> =
-                    out.images.iter().map(|img| img.to_png()).collect();
+                    out.images.iter().map(|img| img.encode(&encoding)).collect();
                 let answer = pngs.map_err(|e| JobError::Failed(e.to_string()));
                 let failed = answer.is_err();
                 if job.reply.send(answer).is_err() {
@@ -539,6 +565,18 @@ fn run_batch<B: FusedOps>(pipeline: &SdxlPipeline<B>, batch: Vec<Job>, shared: &
     for job in batch {
         let _ = job.reply.send(Err(JobError::Failed(failure.clone())));
     }
+}
+
+/// A1111's `parameters` text for a request: its scheduler (or the model's own) and the
+/// model's id.
+fn parameters_text<B: FusedOps>(pipeline: &SdxlPipeline<B>, req: &GenerationRequest) -> String {
+    let c = pipeline.components();
+    let kind = req.scheduler.or_else(|| {
+        c.scheduler_config.class_name.as_deref().and_then(|class| {
+            SchedulerKind::from_class_name(class, c.scheduler_config.use_karras_sigmas)
+        })
+    });
+    a1111_parameters(req, kind.unwrap_or(SchedulerKind::Euler), &c.info.id)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -1,0 +1,289 @@
+//! `POST /v1/images/edits`: OpenAI's multipart image edit, read field by field so that
+//! every refusal names its field, with image checks before any decoding work.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use poem::{Request, RequestBody};
+use poem_openapi::payload::{ParsePayload, Payload};
+use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
+use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::request::{self, Checked, Fields, FromFields, SizeLimits};
+use super::types::{ImageEditRequest, ImageGenerationRequest};
+use crate::pipeline::{Image, InitImage, Mask};
+
+/// Largest edit form the server reads, in bytes (an image, a mask and the fields);
+/// larger ones get 413.
+pub const MAX_EDIT_BODY_BYTES: usize = 32 << 20;
+/// Most pixels an input image or mask may have, read from its header before decoding
+/// (decompression bombs are refused without being decoded).
+pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+
+/// Fields whose text is read as a JSON number or boolean; every other field is text.
+const NUMERIC: [&str; 8] = [
+    "n",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "output_compression",
+    "strength",
+    "partial_images",
+    "lora_scale",
+];
+
+/// A `multipart/form-data` edit form: its text fields and its files, unchecked.
+#[derive(Debug, Default)]
+pub struct EditForm {
+    /// Text fields by name (the last of a repeated name wins).
+    pub texts: HashMap<String, String>,
+    /// The `image` file (`image[]` as OpenAI's clients name a list; the first is used).
+    pub image: Option<Vec<u8>>,
+    /// The `mask` file.
+    pub mask: Option<Vec<u8>>,
+}
+
+impl Payload for EditForm {
+    const CONTENT_TYPE: &'static str = "multipart/form-data";
+
+    fn check_content_type(content_type: &str) -> bool {
+        content_type.starts_with("multipart/form-data")
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        <ImageEditRequest as Payload>::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        <ImageEditRequest as Payload>::register(registry);
+    }
+}
+
+impl ParsePayload for EditForm {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        let too_long = request
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > MAX_EDIT_BODY_BYTES);
+        if too_long {
+            return Err(ApiError::too_large(MAX_EDIT_BODY_BYTES).into());
+        }
+        // Read with the limit first, so that a form without a length cannot grow past it.
+        let bytes = body
+            .take()?
+            .into_bytes_limit(MAX_EDIT_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                poem::error::ReadBodyError::PayloadTooLarge => {
+                    ApiError::too_large(MAX_EDIT_BODY_BYTES)
+                }
+                other => {
+                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
+                }
+            })?;
+        let mut inner = RequestBody::new(poem::Body::from(bytes));
+        let bad_form = |e: String| {
+            ApiError::bad_request(
+                "invalid_form",
+                format!("the body must be multipart/form-data: {e}"),
+            )
+        };
+        let mut multipart =
+            <poem::web::Multipart as poem::FromRequest>::from_request(request, &mut inner)
+                .await
+                .map_err(|e| bad_form(e.to_string()))?;
+        let mut form = EditForm::default();
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| bad_form(e.to_string()))?
+        {
+            let name = field.name().unwrap_or_default().to_string();
+            match name.as_str() {
+                "image" | "image[]" => {
+                    let data = field.bytes().await.map_err(|e| bad_form(e.to_string()))?;
+                    form.image.get_or_insert(data);
+                }
+                "mask" => {
+                    let data = field.bytes().await.map_err(|e| bad_form(e.to_string()))?;
+                    form.mask = Some(data);
+                }
+                _ => {
+                    let text = field.text().await.map_err(|_| {
+                        ApiError::invalid_value(&name, format!("`{name}` must be UTF-8 text"))
+                    })?;
+                    form.texts.insert(name, text);
+                }
+            }
+        }
+        Ok(form)
+    }
+}
+
+impl<'a> ApiExtractor<'a> for EditForm {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        <Self as Payload>::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        Some(MetaRequest {
+            description: None,
+            content: vec![MetaMediaType {
+                content_type: <Self as Payload>::CONTENT_TYPE,
+                schema: <Self as Payload>::schema_ref(),
+            }],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        <Self as ParsePayload>::from_request(request, body).await
+    }
+}
+
+/// Decodes an uploaded PNG, JPEG or WebP after checking its header's dimensions
+/// against [`MAX_INPUT_PIXELS`]; errors name `field`.
+pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+    let not_image = || {
+        ApiError::invalid_value(
+            field,
+            format!("`{field}` must be a PNG, JPEG or WebP image"),
+        )
+    };
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    match reader.format() {
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
+        _ => return Err(not_image()),
+    }
+    let (w, h) = reader.into_dimensions().map_err(|_| not_image())?;
+    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS || w == 0 || h == 0 {
+        return Err(ApiError::invalid_value(
+            field,
+            format!("`{field}` is {w}x{h}; at most {MAX_INPUT_PIXELS} pixels are accepted"),
+        ));
+    }
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| ApiError::invalid_value(field, format!("`{field}` could not be decoded: {e}")))
+}
+
+/// An edit form checked and turned into a pipeline request (see the route's docs).
+pub fn check_edit(
+    form: EditForm,
+    limits: &SizeLimits,
+    seed: impl FnOnce() -> u64,
+) -> Result<Checked, ApiError> {
+    let mut map = Map::new();
+    for (name, text) in form.texts {
+        let value = if NUMERIC.contains(&name.as_str()) || name == "stream" {
+            // Form fields are text; a number that does not parse stays text, and the
+            // field reader then names it.
+            serde_json::from_str::<Value>(text.trim())
+                .ok()
+                .filter(|v| v.is_number() || v.is_boolean())
+                .unwrap_or(Value::String(text))
+        } else {
+            Value::String(text)
+        };
+        map.insert(name, value);
+    }
+    let size_given = map
+        .get("size")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto"));
+    let mut fields = Fields::new(map);
+    let strength = fields.number("strength")?;
+    let stream = fields.boolean("stream")?;
+    // OpenAI's fields hypergen does not use.
+    for ignored in [
+        "background",
+        "input_fidelity",
+        "moderation",
+        "partial_images",
+    ] {
+        let _ = fields.take_any(ignored);
+    }
+    let mut req = ImageGenerationRequest::from_fields(&mut fields)?;
+    fields.finish()?;
+    if stream == Some(true) {
+        return Err(ApiError::invalid_value(
+            "stream",
+            "streaming is not supported by this server yet; leave `stream` unset or false",
+        ));
+    }
+    let image_bytes = form
+        .image
+        .ok_or_else(|| ApiError::field("image", "missing_field", "`image` is required"))?;
+    let img = decode_upload("image", &image_bytes)?;
+    let mask = match &form.mask {
+        None => None,
+        Some(bytes) => {
+            let m = decode_upload("mask", bytes)?;
+            if (m.width(), m.height()) != (img.width(), img.height()) {
+                return Err(ApiError::invalid_value(
+                    "mask",
+                    format!(
+                        "the mask is {}x{} but the image is {}x{}; they must match",
+                        m.width(),
+                        m.height(),
+                        img.width(),
+                        img.height()
+                    ),
+                ));
+            }
+            Some(Mask::from_dynamic(&m))
+        }
+    };
+    if !size_given {
+        // The image's own size, down to a multiple of 8 (diffusers' default).
+        req.size = format!("{}x{}", img.width() / 8 * 8, img.height() / 8 * 8);
+    }
+    let strength = match strength {
+        Some(s) if (0.0..=1.0).contains(&s) => s,
+        Some(s) => {
+            return Err(ApiError::invalid_value(
+                "strength",
+                format!("`strength` must be between 0 and 1, got {s}"),
+            ))
+        }
+        None => InitImage::default_strength(mask.is_some()),
+    };
+    let mut checked = request::check(&req, limits, seed)?;
+    let (w, h) = (checked.generation.width, checked.generation.height);
+    let mask = mask
+        .map(|m| m.resized(w, h))
+        .transpose()
+        .map_err(|e| ApiError::invalid_value("mask", e.to_string()))?;
+    let image = Image::from_dynamic(&img)
+        .resized(w, h)
+        .map_err(|e| ApiError::invalid_value("image", e.to_string()))?;
+    crate::scheduler::Scheduler::start_step(checked.generation.num_inference_steps, strength)
+        .map_err(|e| ApiError::invalid_value("strength", e.to_string()))?;
+    checked.generation.init_image = Some(InitImage {
+        image,
+        mask,
+        strength,
+    });
+    Ok(checked)
+}
