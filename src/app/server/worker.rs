@@ -17,8 +17,8 @@ use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::error::Error;
 use crate::load::{load_pipeline, LoadOptions};
 use crate::pipeline::{
-    a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Progress, RunOptions,
-    SdxlPipeline,
+    a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Preview, Progress,
+    RunOptions, SdxlPipeline,
 };
 use crate::scheduler::SchedulerKind;
 
@@ -43,13 +43,54 @@ pub enum SubmitError {
     Closed,
 }
 
+/// What a streamed job reports while it runs, before its [`JobResult`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// A denoising step finished.
+    Progress {
+        /// Steps finished.
+        step: usize,
+        /// Steps in all.
+        total: usize,
+        /// Seconds since the job's batch started.
+        elapsed_seconds: f64,
+    },
+    /// A partial image of every image of the job, encoded as the job's images are.
+    Partial {
+        /// Which partial image, from 0.
+        index: usize,
+        /// One file per image of the job, in order.
+        images: Vec<Vec<u8>>,
+    },
+}
+
+/// How a streamed job reports.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Partial images to decode and send.
+    pub partial_images: usize,
+    /// Where the job's events go (sends to a dropped receiver are ignored; the reply
+    /// channel is what cancels).
+    pub events: mpsc::UnboundedSender<JobEvent>,
+}
+
 /// One accepted request.
 struct Job {
     id: u64,
     request: GenerationRequest,
     /// The file format of its images (the worker adds the PNG parameters text).
     encoding: Encoding,
+    /// Set for a streamed job.
+    stream: Option<StreamOptions>,
     reply: oneshot::Sender<JobResult>,
+}
+
+impl Job {
+    /// Partial images the job wants: jobs that want different numbers do not share
+    /// a batch, since a batch decodes its previews together.
+    fn partial_images(&self) -> usize {
+        self.stream.as_ref().map_or(0, |s| s.partial_images)
+    }
 }
 
 /// Counters of what happened to jobs since the worker started.
@@ -237,6 +278,17 @@ impl Worker {
         request: GenerationRequest,
         encoding: Encoding,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        self.submit_streaming(request, encoding, None)
+    }
+
+    /// [`submit`](Self::submit) that also reports progress and partial images through
+    /// `stream` while the job runs.
+    pub fn submit_streaming(
+        &self,
+        request: GenerationRequest,
+        encoding: Encoding,
+        stream: Option<StreamOptions>,
+    ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
             return Err(SubmitError::Closed);
@@ -258,6 +310,7 @@ impl Worker {
             id,
             request,
             encoding,
+            stream,
             reply,
         }) {
             Ok(()) => {
@@ -454,7 +507,9 @@ fn serve_jobs<B: FusedOps>(
             let Some(next) = shared.admit(next) else {
                 continue;
             };
-            if batch[0].request.batch_compatible(&next.request) {
+            if batch[0].request.batch_compatible(&next.request)
+                && batch[0].partial_images() == next.partial_images()
+            {
                 batch.push(next);
             } else {
                 pending = Some(next);
@@ -489,16 +544,51 @@ fn run_batch<B: FusedOps>(
     );
     let requests: Vec<GenerationRequest> = batch.iter().map(|j| j.request.clone()).collect();
     let start = Instant::now();
+    let all_gone = || batch.iter().all(|j| j.reply.is_closed());
     // Stop early only when nobody is waiting for any image of the batch.
-    let mut on_step = |_: Progress| {
-        if batch.iter().all(|j| j.reply.is_closed()) {
+    let mut on_step = |p: Progress| {
+        for job in &batch {
+            if let Some(stream) = &job.stream {
+                let _ = stream.events.send(JobEvent::Progress {
+                    step: p.step,
+                    total: p.total,
+                    elapsed_seconds: start.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        if all_gone() {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
     };
+    let mut on_preview = |p: Preview| {
+        for (job, images) in batch.iter().zip(&p.images) {
+            let Some(stream) = &job.stream else {
+                continue;
+            };
+            // Partial images carry no parameters text: they are not the result.
+            let files: Result<Vec<Vec<u8>>, Error> =
+                images.iter().map(|img| img.encode(&job.encoding)).collect();
+            match files {
+                Ok(images) => {
+                    let _ = stream.events.send(JobEvent::Partial {
+                        index: p.index,
+                        images,
+                    });
+                }
+                Err(e) => tracing::warn!(job = job.id, error = %e, "partial image not encoded"),
+            }
+        }
+        if all_gone() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let previews = batch[0].partial_images();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        pipeline.generate_batch(&requests, &mut on_step)
+        pipeline.generate_batch_with_previews(&requests, &mut on_step, previews, &mut on_preview)
     }));
     let failure = match outcome {
         Ok(Ok(outputs)) => {
