@@ -465,7 +465,7 @@ impl Example for ErrorBody {
 /// `hypergen.progress` (only with `stream_progress: true`) carries `step`, `total` and
 /// `elapsed_seconds`; `error` carries OpenAI's error object and ends the stream.
 #[derive(Object, Debug, Clone, PartialEq)]
-#[oai(skip_serializing_if_is_none)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct ImageStreamEvent {
     /// The event's type, the same as its SSE `event:` name.
     #[oai(rename = "type")]
@@ -498,6 +498,7 @@ pub struct ImageStreamEvent {
 
 /// OpenAI's token usage of a completed image; hypergen reports zeros.
 #[derive(Object, Debug, Clone, Default, PartialEq)]
+#[oai(example)]
 pub struct StreamUsage {
     /// Always 0.
     pub total_tokens: u64,
@@ -511,9 +512,42 @@ pub struct StreamUsage {
 
 /// OpenAI's breakdown of input tokens; hypergen reports zeros.
 #[derive(Object, Debug, Clone, Default, PartialEq)]
+#[oai(example)]
 pub struct StreamUsageDetails {
     /// Always 0.
     pub text_tokens: u64,
     /// Always 0.
     pub image_tokens: u64,
+}
+
+impl Example for ImageStreamEvent {
+    fn example() -> Self {
+        Self {
+            kind: "image_generation.completed".into(),
+            b64_json: Some("iVBORw0KGgo...".into()),
+            created_at: Some(1_700_000_000),
+            size: Some("1024x1024".into()),
+            quality: Some("auto".into()),
+            background: Some("opaque".into()),
+            output_format: Some("png".into()),
+            partial_image_index: None,
+            usage: Some(StreamUsage::default()),
+            step: None,
+            total: None,
+            elapsed_seconds: None,
+            error: None,
+        }
+    }
+}
+
+impl Example for StreamUsage {
+    fn example() -> Self {
+        Self::default()
+    }
+}
+
+impl Example for StreamUsageDetails {
+    fn example() -> Self {
+        Self::default()
+    }
 }
