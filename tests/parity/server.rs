@@ -1174,11 +1174,14 @@ async fn server_stream_events() {
                 "n": 2, "stream": true, "stream_progress": true}),
     )
     .await;
-    let progress: Vec<&Value> = events
+    // Progress events without a step report the queue position while the job waits.
+    let (steps, waits): (Vec<&Value>, Vec<&Value>) = events
         .iter()
         .filter(|(k, _)| k == "hypergen.progress")
         .map(|(_, d)| d)
-        .collect();
+        .partition(|d| d.get("step").is_some());
+    assert!(waits.iter().all(|d| d["queue_position"] == 0), "{waits:?}");
+    let progress = steps;
     assert_eq!(progress.len(), 3, "{:?}", kinds(&events));
     assert_eq!(
         (&progress[2]["step"], &progress[2]["total"]),
@@ -1186,7 +1189,7 @@ async fn server_stream_events() {
     );
     assert!(progress[2]["elapsed_seconds"].is_f64());
     assert_eq!(
-        kinds(&events)[3..],
+        kinds(&events)[kinds(&events).len() - 2..],
         ["image_generation.completed", "image_generation.completed"]
     );
 
@@ -1257,5 +1260,57 @@ async fn server_stream_disconnect_cancels() {
         "cancelling took {stopped_in:?}"
     );
     assert_eq!(server.stats().completed, 0);
+    server.shutdown().await.expect("shutdown");
+}
+
+/// With `stream_progress`, a waiting job reports its place in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_queue_position() {
+    let gate = Gate::default();
+    let mut cfg = config();
+    cfg.worker.hooks = gate.hooks();
+    let server = start(cfg).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let first = {
+        let client = client.clone();
+        let url = format!("{base}/v1/images/generations");
+        tokio::spawn(async move {
+            let resp = client.post(url).json(&small("a cat", 1)).send().await;
+            resp.expect("request").status()
+        })
+    };
+    eventually("the worker to take the first job", || {
+        gate.batches().len() == 1
+    })
+    .await;
+    let second = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&json!({
+        "prompt": "a dog", "size": "64x64", "num_inference_steps": 2, "seed": 2,
+        "stream": true, "stream_progress": true}));
+    let third = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&json!({
+        "prompt": "a bird", "size": "64x64", "num_inference_steps": 2, "seed": 3,
+        "stream": true, "stream_progress": true}));
+    let mut second = second.send().await.expect("request");
+    let mut third = third.send().await.expect("request");
+    let mut text = String::new();
+    while !text.contains("\"queue_position\":1") {
+        let chunk = third.chunk().await.expect("chunk").expect("more events");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let chunk = second.chunk().await.expect("chunk").expect("an event");
+    assert!(
+        String::from_utf8_lossy(&chunk).contains("\"queue_position\":0"),
+        "{chunk:?}"
+    );
+    gate.open();
+    assert_eq!(first.await.expect("task"), 200);
+    for resp in [second, third] {
+        let rest = resp.text().await.expect("body");
+        assert!(rest.contains("image_generation.completed"), "{rest}");
+    }
     server.shutdown().await.expect("shutdown");
 }

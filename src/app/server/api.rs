@@ -518,6 +518,7 @@ fn empty_event(kind: String) -> ImageStreamEvent {
         step: None,
         total: None,
         elapsed_seconds: None,
+        queue_position: None,
         error: None,
     }
 }
@@ -549,17 +550,34 @@ async fn forward(
     };
     tokio::pin!(gone);
     let mut events_open = true;
+    // While the job waits, progress clients hear their queue position every second.
+    let mut waiting = meta.progress;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         let event = tokio::select! {
             // Events first, so that every partial image goes out before the result.
             biased;
             _ = &mut gone => break None,
             _ = out.closed() => break None,
+            _ = tick.tick(), if waiting => {
+                match state.worker.queue_position(id) {
+                    Some(position) => {
+                        let event = ImageStreamEvent {
+                            queue_position: Some(position as u32),
+                            ..empty_event("hypergen.progress".into())
+                        };
+                        let _ = out.send(event).await;
+                    }
+                    None => waiting = false,
+                }
+                continue;
+            }
             event = events.recv(), if events_open => event,
             result = &mut answer => break Some(result),
         };
         match event {
             Some(event) => {
+                waiting = false;
                 for e in meta.events_of(event) {
                     if out.send(e).await.is_err() {
                         break;

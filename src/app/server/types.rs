@@ -83,8 +83,9 @@ pub struct ImageGenerationRequest {
     /// current estimate of the finished image, evenly spaced over the steps. Each costs
     /// one VAE decode.
     pub partial_images: Option<u32>,
-    /// hypergen's extension: with `stream`, also send a `hypergen.progress` event after
-    /// every denoising step (`step`, `total`, `elapsed_seconds`). OpenAI's clients do not
+    /// hypergen's extension: with `stream`, also send `hypergen.progress` events: every
+    /// second while the job waits (`queue_position`), then after every denoising step
+    /// (`step`, `total`, `elapsed_seconds`). OpenAI's clients do not
     /// know the event; leave it unset for them.
     pub stream_progress: Option<bool>,
 }
@@ -492,6 +493,9 @@ pub struct ImageStreamEvent {
     pub total: Option<u32>,
     /// `hypergen.progress`: seconds since the job started running.
     pub elapsed_seconds: Option<f64>,
+    /// `hypergen.progress` while the job waits to start (then without `step`): how many
+    /// accepted jobs are ahead of it.
+    pub queue_position: Option<u32>,
     /// `error`: what went wrong.
     pub error: Option<ErrorBody>,
 }
@@ -535,6 +539,7 @@ impl Example for ImageStreamEvent {
             step: None,
             total: None,
             elapsed_seconds: None,
+            queue_position: None,
             error: None,
         }
     }

@@ -201,17 +201,28 @@ struct Shared {
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
+    /// Ids of those jobs, for queue positions (ids grow, and the queue is in id order).
+    waiting: Mutex<std::collections::BTreeSet<u64>>,
     alive: AtomicBool,
     shutting_down: AtomicBool,
     counters: Counters,
 }
 
 impl Shared {
+    /// Forgets a job's place in the queue.
+    fn leave_queue(&self, id: u64) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
     /// Takes `job` off the queue's books unless it should run: refused when shutting
     /// down, skipped when its client is gone.
     fn admit(&self, job: Job) -> Option<Job> {
         if self.shutting_down.load(Ordering::SeqCst) {
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.leave_queue(job.id);
             bump(&self.counters.shut_out, 1);
             tracing::info!(job = job.id, "refused queued job: shutting down");
             let _ = job.reply.send(Err(JobError::ShuttingDown));
@@ -219,6 +230,7 @@ impl Shared {
         }
         if job.reply.is_closed() {
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.leave_queue(job.id);
             bump(&self.counters.skipped, 1);
             tracing::info!(
                 job = job.id,
@@ -305,6 +317,12 @@ impl Worker {
             return Err(SubmitError::QueueFull);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Before sending, so that the worker never takes a job not yet on the books.
+        shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         let (reply, rx) = oneshot::channel();
         match tx.try_send(Job {
             id,
@@ -319,6 +337,7 @@ impl Worker {
             }
             Err(e) => {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
+                shared.leave_queue(id);
                 match e {
                     mpsc::error::TrySendError::Full(_) => {
                         bump(&shared.counters.refused, 1);
@@ -333,6 +352,17 @@ impl Worker {
     /// Accepted jobs not yet started.
     pub fn queue_size(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// How many accepted jobs wait ahead of job `id`, or `None` once it has left the
+    /// queue (started, or dropped).
+    pub fn queue_position(&self, id: u64) -> Option<usize> {
+        let waiting = self
+            .shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        waiting.contains(&id).then(|| waiting.range(..id).count())
     }
 
     /// The queue's capacity.
@@ -427,6 +457,7 @@ impl WithBackend for Spawn {
             info: Mutex::new(None),
             max_queue: options.max_queue_size,
             queued: AtomicUsize::new(0),
+            waiting: Mutex::new(std::collections::BTreeSet::new()),
             alive: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
@@ -517,6 +548,9 @@ fn serve_jobs<B: FusedOps>(
             }
         }
         shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        for job in &batch {
+            shared.leave_queue(job.id);
+        }
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
