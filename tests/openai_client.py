@@ -7,7 +7,9 @@ image with `images.edit(image=…, mask=…)` and writes the returned PNG to `ou
 caller to compare with diffusers' reference.
 
 Lists the models, generates images as b64_json and as url with hypergen's extra
-fields passed through `extra_body`, decodes the PNGs, and checks that errors arrive
+fields passed through `extra_body`, decodes the PNGs, streams one with
+`stream=True, partial_images=2` (two partial events, then the completed image, which
+must equal the non-streamed answer), and checks that errors arrive
 as the client's typed exceptions with `param` and `code`. Prints "openai client OK".
 The server must serve the tiny fixture (64x64 images are within its limits).
 """
@@ -62,6 +64,32 @@ def main() -> None:
         assert response.headers["Content-Type"] == "image/png"
         assert png_size(response.read()) == (64, 64)
     print("url:", url)
+
+    # Streaming: two partial images, then the completed one, equal to the plain answer.
+    streamed = {"num_inference_steps": 3, "seed": 5}
+    events = list(
+        client.images.generate(
+            prompt=PROMPT,
+            size="64x64",
+            stream=True,
+            partial_images=2,
+            extra_body=streamed,
+        )
+    )
+    types = [e.type for e in events]
+    assert types == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ], types
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    plain = client.images.generate(
+        prompt=PROMPT, size="64x64", response_format="b64_json", extra_body=streamed
+    )
+    assert base64.b64decode(events[2].b64_json) == base64.b64decode(
+        plain.data[0].b64_json
+    ), "the streamed image differs from the plain one"
+    print("stream: 2 partial images, then the completed image")
 
     try:
         client.images.generate(prompt=PROMPT, size="63x64")

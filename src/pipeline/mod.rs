@@ -44,6 +44,21 @@ pub struct Generated<B: FusedOps> {
     pub latents: Tensor<B, 4>,
 }
 
+/// A partial result of a run ([`SdxlPipeline::generate_batch_with_previews`]): the
+/// decoded clean-sample estimate after some step. For inpainting it shows the whole
+/// estimate, the kept region included, as the model sees it at that step.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// Which preview this is, from 0.
+    pub index: usize,
+    /// Steps finished when it was taken.
+    pub step: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// Each request's images (as many as it asked for), in request order.
+    pub images: Vec<Vec<Image>>,
+}
+
 /// Text conditioning for one run, guidance branches stacked as `[negative; positive]`.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds<B: FusedOps> {
@@ -510,16 +525,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Vec<Generated<B>>> {
         let latents = self.denoise_batch(reqs, progress)?;
-        let counts: Vec<usize> = latents.iter().map(|l| l.dims()[0]).collect();
-        let mut images = self.decode(cat_rows(latents.clone()))?.into_iter();
-        Ok(latents
-            .into_iter()
-            .zip(counts)
-            .map(|(latents, n)| Generated {
-                images: images.by_ref().take(n).collect(),
-                latents,
-            })
-            .collect())
+        self.decode_batch(latents)
     }
 
     /// The denoising loop alone: returns the final latents.
@@ -565,6 +571,48 @@ impl<B: FusedOps> SdxlPipeline<B> {
         reqs: &[GenerationRequest],
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Vec<Tensor<B, 4>>> {
+        self.denoise_previewing(reqs, progress, 0, &mut |_| ControlFlow::Continue(()))
+    }
+
+    /// [`generate_batch`](Self::generate_batch) that also decodes `previews` partial
+    /// images, evenly spaced over the steps (after steps ⌈k·total/(previews+1)⌉,
+    /// k = 1…previews): the VAE decode of each request's current clean-sample estimate
+    /// x̂₀ ([`Scheduler::denoised`]), handed to `on_preview` in order. Previews change
+    /// nothing in the run: the final images equal `generate_batch`'s. Each costs one VAE
+    /// decode. `ControlFlow::Break` from either callback cancels the batch.
+    pub fn generate_batch_with_previews(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+        previews: usize,
+        on_preview: &mut dyn FnMut(Preview) -> ControlFlow<()>,
+    ) -> Result<Vec<Generated<B>>> {
+        let latents = self.denoise_previewing(reqs, progress, previews, on_preview)?;
+        self.decode_batch(latents)
+    }
+
+    /// Decodes each request's latents in one VAE call.
+    fn decode_batch(&self, latents: Vec<Tensor<B, 4>>) -> Result<Vec<Generated<B>>> {
+        let counts: Vec<usize> = latents.iter().map(|l| l.dims()[0]).collect();
+        let mut images = self.decode(cat_rows(latents.clone()))?.into_iter();
+        Ok(latents
+            .into_iter()
+            .zip(counts)
+            .map(|(latents, n)| Generated {
+                images: images.by_ref().take(n).collect(),
+                latents,
+            })
+            .collect())
+    }
+
+    /// The denoising loop, decoding `previews` partial images on the way.
+    fn denoise_previewing(
+        &self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+        previews: usize,
+        on_preview: &mut dyn FnMut(Preview) -> ControlFlow<()>,
+    ) -> Result<Vec<Tensor<B, 4>>> {
         self.check_inputs(reqs)?;
         let first = &reqs[0];
         let guidance = first
@@ -596,6 +644,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
+        // The finished-step count after which each preview is decoded (several previews
+        // may share a step when there are fewer steps than previews).
+        let preview_steps: Vec<usize> = (1..=previews)
+            .map(|k| (k * total).div_ceil(previews + 1).clamp(1, total.max(1)))
+            .collect();
+        let mut next_preview = 0;
         if progress(Progress { step: 0, total }).is_break() {
             return Err(Error::Cancelled);
         }
@@ -611,6 +665,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 &time_ids,
                 guidance,
             )?;
+            let done = i + 1 - start;
+            let previewing = preview_steps.get(next_preview) == Some(&done);
+            let mut estimates = Vec::new();
             let mut offset = 0;
             for job in jobs.iter_mut() {
                 let k = job.latents.dims()[0];
@@ -619,6 +676,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 } else {
                     eps.clone().narrow(0, offset, k)
                 };
+                if previewing {
+                    estimates.push(job.scheduler.denoised(own.clone(), i, job.latents.clone()));
+                }
                 job.latents = job
                     .scheduler
                     .step(own, i, job.latents.clone(), &mut job.rng);
@@ -627,13 +687,27 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 }
                 offset += k;
             }
-            if progress(Progress {
-                step: i + 1 - start,
-                total,
-            })
-            .is_break()
-            {
+            if progress(Progress { step: done, total }).is_break() {
                 return Err(Error::Cancelled);
+            }
+            if previewing {
+                let images: Vec<Vec<Image>> = self
+                    .decode_batch(estimates)?
+                    .into_iter()
+                    .map(|g| g.images)
+                    .collect();
+                while preview_steps.get(next_preview) == Some(&done) {
+                    let preview = Preview {
+                        index: next_preview,
+                        step: done,
+                        total,
+                        images: images.clone(),
+                    };
+                    next_preview += 1;
+                    if on_preview(preview).is_break() {
+                        return Err(Error::Cancelled);
+                    }
+                }
             }
         }
         Ok(jobs.into_iter().map(|j| j.latents).collect())

@@ -85,6 +85,31 @@ impl Ddim {
         )
     }
 
+    /// The clean-sample estimate x̂₀ at `step_index` (clipped as the step clips it).
+    pub(crate) fn denoised<B: FusedOps>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let t = self.timesteps[step_index] as usize;
+        let alpha = self.alphas_cumprod[t];
+        let beta = 1.0 - alpha;
+        let x0 = match self.prediction {
+            Prediction::Epsilon => {
+                (sample - model_output.mul_scalar(beta.sqrt())).div_scalar(alpha.sqrt())
+            }
+            Prediction::Sample => model_output,
+            Prediction::Velocity => {
+                sample.mul_scalar(alpha.sqrt()) - model_output.mul_scalar(beta.sqrt())
+            }
+        };
+        match self.clip {
+            Some(r) => x0.clamp(-r, r),
+            None => x0,
+        }
+    }
+
     pub(crate) fn step<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,

@@ -209,6 +209,21 @@ impl DpmSolver {
         Ok(())
     }
 
+    /// The clean-sample estimate x̂₀ at `step_index`, as the step computes it.
+    pub(crate) fn denoised<B: FusedOps>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let (alpha_s, sigma_s, _) = alpha_sigma_lambda(self.sigmas[step_index]);
+        match self.prediction {
+            Prediction::Epsilon => (sample - model_output.mul_scalar(sigma_s)).div_scalar(alpha_s),
+            Prediction::Sample => model_output,
+            Prediction::Velocity => sample.mul_scalar(alpha_s) - model_output.mul_scalar(sigma_s),
+        }
+    }
+
     pub(crate) fn step<B: FusedOps>(
         &mut self,
         model_output: Tensor<B, 4>,

@@ -305,6 +305,33 @@ impl Scheduler {
         }
     }
 
+    /// The current estimate of the clean sample x̂₀ at `step_index`, given the model's
+    /// output there and the sample it saw (before [`step`](Self::step)): `x − σ·ε` for
+    /// the Euler kinds, `(x − σ_t·ε)/α_t` for DPM-Solver, `(x − √(1−ᾱ)·ε)/√ᾱ` for DDIM
+    /// (and their sample / v-prediction forms). What streaming previews decode.
+    ///
+    /// # Panics
+    /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
+    pub fn denoised<B: FusedOps>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        match &self.inner {
+            Inner::Euler(s) => {
+                let sigma = s.sigmas[step_index];
+                euler::Euler::denoised(s.prediction, model_output, sample, sigma)
+            }
+            Inner::EulerAncestral(s) => {
+                let sigma = s.tables.sigmas[step_index];
+                euler::Euler::denoised(s.tables.prediction, model_output, sample, sigma)
+            }
+            Inner::Ddim(s) => s.denoised(model_output, step_index, sample),
+            Inner::Dpm(s) => s.denoised(model_output, step_index, sample),
+        }
+    }
+
     /// diffusers' `add_noise`: `original` noised to the level of step `step_index` of
     /// the schedule (image-to-image's start, inpainting's kept region). Euler kinds:
     /// `x + σ·noise`; DPM-Solver: `α_t·x + σ_t·noise` with α_t = 1/√(σ²+1), σ_t = σ·α_t;

@@ -405,7 +405,7 @@ async fn server_output_formats() {
 }
 
 /// A `multipart/form-data` body by hand: `(name, filename, bytes)` parts.
-fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> (String, Vec<u8>) {
+pub(crate) fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> (String, Vec<u8>) {
     let boundary = "hypergen-test-boundary-7d1f";
     let mut body = Vec::new();
     for (name, file, data) in parts {

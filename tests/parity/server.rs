@@ -1106,3 +1106,253 @@ async fn server_bad_start_lora_fails() {
     };
     assert!(err.contains("no-such-lora"), "{err}");
 }
+
+/// A `text/event-stream` body as `(event, data)` pairs (keep-alive comments skipped).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.replace("\r\n", "\n")
+        .split("\n\n")
+        .filter_map(|block| {
+            let mut event = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            let event = event?;
+            let data = serde_json::from_str(&data).expect("event data is JSON");
+            Some((event, data))
+        })
+        .collect()
+}
+
+/// Posts a streamed generation and returns its events, checking the content type.
+async fn stream_events(client: &reqwest::Client, base: &str, body: &Value) -> Vec<(String, Value)> {
+    let resp = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    sse_events(&resp.text().await.expect("body"))
+}
+
+fn kinds(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+/// `stream: true`: OpenAI's events, partial images evenly spaced, a final image equal
+/// to the non-streamed one, progress only when asked, edits too, and range checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_events() {
+    let server = start(config()).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+
+    let mut body =
+        json!({"prompt": "a cat", "size": "64x64", "num_inference_steps": 3, "seed": 11});
+    let plain: Value = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    body["stream"] = json!(true);
+    body["partial_images"] = json!(2);
+    let events = stream_events(&client, &base, &body).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
+    );
+    for (i, (kind, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], kind.as_str());
+        assert_eq!(data["size"], "64x64");
+        assert_eq!(data["output_format"], "png");
+        assert_eq!(data["background"], "opaque");
+        assert_eq!(data["quality"], "auto");
+        assert!(data["created_at"].is_i64(), "{data}");
+        let img = decode_png(data["b64_json"].as_str().expect("b64_json"));
+        assert_eq!(img.dimensions(), (64, 64));
+        if i < 2 {
+            assert_eq!(data["partial_image_index"], i);
+            assert!(data.get("usage").is_none(), "{data}");
+        } else {
+            assert!(data.get("partial_image_index").is_none(), "{data}");
+            assert_eq!(data["usage"]["total_tokens"], 0);
+            assert_eq!(data["usage"]["input_tokens_details"]["image_tokens"], 0);
+        }
+    }
+    let streamed = decode_png(events[2].1["b64_json"].as_str().expect("b64"));
+    let expected = decode_png(plain["data"][0]["b64_json"].as_str().expect("b64"));
+    assert_eq!(
+        streamed.as_raw(),
+        expected.as_raw(),
+        "the streamed image differs"
+    );
+    // A partial image is an estimate, not the final image.
+    let first = decode_png(events[0].1["b64_json"].as_str().expect("b64"));
+    assert!(max_diff(first.as_raw(), expected.as_raw()) > 0);
+
+    // n = 2: one completed event per image; progress events only when asked.
+    let events = stream_events(
+        &client,
+        &base,
+        &json!({"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "seed": 1,
+                "n": 2, "stream": true, "stream_progress": true}),
+    )
+    .await;
+    // Progress events without a step report the queue position while the job waits.
+    let (steps, waits): (Vec<&Value>, Vec<&Value>) = events
+        .iter()
+        .filter(|(k, _)| k == "hypergen.progress")
+        .map(|(_, d)| d)
+        .partition(|d| d.get("step").is_some());
+    assert!(waits.iter().all(|d| d["queue_position"] == 0), "{waits:?}");
+    let progress = steps;
+    assert_eq!(progress.len(), 3, "{:?}", kinds(&events));
+    assert_eq!(
+        (&progress[2]["step"], &progress[2]["total"]),
+        (&json!(2), &json!(2))
+    );
+    assert!(progress[2]["elapsed_seconds"].is_f64());
+    assert_eq!(
+        kinds(&events)[kinds(&events).len() - 2..],
+        ["image_generation.completed", "image_generation.completed"]
+    );
+
+    // partial_images out of range.
+    for bad in [json!(4), json!(-1)] {
+        let resp = client
+            .post(format!("{base}/v1/images/generations"))
+            .json(
+                &json!({"prompt": "a cat", "size": "64x64", "stream": true, "partial_images": bad}),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 400);
+        let err: Value = resp.json().await.expect("json");
+        assert_eq!(err["error"]["param"], "partial_images", "{err}");
+    }
+
+    // An edit streams too.
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([200, 90, 40]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    let text = |s: &str| s.as_bytes().to_vec();
+    let (ct, form) = crate::edits::multipart(&[
+        ("image", Some("in.png"), png),
+        ("prompt", None, text("a red cat")),
+        ("num_inference_steps", None, text("4")),
+        ("seed", None, text("3")),
+        ("stream", None, text("true")),
+        ("partial_images", None, text("1")),
+    ]);
+    let resp = client
+        .post(format!("{base}/v1/images/edits"))
+        .header("content-type", ct)
+        .body(form)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let events = sse_events(&resp.text().await.expect("body"));
+    assert_eq!(
+        kinds(&events),
+        ["image_edit.partial_image", "image_edit.completed"]
+    );
+    assert_eq!(events[0].1["partial_image_index"], 0);
+    server.shutdown().await.expect("shutdown");
+}
+
+/// A streaming client that goes away mid-run stops its job within a step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_disconnect_cancels() {
+    let server = start(config()).await;
+    let slow = json!({"prompt": "a slow cat", "size": "64x64", "num_inference_steps": 150,
+                      "seed": 3, "stream": true, "partial_images": 1});
+    let leaver = send_raw(server.local_addr(), &slow).await;
+    eventually("the slow job to start", || server.stats().started == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left = Instant::now();
+    drop(leaver);
+    eventually("the slow job to be cancelled", || {
+        server.stats().cancelled == 1
+    })
+    .await;
+    let stopped_in = left.elapsed();
+    assert!(
+        stopped_in < Duration::from_secs(3),
+        "cancelling took {stopped_in:?}"
+    );
+    assert_eq!(server.stats().completed, 0);
+    server.shutdown().await.expect("shutdown");
+}
+
+/// With `stream_progress`, a waiting job reports its place in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_queue_position() {
+    let gate = Gate::default();
+    let mut cfg = config();
+    cfg.worker.hooks = gate.hooks();
+    let server = start(cfg).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let first = {
+        let client = client.clone();
+        let url = format!("{base}/v1/images/generations");
+        tokio::spawn(async move {
+            let resp = client.post(url).json(&small("a cat", 1)).send().await;
+            resp.expect("request").status()
+        })
+    };
+    eventually("the worker to take the first job", || {
+        gate.batches().len() == 1
+    })
+    .await;
+    let second = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&json!({
+        "prompt": "a dog", "size": "64x64", "num_inference_steps": 2, "seed": 2,
+        "stream": true, "stream_progress": true}));
+    let third = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&json!({
+        "prompt": "a bird", "size": "64x64", "num_inference_steps": 2, "seed": 3,
+        "stream": true, "stream_progress": true}));
+    let mut second = second.send().await.expect("request");
+    let mut third = third.send().await.expect("request");
+    let mut text = String::new();
+    while !text.contains("\"queue_position\":1") {
+        let chunk = third.chunk().await.expect("chunk").expect("more events");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let chunk = second.chunk().await.expect("chunk").expect("an event");
+    assert!(
+        String::from_utf8_lossy(&chunk).contains("\"queue_position\":0"),
+        "{chunk:?}"
+    );
+    gate.open();
+    assert_eq!(first.await.expect("task"), 200);
+    for resp in [second, third] {
+        let rest = resp.text().await.expect("body");
+        assert!(rest.contains("image_generation.completed"), "{rest}");
+    }
+    server.shutdown().await.expect("shutdown");
+}

@@ -196,7 +196,7 @@ pub fn check_edit(
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
     for (name, text) in form.texts {
-        let value = if NUMERIC.contains(&name.as_str()) || name == "stream" {
+        let value = if NUMERIC.contains(&name.as_str()) || name.starts_with("stream") {
             // Form fields are text; a number that does not parse stays text, and the
             // field reader then names it.
             serde_json::from_str::<Value>(text.trim())
@@ -214,24 +214,12 @@ pub fn check_edit(
         .is_some_and(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto"));
     let mut fields = Fields::new(map);
     let strength = fields.number("strength")?;
-    let stream = fields.boolean("stream")?;
     // OpenAI's fields hypergen does not use.
-    for ignored in [
-        "background",
-        "input_fidelity",
-        "moderation",
-        "partial_images",
-    ] {
+    for ignored in ["background", "input_fidelity", "moderation"] {
         let _ = fields.take_any(ignored);
     }
     let mut req = ImageGenerationRequest::from_fields(&mut fields)?;
     fields.finish()?;
-    if stream == Some(true) {
-        return Err(ApiError::invalid_value(
-            "stream",
-            "streaming is not supported by this server yet; leave `stream` unset or false",
-        ));
-    }
     let image_bytes = form
         .image
         .ok_or_else(|| ApiError::field("image", "missing_field", "`image` is required"))?;

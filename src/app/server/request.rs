@@ -315,6 +315,12 @@ impl FromFields for ImageGenerationRequest {
                         .map_err(|e| ApiError::invalid_value("scheduler", e.to_string()))?,
                 )),
             },
+            stream: f.boolean("stream")?,
+            partial_images: match f.unsigned("partial_images")? {
+                Some(p) => Some(in_range("partial_images", p, 0, MAX_PARTIAL_IMAGES)? as u32),
+                None => None,
+            },
+            stream_progress: f.boolean("stream_progress")?,
         })
     }
 }
@@ -374,9 +380,25 @@ pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), Api
     Ok((w, h))
 }
 
+/// Most partial images a streamed request may ask for (OpenAI's limit).
+pub const MAX_PARTIAL_IMAGES: u64 = 3;
+
+/// How a streamed request is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// The request's `quality`, echoed in the events (`auto` when absent).
+    pub quality: String,
+    /// Partial images to send, 0 to [`MAX_PARTIAL_IMAGES`].
+    pub partial_images: usize,
+    /// Send `hypergen.progress` events.
+    pub progress: bool,
+}
+
 /// A request the pipeline can run, and how to answer it.
 #[derive(Debug, Clone)]
 pub struct Checked {
+    /// Stream the answer (`stream: true`), and how.
+    pub stream: Option<StreamSettings>,
     /// What the worker runs.
     pub generation: GenerationRequest,
     /// How to return the images.
@@ -406,6 +428,11 @@ pub fn check(
         ));
     }
     Ok(Checked {
+        stream: (req.stream == Some(true)).then(|| StreamSettings {
+            quality: req.quality.clone().unwrap_or_else(|| "auto".into()),
+            partial_images: req.partial_images.unwrap_or(0) as usize,
+            progress: req.stream_progress == Some(true),
+        }),
         generation: GenerationRequest {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),

@@ -76,6 +76,19 @@ pub struct ImageGenerationRequest {
     pub lora_scale: f64,
     /// The sampler; absent: the model's own scheduler config.
     pub scheduler: Option<SchedulerName>,
+    /// `true`: answer `text/event-stream` with OpenAI's streaming events
+    /// (`image_generation.partial_image`, then one `image_generation.completed` per
+    /// image) instead of one JSON body. The images are always `b64_json`.
+    pub stream: Option<bool>,
+    /// With `stream`, how many partial images to send, 0 to 3 (default 0): the decoded
+    /// current estimate of the finished image, evenly spaced over the steps. Each costs
+    /// one VAE decode.
+    pub partial_images: Option<u32>,
+    /// hypergen's extension: with `stream`, also send `hypergen.progress` events: every
+    /// second while the job waits (`queue_position`), then after every denoising step
+    /// (`step`, `total`, `elapsed_seconds`). OpenAI's clients do not
+    /// know the event; leave it unset for them.
+    pub stream_progress: Option<bool>,
 }
 
 /// Default of [`ImageGenerationRequest::n`].
@@ -124,6 +137,9 @@ impl Example for ImageGenerationRequest {
             lora_path: None,
             lora_scale: 1.0,
             scheduler: Some(SchedulerName::Euler),
+            stream: None,
+            partial_images: None,
+            stream_progress: None,
         }
     }
 }
@@ -160,10 +176,13 @@ pub struct ImageEditRequest {
     pub output_format: Option<OutputFormatName>,
     /// 0–100, default 100: the JPEG quality; PNG and WebP are lossless and ignore it.
     pub output_compression: Option<u8>,
-    /// Streaming is not supported yet: `true` is refused (400, `param: "stream"`).
+    /// `true`: answer `text/event-stream` with `image_edit.partial_image` and
+    /// `image_edit.completed` events (as `/v1/images/generations` streams).
     pub stream: Option<bool>,
-    /// Accepted for OpenAI compatibility and ignored (no streaming yet).
+    /// With `stream`, how many partial images to send, 0 to 3 (default 0).
     pub partial_images: Option<u32>,
+    /// hypergen's extension: with `stream`, a `hypergen.progress` event after every step.
+    pub stream_progress: Option<bool>,
     /// Accepted for OpenAI compatibility and ignored (not logged).
     pub user: Option<String>,
     /// How much of the schedule runs, 0 to 1: the run starts at step
@@ -472,5 +491,103 @@ pub struct ErrorBody {
 impl Example for ErrorBody {
     fn example() -> Self {
         ErrorResponse::example().error
+    }
+}
+
+/// One event of a streamed answer (`stream: true`), sent as
+/// `event: <type>` / `data: <this object as JSON>`. OpenAI's events
+/// (`image_generation.partial_image`, `image_generation.completed`,
+/// `image_edit.partial_image`, `image_edit.completed`) carry the image fields; hypergen's
+/// `hypergen.progress` (only with `stream_progress: true`) carries `step`, `total` and
+/// `elapsed_seconds`; `error` carries OpenAI's error object and ends the stream.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example, skip_serializing_if_is_none)]
+pub struct ImageStreamEvent {
+    /// The event's type, the same as its SSE `event:` name.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// The image (partial or final), base64-encoded in `output_format`.
+    pub b64_json: Option<String>,
+    /// Unix time (seconds) the event was made.
+    pub created_at: Option<i64>,
+    /// `WIDTHxHEIGHT` of the image.
+    pub size: Option<String>,
+    /// The request's `quality`, `auto` when it gave none (hypergen ignores it).
+    pub quality: Option<String>,
+    /// Always `opaque`: SDXL images have no transparency.
+    pub background: Option<String>,
+    /// `png`, `jpeg` or `webp`.
+    pub output_format: Option<String>,
+    /// Partial events: which partial image, from 0.
+    pub partial_image_index: Option<u32>,
+    /// Completed events: token usage, always zeros (hypergen does not count tokens).
+    pub usage: Option<StreamUsage>,
+    /// `hypergen.progress`: steps finished.
+    pub step: Option<u32>,
+    /// `hypergen.progress`: steps in all.
+    pub total: Option<u32>,
+    /// `hypergen.progress`: seconds since the job started running.
+    pub elapsed_seconds: Option<f64>,
+    /// `hypergen.progress` while the job waits to start (then without `step`): how many
+    /// accepted jobs are ahead of it.
+    pub queue_position: Option<u32>,
+    /// `error`: what went wrong.
+    pub error: Option<ErrorBody>,
+}
+
+/// OpenAI's token usage of a completed image; hypergen reports zeros.
+#[derive(Object, Debug, Clone, Default, PartialEq)]
+#[oai(example)]
+pub struct StreamUsage {
+    /// Always 0.
+    pub total_tokens: u64,
+    /// Always 0.
+    pub input_tokens: u64,
+    /// Always 0.
+    pub output_tokens: u64,
+    /// Always zeros.
+    pub input_tokens_details: StreamUsageDetails,
+}
+
+/// OpenAI's breakdown of input tokens; hypergen reports zeros.
+#[derive(Object, Debug, Clone, Default, PartialEq)]
+#[oai(example)]
+pub struct StreamUsageDetails {
+    /// Always 0.
+    pub text_tokens: u64,
+    /// Always 0.
+    pub image_tokens: u64,
+}
+
+impl Example for ImageStreamEvent {
+    fn example() -> Self {
+        Self {
+            kind: "image_generation.completed".into(),
+            b64_json: Some("iVBORw0KGgo...".into()),
+            created_at: Some(1_700_000_000),
+            size: Some("1024x1024".into()),
+            quality: Some("auto".into()),
+            background: Some("opaque".into()),
+            output_format: Some("png".into()),
+            partial_image_index: None,
+            usage: Some(StreamUsage::default()),
+            step: None,
+            total: None,
+            elapsed_seconds: None,
+            queue_position: None,
+            error: None,
+        }
+    }
+}
+
+impl Example for StreamUsage {
+    fn example() -> Self {
+        Self::default()
+    }
+}
+
+impl Example for StreamUsageDetails {
+    fn example() -> Self {
+        Self::default()
     }
 }

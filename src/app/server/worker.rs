@@ -18,8 +18,8 @@ use crate::error::Error;
 use crate::load::lora::{apply_lora_specs, ActiveLora, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::pipeline::{
-    a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Progress, RunOptions,
-    SdxlPipeline,
+    a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Preview, Progress,
+    RunOptions, SdxlPipeline,
 };
 use crate::scheduler::SchedulerKind;
 
@@ -44,13 +44,54 @@ pub enum SubmitError {
     Closed,
 }
 
+/// What a streamed job reports while it runs, before its [`JobResult`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// A denoising step finished.
+    Progress {
+        /// Steps finished.
+        step: usize,
+        /// Steps in all.
+        total: usize,
+        /// Seconds since the job's batch started.
+        elapsed_seconds: f64,
+    },
+    /// A partial image of every image of the job, encoded as the job's images are.
+    Partial {
+        /// Which partial image, from 0.
+        index: usize,
+        /// One file per image of the job, in order.
+        images: Vec<Vec<u8>>,
+    },
+}
+
+/// How a streamed job reports.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Partial images to decode and send.
+    pub partial_images: usize,
+    /// Where the job's events go (sends to a dropped receiver are ignored; the reply
+    /// channel is what cancels).
+    pub events: mpsc::UnboundedSender<JobEvent>,
+}
+
 /// One accepted request.
 struct Job {
     id: u64,
     request: GenerationRequest,
     /// The file format of its images (the worker adds the PNG parameters text).
     encoding: Encoding,
+    /// Set for a streamed job.
+    stream: Option<StreamOptions>,
     reply: oneshot::Sender<JobResult>,
+}
+
+impl Job {
+    /// Partial images the job wants: jobs that want different numbers do not share
+    /// a batch, since a batch decodes its previews together.
+    fn partial_images(&self) -> usize {
+        self.stream.as_ref().map_or(0, |s| s.partial_images)
+    }
 }
 
 /// Counters of what happened to jobs since the worker started.
@@ -166,17 +207,28 @@ struct Shared {
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
+    /// Ids of those jobs, for queue positions (ids grow, and the queue is in id order).
+    waiting: Mutex<std::collections::BTreeSet<u64>>,
     alive: AtomicBool,
     shutting_down: AtomicBool,
     counters: Counters,
 }
 
 impl Shared {
+    /// Forgets a job's place in the queue.
+    fn leave_queue(&self, id: u64) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
     /// Takes `job` off the queue's books unless it should run: refused when shutting
     /// down, skipped when its client is gone.
     fn admit(&self, job: Job) -> Option<Job> {
         if self.shutting_down.load(Ordering::SeqCst) {
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.leave_queue(job.id);
             bump(&self.counters.shut_out, 1);
             tracing::info!(job = job.id, "refused queued job: shutting down");
             let _ = job.reply.send(Err(JobError::ShuttingDown));
@@ -184,6 +236,7 @@ impl Shared {
         }
         if job.reply.is_closed() {
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.leave_queue(job.id);
             bump(&self.counters.skipped, 1);
             tracing::info!(
                 job = job.id,
@@ -243,6 +296,17 @@ impl Worker {
         request: GenerationRequest,
         encoding: Encoding,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        self.submit_streaming(request, encoding, None)
+    }
+
+    /// [`submit`](Self::submit) that also reports progress and partial images through
+    /// `stream` while the job runs.
+    pub fn submit_streaming(
+        &self,
+        request: GenerationRequest,
+        encoding: Encoding,
+        stream: Option<StreamOptions>,
+    ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
             return Err(SubmitError::Closed);
@@ -259,11 +323,18 @@ impl Worker {
             return Err(SubmitError::QueueFull);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Before sending, so that the worker never takes a job not yet on the books.
+        shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         let (reply, rx) = oneshot::channel();
         match tx.try_send(Job {
             id,
             request,
             encoding,
+            stream,
             reply,
         }) {
             Ok(()) => {
@@ -272,6 +343,7 @@ impl Worker {
             }
             Err(e) => {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
+                shared.leave_queue(id);
                 match e {
                     mpsc::error::TrySendError::Full(_) => {
                         bump(&shared.counters.refused, 1);
@@ -286,6 +358,17 @@ impl Worker {
     /// Accepted jobs not yet started.
     pub fn queue_size(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// How many accepted jobs wait ahead of job `id`, or `None` once it has left the
+    /// queue (started, or dropped).
+    pub fn queue_position(&self, id: u64) -> Option<usize> {
+        let waiting = self
+            .shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        waiting.contains(&id).then(|| waiting.range(..id).count())
     }
 
     /// The queue's capacity.
@@ -390,6 +473,7 @@ impl WithBackend for Spawn {
             loras: Mutex::new(Vec::new()),
             max_queue: options.max_queue_size,
             queued: AtomicUsize::new(0),
+            waiting: Mutex::new(std::collections::BTreeSet::new()),
             alive: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
@@ -483,7 +567,9 @@ fn serve_jobs<B: FusedOps>(
             let Some(next) = shared.admit(next) else {
                 continue;
             };
-            if batch[0].request.batch_compatible(&next.request) {
+            if batch[0].request.batch_compatible(&next.request)
+                && batch[0].partial_images() == next.partial_images()
+            {
                 batch.push(next);
             } else {
                 pending = Some(next);
@@ -491,6 +577,9 @@ fn serve_jobs<B: FusedOps>(
             }
         }
         shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        for job in &batch {
+            shared.leave_queue(job.id);
+        }
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
@@ -518,16 +607,51 @@ fn run_batch<B: FusedOps>(
     );
     let requests: Vec<GenerationRequest> = batch.iter().map(|j| j.request.clone()).collect();
     let start = Instant::now();
+    let all_gone = || batch.iter().all(|j| j.reply.is_closed());
     // Stop early only when nobody is waiting for any image of the batch.
-    let mut on_step = |_: Progress| {
-        if batch.iter().all(|j| j.reply.is_closed()) {
+    let mut on_step = |p: Progress| {
+        for job in &batch {
+            if let Some(stream) = &job.stream {
+                let _ = stream.events.send(JobEvent::Progress {
+                    step: p.step,
+                    total: p.total,
+                    elapsed_seconds: start.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        if all_gone() {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
     };
+    let mut on_preview = |p: Preview| {
+        for (job, images) in batch.iter().zip(&p.images) {
+            let Some(stream) = &job.stream else {
+                continue;
+            };
+            // Partial images carry no parameters text: they are not the result.
+            let files: Result<Vec<Vec<u8>>, Error> =
+                images.iter().map(|img| img.encode(&job.encoding)).collect();
+            match files {
+                Ok(images) => {
+                    let _ = stream.events.send(JobEvent::Partial {
+                        index: p.index,
+                        images,
+                    });
+                }
+                Err(e) => tracing::warn!(job = job.id, error = %e, "partial image not encoded"),
+            }
+        }
+        if all_gone() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let previews = batch[0].partial_images();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        pipeline.generate_batch(&requests, &mut on_step)
+        pipeline.generate_batch_with_previews(&requests, &mut on_step, previews, &mut on_preview)
     }));
     let failure = match outcome {
         Ok(Ok(outputs)) => {
