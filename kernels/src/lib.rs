@@ -3,8 +3,9 @@
 //! Three hot paths of SDXL get one trait method each in [`FusedOps`]: GroupNorm with an
 //! optional SiLU, GEGLU, and scaled dot-product attention. Every backend gets the plain
 //! Burn composition ([`plain`]) by default; CubeCL backends (wgpu and CUDA behind Burn's
-//! fusion) get our own kernels from one source (feature `cube`), each checked against
-//! the plain ops by hypergen's parity tests.
+//! fusion) get our own kernels from one source (feature `cube`), and the CPU backend
+//! (Burn's `Flex`) native Rust kernels on its storage and thread pool, each checked
+//! against the plain ops by hypergen's parity tests and this crate's unit tests.
 //!
 //! Which kernels run is chosen once per process by `HYPERGEN_KERNELS` ([`KernelSet`]), so
 //! a benchmark can time every variant without a rebuild.
@@ -50,8 +51,9 @@ pub trait FusedOps: Backend {
 
     /// Non-causal softmax attention of `q` `[N, H, L, D]` over `k`, `v` `[N, H, S, D]`
     /// with scale `1/sqrt(D)`, never holding more than [`plain::SCORE_BUDGET`] scores:
-    /// on CubeCL backends the fastest flash kernel (ours or Burn's, autotuned), on
-    /// others query blocks through Burn's attention op.
+    /// on CubeCL backends the fastest flash kernel (ours or Burn's, autotuned), on the
+    /// CPU blocks of query rows through GEMMs and an in-cache softmax, on others query
+    /// blocks through Burn's attention op.
     fn fused_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,

@@ -1,0 +1,744 @@
+//! The CPU kernels against the plain Burn ops (`plain.rs`) on Flex, GroupNorm also
+//! against f64 on the host, and the f32 `exp`/`erf` against f64 references.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::math::{self, erf, exp};
+use crate::{plain, FusedOps, KernelSet};
+
+/// Relative error allowed in f32: well inside the project's parity bound (1e-4).
+const TOL_F32: f64 = 1e-5;
+
+/// Relative error allowed when the tensors are stored in f16: the output is rounded
+/// once to f16 (unit roundoff 4.9e-4) on top of the f32 computation, and the plain ops
+/// may round intermediates too; 2e-3 is four roundings.
+const TOL_F16: f64 = 2e-3;
+
+/// The same for bfloat16 (unit roundoff 3.9e-3): two roundings.
+const TOL_BF16: f64 = 8e-3;
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => TOL_F32,
+        DType::F16 => TOL_F16,
+        _ => TOL_BF16,
+    }
+}
+
+/// Deterministic, irregular test data: a scaled, shifted mix of sines.
+fn data(len: usize, seed: f32, scale: f32, shift: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x = i as f32 * 0.618_034 + seed;
+            shift + scale * ((x * 12.9898).sin() * 0.7 + (x * 78.233).cos() * 0.3)
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(v: &[f32], shape: [usize; D], dtype: DType) -> Tensor<Flex, D> {
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), shape),
+        (&Default::default(), dtype),
+    )
+}
+
+fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+}
+
+/// `‖got − want‖ / ‖want‖` in f64.
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    let err = rel_error(got, want);
+    println!("{what}: relative error {err:.2e} (limit {tol:.0e})");
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
+}
+
+/// Runs `op` on `input` twice: owning the only handle (the kernels then overwrite the
+/// input's buffer) and with a clone kept (a new buffer), checks the clone is untouched
+/// and both results agree exactly; returns the result.
+fn both_ownerships<const D: usize, const E: usize>(
+    input: Tensor<Flex, D>,
+    op: impl Fn(Tensor<Flex, D>) -> Tensor<Flex, E>,
+) -> Tensor<Flex, E> {
+    let kept = input.clone();
+    let before = values(kept.clone());
+    let shared = op(input.clone());
+    assert_eq!(values(kept), before, "the kernel wrote into a shared input");
+    let owned = op(input);
+    assert_eq!(
+        values(owned.clone()),
+        values(shared),
+        "in place and copying differ"
+    );
+    owned
+}
+
+/// The tests must run our kernels, not the plain ops `HYPERGEN_KERNELS` may select.
+fn kernels_on() {
+    assert_eq!(
+        KernelSet::current(),
+        KernelSet::ALL,
+        "HYPERGEN_KERNELS turns kernels off; unset it to run the kernel tests"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// exp and erf
+
+/// Every f32 in `[lo, hi]` at about `per_unit` points per unit, plus both ends.
+fn grid(lo: f32, hi: f32, per_unit: f32) -> Vec<f32> {
+    let steps = ((hi - lo) * per_unit) as usize;
+    let mut v: Vec<f32> = (0..=steps)
+        .map(|i| lo + (hi - lo) * (i as f32 / steps as f32))
+        .collect();
+    v.push(hi);
+    v
+}
+
+/// `f` (mul + add) and `g` (fused multiply-add) over `xs`: the two arithmetic forms the
+/// kernels compile to, depending on the CPU.
+fn both_forms(f: impl Fn(f32) -> f32, g: impl Fn(f32) -> f32, xs: &[f32]) -> [Vec<f32>; 2] {
+    [
+        xs.iter().map(|&x| f(x)).collect(),
+        xs.iter().map(|&x| g(x)).collect(),
+    ]
+}
+
+fn check_exp(xs: &[f32], got: &[f32], what: &str) {
+    // Results below e^-86.5 (2.7e-38, about 2^-125) flush to zero (`math::exp`'s docs).
+    let flush = (-86.5f64).exp();
+    let mut worst = (0f64, 0f32);
+    for (&x, &y) in xs.iter().zip(got) {
+        let want = (x as f64).exp();
+        if want >= flush && want <= f32::MAX as f64 {
+            let rel = ((y as f64 - want) / want).abs();
+            if rel > worst.0 {
+                worst = (rel, x);
+            }
+        } else if want < flush {
+            assert!(
+                y >= 0.0 && (y as f64) < flush,
+                "{what}: exp({x}) = {y:e}, want {want:e}"
+            );
+        } else {
+            assert_eq!(y, f32::INFINITY, "{what}: exp({x}) overflows");
+        }
+    }
+    println!(
+        "{what}: worst relative error {:.3e} at x = {}",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 1.5e-7,
+        "{what}: relative error {:.3e} at x = {}",
+        worst.0,
+        worst.1
+    );
+}
+
+#[test]
+fn exp_is_accurate_over_f32_range() {
+    let mut xs = grid(-104.5, 89.5, 20_000.0);
+    // Around 0 densely, tiny arguments, the overflow and underflow edges.
+    xs.extend(grid(-1.0, 1.0, 1_000_000.0));
+    xs.extend([
+        1e-30,
+        -1e-30,
+        1e-10,
+        -1e-10,
+        f32::MIN_POSITIVE,
+        1e-45,
+        -1e-45,
+    ]);
+    xs.extend(grid(88.0, 89.0, 1_000_000.0));
+    xs.extend(grid(-104.0, -86.0, 100_000.0));
+    let [plain, fused] = both_forms(exp::<false>, exp::<true>, &xs);
+    check_exp(&xs, &plain, "exp (mul + add)");
+    check_exp(&xs, &fused, "exp (fma)");
+    let mut dispatched = xs.clone();
+    math::exp_slice(&mut dispatched);
+    check_exp(&xs, &dispatched, "exp (dispatched)");
+}
+
+#[test]
+fn exp_special_values() {
+    for f in [exp::<false> as fn(f32) -> f32, exp::<true>] {
+        assert_eq!(f(0.0), 1.0);
+        assert_eq!(f(-0.0), 1.0);
+        assert_eq!(f(f32::INFINITY), f32::INFINITY);
+        assert_eq!(f(f32::NEG_INFINITY), 0.0);
+        assert!(f(f32::NAN).is_nan());
+        assert_eq!(f(88.8), f32::INFINITY);
+        assert_eq!(f(1000.0), f32::INFINITY);
+        assert!(f(88.72).is_finite());
+        assert_eq!(f(-110.0), 0.0);
+        assert_eq!(f(-1e30), 0.0);
+        // Normal results down to 2^-125, then zero (no subnormals).
+        assert!(f(-86.0) >= 2.0 * f32::MIN_POSITIVE);
+        assert_eq!(f(-87.0), 0.0);
+        assert_eq!(f(-100.0), 0.0);
+        // The largest finite results and the first overflow.
+        assert!(f(88.72).is_finite() && f(88.72) > 3.3e38);
+        assert_eq!(f(88.723), f32::INFINITY);
+    }
+    let mut v = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0];
+    math::exp_slice(&mut v);
+    assert!(v[0].is_nan());
+    assert_eq!(&v[1..], &[f32::INFINITY, 0.0, 1.0]);
+}
+
+fn check_erf(xs: &[f32], got: &[f32], what: &str) {
+    let mut worst = (0f64, 0f32);
+    for (&x, &y) in xs.iter().zip(got) {
+        let want = libm::erf(x as f64);
+        let abs = (y as f64 - want).abs();
+        if abs > worst.0 {
+            worst = (abs, x);
+        }
+        assert!(y.abs() <= 1.0, "{what}: |erf({x})| = {y} > 1");
+        // Near 0 the error must be relative too: erf(x) ≈ 2x/√π.
+        if x.abs() < 1e-3 && x.abs() >= f32::MIN_POSITIVE {
+            let rel = abs / want.abs();
+            assert!(rel < 1e-6, "{what}: erf({x:e}) = {y:e}, want {want:e}");
+        }
+    }
+    println!(
+        "{what}: worst absolute error {:.3e} at x = {}",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 1.5e-7,
+        "{what}: absolute error {:.3e} at x = {}",
+        worst.0,
+        worst.1
+    );
+}
+
+#[test]
+fn erf_is_accurate() {
+    let mut xs = grid(-10.0, 10.0, 100_000.0);
+    xs.extend(grid(-4.5, 4.5, 1_000_000.0));
+    xs.extend([1e-30, -1e-30, 1e-38, 1e-44, -1e-44, 1e-6, -1e-6, 1e-3]);
+    xs.extend([30.0, -30.0, f32::MAX, f32::MIN]);
+    let [plain, fused] = both_forms(erf::<false>, erf::<true>, &xs);
+    check_erf(&xs, &plain, "erf (mul + add)");
+    check_erf(&xs, &fused, "erf (fma)");
+    let mut dispatched = xs.clone();
+    math::erf_slice(&mut dispatched);
+    check_erf(&xs, &dispatched, "erf (dispatched)");
+}
+
+#[test]
+fn erf_special_values() {
+    for f in [erf::<false> as fn(f32) -> f32, erf::<true>] {
+        assert_eq!(f(0.0), 0.0);
+        assert_eq!(f(f32::INFINITY), 1.0);
+        assert_eq!(f(f32::NEG_INFINITY), -1.0);
+        assert!(f(f32::NAN).is_nan());
+        // Odd symmetry holds exactly (clamp, x² and the sign of x are symmetric).
+        for x in grid(-6.0, 6.0, 100.0) {
+            assert_eq!(f(-x), -f(x), "erf(-{x})");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// GroupNorm
+
+/// GroupNorm on the host in f64: the reference when a group's mean is large.
+fn group_norm_f64(
+    x: &[f32],
+    [n, c, l]: [usize; 3],
+    groups: usize,
+    affine: Option<(&[f32], &[f32])>,
+    silu: bool,
+) -> Vec<f32> {
+    let group_len = c / groups * l;
+    let mut out = vec![0f32; x.len()];
+    for (g, chunk) in x.chunks(group_len).enumerate().take(n * groups) {
+        let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
+        let var = chunk
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / group_len as f64;
+        let rstd = 1.0 / (var + 1e-5).sqrt();
+        for (i, &v) in chunk.iter().enumerate() {
+            let at = g * group_len + i;
+            let ch = (at / l) % c;
+            let mut y = (v as f64 - mean) * rstd;
+            if let Some((gamma, beta)) = affine {
+                y = y * gamma[ch] as f64 + beta[ch] as f64;
+            }
+            if silu {
+                y /= 1.0 + (-y).exp();
+            }
+            out[at] = y as f32;
+        }
+    }
+    out
+}
+
+struct GnCase {
+    shape: [usize; 3],
+    groups: usize,
+    affine: bool,
+    silu: bool,
+    scale: f32,
+    shift: f32,
+    dtype: DType,
+    /// Also compare with the plain ops (whose f32 statistics are not exact enough for
+    /// a mean far larger than the spread).
+    vs_plain: bool,
+}
+
+fn group_norm_case(case: GnCase) {
+    kernels_on();
+    let GnCase {
+        shape: [n, c, l],
+        groups,
+        affine,
+        silu,
+        scale,
+        shift,
+        dtype,
+        vs_plain,
+    } = case;
+    // The references see the same (rounded) inputs as the kernel.
+    let round = |v: Vec<f32>| values(tensor(&v, [v.len()], dtype));
+    let x = round(data(n * c * l, 0.3, scale, shift));
+    let gamma = round(data(c, 1.7, 0.5, 1.0));
+    let beta = round(data(c, 2.9, 0.3, 0.0));
+    let tol = tolerance(dtype);
+    let what = format!("group_norm {dtype:?} [{n},{c},{l}] g{groups} affine={affine} silu={silu} x={shift}±{scale}");
+    let t_affine = || affine.then(|| (tensor(&gamma, [c], dtype), tensor(&beta, [c], dtype)));
+    let got = both_ownerships(tensor(&x, [n, c, l], dtype), |x| {
+        Flex::fused_group_norm(x, t_affine(), groups, 1e-5, silu)
+    });
+    assert_eq!(got.dims(), [n, c, l]);
+    assert_eq!(got.dtype(), dtype, "output keeps the input dtype");
+    let got = values(got);
+    let exact = group_norm_f64(
+        &x,
+        [n, c, l],
+        groups,
+        affine.then_some((&gamma[..], &beta[..])),
+        silu,
+    );
+    check(&format!("{what} vs f64"), &got, &exact, tol);
+    if vs_plain {
+        let want = plain::group_norm(tensor(&x, [n, c, l], dtype), t_affine(), groups, 1e-5, silu);
+        check(&format!("{what} vs plain"), &got, &values(want), tol);
+    }
+}
+
+const GN: GnCase = GnCase {
+    shape: [2, 32, 45],
+    groups: 8,
+    affine: true,
+    silu: true,
+    scale: 2.0,
+    shift: 0.0,
+    dtype: DType::F32,
+    vs_plain: true,
+};
+
+#[test]
+fn group_norm_small_groups() {
+    group_norm_case(GN);
+    group_norm_case(GnCase {
+        affine: false,
+        silu: false,
+        ..GN
+    });
+    group_norm_case(GnCase {
+        affine: true,
+        silu: false,
+        ..GN
+    });
+    group_norm_case(GnCase {
+        affine: false,
+        silu: true,
+        ..GN
+    });
+}
+
+#[test]
+fn group_norm_odd_shapes() {
+    // Odd channel and length counts, one channel per group, one group.
+    group_norm_case(GnCase {
+        shape: [3, 6, 7],
+        groups: 3,
+        ..GN
+    });
+    group_norm_case(GnCase {
+        shape: [1, 5, 1],
+        groups: 5,
+        ..GN
+    });
+    group_norm_case(GnCase {
+        shape: [2, 4, 333],
+        groups: 1,
+        ..GN
+    });
+}
+
+#[test]
+fn group_norm_sdxl_shapes() {
+    // UNet's first ResNet block at 512² latents (64²) and a VAE layer (several blocks
+    // per group, partial last block).
+    group_norm_case(GnCase {
+        shape: [2, 320, 4096],
+        groups: 32,
+        ..GN
+    });
+    group_norm_case(GnCase {
+        shape: [1, 128, 5000],
+        groups: 32,
+        silu: false,
+        shift: -3.0,
+        ..GN
+    });
+}
+
+#[test]
+fn group_norm_large_mean() {
+    // A mean 100 times the spread, then 10⁵ times (values 1000 ± 0.01): f32 sums of raw
+    // values or a mean rounded to f32 would lose the spread's digits.
+    group_norm_case(GnCase {
+        shape: [1, 64, 1100],
+        groups: 8,
+        silu: false,
+        shift: 100.0,
+        ..GN
+    });
+    for silu in [false, true] {
+        group_norm_case(GnCase {
+            shape: [2, 16, 3000],
+            groups: 4,
+            silu,
+            scale: 0.01,
+            shift: 1000.0,
+            vs_plain: false,
+            ..GN
+        });
+    }
+    // Channels with different offsets inside one group.
+    kernels_on();
+    let (n, c, l) = (1, 8, 2000);
+    let x: Vec<f32> = data(n * c * l, 0.7, 0.5, 0.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 500.0 + 50.0 * (i / l) as f32)
+        .collect();
+    let got = both_ownerships(tensor(&x, [n, c, l], DType::F32), |x| {
+        Flex::fused_group_norm(x, None, 2, 1e-5, true)
+    });
+    let exact = group_norm_f64(&x, [n, c, l], 2, None, true);
+    check(
+        "group_norm channel offsets vs f64",
+        &values(got),
+        &exact,
+        TOL_F32,
+    );
+}
+
+#[test]
+fn group_norm_half_precision() {
+    for dtype in [DType::F16, DType::BF16] {
+        group_norm_case(GnCase {
+            shape: [2, 64, 1100],
+            groups: 32,
+            shift: 0.5,
+            dtype,
+            ..GN
+        });
+    }
+}
+
+#[test]
+fn group_norm_strided_input() {
+    // A transposed view: the kernel copies it to contiguous first.
+    kernels_on();
+    let (n, c, l) = (2, 12, 50);
+    let x = data(n * c * l, 0.1, 1.0, 0.3);
+    let t = tensor(&x, [n, l, c], DType::F32).swap_dims(1, 2);
+    let contiguous = values(t.clone());
+    let got = Flex::fused_group_norm(t, None, 4, 1e-5, true);
+    let exact = group_norm_f64(&contiguous, [n, c, l], 4, None, true);
+    check(
+        "group_norm transposed view vs f64",
+        &values(got),
+        &exact,
+        TOL_F32,
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// GEGLU
+
+/// GEGLU on the host in f64 with libm's `erf`.
+fn geglu_f64(x: &[f32], half: usize) -> Vec<f32> {
+    x.chunks(2 * half)
+        .flat_map(|row| {
+            let (value, gate) = row.split_at(half);
+            value.iter().zip(gate).map(|(&v, &g)| {
+                let g = g as f64;
+                (v as f64 * 0.5 * g * (1.0 + libm::erf(g / std::f64::consts::SQRT_2))) as f32
+            })
+        })
+        .collect()
+}
+
+fn geglu_case(dtype: DType, [n, l, w]: [usize; 3], scale: f32) {
+    kernels_on();
+    let x = data(n * l * w, 0.9, scale, 0.1);
+    let x = values(tensor(&x, [n * l * w], dtype));
+    let got = both_ownerships(tensor(&x, [n, l, w], dtype), Flex::fused_geglu);
+    assert_eq!(got.dims(), [n, l, w / 2]);
+    assert_eq!(got.dtype(), dtype);
+    let got = values(got);
+    let want = values(plain::geglu(tensor(&x, [n, l, w], dtype)));
+    let tol = tolerance(dtype);
+    let what = format!("geglu {dtype:?} [{n},{l},{w}] ±{scale}");
+    check(&format!("{what} vs plain"), &got, &want, tol);
+    check(&format!("{what} vs f64"), &got, &geglu_f64(&x, w / 2), tol);
+}
+
+#[test]
+fn geglu_shapes() {
+    geglu_case(DType::F32, [2, 77, 80], 3.0);
+    geglu_case(DType::F32, [1, 300, 2 * 640], 3.0);
+    // Odd sizes, gates far into both tails (erf clamped at ±4, GELU ≈ 0 and ≈ x).
+    geglu_case(DType::F32, [3, 5, 2 * 33], 12.0);
+    geglu_case(DType::F32, [1, 1, 2], 1.0);
+    // SDXL's widest projection with several rows per task and a partial last task.
+    geglu_case(DType::F32, [1, 130, 2 * 1280], 2.0);
+}
+
+#[test]
+fn geglu_half_precision() {
+    geglu_case(DType::F16, [2, 64, 2 * 96], 3.0);
+    geglu_case(DType::BF16, [2, 33, 2 * 40], 3.0);
+}
+
+#[test]
+fn geglu_strided_input() {
+    kernels_on();
+    // A row window of a wider tensor: neither contiguous nor at offset 0.
+    let (n, l, w) = (2, 9, 24);
+    let x = data(n * l * (w + 6), 0.4, 3.0, 0.0);
+    let t = tensor(&x, [n, l, w + 6], DType::F32).narrow(2, 4, w);
+    let got = values(Flex::fused_geglu(t.clone()));
+    let want = values(plain::geglu(t));
+    check("geglu narrowed view vs plain", &got, &want, TOL_F32);
+}
+
+// ---------------------------------------------------------------------------------
+// Attention
+
+/// Inputs for one attention case, as the model builds them: `[N, L, H·D]` sequences split
+/// into heads (strided views).
+struct AttnCase {
+    n: usize,
+    heads: usize,
+    l: usize,
+    s: usize,
+    d: usize,
+    /// Spread of q and k (large values make large scores: the max subtraction matters).
+    scale: f32,
+    dtype: DType,
+}
+
+fn split(t: Tensor<Flex, 3>, n: usize, heads: usize, d: usize) -> Tensor<Flex, 4> {
+    t.reshape([n as i32, -1, heads as i32, d as i32])
+        .swap_dims(1, 2)
+}
+
+fn attention_case(case: AttnCase) {
+    kernels_on();
+    let AttnCase {
+        n,
+        heads,
+        l,
+        s,
+        d,
+        scale,
+        dtype,
+    } = case;
+    let round = |v: Vec<f32>, len| values(tensor(&v, [len], dtype));
+    let q = round(data(n * l * heads * d, 0.1, scale, 0.0), n * l * heads * d);
+    let k = round(data(n * s * heads * d, 0.4, scale, 0.2), n * s * heads * d);
+    let v = round(data(n * s * heads * d, 0.8, 1.0, -0.1), n * s * heads * d);
+    let inputs = |dtype| {
+        (
+            split(tensor(&q, [n, l, heads * d], dtype), n, heads, d),
+            split(tensor(&k, [n, s, heads * d], dtype), n, heads, d),
+            split(tensor(&v, [n, s, heads * d], dtype), n, heads, d),
+        )
+    };
+    let (tq, tk, tv) = inputs(DType::F32);
+    let want = values(plain::attention_full(tq, tk, tv));
+    let (tq, tk, tv) = inputs(dtype);
+    let got = Flex::fused_attention(tq, tk, tv);
+    assert_eq!(got.dims(), [n, heads, l, d]);
+    assert_eq!(got.dtype(), dtype);
+    if dtype == DType::F32 && heads > 1 {
+        // Our kernel's mark: the output lies in [N, L, H, D] order, so merging heads is
+        // free (the plain path returns contiguous [N, H, L, D]).
+        let prim = got.clone().swap_dims(1, 2).into_primitive().tensor();
+        assert!(
+            prim.is_contiguous(),
+            "attention output in [N, L, H, D] order"
+        );
+    }
+    let tol = tolerance(dtype);
+    check(
+        &format!("attention {dtype:?} n{n} h{heads} l{l} s{s} d{d} ±{scale} vs plain"),
+        &values(got),
+        &want,
+        tol,
+    );
+}
+
+const ATTN: AttnCase = AttnCase {
+    n: 2,
+    heads: 2,
+    l: 130,
+    s: 130,
+    d: 64,
+    scale: 1.5,
+    dtype: DType::F32,
+};
+
+#[test]
+fn attention_self() {
+    attention_case(ATTN);
+    // Many row blocks, the last one partial.
+    attention_case(AttnCase {
+        n: 1,
+        heads: 1,
+        l: 1100,
+        s: 1100,
+        ..ATTN
+    });
+    // SDXL's mid-resolution shape, reduced in batch and heads.
+    attention_case(AttnCase {
+        n: 1,
+        heads: 2,
+        l: 1024,
+        s: 1024,
+        ..ATTN
+    });
+}
+
+#[test]
+fn attention_cross() {
+    // Text tokens: S = 77 ≠ L, head widths 64 and 80, L not a multiple of any block.
+    attention_case(AttnCase {
+        l: 1000,
+        s: 77,
+        ..ATTN
+    });
+    attention_case(AttnCase {
+        heads: 3,
+        l: 100,
+        s: 77,
+        d: 80,
+        ..ATTN
+    });
+    attention_case(AttnCase {
+        n: 1,
+        heads: 1,
+        l: 1,
+        s: 1,
+        d: 8,
+        ..ATTN
+    });
+    attention_case(AttnCase {
+        heads: 3,
+        l: 7,
+        s: 300,
+        d: 40,
+        ..ATTN
+    });
+}
+
+#[test]
+fn attention_wide_head() {
+    // The VAE's single 512-wide head (also an odd length).
+    attention_case(AttnCase {
+        n: 1,
+        heads: 1,
+        l: 301,
+        s: 301,
+        d: 512,
+        ..ATTN
+    });
+}
+
+#[test]
+fn attention_large_scores() {
+    // Scores in the hundreds: exp overflows unless each row's max is subtracted.
+    attention_case(AttnCase {
+        scale: 8.0,
+        l: 64,
+        s: 90,
+        ..ATTN
+    });
+}
+
+#[test]
+fn attention_half_precision() {
+    attention_case(AttnCase {
+        l: 96,
+        s: 77,
+        dtype: DType::F16,
+        ..ATTN
+    });
+    attention_case(AttnCase {
+        l: 50,
+        s: 60,
+        d: 80,
+        dtype: DType::BF16,
+        ..ATTN
+    });
+}
+
+#[test]
+fn attention_other_strides() {
+    kernels_on();
+    let (n, h, l, s, d) = (2, 3, 70, 45, 24);
+    let q = data(n * h * (l + 5) * d, 0.3, 1.2, 0.0);
+    let k = data(n * h * s * d, 0.6, 1.2, 0.0);
+    let v = data(n * h * s * d, 0.9, 1.0, 0.0);
+    // q: a window of rows (start offset, parent longer than L); k: stored as [N, H, D, S]
+    // and transposed (unit stride along S); v: contiguous [N, H, S, D]; and a
+    // flipped k (negative strides).
+    let tq = tensor(&q, [n, h, l + 5, d], DType::F32).narrow(2, 3, l);
+    let tk = tensor(&k, [n, h, d, s], DType::F32).swap_dims(2, 3);
+    let tv = tensor(&v, [n, h, s, d], DType::F32);
+    let want = values(plain::attention_full(tq.clone(), tk.clone(), tv.clone()));
+    let got = values(Flex::fused_attention(tq.clone(), tk.clone(), tv.clone()));
+    check("attention narrowed q, transposed k", &got, &want, TOL_F32);
+    let tk = tk.flip([2]);
+    let tv = tv.flip([2]);
+    let want = values(plain::attention_full(tq.clone(), tk.clone(), tv.clone()));
+    let got = values(Flex::fused_attention(tq, tk, tv));
+    check("attention flipped k and v", &got, &want, TOL_F32);
+}
