@@ -2,7 +2,7 @@
 //! SDXL's shapes for 512² images with classifier-free guidance (batch 2).
 //!
 //! ```text
-//! cargo run --release -p hypergen-kernels --example cpu_ops [-- --iters N] [--fused-only] [--only TEXT]
+//! cargo run --release -p hypergen-kernels --example cpu_ops [-- --iters N] [--fused-only] [--only TEXT] [--large]
 //! ```
 //!
 //! Each op runs once to warm up, then `N` times (default 5); the median is printed in ms
@@ -15,6 +15,9 @@
 //! GroupNorm and GEGLU write into their input when they hold its only handle: rows
 //! marked "in place" time that path (a fresh input per run, made outside the timing);
 //! the others keep the input alive, so the kernel allocates its output as PyTorch does.
+//!
+//! `--large` adds the VAE's attention at 1024² (one 512-wide head over 16384 positions,
+//! 550 GFLOP): the kernel holds a few MiB of scores per thread, not the 1 GiB matrix.
 //!
 //! Build with `--release` for numbers that mean anything: in dev builds the `gemm`
 //! crate (in dependencies, compiled with debug assertions) runs several times slower.
@@ -146,15 +149,18 @@ fn main() {
     let mut iters = 5;
     let mut with_plain = true;
     let mut only = String::new();
+    let mut large = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--iters" => iters = args.next().and_then(|v| v.parse().ok()).expect("--iters N"),
             "--fused-only" => with_plain = false,
             "--only" => only = args.next().expect("--only TEXT"),
-            other => {
-                panic!("unknown argument {other} (expected --iters N, --fused-only, --only TEXT)")
-            }
+            "--large" => large = true,
+            other => panic!(
+                "unknown argument {other} (expected --iters N, --fused-only, --only TEXT, \
+                 --large)"
+            ),
         }
     }
     // Runs the ops whose name contains `--only`'s text.
@@ -174,12 +180,15 @@ fn main() {
     // Attention: [N, L, H·D] projections split into heads, as the model passes them
     // (strided views), self-attention at 64² and 32² latents, cross-attention to 77
     // tokens, and the VAE's single 512-wide head at 64² latents.
-    let attention_cases: [(&str, usize, usize, usize, usize, usize); 4] = [
+    let mut attention_cases = vec![
         ("self", 2, 10, 1024, 1024, 64),
         ("self", 2, 5, 4096, 4096, 64),
         ("cross", 2, 10, 1024, 77, 64),
         ("vae", 1, 1, 4096, 4096, 512),
     ];
+    if large {
+        attention_cases.push(("vae 1024²", 1, 1, 16384, 16384, 512));
+    }
     for (what, n, h, l, s, d) in attention_cases {
         let op = format!("attention {what} [{n},{h},{l},{d}] S={s}");
         if !wanted(&op) {

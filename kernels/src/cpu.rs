@@ -6,9 +6,15 @@
 //! PyTorch's speed. Here each op is one pass over its data ([`group_norm`], [`geglu`])
 //! or blocked GEMMs around an in-cache softmax ([`attention`]).
 //!
-//! The kernels compute in f32. Float16 and bfloat16 tensors are cast to f32 around them
-//! (Burn's cast, one pass each way), which keeps the f32 statistics and accumulation
-//! the plain ops have; other dtypes take the plain ops.
+//! - Each kernel honours [`KernelSet::current`]: off, the op is the plain composition.
+//! - The kernels compute in f32. Float16 and bfloat16 tensors are cast to f32 around
+//!   them (Burn's cast, one pass each way), which keeps the f32 statistics and
+//!   accumulation the plain ops have; other dtypes take the plain ops.
+//! - Data is read through the tensor primitive, never through `into_data`. GroupNorm and
+//!   GEGLU write into their input's buffer when the call holds its only handle (a new
+//!   buffer costs a page fault per 4 KiB, which dominated these ops); GEGLU's result is
+//!   then the first half of each row, a strided view. Attention's result is the
+//!   `[N, H, L, D]` view of an `[N, L, H, D]` buffer, so merging heads next is free.
 
 use burn::backend::Flex;
 use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
@@ -53,8 +59,7 @@ impl FusedOps for Flex {
             eps,
             silu,
         };
-        // In place when nothing else holds the input (often: a convolution's output);
-        // a new buffer costs page faults for every 4 KiB of it.
+        // In place when nothing else holds the input (often: a convolution's output).
         if let Some(values) = x.try_storage_mut::<f32>() {
             group_norm::group_norm_in_place(values, params);
             return wrap(x, dtype);

@@ -26,10 +26,13 @@ use rayon::prelude::*;
 use super::math::{exp, multiversion};
 
 /// Target size of one task's score block (`rows × S` f32). Larger blocks amortise the
-/// GEMMs' packing over more rows; 4 MiB measured best at S = 4096 (about L2 here).
+/// GEMMs' packing over more rows; 4 MiB measured best at S = 1024 and 4096 (2, 1 and
+/// 8 MiB, and other row caps, were slower on a 2 MiB-L2 Xeon).
 const SCORE_BYTES: usize = 4 << 20;
 
-/// Fewest query rows per task (the GEMMs get inefficient below this, measured).
+/// Fewest query rows per task from the score-size rule, however long S is (the GEMMs
+/// get inefficient with fewer, measured); fewer only when that is what it takes to give
+/// every thread work.
 const MIN_ROWS: usize = 64;
 
 /// Most query rows per task: bounds a task's time so that the cores balance.

@@ -7,7 +7,8 @@
 //! run time. `FMA` selects fused multiply-adds, which the baseline would have to emulate
 //! in software (a libm call per operation).
 
-/// Which compiled variant of the hot loops this CPU runs.
+/// Which compiled variant of the hot loops this CPU runs (each enables exactly the
+/// features [`level`] checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Level {
     /// AVX-512 F/BW/DQ/VL with AVX2 and FMA (x86-64-v4).
@@ -58,11 +59,11 @@ macro_rules! multiversion {
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
                 fn v4($($arg: $ty),*) $(-> $ret)? {
                     $imp::<true>($($arg),*)
                 }
-                #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+                #[target_feature(enable = "avx2,fma")]
                 fn v3($($arg: $ty),*) $(-> $ret)? {
                     $imp::<true>($($arg),*)
                 }
