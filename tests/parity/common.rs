@@ -53,24 +53,27 @@ fn load_all() -> HashMap<String, RefTensor> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let data: Vec<f32> = match view.dtype() {
-                safetensors::Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            (
-                name,
-                RefTensor {
-                    shape: view.shape().to_vec(),
-                    data,
-                },
-            )
+            let t = ref_tensor_of(&view);
+            (name, t)
         })
         .collect()
+}
+
+/// A safetensors tensor (f32, or u8 widened) as a [`RefTensor`].
+pub fn ref_tensor_of(view: &safetensors::tensor::TensorView<'_>) -> RefTensor {
+    let data: Vec<f32> = match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
+        other => panic!("unexpected dtype {other:?}"),
+    };
+    RefTensor {
+        shape: view.shape().to_vec(),
+        data,
+    }
 }
 
 /// The reference tensor `name` from `reference/tensors.safetensors`.

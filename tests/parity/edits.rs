@@ -33,19 +33,7 @@ pub fn extra_tensor(name: &str) -> RefTensor {
     let view = st
         .tensor(name)
         .unwrap_or_else(|e| panic!("extras tensor `{name}`: {e}"));
-    let data = match view.dtype() {
-        safetensors::Dtype::F32 => view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
-        other => panic!("{name}: unexpected dtype {other:?}"),
-    };
-    RefTensor {
-        shape: view.shape().to_vec(),
-        data,
-    }
+    crate::common::ref_tensor_of(&view)
 }
 
 /// One image-to-image or inpainting case of `extras.json`.

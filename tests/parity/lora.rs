@@ -82,19 +82,7 @@ pub fn read_tensor(path: &Path, name: Option<&str>) -> RefTensor {
             .unwrap_or_else(|_| panic!("tensor `{n}` not in {}", path.display())),
         None => st.tensors().into_iter().next().expect("one tensor").1,
     };
-    let data = match view.dtype() {
-        safetensors::Dtype::F32 => view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
-        other => panic!("unexpected dtype {other:?}"),
-    };
-    RefTensor {
-        shape: view.shape().to_vec(),
-        data,
-    }
+    crate::common::ref_tensor_of(&view)
 }
 
 /// The request of a case: prompt and size from `extras.json`, its starting latents.
