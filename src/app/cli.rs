@@ -239,6 +239,14 @@ pub struct ServeArgs {
     /// as an A1111-style `parameters` text chunk.
     #[arg(long)]
     pub no_png_parameters: bool,
+    /// Let requests name LoRA adapters (`lora_path`, `loras`) inside this directory;
+    /// names that lead outside it are refused. `GET /v1/loras` lists what it holds.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Memory for parsed per-request LoRA adapters, in MiB (least recently used dropped
+    /// first).
+    #[arg(long, default_value_t = crate::app::server::DEFAULT_LORA_CACHE_MB)]
+    pub lora_cache_mb: usize,
 }
 
 impl ServeArgs {
@@ -263,6 +271,8 @@ impl ServeArgs {
         config.public_url = self.public_url.clone();
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
         config.worker.png_parameters = !self.no_png_parameters;
+        config.lora_dir = self.lora_dir.clone();
+        config.lora_cache_bytes = self.lora_cache_mb.saturating_mul(1 << 20);
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {

@@ -533,7 +533,7 @@ fn check_fit(
         return Ok(());
     }
     Err(Error::LoraShape {
-        path: adapter.path.clone(),
+        path: PathBuf::from(&adapter.name),
         layer: format!("{}.{module}", layer.part.name()),
         message: format!(
             "`{}`: down {:?} and up {:?} do not fit the layer's weight {:?} ([out, in, …])",
@@ -582,7 +582,7 @@ pub fn apply_loras<B: FusedOps>(
         }
         if !unmatched.is_empty() {
             return Err(Error::LoraUnmatched {
-                path: adapter.path.clone(),
+                path: PathBuf::from(&adapter.name),
                 count: unmatched.len(),
                 keys: list_some(&unmatched),
             });

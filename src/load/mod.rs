@@ -7,6 +7,7 @@ pub mod builtin;
 pub mod folder;
 pub mod hub;
 pub mod lora;
+pub mod lora_dir;
 pub mod params;
 pub mod random_init;
 pub mod sgm;

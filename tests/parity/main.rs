@@ -12,6 +12,7 @@ mod hub;
 mod kernels;
 mod loader;
 mod lora;
+mod lora_server;
 mod pipeline;
 mod scheduler;
 mod server;

@@ -23,9 +23,10 @@ use super::error::{ApiError, RETRY_AFTER_SECS};
 use super::request::{self, JsonBody};
 use super::types::{
     ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest,
-    ImageStreamEvent, ImagesResponse, Model, ModelList, ResponseFormat, StreamUsage,
+    ImageStreamEvent, ImagesResponse, LoraFile, LoraList, Model, ModelList, ResponseFormat,
+    StreamUsage,
 };
-use super::worker::{JobError, JobEvent, JobResult, StreamOptions, SubmitError};
+use super::worker::{JobError, JobEvent, JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
 use crate::pipeline::OutputFormat;
 
@@ -54,6 +55,20 @@ pub enum HealthResult {
     /// The worker has stopped or the server is shutting down.
     #[oai(status = 503)]
     Unhealthy(Json<HealthResponse>),
+}
+
+/// Responses of `GET /v1/loras`.
+#[derive(ApiResponse)]
+pub enum LorasResult {
+    /// The adapters requests may name.
+    #[oai(status = 200)]
+    Ok(Json<LoraList>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The LoRA directory could not be read.
+    #[oai(status = 500)]
+    Failed(Json<ErrorResponse>),
 }
 
 /// Responses of `GET /v1/models`.
@@ -265,6 +280,46 @@ impl Api {
         }))
     }
 
+    /// List LoRA adapters
+    ///
+    /// The LoRA adapters requests may name in `lora_path` or `loras`: what the server's
+    /// LoRA directory (`--lora-dir`) holds. Without one, `enabled` is false and the
+    /// list is empty.
+    #[oai(
+        path = "/v1/loras",
+        method = "get",
+        operation_id = "listLoras",
+        tag = "ApiTags::Models"
+    )]
+    async fn list_loras(&self, _auth: Authorized, state: Data<&Arc<AppState>>) -> LorasResult {
+        let Some(library) = state.loras.clone() else {
+            return LorasResult::Ok(Json(LoraList {
+                object: "list".into(),
+                enabled: false,
+                data: Vec::new(),
+            }));
+        };
+        let listed = tokio::task::spawn_blocking(move || library.list()).await;
+        match listed {
+            Ok(Ok(entries)) => LorasResult::Ok(Json(LoraList {
+                object: "list".into(),
+                enabled: true,
+                data: entries
+                    .into_iter()
+                    .map(|e| LoraFile {
+                        id: e.name,
+                        object: "lora".into(),
+                        bytes: e.bytes,
+                    })
+                    .collect(),
+            })),
+            Ok(Err(e)) => LorasResult::Failed(Json(e.body())),
+            Err(e) => LorasResult::Failed(Json(
+                ApiError::internal(format!("listing LoRA adapters failed: {e}")).body(),
+            )),
+        }
+    }
+
     /// Create images
     ///
     /// OpenAI's image generation, with SDXL's settings as extra fields. The request
@@ -284,14 +339,20 @@ impl Api {
         /// The prompt and settings.
         body: JsonBody<ImageGenerationRequest>,
     ) -> GenerateResult {
-        let outcome = match request::check(&body.0, &state.config.limits, request::random_seed) {
-            Ok(checked) if checked.stream.is_some() => {
-                match start_stream(&state, request, checked, "image_generation") {
+        let checked = match request::check(&body.0, &state.config.limits, request::random_seed) {
+            Ok(checked) => with_loras(&state, checked).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match checked {
+            Ok((checked, loras)) if checked.stream.is_some() => {
+                match start_stream(&state, request, checked, loras, "image_generation") {
                     Ok(events) => return GenerateResult::Stream(events),
                     Err(e) => Err(e),
                 }
             }
-            Ok(checked) => run_checked(&state, request, checked, &body.0.prompt).await,
+            Ok((checked, loras)) => {
+                run_checked(&state, request, checked, loras, &body.0.prompt).await
+            }
             Err(e) => Err(e),
         };
         match outcome {
@@ -324,16 +385,20 @@ impl Api {
         /// The image, the mask, the prompt and settings.
         form: EditForm,
     ) -> EditResult {
-        let outcome = match edit::check_edit(form, &state.config.limits, request::random_seed) {
-            Ok(checked) if checked.stream.is_some() => {
-                match start_stream(&state, request, checked, "image_edit") {
+        let checked = match edit::check_edit(form, &state.config.limits, request::random_seed) {
+            Ok(checked) => with_loras(&state, checked).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match checked {
+            Ok((checked, loras)) if checked.stream.is_some() => {
+                match start_stream(&state, request, checked, loras, "image_edit") {
                     Ok(events) => return EditResult::Stream(events),
                     Err(e) => Err(e),
                 }
             }
-            Ok(checked) => {
+            Ok((checked, loras)) => {
                 let prompt = checked.generation.prompt.clone();
-                run_checked(&state, request, checked, &prompt).await
+                run_checked(&state, request, checked, loras, &prompt).await
             }
             Err(e) => Err(e),
         };
@@ -379,6 +444,26 @@ impl Api {
     }
 }
 
+/// A checked request with the LoRA adapters it names, read from the LoRA directory.
+async fn with_loras(
+    state: &Arc<AppState>,
+    checked: request::Checked,
+) -> Result<(request::Checked, Vec<JobLora>), ApiError> {
+    let loras = super::loras::resolve(state.loras.clone(), checked.loras.clone()).await?;
+    Ok((checked, loras))
+}
+
+/// A job's failure as the client sees it.
+fn job_error(e: JobError) -> ApiError {
+    match e {
+        JobError::Failed(message) => {
+            ApiError::generation_failed(format!("the generation failed: {message}"))
+        }
+        JobError::Invalid { param, message } => ApiError::invalid_value(param, message),
+        JobError::ShuttingDown => ApiError::shutting_down(),
+    }
+}
+
 /// Queues a streamed request and returns its event stream; errors before the job is
 /// accepted are ordinary error responses. A task forwards the worker's events; it ends,
 /// dropping the job's answer channel (which cancels the job at its next step), when the
@@ -387,6 +472,7 @@ fn start_stream(
     state: &Arc<AppState>,
     http: &Request,
     checked: request::Checked,
+    loras: Vec<JobLora>,
     prefix: &'static str,
 ) -> Result<ImageEventStream, ApiError> {
     if state.worker.is_shutting_down() {
@@ -400,9 +486,10 @@ fn start_stream(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (id, answer) = state
         .worker
-        .submit_streaming(
+        .submit_job(
             g.clone(),
             checked.encoding.clone(),
+            loras,
             Some(StreamOptions {
                 partial_images: settings.partial_images,
                 events: events_tx,
@@ -604,10 +691,8 @@ async fn forward(
     }
     let outcome = match result {
         Ok(Ok(files)) => Ok(files),
-        Ok(Err(JobError::Failed(message))) => Err(ApiError::generation_failed(format!(
-            "the generation failed: {message}"
-        ))),
-        Ok(Err(JobError::ShuttingDown)) | Err(_) => Err(ApiError::shutting_down()),
+        Ok(Err(e)) => Err(job_error(e)),
+        Err(_) => Err(ApiError::shutting_down()),
     };
     match outcome {
         Ok(files) => {
@@ -634,6 +719,7 @@ async fn run_checked(
     state: &AppState,
     http: &Request,
     checked: request::Checked,
+    loras: Vec<JobLora>,
     prompt: &str,
 ) -> Result<ImagesResponse, ApiError> {
     if state.worker.is_shutting_down() {
@@ -642,7 +728,7 @@ async fn run_checked(
     let g = &checked.generation;
     let (id, answer) = state
         .worker
-        .submit(g.clone(), checked.encoding.clone())
+        .submit_job(g.clone(), checked.encoding.clone(), loras, None)
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
             SubmitError::Closed => ApiError::shutting_down(),
@@ -680,12 +766,7 @@ async fn run_checked(
     };
     let pngs = match answer {
         Ok(Ok(pngs)) => pngs,
-        Ok(Err(JobError::Failed(message))) => {
-            return Err(ApiError::generation_failed(format!(
-                "the generation failed: {message}"
-            )))
-        }
-        Ok(Err(JobError::ShuttingDown)) => return Err(ApiError::shutting_down()),
+        Ok(Err(e)) => return Err(job_error(e)),
         // The worker dropped the job unanswered: it stopped.
         Err(_) => return Err(ApiError::shutting_down()),
     };

@@ -196,7 +196,11 @@ pub fn check_edit(
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
     for (name, text) in form.texts {
-        let value = if NUMERIC.contains(&name.as_str()) || name.starts_with("stream") {
+        let value = if name == "loras" {
+            // JSON text in a form; text that is not JSON stays text, and the field
+            // reader names it.
+            serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::String(text))
+        } else if NUMERIC.contains(&name.as_str()) || name.starts_with("stream") {
             // Form fields are text; a number that does not parse stays text, and the
             // field reader then names it.
             serde_json::from_str::<Value>(text.trim())

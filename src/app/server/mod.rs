@@ -17,12 +17,13 @@ pub mod conn;
 pub mod edit;
 pub mod error;
 pub mod images;
+pub mod loras;
 pub mod request;
 pub mod types;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,8 +38,12 @@ use crate::pipeline::ModelInfo;
 use auth::ApiKey;
 use conn::{Connections, TrackingAcceptor};
 use images::ImageStore;
+use loras::LoraLibrary;
 use request::SizeLimits;
 use worker::{Worker, WorkerOptions, WorkerStats};
+
+/// Memory for parsed per-request LoRA adapters unless configured (`--lora-cache-mb`).
+pub const DEFAULT_LORA_CACHE_MB: usize = 1024;
 
 /// Everything a [`Server`] needs.
 #[derive(Debug, Clone)]
@@ -55,6 +60,11 @@ pub struct ServerConfig {
     pub url_ttl: Duration,
     /// Memory for images served by URL, in bytes.
     pub url_store_bytes: usize,
+    /// The directory per-request LoRA adapters are named in; `None`: requests may not
+    /// name adapters.
+    pub lora_dir: Option<PathBuf>,
+    /// Memory for parsed per-request LoRA adapters, in bytes.
+    pub lora_cache_bytes: usize,
 }
 
 impl ServerConfig {
@@ -68,6 +78,8 @@ impl ServerConfig {
             public_url: None,
             url_ttl: images::DEFAULT_TTL,
             url_store_bytes: 512 << 20,
+            lora_dir: None,
+            lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
         }
     }
 }
@@ -86,6 +98,8 @@ pub struct AppState {
     pub started: i64,
     /// Open connections, to notice clients that went away.
     pub connections: Arc<Connections>,
+    /// Per-request LoRA adapters (`--lora-dir`), if enabled.
+    pub loras: Option<Arc<LoraLibrary>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -174,6 +188,11 @@ impl Server {
     /// port 0 picks a free one). Returns once requests can be served.
     pub async fn start(config: ServerConfig, bind: &str) -> anyhow::Result<Server> {
         let w = &config.worker;
+        // Checked before the (slow) model load, so a typo fails at once.
+        let loras = match &config.lora_dir {
+            Some(dir) => Some(Arc::new(LoraLibrary::open(dir, config.lora_cache_bytes)?)),
+            None => None,
+        };
         tracing::info!(model = %w.model, device = %w.device, dtype = %w.dtype, "loading model");
         let options = config.worker.clone();
         let worker = tokio::task::spawn_blocking(move || Worker::spawn(options))
@@ -205,6 +224,7 @@ impl Server {
             worker,
             started: unix_now(),
             connections: Arc::new(Connections::default()),
+            loras,
         });
         let listener = match tokio::net::TcpListener::bind(bind).await {
             Ok(l) => l,

@@ -24,6 +24,8 @@ pub const MAX_STEPS: u64 = 150;
 pub const MAX_GUIDANCE: f64 = 20.0;
 /// Largest LoRA scale accepted.
 pub const MAX_LORA_SCALE: f64 = 2.0;
+/// Most LoRA adapters one request may name (`lora_path` and `loras` together).
+pub const MAX_REQUEST_LORAS: usize = 8;
 
 /// The image sizes the server accepts: each side a multiple of 8 in `min..=max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +233,49 @@ impl Fields {
         }
     }
 
+    /// `loras`: a list of `{"path": NAME, "scale": S}` (scale 1 when absent).
+    pub fn lora_list(&mut self, name: &str) -> Result<Option<Vec<types::LoraChoice>>, ApiError> {
+        let items = match self.take(name) {
+            None => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(other) => return Err(Self::wrong_type(name, "an array", &other)),
+        };
+        if items.len() > MAX_REQUEST_LORAS {
+            return Err(ApiError::invalid_value(
+                name,
+                format!(
+                    "`{name}` names {} adapters; at most {MAX_REQUEST_LORAS} are allowed",
+                    items.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::Object(map) = item else {
+                return Err(ApiError::field(
+                    name,
+                    "invalid_type",
+                    format!("`{name}[{i}]` must be an object like {{\"path\": \"x.safetensors\", \"scale\": 0.8}}"),
+                ));
+            };
+            // Errors name the list, since `param` is a top-level field.
+            let mut f = Fields::new(map);
+            let rename = |e: ApiError| ApiError {
+                message: format!("`{name}[{i}]`: {}", e.message),
+                param: Some(name.to_string()),
+                ..e
+            };
+            let path = f.required_string("path").map_err(rename)?;
+            let scale = match f.number("scale").map_err(rename)? {
+                Some(s) => in_range("scale", s, 0.0, MAX_LORA_SCALE).map_err(rename)?,
+                None => types::default_lora_scale(),
+            };
+            f.finish().map_err(rename)?;
+            out.push(types::LoraChoice { path, scale });
+        }
+        Ok(Some(out))
+    }
+
     /// Refuses whatever field is left.
     pub fn finish(self) -> Result<(), ApiError> {
         match self.0.keys().next() {
@@ -308,6 +353,7 @@ impl FromFields for ImageGenerationRequest {
                 Some(s) => in_range("lora_scale", s, 0.0, MAX_LORA_SCALE)?,
                 None => types::default_lora_scale(),
             },
+            loras: f.lora_list("loras")?,
             scheduler: match f.string("scheduler")? {
                 None => None,
                 Some(s) => Some(SchedulerName::from(
@@ -405,6 +451,46 @@ pub struct Checked {
     pub response_format: ResponseFormat,
     /// The file format of the images.
     pub encoding: Encoding,
+    /// LoRA adapters asked for (`lora_path`, then `loras`), not yet resolved.
+    pub loras: Vec<RequestedLora>,
+}
+
+/// A LoRA adapter a request names, before the server resolves it in its directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedLora {
+    /// The field it came from (`lora_path` or `loras`), for errors.
+    pub param: &'static str,
+    /// Its name inside the LoRA directory.
+    pub name: String,
+    /// Its scale.
+    pub scale: f32,
+}
+
+/// The adapters `req` names: `lora_path` (with `lora_scale`) first, then `loras`.
+pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora>, ApiError> {
+    let mut out = Vec::new();
+    // An empty `lora_path` (what forms and some clients send for "none") names nothing.
+    if let Some(name) = req.lora_path.as_ref().filter(|n| !n.trim().is_empty()) {
+        out.push(RequestedLora {
+            param: "lora_path",
+            name: name.clone(),
+            scale: req.lora_scale as f32,
+        });
+    }
+    for choice in req.loras.iter().flatten() {
+        out.push(RequestedLora {
+            param: "loras",
+            name: choice.path.clone(),
+            scale: choice.scale as f32,
+        });
+    }
+    if out.len() > MAX_REQUEST_LORAS {
+        return Err(ApiError::invalid_value(
+            "loras",
+            format!("at most {MAX_REQUEST_LORAS} LoRA adapters per request"),
+        ));
+    }
+    Ok(out)
 }
 
 /// Checks what the field parser cannot (size, features hypergen lacks) and builds the
@@ -421,13 +507,9 @@ pub fn check(
         ));
     }
     let (width, height) = parse_size(&req.size, limits)?;
-    if req.lora_path.is_some() {
-        return Err(ApiError::invalid_value(
-            "lora_path",
-            "per-request LoRA adapters are not supported yet; start the server with `--lora PATH[:SCALE]` to merge adapters at start",
-        ));
-    }
+    let loras = requested_loras(req)?;
     Ok(Checked {
+        loras,
         stream: (req.stream == Some(true)).then(|| StreamSettings {
             quality: req.quality.clone().unwrap_or_else(|| "auto".into()),
             partial_images: req.partial_images.unwrap_or(0) as usize,

@@ -65,8 +65,10 @@ pub struct ImageGenerationRequest {
     /// Noise seed: the same seed, settings and model give the same image on every
     /// device. Random when absent.
     pub seed: Option<u64>,
-    /// A LoRA adapter to apply. Not supported per request yet: a request that sets it is
-    /// refused (start the server with `--lora` to merge adapters at start).
+    /// A LoRA adapter for this request: its name inside the server's LoRA directory
+    /// (`--lora-dir`; `GET /v1/loras` lists them), a `.safetensors` file (the extension
+    /// may be left off) or a folder holding `pytorch_lora_weights.safetensors`. Absolute
+    /// paths and `..` are refused. Added to the adapters merged at start (`--lora`).
     pub lora_path: Option<String>,
     /// Strength of `lora_path`, 0 to 2.
     #[oai(
@@ -74,6 +76,11 @@ pub struct ImageGenerationRequest {
         validator(minimum(value = "0"), maximum(value = "2"))
     )]
     pub lora_scale: f64,
+    /// hypergen's extension: several LoRA adapters at once, each a name inside the
+    /// server's LoRA directory with its scale (after `lora_path`, if both are given; at
+    /// most 8 in all). Their changes add up.
+    #[oai(validator(max_items = 8))]
+    pub loras: Option<Vec<LoraChoice>>,
     /// The sampler; absent: the model's own scheduler config.
     pub scheduler: Option<SchedulerName>,
     /// `true`: answer `text/event-stream` with OpenAI's streaming events
@@ -117,6 +124,74 @@ pub fn default_lora_scale() -> f64 {
     1.0
 }
 
+/// A LoRA adapter a request asks for (an entry of `loras`).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct LoraChoice {
+    /// Its name inside the server's LoRA directory, as `lora_path` takes it.
+    pub path: String,
+    /// Its strength, 0 to 2.
+    #[oai(
+        default = "default_lora_scale",
+        validator(minimum(value = "0"), maximum(value = "2"))
+    )]
+    pub scale: f64,
+}
+
+impl Example for LoraChoice {
+    fn example() -> Self {
+        Self {
+            path: "pixel-art-xl.safetensors".into(),
+            scale: 0.8,
+        }
+    }
+}
+
+/// Response of `GET /v1/loras`: the adapters requests may name.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct LoraList {
+    /// Always `list`.
+    pub object: String,
+    /// Whether the server takes LoRA adapters per request (started with `--lora-dir`).
+    /// When false, `data` is empty and requests that name an adapter are refused.
+    pub enabled: bool,
+    /// The adapters in the LoRA directory, by name.
+    pub data: Vec<LoraFile>,
+}
+
+impl Example for LoraList {
+    fn example() -> Self {
+        Self {
+            object: "list".into(),
+            enabled: true,
+            data: vec![LoraFile::example()],
+        }
+    }
+}
+
+/// An adapter in the server's LoRA directory.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct LoraFile {
+    /// The name to use as `lora_path` (or a `loras` entry's `path`).
+    pub id: String,
+    /// Always `lora`.
+    pub object: String,
+    /// Size of its weight file in bytes.
+    pub bytes: u64,
+}
+
+impl Example for LoraFile {
+    fn example() -> Self {
+        Self {
+            id: "pixel-art-xl.safetensors".into(),
+            object: "lora".into(),
+            bytes: 170_543_052,
+        }
+    }
+}
+
 impl Example for ImageGenerationRequest {
     fn example() -> Self {
         Self {
@@ -136,6 +211,7 @@ impl Example for ImageGenerationRequest {
             seed: Some(42),
             lora_path: None,
             lora_scale: 1.0,
+            loras: None,
             scheduler: Some(SchedulerName::Euler),
             stream: None,
             partial_images: None,
@@ -201,6 +277,13 @@ pub struct ImageEditRequest {
     pub seed: Option<u64>,
     /// The sampler; absent: the model's own.
     pub scheduler: Option<SchedulerName>,
+    /// A LoRA adapter for this edit, as in `/v1/images/generations`.
+    pub lora_path: Option<String>,
+    /// Strength of `lora_path`, 0 to 2 (default 1).
+    pub lora_scale: Option<f64>,
+    /// Several LoRA adapters, as in `/v1/images/generations`, written as JSON text:
+    /// `[{"path": "pixel-art-xl.safetensors", "scale": 0.8}]`.
+    pub loras: Option<String>,
 }
 
 /// The file formats of `output_format`.

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::error::Error;
-use crate::load::lora::{apply_lora_specs, ActiveLora, LoraSpec};
+use crate::load::lora::{apply_loras, remove_loras, ActiveLora, LoraAdapter, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::pipeline::{
     a1111_parameters, Encoding, GenerationRequest, ModelInfo, OutputFormat, Preview, Progress,
@@ -33,6 +33,33 @@ pub enum JobError {
     Failed(String),
     /// The server began shutting down before the job started.
     ShuttingDown,
+    /// The request cannot run on this model (a LoRA adapter that does not fit it):
+    /// a client error naming the field.
+    Invalid {
+        /// The request field at fault.
+        param: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A LoRA adapter a job runs with, beside those merged at start.
+#[derive(Debug, Clone)]
+pub struct JobLora {
+    /// The parsed adapter (shared with the server's cache).
+    pub adapter: Arc<LoraAdapter>,
+    /// Its scale.
+    pub scale: f32,
+    /// The request field that named it (`lora_path` or `loras`), for errors.
+    pub param: &'static str,
+}
+
+/// Which adapters a job wants: the same adapter values at the same scales.
+fn same_loras(a: &[JobLora], b: &[JobLora]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| Arc::ptr_eq(&x.adapter, &y.adapter) && x.scale == y.scale)
 }
 
 /// Why a job was not accepted.
@@ -83,6 +110,8 @@ struct Job {
     encoding: Encoding,
     /// Set for a streamed job.
     stream: Option<StreamOptions>,
+    /// LoRA adapters for this job only.
+    loras: Vec<JobLora>,
     reply: oneshot::Sender<JobResult>,
 }
 
@@ -296,7 +325,7 @@ impl Worker {
         request: GenerationRequest,
         encoding: Encoding,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
-        self.submit_streaming(request, encoding, None)
+        self.submit_job(request, encoding, Vec::new(), None)
     }
 
     /// [`submit`](Self::submit) that also reports progress and partial images through
@@ -305,6 +334,18 @@ impl Worker {
         &self,
         request: GenerationRequest,
         encoding: Encoding,
+        stream: Option<StreamOptions>,
+    ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        self.submit_job(request, encoding, Vec::new(), stream)
+    }
+
+    /// Queues a job that runs with `loras` merged (beside those merged at start) and,
+    /// with `stream`, reports progress and partial images while it runs.
+    pub fn submit_job(
+        &self,
+        request: GenerationRequest,
+        encoding: Encoding,
+        loras: Vec<JobLora>,
         stream: Option<StreamOptions>,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,6 +376,7 @@ impl Worker {
             request,
             encoding,
             stream,
+            loras,
             reply,
         }) {
             Ok(()) => {
@@ -491,11 +533,16 @@ impl WithBackend for Spawn {
                         &options.run,
                         &device,
                     )?;
-                    apply_lora_specs(p.components_mut(), &options.loras)?;
-                    Ok::<_, crate::Error>(p)
+                    let base = read_start_loras(&options.loras)?;
+                    if !base.is_empty() {
+                        let list: Vec<(&LoraAdapter, f32)> =
+                            base.iter().map(|l| (&*l.adapter, l.scale)).collect();
+                        apply_loras(p.components_mut(), &list)?;
+                    }
+                    Ok::<_, crate::Error>((p, base))
                 }));
-                let pipeline = match loaded {
-                    Ok(Ok(p)) => {
+                let (pipeline, base) = match loaded {
+                    Ok(Ok((p, base))) => {
                         let info = p.components().info.clone();
                         *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
                         *thread_shared
@@ -503,7 +550,7 @@ impl WithBackend for Spawn {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner()) =
                             p.components().loras.active().to_vec();
-                        p
+                        (p, base)
                     }
                     Ok(Err(e)) => {
                         let _ = ready_tx.send(Err(anyhow::Error::new(e)));
@@ -520,7 +567,7 @@ impl WithBackend for Spawn {
                 thread_shared.alive.store(true, Ordering::SeqCst);
                 let guard = AliveGuard(thread_shared);
                 let _ = ready_tx.send(Ok(()));
-                serve_jobs(&pipeline, rx, &guard.0, &options);
+                serve_jobs(pipeline, &base, rx, &guard.0, &options);
             })
             .context("starting the worker thread")?;
         let loaded = ready_rx
@@ -539,15 +586,34 @@ impl WithBackend for Spawn {
     }
 }
 
+/// Reads the adapters merged at start (`--lora`).
+fn read_start_loras(specs: &[LoraSpec]) -> crate::Result<Vec<JobLora>> {
+    specs
+        .iter()
+        .map(|s| {
+            Ok(JobLora {
+                adapter: Arc::new(LoraAdapter::read(&s.path)?),
+                scale: s.scale,
+                param: "lora",
+            })
+        })
+        .collect()
+}
+
 /// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
+/// `base` are the adapters merged at start; a batch's own adapters are merged beside
+/// them before it runs and stay merged until a batch wants another set.
 fn serve_jobs<B: FusedOps>(
-    pipeline: &SdxlPipeline<B>,
+    mut pipeline: SdxlPipeline<B>,
+    base: &[JobLora],
     mut rx: mpsc::Receiver<Job>,
     shared: &Shared,
     options: &WorkerOptions,
 ) {
     // A job taken while gathering a batch that it cannot join waits here for the next.
     let mut pending: Option<Job> = None;
+    // The per-job adapters merged now (beside `base`).
+    let mut merged: Vec<JobLora> = Vec::new();
     loop {
         let job = match pending.take() {
             Some(job) => job,
@@ -569,6 +635,7 @@ fn serve_jobs<B: FusedOps>(
             };
             if batch[0].request.batch_compatible(&next.request)
                 && batch[0].partial_images() == next.partial_images()
+                && same_loras(&batch[0].loras, &next.loras)
             {
                 batch.push(next);
             } else {
@@ -583,9 +650,54 @@ fn serve_jobs<B: FusedOps>(
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
-        run_batch(pipeline, batch, shared, options.png_parameters);
+        if !same_loras(&merged, &batch[0].loras) {
+            match switch_loras(&mut pipeline, base, &batch[0].loras) {
+                Ok(()) => merged = batch[0].loras.clone(),
+                Err(e) => {
+                    // Nothing changed: the model still holds `merged`.
+                    let message = e.to_string();
+                    tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = %message, "LoRA adapters do not fit the model");
+                    bump(&shared.counters.started, batch.len());
+                    bump(&shared.counters.failed, batch.len());
+                    for job in batch {
+                        let _ = job.reply.send(Err(JobError::Invalid {
+                            param: job.loras.first().map_or("lora_path", |l| l.param),
+                            message: message.clone(),
+                        }));
+                    }
+                    continue;
+                }
+            }
+        }
+        run_batch(&pipeline, batch, shared, options.png_parameters);
     }
     tracing::info!("worker stopped");
+}
+
+/// Merges `base` and `extra` in place of what is merged now; on an error (an adapter
+/// that does not fit) the model is left as it was.
+fn switch_loras<B: FusedOps>(
+    pipeline: &mut SdxlPipeline<B>,
+    base: &[JobLora],
+    extra: &[JobLora],
+) -> crate::Result<()> {
+    let start = Instant::now();
+    let list: Vec<(&LoraAdapter, f32)> = base
+        .iter()
+        .chain(extra)
+        .map(|l| (&*l.adapter, l.scale))
+        .collect();
+    if list.is_empty() {
+        remove_loras(pipeline.components_mut());
+    } else {
+        apply_loras(pipeline.components_mut(), &list)?;
+    }
+    tracing::info!(
+        adapters = ?extra.iter().map(|l| (l.adapter.name(), l.scale)).collect::<Vec<_>>(),
+        seconds = start.elapsed().as_secs_f64(),
+        "switched per-request LoRA adapters"
+    );
+    Ok(())
 }
 
 fn run_batch<B: FusedOps>(
