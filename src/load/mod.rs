@@ -95,7 +95,17 @@ pub fn load_components<B: FusedOps>(
             folder::load_folder(dir, id, dtype, options, vae.as_deref(), device)
         }
         ModelSource::SingleFile(file) => {
-            single_file::load_single_file(file, dtype, options, device)
+            let mut c = single_file::load_single_file(file, dtype, options, device)?;
+            replace_vae(&mut c, vae.as_deref(), variant, device)?;
+            Ok(c)
+        }
+        ModelSource::HubFile { repo, file } => {
+            let path =
+                hub::resolve_file_with(repo, file, options.revision.as_deref(), &options.hub)?;
+            let mut c = single_file::load_single_file(&path, dtype, options, device)?;
+            c.info.id = model.to_string();
+            replace_vae(&mut c, vae.as_deref(), variant, device)?;
+            Ok(c)
         }
         ModelSource::Hub(id) => {
             let dir =
@@ -103,6 +113,23 @@ pub fn load_components<B: FusedOps>(
             folder::load_folder(&dir, id.to_string(), dtype, options, vae.as_deref(), device)
         }
     }
+}
+
+/// Replaces a single-file checkpoint's VAE with the `--vae` folder, when one is given.
+fn replace_vae<B: FusedOps>(
+    c: &mut SdxlComponents<B>,
+    vae: Option<&std::path::Path>,
+    variant: Option<&str>,
+    device: &B::Device,
+) -> Result<()> {
+    let Some(dir) = vae else {
+        return Ok(());
+    };
+    let vae_dtype = vae_dtype(c.dtype, &folder::read_vae_config(dir)?);
+    let (model, _) = folder::load_vae(dir, variant, vae_dtype, device)?;
+    tracing::info!(vae = %dir.display(), "replaced the checkpoint's VAE");
+    c.vae = model;
+    Ok(())
 }
 
 /// [`load_components`], then a pipeline over them with `run` options.

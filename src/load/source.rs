@@ -18,6 +18,13 @@ pub enum ModelSource<'a> {
     Hub(&'a str),
     /// A single-file checkpoint (`.safetensors`) in the original SGM layout.
     SingleFile(&'a Path),
+    /// A single-file checkpoint in a Hub repository: `owner/name/file.safetensors`.
+    HubFile {
+        /// The repository id.
+        repo: &'a str,
+        /// The file's path in the repository.
+        file: &'a str,
+    },
 }
 
 impl<'a> ModelSource<'a> {
@@ -33,6 +40,9 @@ impl<'a> ModelSource<'a> {
         }
         if let Some(b) = builtin::find(model) {
             return Ok(ModelSource::Builtin(b));
+        }
+        if let Some((repo, file)) = hub_file(model) {
+            return Ok(ModelSource::HubFile { repo, file });
         }
         if hub::is_repo_id(model) {
             return Ok(ModelSource::Hub(model));
@@ -54,4 +64,20 @@ impl<'a> ModelSource<'a> {
             ),
         ))
     }
+}
+
+/// `owner/name/path/file.safetensors` split into a repository id and a file path, when
+/// `model` has that shape (and is not a local file, which [`ModelSource::parse`] checks
+/// first).
+fn hub_file(model: &str) -> Option<(&str, &str)> {
+    if !model.to_ascii_lowercase().ends_with(".safetensors") || model.starts_with(['/', '.', '~']) {
+        return None;
+    }
+    let mut parts = model.splitn(3, '/');
+    let (owner, name, file) = (parts.next()?, parts.next()?, parts.next()?);
+    let repo = &model[..owner.len() + 1 + name.len()];
+    let file_ok = file
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    (hub::is_repo_id(repo) && file_ok).then_some((repo, file))
 }

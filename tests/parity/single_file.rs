@@ -14,7 +14,7 @@ use crate::common::{assert_matches, fixture_dir, reference, TOL_F32};
 
 /// Copies every `.json`, `.txt` and tokenizer file of the fixture (never weights) into
 /// `dst`, keeping the layout.
-fn copy_configs(src: &Path, dst: &Path) {
+pub fn copy_configs(src: &Path, dst: &Path) {
     for entry in std::fs::read_dir(src).expect("read fixture dir") {
         let entry = entry.expect("entry");
         let path = entry.path();
@@ -133,4 +133,72 @@ fn single_file_cli_generate() {
         png.as_raw(),
         &reference("pipe.cfg5.euler4.image_u8"),
     );
+}
+
+/// A 64×64, 2-step image of `model` loaded with `options`.
+fn small_image(model: &Path, options: &LoadOptions) -> Vec<u8> {
+    let pipe = load_pipeline::<crate::common::Cpu>(
+        &model.display().to_string(),
+        DType::F32,
+        options,
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("loads");
+    let request = hypergen::pipeline::GenerationRequest {
+        prompt: "a lighthouse".into(),
+        num_inference_steps: 2,
+        width: 64,
+        height: 64,
+        seed: 3,
+        ..Default::default()
+    };
+    pipe.generate(&request, &mut |_: Progress| ControlFlow::Continue(()))
+        .expect("generate")
+        .images[0]
+        .rgb
+        .clone()
+}
+
+/// `--vae DIR` replaces a single-file checkpoint's VAE, as it does a folder's: with a
+/// VAE whose scaling factor differs, the single file and the folder give the same image,
+/// unlike the single file without it.
+#[test]
+fn single_file_with_vae_folder() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let configs = tmp.path().join("configs");
+    std::fs::create_dir_all(&configs).expect("mkdir");
+    copy_configs(&fixture_dir(), &configs);
+    let vae = tmp.path().join("vae");
+    std::fs::create_dir_all(&vae).expect("mkdir");
+    let src = fixture_dir().join("vae");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("read"))
+            .expect("json");
+    config["scaling_factor"] = serde_json::json!(0.2);
+    std::fs::write(vae.join("config.json"), config.to_string()).expect("write");
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        vae.join("diffusion_pytorch_model.safetensors"),
+    )
+    .expect("copy");
+    let file = fixture_dir().join("single_file").join("model.safetensors");
+    let plain = LoadOptions {
+        config: Some(configs.clone()),
+        ..Default::default()
+    };
+    let with_vae = LoadOptions {
+        vae: Some(vae.display().to_string()),
+        ..plain.clone()
+    };
+    let single = small_image(&file, &with_vae);
+    let folder = small_image(
+        &fixture_dir(),
+        &LoadOptions {
+            vae: Some(vae.display().to_string()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(single, folder, "single file + --vae = folder + --vae");
+    assert_ne!(single, small_image(&file, &plain), "the VAE was replaced");
 }

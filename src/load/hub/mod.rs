@@ -169,20 +169,41 @@ pub fn resolve_vae_with(
     resolve(id_or_path, revision, variant, options, Kind::Vae)
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Pipeline,
-    Vae,
+/// A single file of a Hub repository (such as a single-file checkpoint), downloaded into
+/// the cache if needed; its local path.
+pub fn resolve_file_with(
+    repo: &str,
+    file: &str,
+    revision: Option<&str>,
+    options: &HubOptions,
+) -> Result<PathBuf> {
+    resolve(repo, revision, None, options, Kind::File(file))
 }
 
+#[derive(Clone, Copy)]
+enum Kind<'a> {
+    Pipeline,
+    Vae,
+    /// One file, by its path in the repository.
+    File(&'a str),
+}
+
+/// Fetches what `kind` needs; the path, inside the snapshot, to return.
 fn fetch(
-    kind: Kind,
+    kind: Kind<'_>,
     source: &mut dyn FileSource,
     variant: Option<&str>,
-) -> std::result::Result<&'static str, String> {
+) -> std::result::Result<String, String> {
     match kind {
-        Kind::Pipeline => files::fetch_pipeline(source, variant).map(|()| ""),
-        Kind::Vae => files::fetch_vae(source, variant),
+        Kind::Pipeline => files::fetch_pipeline(source, variant).map(|()| String::new()),
+        Kind::Vae => files::fetch_vae(source, variant).map(str::to_string),
+        Kind::File(file) => {
+            if !source.listing().contains(file) {
+                return Err(format!("the repository has no file `{file}`"));
+            }
+            source.fetch(file)?;
+            Ok(file.to_string())
+        }
     }
 }
 
@@ -191,7 +212,7 @@ fn resolve(
     revision: Option<&str>,
     variant: Option<&str>,
     options: &HubOptions,
-    kind: Kind,
+    kind: Kind<'_>,
 ) -> Result<PathBuf> {
     let local = Path::new(id_or_path);
     if local.is_dir() {
@@ -319,7 +340,7 @@ fn online(
     revision: &str,
     variant: Option<&str>,
     options: &HubOptions,
-    kind: Kind,
+    kind: Kind<'_>,
 ) -> std::result::Result<PathBuf, Failure> {
     let api = ApiBuilder::from_cache(Cache::new(options.cache_dir.clone()))
         .with_endpoint(options.endpoint.clone())
@@ -384,7 +405,7 @@ fn offline(
     revision: &str,
     variant: Option<&str>,
     options: &HubOptions,
-    kind: Kind,
+    kind: Kind<'_>,
 ) -> std::result::Result<PathBuf, String> {
     let repo_dir = options.cache_dir.join(cache_folder_name(id));
     let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());

@@ -346,3 +346,64 @@ fn hub_gated_repository_and_lone_vae() {
         &Default::default(),
     );
 }
+
+/// `owner/name/file.safetensors`: one single-file checkpoint downloaded from the Hub
+/// (nothing else of the repository), loaded with `--config`, gives the local file's image.
+#[test]
+fn hub_single_file_checkpoint() {
+    let hub = hub(Config::default());
+    let cache = tempfile::tempdir().expect("cache");
+    let configs = tempfile::tempdir().expect("configs");
+    crate::single_file::copy_configs(&fixture_dir(), configs.path());
+    let options = LoadOptions {
+        config: Some(configs.path().to_path_buf()),
+        hub: options(&hub, cache.path()),
+        ..Default::default()
+    };
+    let model = format!("{REPO}/single_file/model.safetensors");
+    let pipe = load_pipeline::<Cpu>(
+        &model,
+        DType::F32,
+        &options,
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("Hub single file loads");
+    assert_eq!(pipe.components().info.id, model);
+    let local = fixture_dir().join("single_file").join("model.safetensors");
+    let local_pipe = load_pipeline::<Cpu>(
+        &local.display().to_string(),
+        DType::F32,
+        &LoadOptions {
+            hub: options.hub.clone(),
+            ..options.clone()
+        },
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("local single file loads");
+    assert_eq!(
+        generate(&pipe),
+        generate(&local_pipe),
+        "same image as the local file"
+    );
+    assert_eq!(
+        names(&hub.file_gets()),
+        HashSet::from(["single_file/model.safetensors".to_string()]),
+        "only the checkpoint is downloaded"
+    );
+    let err = match load_pipeline::<Cpu>(
+        &format!("{REPO}/single_file/nope.safetensors"),
+        DType::F32,
+        &options,
+        &Default::default(),
+        &Default::default(),
+    ) {
+        Ok(_) => panic!("a missing file loads"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("no file `single_file/nope.safetensors`"),
+        "{err}"
+    );
+}
