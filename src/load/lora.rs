@@ -654,22 +654,24 @@ fn merge_weight<B: FusedOps, const D: usize>(
         let rank = c.layer.rank();
         let out = c.layer.up.shape[0];
         let fan: usize = c.layer.down.shape.iter().skip(1).product();
+        // The factor goes on the small matrix, not on the product.
         let up = Tensor::<B, 2>::from_data(
             TensorData::new(c.layer.up.data.clone(), [out, rank]),
             &device,
         )
-        .cast(DType::F32);
+        .cast(DType::F32)
+        .mul_scalar(c.factor);
         let down = Tensor::<B, 2>::from_data(
             TensorData::new(c.layer.down.data.clone(), [rank, fan]),
             &device,
         )
         .cast(DType::F32);
-        // [out, in·kh·kw] in PyTorch's layout.
-        let delta = up.matmul(down).mul_scalar(c.factor);
         let delta: Tensor<B, D> = match info.kind {
-            // Burn stores linear weights as [in, out].
-            LayerKind::Linear => delta.transpose().reshape(acc.shape()),
-            _ => delta.reshape(acc.shape()),
+            // Burn stores linear weights as [in, out]: (up·down)ᵀ = downᵀ·upᵀ, so the
+            // product comes out in that layout without transposing the large matrix.
+            LayerKind::Linear => down.transpose().matmul(up.transpose()).reshape(acc.shape()),
+            // [out, in·kh·kw] in PyTorch's layout, which convolutions share.
+            _ => up.matmul(down).reshape(acc.shape()),
         };
         acc = acc + delta;
     }
