@@ -13,6 +13,7 @@ mod kernels;
 mod loader;
 mod lora;
 mod pipeline;
+mod playground;
 mod scheduler;
 mod server;
 mod single_file;
