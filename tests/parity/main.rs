@@ -14,6 +14,7 @@ mod loader;
 mod lora;
 mod lora_server;
 mod pipeline;
+mod playground;
 mod scheduler;
 mod server;
 mod single_file;

@@ -5,7 +5,7 @@
 //!   parsing and checks; [`error`]: OpenAI's error object for every failure;
 //!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
 //!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
-//!   clients that went away.
+//!   clients that went away; [`playground`]: the browser page at `/`.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -18,6 +18,7 @@ pub mod edit;
 pub mod error;
 pub mod images;
 pub mod loras;
+pub mod playground;
 pub mod request;
 pub mod types;
 pub mod worker;
@@ -158,10 +159,11 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint {
     let service = openapi_service();
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
-    Route::new()
+    let api = Route::new()
         .nest("/", service)
         .nest("/docs", docs)
-        .at("/openapi.json", spec)
+        .at("/openapi.json", spec);
+    playground::with_playground(api)
         .data(state)
         .catch_all_error(error::catch_all)
 }
@@ -246,7 +248,7 @@ impl Server {
                 None,
             ),
         );
-        tracing::info!("listening on http://{addr} (API docs at http://{addr}/docs)");
+        tracing::info!("listening on http://{addr} (playground at http://{addr}/, API docs at http://{addr}/docs)");
         Ok(Server {
             addr,
             state,
