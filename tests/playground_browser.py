@@ -155,9 +155,8 @@ try:
     # The LoRA picker lists what the server's LoRA directory offers (`--lora-dir`).
     loras_status, loras = api("GET", "/v1/loras")
     assert loras_status == 200 and loras["enabled"], (loras_status, loras)
-    wait("the LoRA picker", lambda: el("loras").is_displayed())
-    names = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#lora-list span")]
-    assert names == [e["id"] for e in loras["data"]] == ["kohya.safetensors"], names
+    # Without the key yet, the list cannot be read: the picker waits for the key.
+    assert not el("loras").is_displayed()
     presets = [o.get_attribute("value") for o in el("size-preset").find_elements(By.TAG_NAME, "option")]
     assert presets[:9] == ["1024x1024", "1152x896", "896x1152", "1216x832", "832x1216",
                            "1344x768", "768x1344", "1536x640", "640x1536"], presets
@@ -202,6 +201,11 @@ try:
     assert KEY not in driver.current_url
     assert KEY not in js("return JSON.stringify(Object.assign({}, localStorage))")
     assert KEY not in js("return document.body.innerText")
+
+    # With the key, the picker shows the directory's adapters.
+    wait("the LoRA picker", lambda: el("loras").is_displayed())
+    names = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#lora-list span")]
+    assert names == [e["id"] for e in loras["data"]] == ["kohya.safetensors"], names
 
     # The same seed gives the same pixels; another seed other pixels.
     imgs = generate_and_wait(2)
