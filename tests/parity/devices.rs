@@ -469,6 +469,9 @@ fn wgpu_tests_without_a_driver_fail_with_the_fix() {
         "VK_ICD_FILENAMES",
         "1 passed; 1 failed",
     ] {
-        assert!(stdout.contains(needle), "missing `{needle}`:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(needle),
+            "missing `{needle}`:\n{stdout}\n{stderr}"
+        );
     }
 }
