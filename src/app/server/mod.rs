@@ -16,6 +16,8 @@ pub mod auth;
 pub mod conn;
 pub mod edit;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod images;
 pub mod request;
 pub mod types;
