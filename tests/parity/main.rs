@@ -13,6 +13,7 @@ mod kernels;
 mod loader;
 mod lora;
 mod pipeline;
+mod reliability;
 mod scheduler;
 mod server;
 mod single_file;
