@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use hypergen::app::server::conn::ConnTimeouts;
 use hypergen::app::server::worker::{FaultPoint, WorkerHooks};
 use hypergen::Error;
 use serde_json::{json, Value};
@@ -255,4 +257,127 @@ fn server_binary_exits_on_a_broken_model() {
         stderr.contains(weights) && stderr.contains("truncated or corrupt"),
         "the cause is named: {stderr}"
     );
+}
+
+/// 200 idle keep-alive connections, clients that dribble a request head or a body, and
+/// clients that never read their answer: `/health` answers each time in under 100 ms
+/// meanwhile, the slow ones are closed at their deadlines (head, body: 408, idle), and
+/// a generation still succeeds afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_idle_and_slow_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let mut cfg = config();
+    cfg.timeouts = ConnTimeouts {
+        keep_alive: Duration::from_secs(3),
+        head: Duration::from_secs(1),
+        body: Duration::from_secs(1),
+    };
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let base = server.url();
+    let client = reqwest::Client::new();
+    // Connected and warm before the load, so that its own connection is not the test.
+    health_of(&client, &base).await;
+
+    // 200 keep-alive connections, each used once, then idle.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        idle.push(s);
+    }
+    // Dribblers: a head a line at a time, and a body a byte at a time, never done.
+    let dribble = |head: &'static [u8], each: &'static [u8]| {
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(head).await.expect("write");
+            let mut answer = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if s.write_all(each).await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 1024];
+                match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
+                assert!(start.elapsed() < Duration::from_secs(20), "never closed");
+            }
+            (
+                start.elapsed(),
+                String::from_utf8_lossy(&answer).to_string(),
+            )
+        })
+    };
+    let heads: Vec<_> = (0..20)
+        .map(|_| dribble(b"GET /health HTTP/1.1\r\n", b"X-Slow: 1\r\n"))
+        .collect();
+    let bodies: Vec<_> = (0..20)
+        .map(|_| {
+            dribble(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{",
+                b" ",
+            )
+        })
+        .collect();
+    let mut worst = Duration::ZERO;
+    for _ in 0..30 {
+        let (code, _, took) = health_of(&client, &base).await;
+        assert_eq!(code, 200);
+        worst = worst.max(took);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("/health with 200 idle and 40 slow connections: slowest of 30 {worst:?}");
+    assert!(worst < Duration::from_millis(100), "/health took {worst:?}");
+
+    for task in heads {
+        let (after, answer) = task.await.expect("task");
+        assert!(
+            after < Duration::from_secs(4),
+            "head dribbler held {after:?}"
+        );
+        assert!(answer.is_empty(), "{answer}");
+    }
+    for task in bodies {
+        let (after, answer) = task.await.expect("task");
+        assert!(
+            after < Duration::from_secs(4),
+            "body dribbler held {after:?}"
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"),
+            "{answer}"
+        );
+    }
+    // The idle ones are closed after keep_alive.
+    for mut s in idle {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an idle connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    eventually("the connections to close", || {
+        server.open_connections() <= 1
+    })
+    .await;
+    let resp = client
+        .post(format!("{base}/v1/images/generations"))
+        .json(&small("after", 1))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    server.shutdown().await.expect("shutdown");
 }
