@@ -381,3 +381,246 @@ async fn server_idle_and_slow_clients() {
     assert_eq!(resp.status(), 200);
     server.shutdown().await.expect("shutdown");
 }
+
+/// POSTs `body` until it is accepted, sleeping as each 503's `Retry-After` says (at most
+/// 40 tries); returns the answer's JSON and how many 503s it met.
+async fn generate_honouring_retry_after(
+    client: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> (Value, u64) {
+    let mut refused = 0;
+    for _ in 0..40 {
+        let resp = generate(client, base, body).await;
+        if resp.status() == 503 {
+            let secs: u64 = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .expect("a 503 carries Retry-After");
+            refused += 1;
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            continue;
+        }
+        assert_eq!(resp.status(), 200);
+        return (resp.json().await.expect("json"), refused);
+    }
+    panic!("never accepted after 40 tries");
+}
+
+/// Ten times the queue's size of concurrent clients that honour `Retry-After` all get
+/// their own image, once: each answer carries its client's prompt and seed, and the
+/// server ran exactly one job per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_overload_with_retry_after() {
+    const QUEUE: usize = 1;
+    const CLIENTS: usize = 10 * QUEUE;
+    let mut cfg = config();
+    cfg.worker.max_queue_size = QUEUE;
+    let server = start(cfg).await;
+    let base = server.url();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let prompt = format!("client {i}");
+                let seed = 1000 + i as u64;
+                let (body, refused) =
+                    generate_honouring_retry_after(&client, &base, &small(&prompt, seed)).await;
+                (i, prompt, seed, body, refused)
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    let mut images = std::collections::HashSet::new();
+    for task in tasks {
+        let (i, prompt, seed, body, r) = task.await.expect("task");
+        refused += r;
+        let data = body["data"].as_array().expect("data");
+        assert_eq!(data.len(), 1, "client {i}: {body}");
+        assert_eq!(data[0]["revised_prompt"], prompt.as_str());
+        let b64 = data[0]["b64_json"].as_str().expect("b64");
+        let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+            .expect("base64");
+        let needle = format!("Seed: {seed},");
+        assert!(
+            png.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "client {i} got another client's image"
+        );
+        assert!(images.insert(png), "client {i}: a duplicate image");
+    }
+    let stats = server.stats();
+    eprintln!(
+        "{CLIENTS} clients, queue {QUEUE}: all served in {:.1} s after {refused} 503s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (stats.accepted, stats.started, stats.completed, stats.failed),
+        (CLIENTS as u64, CLIENTS as u64, CLIENTS as u64, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.refused, refused, "{stats:?}");
+    assert!(refused > 0, "the queue never filled: not an overload");
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Resident memory (kB) and open file descriptors of process `pid`.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count();
+    (rss, fds)
+}
+
+/// The real binary under 2,000 requests (per hundred: four generations, the rest cheap
+/// requests of every kind: health, models, refused bodies, unknown routes and files),
+/// from clients that come and go: resident memory ends within 10 % of its level after
+/// the first hundred, and no file descriptor is left behind.
+#[test]
+fn server_binary_soak() {
+    const REQUESTS: usize = 2000;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .arg("serve")
+        .arg(fixture_dir())
+        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+        .args(["--dtype", "float32"])
+        .env("RUST_LOG", "warn,hypergen=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hypergen serve");
+    let pid = child.id();
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = addr_tx.send(addr);
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the server listens");
+    let base = format!("http://{addr}");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Every client's connections closed, the server's descriptors settle.
+    let settled = |pid: u32| {
+        let mut last = rss_and_fds(pid);
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = rss_and_fds(pid);
+            if now.1 == last.1 {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
+    let started = Instant::now();
+    let mut generations = 0;
+    let mut first = None;
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for block in 0..REQUESTS / 100 {
+        // A new client per block: its connections open, are reused, then close.
+        runtime.block_on(async {
+            let client = reqwest::Client::new();
+            let mut pending = Vec::new();
+            for k in 0..100 {
+                let n = block * 100 + k;
+                // Per hundred: 4 generations, 32 health, 20 models (200); 20 bad
+                // sizes, 8 malformed bodies (400); 8 unknown files, 8 unknown routes (404).
+                let req = match k % 25 {
+                    0 => {
+                        generations += 1;
+                        client
+                            .post(format!("{base}/v1/images/generations"))
+                            .json(&small("soak", n as u64))
+                    }
+                    1..=8 => client.get(format!("{base}/health")),
+                    9..=13 => client.get(format!("{base}/v1/models")),
+                    14..=18 => client
+                        .post(format!("{base}/v1/images/generations"))
+                        .json(&json!({"prompt": "x", "size": "65x64"})),
+                    19..=20 => client
+                        .post(format!("{base}/v1/images/generations"))
+                        .body("{not json"),
+                    21..=22 => client.get(format!("{base}/v1/images/files/{n:032x}")),
+                    _ => client.get(format!("{base}/nothing/{n}")),
+                };
+                pending.push(tokio::spawn(async move {
+                    let resp = req.send().await.expect("request");
+                    let status = resp.status().as_u16();
+                    resp.bytes().await.expect("body");
+                    status
+                }));
+                // At most 8 in flight.
+                if pending.len() == 8 {
+                    let status = pending.remove(0).await.expect("task");
+                    *by_status.entry(status).or_default() += 1;
+                }
+            }
+            for task in pending {
+                *by_status.entry(task.await.expect("task")).or_default() += 1;
+            }
+        });
+        if block == 0 {
+            first = Some(settled(pid));
+        }
+    }
+    let elapsed = started.elapsed();
+    let (rss0, fds0) = first.expect("first hundred");
+    let (rss, fds) = settled(pid);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let exit = child.wait().expect("wait");
+    eprintln!(
+        "soak: {REQUESTS} requests ({generations} generations) in {:.1} s; statuses {by_status:?}; \
+         RSS {rss0} kB after 100, {rss} kB after {REQUESTS} ({:+.1} %); fds {fds0} → {fds}",
+        elapsed.as_secs_f64(),
+        100.0 * (rss as f64 - rss0 as f64) / rss0 as f64
+    );
+    assert_eq!(by_status.values().sum::<usize>(), REQUESTS);
+    let per_hundred = |n: usize| Some(REQUESTS / 100 * n);
+    assert_eq!(
+        by_status.get(&200).copied(),
+        per_hundred(56),
+        "{by_status:?}"
+    );
+    assert_eq!(
+        by_status.get(&400).copied(),
+        per_hundred(28),
+        "{by_status:?}"
+    );
+    assert_eq!(
+        by_status.get(&404).copied(),
+        per_hundred(16),
+        "{by_status:?}"
+    );
+    assert!(
+        (rss as f64) <= rss0 as f64 * 1.10,
+        "resident memory grew from {rss0} kB to {rss} kB"
+    );
+    assert!(
+        fds <= fds0,
+        "file descriptors: {fds0} after 100, {fds} at the end"
+    );
+    assert!(exit.success(), "{exit:?}");
+}
