@@ -32,6 +32,10 @@ pub const LORA_FOLDER_FILE: &str = "pytorch_lora_weights.safetensors";
 /// How many offending names an error lists before saying how many more there are.
 const LIST_MAX: usize = 5;
 
+#[cfg(test)]
+#[path = "lora_fuzz.rs"]
+mod fuzz;
+
 /// The model part a LoRA layer changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LoraPart {

@@ -5,6 +5,8 @@
 
 pub mod builtin;
 pub mod folder;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod hub;
 pub mod lora;
 pub mod lora_dir;

@@ -73,12 +73,16 @@ impl UnetLayout {
                     .sum::<usize>();
                 let (resnets, _) = *self.down.get(i)?;
                 let j = idx(3)?;
+                // Indices come from file keys: checked, so that a huge one is no name.
                 match *parts.get(2)? {
                     "resnets" => Some(join(
-                        format!("input_blocks.{}.0", start + j),
+                        format!("input_blocks.{}.0", start.checked_add(j)?),
                         resnet_tail(&rest(4))?,
                     )),
-                    "attentions" => Some(join(format!("input_blocks.{}.1", start + j), rest(4))),
+                    "attentions" => Some(join(
+                        format!("input_blocks.{}.1", start.checked_add(j)?),
+                        rest(4),
+                    )),
                     "downsamplers" if parts.get(4) == Some(&"conv") => Some(join(
                         format!("input_blocks.{}.0.op", start + resnets),
                         rest(5),
@@ -90,7 +94,7 @@ impl UnetLayout {
                 let j = idx(2)?;
                 match *parts.get(1)? {
                     "resnets" => Some(join(
-                        format!("middle_block.{}", 2 * j),
+                        format!("middle_block.{}", j.checked_mul(2)?),
                         resnet_tail(&rest(3))?,
                     )),
                     "attentions" if j == 0 => Some(join("middle_block.1".into(), rest(3))),
@@ -107,14 +111,17 @@ impl UnetLayout {
                 let j = idx(3)?;
                 match *parts.get(2)? {
                     "resnets" => Some(join(
-                        format!("output_blocks.{}.0", start + j),
+                        format!("output_blocks.{}.0", start.checked_add(j)?),
                         resnet_tail(&rest(4))?,
                     )),
-                    "attentions" => Some(join(format!("output_blocks.{}.1", start + j), rest(4))),
+                    "attentions" => Some(join(
+                        format!("output_blocks.{}.1", start.checked_add(j)?),
+                        rest(4),
+                    )),
                     "upsamplers" if parts.get(4) == Some(&"conv") => Some(join(
                         format!(
                             "output_blocks.{}.{}.conv",
-                            start + resnets - 1,
+                            (start + resnets).checked_sub(1)?,
                             1 + usize::from(attn)
                         ),
                         rest(5),
@@ -159,7 +166,11 @@ fn resnet_tail(tail: &str) -> Option<String> {
 /// The SGM (`first_stage_model.`-relative) name of a diffusers VAE path, for a VAE with
 /// `up_blocks` decoder blocks (SGM numbers them the other way round).
 pub fn vae_sgm_name<B: FusedOps>(vae: &AutoencoderKL<B>, path: &str) -> Option<String> {
-    let n_up = vae.decoder.up_blocks.len();
+    vae_sgm_name_for(vae.decoder.up_blocks.len(), path)
+}
+
+/// [`vae_sgm_name`] for a VAE whose decoder has `n_up` up blocks.
+pub fn vae_sgm_name_for(n_up: usize, path: &str) -> Option<String> {
     let parts: Vec<&str> = path.split('.').collect();
     let rest = |from: usize| parts[from.min(parts.len())..].join(".");
     let join = |head: String, tail: String| {
@@ -183,7 +194,10 @@ pub fn vae_sgm_name<B: FusedOps>(vae: &AutoencoderKL<B>, path: &str) -> Option<S
             let (block, sampler) = if parts[1] == "down_blocks" {
                 (format!("down.{i}"), "downsample")
             } else {
-                (format!("up.{}", n_up.checked_sub(i + 1)?), "upsample")
+                (
+                    format!("up.{}", n_up.checked_sub(i.checked_add(1)?)?),
+                    "upsample",
+                )
             };
             match *parts.get(3)? {
                 "resnets" => {
@@ -197,7 +211,10 @@ pub fn vae_sgm_name<B: FusedOps>(vae: &AutoencoderKL<B>, path: &str) -> Option<S
         "mid_block" => match *parts.get(2)? {
             "resnets" => {
                 let j = idx(3)?;
-                join(format!("mid.block_{}", j + 1), vae_resnet_tail(&rest(4))?)
+                join(
+                    format!("mid.block_{}", j.checked_add(1)?),
+                    vae_resnet_tail(&rest(4))?,
+                )
             }
             "attentions" => {
                 let (head, tail) = match *parts.get(4)? {

@@ -130,8 +130,29 @@ pub fn assert_matches<B: FusedOps, const D: usize>(
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
 }
 
-/// The wgpu device the tests use.
+/// The wgpu device the tests use. Fails the calling test, with the fix, when wgpu has
+/// no adapter: Burn's own device setup would then crash the whole test binary (heap
+/// corruption in a driver loader it also tries), hiding every later test. The probe
+/// asks wgpu for Vulkan, Metal and DX12 adapters only, which is safe without a driver.
 pub fn gpu_device() -> burn::backend::wgpu::WgpuDevice {
+    static ADAPTERS: OnceLock<Result<(), String>> = OnceLock::new();
+    let found = ADAPTERS.get_or_init(|| {
+        if !hypergen::device::Inventory::probe().adapters.is_empty() {
+            return Ok(());
+        }
+        let icd = std::env::var("VK_ICD_FILENAMES")
+            .map(|v| format!(" (VK_ICD_FILENAMES is set to `{v}`: unset it)"))
+            .unwrap_or_default();
+        Err(format!(
+            "no wgpu adapter (Vulkan driver) on this machine{icd}: install Mesa's software \
+             Vulkan (`apt-get install mesa-vulkan-drivers libvulkan1`) and set \
+             XDG_RUNTIME_DIR to a private directory (mkdir -p, chmod 700); `scripts/test` \
+             does both"
+        ))
+    });
+    if let Err(message) = found {
+        panic!("{message}");
+    }
     burn::backend::wgpu::WgpuDevice::default()
 }
 

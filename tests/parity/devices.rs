@@ -438,3 +438,40 @@ fn cli_refuses_unavailable_devices_and_dtypes() {
         assert!(stderr.contains(needle.as_str()), "{extra:?}: {stderr}");
     }
 }
+
+/// A machine without a Vulkan driver (simulated: `VK_ICD_FILENAMES` names no file): the
+/// wgpu tests fail with a message naming the fix, and the test binary runs on (its CPU
+/// twin passes), never aborting on a crash in the driver loader. Runs this test binary
+/// as a child on one wgpu test and its CPU twin.
+#[test]
+fn wgpu_tests_without_a_driver_fail_with_the_fix() {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args(["kernels::fused_geglu::", "--test-threads=1"])
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 101 is libtest's "tests failed"; a crash ends by a signal (no code) or 134.
+    assert_eq!(
+        out.status.code(),
+        Some(101),
+        "{:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    for needle in [
+        "kernels::fused_geglu::cpu ... ok",
+        "kernels::fused_geglu::wgpu ... FAILED",
+        "apt-get install mesa-vulkan-drivers libvulkan1",
+        "XDG_RUNTIME_DIR",
+        "VK_ICD_FILENAMES",
+        "1 passed; 1 failed",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "missing `{needle}`:\n{stdout}\n{stderr}"
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod lora;
 mod lora_server;
 mod pipeline;
 mod playground;
+mod reliability;
 mod scheduler;
 mod server;
 mod single_file;

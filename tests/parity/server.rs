@@ -21,26 +21,26 @@ use crate::common::{fixture_dir, Cpu};
 
 const KEY: &str = "sk-test-0123456789";
 
-fn config() -> ServerConfig {
+pub(crate) fn config() -> ServerConfig {
     let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
     config.worker.dtype = DTypeChoice::Exact(DType::F32);
     config
 }
 
-async fn start(config: ServerConfig) -> Server {
+pub(crate) async fn start(config: ServerConfig) -> Server {
     Server::start(config, "127.0.0.1:0")
         .await
         .expect("server starts")
 }
 
 /// A small, fast request (64x64, 2 steps).
-fn small(prompt: &str, seed: u64) -> Value {
+pub(crate) fn small(prompt: &str, seed: u64) -> Value {
     json!({"prompt": prompt, "size": "64x64", "num_inference_steps": 2, "seed": seed})
 }
 
 /// Holds the worker before each batch until opened; records batch sizes.
 #[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<GateState>, Condvar)>);
+pub(crate) struct Gate(Arc<(Mutex<GateState>, Condvar)>);
 
 #[derive(Default)]
 struct GateState {
@@ -49,10 +49,11 @@ struct GateState {
 }
 
 impl Gate {
-    fn hooks(&self) -> WorkerHooks {
+    pub(crate) fn hooks(&self) -> WorkerHooks {
         let gate = self.clone();
         WorkerHooks {
             before_batch: Some(Arc::new(move |n| gate.enter(n))),
+            ..WorkerHooks::default()
         }
     }
 
@@ -66,19 +67,19 @@ impl Gate {
         }
     }
 
-    fn open(&self) {
+    pub(crate) fn open(&self) {
         let (lock, cvar) = &*self.0;
         lock.lock().expect("gate").open = true;
         cvar.notify_all();
     }
 
-    fn batches(&self) -> Vec<usize> {
+    pub(crate) fn batches(&self) -> Vec<usize> {
         self.0 .0.lock().expect("gate").batches.clone()
     }
 }
 
 /// Polls `cond` until it holds (panics after 30 s).
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(
@@ -89,7 +90,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn health(client: &reqwest::Client, base: &str) -> (Value, Duration) {
+pub(crate) async fn health(client: &reqwest::Client, base: &str) -> (Value, Duration) {
     let start = Instant::now();
     let resp = client
         .get(format!("{base}/health"))
@@ -101,7 +102,12 @@ async fn health(client: &reqwest::Client, base: &str) -> (Value, Duration) {
 }
 
 /// Asserts an OpenAI error object with `status`, `param` and `code`.
-async fn assert_error(resp: reqwest::Response, status: u16, param: Option<&str>, code: &str) {
+pub(crate) async fn assert_error(
+    resp: reqwest::Response,
+    status: u16,
+    param: Option<&str>,
+    code: &str,
+) {
     assert_eq!(resp.status().as_u16(), status, "status");
     let body: Value = resp.json().await.expect("error body is JSON");
     let err = &body["error"];
@@ -123,7 +129,7 @@ async fn assert_error(resp: reqwest::Response, status: u16, param: Option<&str>,
     assert_eq!(err["code"], code, "code: {body}");
 }
 
-fn decode_png(b64: &str) -> image::RgbImage {
+pub(crate) fn decode_png(b64: &str) -> image::RgbImage {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .expect("base64");

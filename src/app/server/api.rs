@@ -52,7 +52,8 @@ pub enum HealthResult {
     /// The worker is running and taking jobs.
     #[oai(status = 200)]
     Healthy(Json<HealthResponse>),
-    /// The worker has stopped or the server is shutting down.
+    /// The worker has stopped, the server is shutting down, or the device failed its
+    /// check after a fault (until it passes again).
     #[oai(status = 503)]
     Unhealthy(Json<HealthResponse>),
 }

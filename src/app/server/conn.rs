@@ -3,13 +3,23 @@
 //! waiting for the worker would never learn that nobody listens. This acceptor wraps
 //! each TCP stream to record that EOF, and handlers look their connection up by the
 //! peer address (unique among open connections).
+//!
+//! The same wrapper closes connections that hold the server without using it (poem sets
+//! no read timeouts on hyper): while no request of a connection is being handled (see
+//! [`Connection::begin`]), it must start a request head within
+//! [`ConnTimeouts::keep_alive`] and finish it within [`ConnTimeouts::head`] of its first
+//! byte, and a stalled write is given up after `keep_alive`. Bodies have their own limit
+//! ([`ConnTimeouts::body`], applied where they are read).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use poem::http::uri::Scheme;
 use poem::listener::Acceptor;
@@ -17,18 +27,120 @@ use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
-/// One open connection: whether its client has gone.
+/// How long a connection may hold the server without using it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnTimeouts {
+    /// An idle connection (no request being handled or arriving) is closed after this.
+    pub keep_alive: Duration,
+    /// A request head must arrive within this of its first byte.
+    pub head: Duration,
+    /// A request body must arrive within this of the handler starting to read it (408).
+    pub body: Duration,
+}
+
+impl Default for ConnTimeouts {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(75),
+            head: Duration::from_secs(10),
+            body: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a connection is between requests.
+#[derive(Debug)]
+struct Idle {
+    /// Since when no request has been handled.
+    since: Instant,
+    /// When the first byte of the next request arrived.
+    first_byte: Option<Instant>,
+    /// The reader to wake when the deadline changes.
+    reader: Option<Waker>,
+}
+
+/// One open connection: whether its client has gone, and whether a request is being
+/// handled.
 #[derive(Debug)]
 pub struct Connection {
     gone: watch::Sender<bool>,
+    busy: AtomicUsize,
+    idle: Mutex<Idle>,
+}
+
+/// Marks a request of a [`Connection`] as handled until dropped.
+#[derive(Debug)]
+pub struct Busy(Arc<Connection>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let mut idle = self.0.lock_idle();
+            idle.since = Instant::now();
+            idle.first_byte = None;
+            if let Some(w) = idle.reader.take() {
+                w.wake();
+            }
+        }
+    }
 }
 
 impl Connection {
     fn new() -> Self {
         Self {
             gone: watch::Sender::new(false),
+            busy: AtomicUsize::new(0),
+            idle: Mutex::new(Idle {
+                since: Instant::now(),
+                first_byte: None,
+                reader: None,
+            }),
         }
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request of this connection is being handled (its response included) until
+    /// the guard drops: no idle or head deadline meanwhile.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Bytes arrived: between requests they start the next head's clock.
+    fn note_bytes(&self) {
+        if self.busy.load(Ordering::SeqCst) == 0 {
+            let mut idle = self.lock_idle();
+            idle.first_byte.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Bytes went out: between requests, a response still being written is activity.
+    fn note_written(&self) {
+        if self.busy.load(Ordering::SeqCst) == 0 {
+            let mut idle = self.lock_idle();
+            if idle.first_byte.is_none() {
+                idle.since = Instant::now();
+            }
+        }
+    }
+
+    /// When the connection is to be closed unless a request begins, for a reader or
+    /// writer that waits (whose waker is kept, to be woken when that changes).
+    fn deadline(&self, timeouts: &ConnTimeouts, waker: &Waker) -> Option<Instant> {
+        if self.busy.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let mut idle = self.lock_idle();
+        idle.reader = Some(waker.clone());
+        Some(match idle.first_byte {
+            Some(first) => first + timeouts.head,
+            None => idle.since + timeouts.keep_alive,
+        })
     }
 
     fn mark_gone(&self) {
@@ -49,13 +161,36 @@ impl Connection {
     }
 }
 
-/// The open connections by peer address.
+/// How long `request`'s body may take to arrive (its server's [`ConnTimeouts::body`]).
+pub fn body_timeout(request: &poem::Request) -> Duration {
+    request
+        .data::<Arc<super::AppState>>()
+        .map_or(ConnTimeouts::default().body, |s| {
+            s.connections.timeouts.body
+        })
+}
+
+/// The open connections by peer address, and their timeouts.
 #[derive(Debug, Default)]
 pub struct Connections {
     open: Mutex<HashMap<SocketAddr, Arc<Connection>>>,
+    timeouts: ConnTimeouts,
 }
 
 impl Connections {
+    /// No connections yet, closed after `timeouts`.
+    pub fn new(timeouts: ConnTimeouts) -> Self {
+        Self {
+            open: Mutex::default(),
+            timeouts,
+        }
+    }
+
+    /// The timeouts connections are held to.
+    pub fn timeouts(&self) -> &ConnTimeouts {
+        &self.timeouts
+    }
+
     /// The open connection from `peer`, if it is tracked.
     pub fn get(&self, peer: &RemoteAddr) -> Option<Arc<Connection>> {
         let addr = peer.as_socket_addr()?;
@@ -113,6 +248,7 @@ impl Acceptor for TrackingAcceptor {
             connection,
             connections: self.connections.clone(),
             peer,
+            timer: None,
         };
         Ok((
             tracked,
@@ -124,13 +260,35 @@ impl Acceptor for TrackingAcceptor {
 }
 
 /// A TCP stream that marks its [`Connection`] gone on EOF, on an I/O error and when
-/// dropped.
+/// dropped, and fails its waiting reads and writes past the connection's deadline.
 #[derive(Debug)]
 pub struct TrackedStream {
     inner: TcpStream,
     connection: Arc<Connection>,
     connections: Arc<Connections>,
     peer: SocketAddr,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl TrackedStream {
+    /// For a read or write that is pending: an error once the connection's deadline has
+    /// passed (the timer wakes the task then).
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let deadline = self
+            .connection
+            .deadline(&self.connections.timeouts, cx.waker())?;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready().then(|| {
+            self.connection.mark_gone();
+            tracing::debug!(peer = %self.peer, "closing a connection that held the server idle");
+            io::Error::new(io::ErrorKind::TimedOut, "connection idle or too slow")
+        })
+    }
 }
 
 impl Drop for TrackedStream {
@@ -159,8 +317,13 @@ impl AsyncRead for TrackedStream {
             Poll::Ready(Ok(())) if wants && buf.filled().len() == before => {
                 self.connection.mark_gone()
             }
+            Poll::Ready(Ok(())) => self.connection.note_bytes(),
             Poll::Ready(Err(_)) => self.connection.mark_gone(),
-            _ => {}
+            Poll::Pending => {
+                if let Some(e) = self.check_deadline(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
         }
         result
     }
@@ -173,8 +336,18 @@ impl AsyncWrite for TrackedStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Err(_))) {
-            self.connection.mark_gone();
+        match &result {
+            Poll::Ready(Err(_)) => self.connection.mark_gone(),
+            Poll::Pending => {
+                if let Some(e) = self.check_deadline(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.connection.note_written();
+                }
+            }
         }
         result
     }
@@ -185,8 +358,18 @@ impl AsyncWrite for TrackedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Err(_))) {
-            self.connection.mark_gone();
+        match &result {
+            Poll::Ready(Err(_)) => self.connection.mark_gone(),
+            Poll::Pending => {
+                if let Some(e) = self.check_deadline(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.connection.note_written();
+                }
+            }
         }
         result
     }

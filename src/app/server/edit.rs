@@ -73,10 +73,11 @@ impl ParsePayload for EditForm {
             return Err(ApiError::too_large(MAX_EDIT_BODY_BYTES).into());
         }
         // Read with the limit first, so that a form without a length cannot grow past it.
-        let bytes = body
-            .take()?
-            .into_bytes_limit(MAX_EDIT_BODY_BYTES)
+        let timeout = super::conn::body_timeout(request);
+        let read = body.take()?.into_bytes_limit(MAX_EDIT_BODY_BYTES);
+        let bytes = tokio::time::timeout(timeout, read)
             .await
+            .map_err(|_| ApiError::request_timeout(timeout))?
             .map_err(|e| match e {
                 poem::error::ReadBodyError::PayloadTooLarge => {
                     ApiError::too_large(MAX_EDIT_BODY_BYTES)

@@ -95,6 +95,19 @@ impl ApiError {
         )
     }
 
+    /// 408: the body did not arrive within `timeout`.
+    pub fn request_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} seconds",
+                timeout.as_secs_f64()
+            ),
+        )
+    }
+
     /// 503: the queue is full; retry later.
     pub fn queue_full(max: usize) -> Self {
         Self::new(

@@ -16,6 +16,8 @@ pub mod auth;
 pub mod conn;
 pub mod edit;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod images;
 pub mod loras;
 pub mod playground;
@@ -37,7 +39,7 @@ use tokio::task::JoinHandle;
 use crate::device::DeviceSpec;
 use crate::pipeline::ModelInfo;
 use auth::ApiKey;
-use conn::{Connections, TrackingAcceptor};
+use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
 use loras::LoraLibrary;
 use request::SizeLimits;
@@ -66,6 +68,8 @@ pub struct ServerConfig {
     pub lora_dir: Option<PathBuf>,
     /// Memory for parsed per-request LoRA adapters, in bytes.
     pub lora_cache_bytes: usize,
+    /// How long idle and slow connections may hold the server.
+    pub timeouts: ConnTimeouts,
 }
 
 impl ServerConfig {
@@ -81,6 +85,7 @@ impl ServerConfig {
             url_store_bytes: 512 << 20,
             lora_dir: None,
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
+            timeouts: ConnTimeouts::default(),
         }
     }
 }
@@ -159,6 +164,7 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint {
     let service = openapi_service();
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
+    let connections = state.connections.clone();
     let api = Route::new()
         .nest("/", service)
         .nest("/docs", docs)
@@ -166,6 +172,28 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint {
     playground::with_playground(api)
         .data(state)
         .catch_all_error(error::catch_all)
+        .around(move |ep, req| {
+            let busy = connections.get(req.remote_addr()).map(|c| c.begin());
+            async move { Ok(while_busy(ep.call(req).await?, busy)) }
+        })
+}
+
+/// Keeps a request's connection marked busy ([`conn::Connection::begin`]) until its
+/// response is out: at once for a body of known size, at the end of the stream for a
+/// streamed one (server-sent events).
+fn while_busy(resp: poem::Response, busy: Option<conn::Busy>) -> poem::Response {
+    let streamed = resp
+        .content_type()
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    if !streamed || busy.is_none() {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let stream = futures_util::StreamExt::map(body.into_bytes_stream(), move |chunk| {
+        let _held = &busy;
+        chunk
+    });
+    poem::Response::from_parts(parts, poem::Body::from_bytes_stream(stream))
 }
 
 /// A running server: the model loaded, listening.
@@ -219,13 +247,14 @@ impl Server {
                 "serving a built-in model with RANDOM weights: its images are noise (for tests and benchmarks)"
             );
         }
+        let timeouts = config.timeouts;
         let state = Arc::new(AppState {
             images: ImageStore::new(config.url_ttl, config.url_store_bytes),
             config,
             model,
             worker,
             started: unix_now(),
-            connections: Arc::new(Connections::default()),
+            connections: Arc::new(Connections::new(timeouts)),
             loras,
         });
         let listener = match tokio::net::TcpListener::bind(bind).await {
@@ -270,6 +299,11 @@ impl Server {
     /// What happened to jobs so far.
     pub fn stats(&self) -> WorkerStats {
         self.state.worker.stats()
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.state.connections.len()
     }
 
     /// Graceful shutdown: stop accepting, finish the running job, refuse the queued

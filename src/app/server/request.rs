@@ -81,10 +81,11 @@ impl<T: FromFields + Send> ParsePayload for JsonBody<T> {
         if too_long {
             return Err(ApiError::too_large(MAX_BODY_BYTES).into());
         }
-        let bytes = body
-            .take()?
-            .into_bytes_limit(MAX_BODY_BYTES)
+        let timeout = super::conn::body_timeout(request);
+        let read = body.take()?.into_bytes_limit(MAX_BODY_BYTES);
+        let bytes = tokio::time::timeout(timeout, read)
             .await
+            .map_err(|_| ApiError::request_timeout(timeout))?
             .map_err(|e| match e {
                 poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(MAX_BODY_BYTES),
                 other => {

@@ -166,17 +166,32 @@ fn bump(counter: &AtomicU64, n: usize) {
 /// Called on the worker thread with the number of jobs, before each batch runs.
 pub type BatchHook = Arc<dyn Fn(usize) + Send + Sync>;
 
+/// Where the worker calls a [`FaultHook`].
+#[derive(Debug, Clone, Copy)]
+pub enum FaultPoint<'a> {
+    /// Inside a batch's fault boundary, before it generates: the batch's requests.
+    Batch(&'a [GenerationRequest]),
+    /// The device check after a failed batch (see [`Worker::is_healthy`]).
+    Probe,
+}
+
+/// Injects faults for tests: may panic or return an error where a real fault would.
+pub type FaultHook = Arc<dyn Fn(FaultPoint<'_>) -> Result<(), Error> + Send + Sync>;
+
 /// Instrumentation for tests and metrics; none by default.
 #[derive(Clone, Default)]
 pub struct WorkerHooks {
     /// Runs before each batch (after its jobs left the queue).
     pub before_batch: Option<BatchHook>,
+    /// Runs inside each batch's fault boundary and in the device check after a failure.
+    pub fault: Option<FaultHook>,
 }
 
 impl std::fmt::Debug for WorkerHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerHooks")
             .field("before_batch", &self.before_batch.is_some())
+            .field("fault", &self.fault.is_some())
             .finish()
     }
 }
@@ -239,6 +254,8 @@ struct Shared {
     /// Ids of those jobs, for queue positions (ids grow, and the queue is in id order).
     waiting: Mutex<std::collections::BTreeSet<u64>>,
     alive: AtomicBool,
+    /// Whether the device passed its check after the last failed batch.
+    device_ok: AtomicBool,
     shutting_down: AtomicBool,
     counters: Counters,
 }
@@ -418,9 +435,13 @@ impl Worker {
         self.shared.max_queue
     }
 
-    /// Whether the worker is running and taking jobs.
+    /// Whether the worker is running and can serve: false once it stopped, while
+    /// shutting down, and from a failed batch (a panic, out of memory) until the device
+    /// passes a check again (a small computation read back, run after the failure and
+    /// before each later batch until it passes).
     pub fn is_healthy(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
+            && self.shared.device_ok.load(Ordering::SeqCst)
             && !self.shared.shutting_down.load(Ordering::SeqCst)
     }
 
@@ -517,6 +538,7 @@ impl WithBackend for Spawn {
             queued: AtomicUsize::new(0),
             waiting: Mutex::new(std::collections::BTreeSet::new()),
             alive: AtomicBool::new(false),
+            device_ok: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
         });
@@ -567,7 +589,7 @@ impl WithBackend for Spawn {
                 thread_shared.alive.store(true, Ordering::SeqCst);
                 let guard = AliveGuard(thread_shared);
                 let _ = ready_tx.send(Ok(()));
-                serve_jobs(pipeline, &base, rx, &guard.0, &options);
+                serve_jobs(pipeline, &base, &device, rx, &guard.0, &options);
             })
             .context("starting the worker thread")?;
         let loaded = ready_rx
@@ -606,14 +628,15 @@ fn read_start_loras(specs: &[LoraSpec]) -> crate::Result<Vec<JobLora>> {
 fn serve_jobs<B: FusedOps>(
     mut pipeline: SdxlPipeline<B>,
     base: &[JobLora],
+    device: &B::Device,
     mut rx: mpsc::Receiver<Job>,
     shared: &Shared,
     options: &WorkerOptions,
 ) {
     // A job taken while gathering a batch that it cannot join waits here for the next.
     let mut pending: Option<Job> = None;
-    // The per-job adapters merged now (beside `base`).
-    let mut merged: Vec<JobLora> = Vec::new();
+    // The per-job adapters merged now (beside `base`); `None`: unknown, merge again.
+    let mut merged: Option<Vec<JobLora>> = Some(Vec::new());
     loop {
         let job = match pending.take() {
             Some(job) => job,
@@ -650,26 +673,60 @@ fn serve_jobs<B: FusedOps>(
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
-        if !same_loras(&merged, &batch[0].loras) {
-            match switch_loras(&mut pipeline, base, &batch[0].loras) {
-                Ok(()) => merged = batch[0].loras.clone(),
-                Err(e) => {
-                    // Nothing changed: the model still holds `merged`.
-                    let message = e.to_string();
-                    tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = %message, "LoRA adapters do not fit the model");
-                    bump(&shared.counters.started, batch.len());
-                    bump(&shared.counters.failed, batch.len());
-                    for job in batch {
-                        let _ = job.reply.send(Err(JobError::Invalid {
-                            param: job.loras.first().map_or("lora_path", |l| l.param),
-                            message: message.clone(),
-                        }));
-                    }
-                    continue;
+        if !shared.device_ok.load(Ordering::SeqCst) && !device_check::<B>(device, shared, options) {
+            let message = "the device failed and has not recovered; the server cannot \
+                           generate until it does (or is restarted)";
+            bump(&shared.counters.failed, batch.len());
+            for job in batch {
+                let _ = job.reply.send(Err(JobError::Failed(message.into())));
+            }
+            continue;
+        }
+        if merged
+            .as_deref()
+            .is_none_or(|m| !same_loras(m, &batch[0].loras))
+        {
+            let switched = catch_unwind(AssertUnwindSafe(|| {
+                switch_loras(&mut pipeline, base, &batch[0].loras)
+            }));
+            let refusal = match switched {
+                Ok(Ok(())) => {
+                    merged = Some(batch[0].loras.clone());
+                    None
                 }
+                // Checked before anything changed: the model still holds `merged`.
+                Ok(Err(e)) => Some(JobError::Invalid {
+                    param: batch[0].loras.first().map_or("lora_path", |l| l.param),
+                    message: e.to_string(),
+                }),
+                Err(panic) => {
+                    // A part may be merged: put every kept base tensor back, and merge
+                    // again before the next batch whatever it wants.
+                    let _ =
+                        catch_unwind(AssertUnwindSafe(|| remove_loras(pipeline.components_mut())));
+                    merged = None;
+                    Some(JobError::Failed(format!(
+                        "merging LoRA adapters panicked: {}",
+                        panic_message(&panic)
+                    )))
+                }
+            };
+            if let Some(error) = refusal {
+                tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "LoRA adapters not merged");
+                bump(&shared.counters.started, batch.len());
+                bump(&shared.counters.failed, batch.len());
+                for job in batch {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+                continue;
             }
         }
-        run_batch(&pipeline, batch, shared, options.png_parameters);
+        if run_batch(&pipeline, batch, shared, options) {
+            // Give back what the failed batch left in the device's memory pools, then
+            // make sure the device still computes before reporting healthy again.
+            shared.device_ok.store(false, Ordering::SeqCst);
+            device_check::<B>(device, shared, options);
+        }
     }
     tracing::info!("worker stopped");
 }
@@ -700,12 +757,84 @@ fn switch_loras<B: FusedOps>(
     Ok(())
 }
 
+/// Frees cached device memory and runs a small computation on the device, read back;
+/// records (and returns) whether it worked. Never panics.
+fn device_check<B: FusedOps>(device: &B::Device, shared: &Shared, options: &WorkerOptions) -> bool {
+    let ok = catch_unwind(AssertUnwindSafe(|| {
+        B::memory_cleanup(device);
+        if let Some(hook) = &options.hooks.fault {
+            hook(FaultPoint::Probe)?;
+        }
+        let sum = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0, 3.0], device)
+            .sum()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default();
+        if sum == [6.0] {
+            Ok(())
+        } else {
+            Err(Error::Backend(format!("1 + 2 + 3 gave {sum:?}")))
+        }
+    }));
+    let ok = match ok {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the device check failed");
+            false
+        }
+        Err(panic) => {
+            tracing::error!(error = %panic_message(&panic), "the device check panicked");
+            false
+        }
+    };
+    if ok && !shared.device_ok.swap(true, Ordering::SeqCst) {
+        tracing::info!("the device passed its check; serving again");
+    }
+    ok
+}
+
+/// Whether a failure's message is a device (or host) out-of-memory, as CubeCL, wgpu and
+/// CUDA word it.
+fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "out of memory",
+        "out-of-memory",
+        "outofmemory",
+        "out_of_memory",
+        "can't allocate buffer",
+        "not enough memory",
+    ]
+    .iter()
+    .any(|needle| m.contains(needle))
+}
+
+/// The client's message for a failed batch: an out-of-memory says what to change; any
+/// other failure its first line (backtraces stay in the log).
+fn failure_message(raw: &str, batch: &[Job]) -> String {
+    let first = raw.lines().next().unwrap_or(raw).trim();
+    if !is_out_of_memory(raw) {
+        return first.to_string();
+    }
+    let r = &batch[0].request;
+    let images: usize = batch.iter().map(|j| j.request.num_images).sum();
+    format!(
+        "out of memory on the device for {images} image(s) of {}x{} ({first}); its memory \
+         was freed: retry with a smaller size or fewer images",
+        r.width, r.height
+    )
+}
+
+/// Runs one batch and answers its jobs; returns whether it failed in a way that may
+/// have left the device in trouble (a panic, out of memory), to be checked.
 fn run_batch<B: FusedOps>(
     pipeline: &SdxlPipeline<B>,
     batch: Vec<Job>,
     shared: &Shared,
-    png_parameters: bool,
-) {
+    options: &WorkerOptions,
+) -> bool {
+    let png_parameters = options.png_parameters;
     let c = &shared.counters;
     bump(&c.started, batch.len());
     let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
@@ -762,7 +891,12 @@ fn run_batch<B: FusedOps>(
         }
     };
     let previews = batch[0].partial_images();
+    // The fault boundary: a panic anywhere in the generation fails this batch alone.
+    // The pipeline is only read here, so a panic cannot leave it half-changed.
     let outcome = catch_unwind(AssertUnwindSafe(|| {
+        if let Some(hook) = &options.hooks.fault {
+            hook(FaultPoint::Batch(&requests))?;
+        }
         pipeline.generate_batch_with_previews(&requests, &mut on_step, previews, &mut on_preview)
     }));
     let failure = match outcome {
@@ -786,21 +920,27 @@ fn run_batch<B: FusedOps>(
                 }
             }
             tracing::info!(jobs = ?ids, seconds = start.elapsed().as_secs_f64(), "generated");
-            return;
+            return false;
         }
         Ok(Err(Error::Cancelled)) => {
             bump(&c.cancelled, batch.len());
             tracing::info!(jobs = ?ids, "every client went away; generation cancelled");
-            return;
+            return false;
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(panic) => format!("the generation panicked: {}", panic_message(&panic)),
+        Ok(Err(e)) => (e.to_string(), false),
+        Err(panic) => (
+            format!("the generation panicked: {}", panic_message(&panic)),
+            true,
+        ),
     };
+    let (failure, panicked) = failure;
     tracing::error!(jobs = ?ids, error = %failure, "generation failed");
+    let message = failure_message(&failure, &batch);
     bump(&c.failed, batch.len());
     for job in batch {
-        let _ = job.reply.send(Err(JobError::Failed(failure.clone())));
+        let _ = job.reply.send(Err(JobError::Failed(message.clone())));
     }
+    panicked || is_out_of_memory(&failure)
 }
 
 /// A1111's `parameters` text for a request: its scheduler (or the model's own) and the
