@@ -76,6 +76,18 @@ async fn post(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Re
         .expect("request")
 }
 
+/// `GET /v1/loras`.
+async fn list_loras(client: &reqwest::Client, base: &str) -> Value {
+    client
+        .get(format!("{base}/v1/loras"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// The PNG file and its pixels from a successful generation.
 async fn image_of(resp: reqwest::Response) -> (Vec<u8>, Vec<u8>) {
     let status = resp.status();
@@ -214,14 +226,7 @@ async fn lora_per_request_server() {
     let client = reqwest::Client::new();
 
     // The listing: adapters by name, nothing that leads outside.
-    let list: Value = client
-        .get(format!("{base}/v1/loras"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let list = list_loras(&client, &base).await;
     assert_eq!(list["enabled"], true, "{list}");
     let names: Vec<&str> = list["data"]
         .as_array()
@@ -398,14 +403,7 @@ async fn lora_per_request_off_by_default() {
     assert_refused(resp, "lora_path", "--lora-dir").await;
     let resp = post(&client, &base, &request(json!({"loras": [{"path": "x"}]}))).await;
     assert_refused(resp, "loras", "--lora-dir").await;
-    let list: Value = client
-        .get(format!("{base}/v1/loras"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let list = list_loras(&client, &base).await;
     assert_eq!(
         list,
         json!({"object": "list", "enabled": false, "data": []})
