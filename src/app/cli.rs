@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::app::logging::{self, LogFormat};
 use crate::app::server::auth::ApiKey;
 use crate::app::server::request::SizeLimits;
 use crate::app::server::ServerConfig;
@@ -25,6 +26,15 @@ use crate::FusedOps;
 #[derive(Debug, Parser)]
 #[command(name = "hypergen", version, about)]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "HYPERGEN_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -239,6 +249,18 @@ pub struct ServeArgs {
     /// as an A1111-style `parameters` text chunk.
     #[arg(long)]
     pub no_png_parameters: bool,
+    /// Require the API key on `GET /metrics` too (by default it is open, like /health,
+    /// for Prometheus scrapes inside the cluster).
+    #[arg(long)]
+    pub metrics_auth: bool,
+    /// Write each request's prompt into its access-log line (off: prompts stay private).
+    #[arg(long)]
+    pub log_prompts: bool,
+    /// On SIGTERM, seconds to finish the running and queued requests (new ones get 503
+    /// at once) before refusing the rest and exiting; the default fits Kubernetes'
+    /// 30-second grace period.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::app::server::DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout: u64,
 }
 
 impl ServeArgs {
@@ -263,6 +285,9 @@ impl ServeArgs {
         config.public_url = self.public_url.clone();
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
         config.worker.png_parameters = !self.no_png_parameters;
+        config.metrics_auth = self.metrics_auth;
+        config.log_prompts = self.log_prompts;
+        config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {
@@ -591,14 +616,7 @@ pub fn main() -> anyhow::Result<()> {
 
 /// Runs a parsed command line (logging to stderr, `RUST_LOG` or `info`).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    // try_init: a process that runs several commands (tests, the bench target) logs once.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    logging::init(cli.log_format);
     match cli.command {
         Command::Bench(args) => bench(*args),
         Command::Generate(args) => generate(*args),

@@ -53,6 +53,7 @@ impl Gate {
         let gate = self.clone();
         WorkerHooks {
             before_batch: Some(Arc::new(move |n| gate.enter(n))),
+            ..WorkerHooks::default()
         }
     }
 

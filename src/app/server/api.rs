@@ -16,6 +16,7 @@ use poem_openapi::payload::{Binary, EventStream, Json};
 use poem_openapi::types::ToJSON;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
+use super::access;
 use super::auth::Authorized;
 use super::conn::Connection;
 use super::edit::{self, EditForm};
@@ -400,13 +401,14 @@ fn start_stream(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (id, answer) = state
         .worker
-        .submit_streaming(
+        .submit_timed(
             g.clone(),
             checked.encoding.clone(),
             Some(StreamOptions {
                 partial_images: settings.partial_images,
                 events: events_tx,
             }),
+            access::job_timing(http, &g.prompt),
         )
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
@@ -642,7 +644,12 @@ async fn run_checked(
     let g = &checked.generation;
     let (id, answer) = state
         .worker
-        .submit(g.clone(), checked.encoding.clone())
+        .submit_timed(
+            g.clone(),
+            checked.encoding.clone(),
+            None,
+            access::job_timing(http, &g.prompt),
+        )
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
             SubmitError::Closed => ApiError::shutting_down(),

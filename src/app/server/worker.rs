@@ -6,9 +6,9 @@ use crate::FusedOps;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, oneshot};
@@ -75,9 +75,51 @@ pub struct StreamOptions {
     pub events: mpsc::UnboundedSender<JobEvent>,
 }
 
+/// How long one job waited and ran, and what it made: filled in by the worker, read by
+/// whoever submitted it (the access log, metrics).
+#[derive(Debug, Default)]
+pub struct JobTiming {
+    queue_wait: OnceLock<Duration>,
+    inference: OnceLock<Duration>,
+    images: AtomicUsize,
+}
+
+impl JobTiming {
+    /// How long the job waited in the queue, once it started.
+    pub fn queue_wait(&self) -> Option<Duration> {
+        self.queue_wait.get().copied()
+    }
+
+    /// How long its batch's generation took, once it ended.
+    pub fn inference(&self) -> Option<Duration> {
+        self.inference.get().copied()
+    }
+
+    /// Images handed to the job's receiver (0 until it is answered with images).
+    pub fn images(&self) -> usize {
+        self.images.load(Ordering::Relaxed)
+    }
+}
+
+/// What the worker reports as it runs jobs (metrics); called on the worker thread, so it
+/// must be quick.
+pub trait WorkerObserver: Send + Sync {
+    /// A batch starts; how long each of its jobs waited in the queue.
+    fn batch_started(&self, queue_waits: &[Duration]);
+    /// A denoising step of the running batch ended, `took` after the previous one.
+    fn step_finished(&self, took: Duration);
+    /// The running batch's generation ended (however it ended) after `took`.
+    fn batch_finished(&self, took: Duration);
+    /// The device allocator's memory after a batch (backends that manage device memory).
+    fn device_memory(&self, memory: crate::DeviceMemory);
+}
+
 /// One accepted request.
 struct Job {
     id: u64,
+    /// When it was accepted.
+    queued_at: Instant,
+    timing: Arc<JobTiming>,
     request: GenerationRequest,
     /// The file format of its images (the worker adds the PNG parameters text).
     encoding: Encoding,
@@ -107,7 +149,8 @@ pub struct WorkerStats {
     pub completed: u64,
     /// Jobs that failed (answered with an error).
     pub failed: u64,
-    /// Jobs whose client went away while they ran (stopped at the next step).
+    /// Jobs whose client went away while they ran (stopped at the next step), or that a
+    /// drain out of time stopped.
     pub cancelled: u64,
     /// Jobs whose client went away before they started (never run).
     pub skipped: u64,
@@ -142,12 +185,15 @@ pub type BatchHook = Arc<dyn Fn(usize) + Send + Sync>;
 pub struct WorkerHooks {
     /// Runs before each batch (after its jobs left the queue).
     pub before_batch: Option<BatchHook>,
+    /// Hears of batches, steps and device memory (the server's metrics).
+    pub observer: Option<Arc<dyn WorkerObserver>>,
 }
 
 impl std::fmt::Debug for WorkerHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerHooks")
             .field("before_batch", &self.before_batch.is_some())
+            .field("observer", &self.observer.is_some())
             .finish()
     }
 }
@@ -200,6 +246,8 @@ impl WorkerOptions {
 /// State shared by the handle and the thread.
 struct Shared {
     device: String,
+    /// The dtype the model runs in, resolved on the device (`float16`, ...).
+    dtype: &'static str,
     /// What was loaded (set before the worker reports ready).
     info: Mutex<Option<ModelInfo>>,
     /// The adapters merged at start.
@@ -210,7 +258,11 @@ struct Shared {
     /// Ids of those jobs, for queue positions (ids grow, and the queue is in id order).
     waiting: Mutex<std::collections::BTreeSet<u64>>,
     alive: AtomicBool,
+    /// Draining: no new jobs, but the queued ones still run.
+    draining: AtomicBool,
     shutting_down: AtomicBool,
+    /// Stop the running batch at its next step (the drain ran out of time).
+    aborting: AtomicBool,
     counters: Counters,
 }
 
@@ -307,11 +359,23 @@ impl Worker {
         encoding: Encoding,
         stream: Option<StreamOptions>,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        self.submit_timed(request, encoding, stream, Arc::default())
+    }
+
+    /// [`submit_streaming`](Self::submit_streaming) that reports the job's queue wait,
+    /// inference time and images through `timing`.
+    pub fn submit_timed(
+        &self,
+        request: GenerationRequest,
+        encoding: Encoding,
+        stream: Option<StreamOptions>,
+        timing: Arc<JobTiming>,
+    ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
             return Err(SubmitError::Closed);
         };
-        if self.shared.shutting_down.load(Ordering::SeqCst) {
+        if self.is_shutting_down() {
             return Err(SubmitError::Closed);
         }
         let shared = &self.shared;
@@ -332,6 +396,8 @@ impl Worker {
         let (reply, rx) = oneshot::channel();
         match tx.try_send(Job {
             id,
+            queued_at: Instant::now(),
+            timing,
             request,
             encoding,
             stream,
@@ -378,18 +444,44 @@ impl Worker {
 
     /// Whether the worker is running and taking jobs.
     pub fn is_healthy(&self) -> bool {
-        self.shared.alive.load(Ordering::SeqCst)
-            && !self.shared.shutting_down.load(Ordering::SeqCst)
+        self.shared.alive.load(Ordering::SeqCst) && !self.is_shutting_down()
     }
 
-    /// Whether shutdown has begun.
+    /// Whether shutdown (or a drain) has begun: no new jobs are taken.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::SeqCst)
+            || self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker thread has ended (after a drain or shutdown, once its queue
+    /// is empty and its last batch done).
+    pub fn has_stopped(&self) -> bool {
+        !self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking jobs but keeps running the queued ones; the thread ends once the
+    /// queue is empty ([`has_stopped`](Self::has_stopped)). [`abort`](Self::abort) cuts
+    /// a drain short.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Ends a drain that ran out of time: queued jobs are refused and the running batch
+    /// stops at its next step, all answered [`JobError::ShuttingDown`].
+    pub fn abort(&self) {
+        self.shared.aborting.store(true, Ordering::SeqCst);
+        self.begin_shutdown();
     }
 
     /// The device the model runs on.
     pub fn device(&self) -> &str {
         &self.shared.device
+    }
+
+    /// The dtype the model runs in (`--dtype auto` resolved).
+    pub fn dtype(&self) -> &'static str {
+        self.shared.dtype
     }
 
     /// The LoRA adapters merged at start (`--lora`), with their scales.
@@ -469,13 +561,16 @@ impl WithBackend for Spawn {
         let dtype = placed.dtype;
         let shared = Arc::new(Shared {
             device: placed.label,
+            dtype: crate::device::dtype_name(dtype),
             info: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
             max_queue: options.max_queue_size,
             queued: AtomicUsize::new(0),
             waiting: Mutex::new(std::collections::BTreeSet::new()),
             alive: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
             counters: Counters::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -520,7 +615,7 @@ impl WithBackend for Spawn {
                 thread_shared.alive.store(true, Ordering::SeqCst);
                 let guard = AliveGuard(thread_shared);
                 let _ = ready_tx.send(Ok(()));
-                serve_jobs(&pipeline, rx, &guard.0, &options);
+                serve_jobs(&pipeline, &device, rx, &guard.0, &options);
             })
             .context("starting the worker thread")?;
         let loaded = ready_rx
@@ -542,6 +637,7 @@ impl WithBackend for Spawn {
 /// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
 fn serve_jobs<B: FusedOps>(
     pipeline: &SdxlPipeline<B>,
+    device: &B::Device,
     mut rx: mpsc::Receiver<Job>,
     shared: &Shared,
     options: &WorkerOptions,
@@ -580,10 +676,24 @@ fn serve_jobs<B: FusedOps>(
         for job in &batch {
             shared.leave_queue(job.id);
         }
+        let observer = options.hooks.observer.as_deref();
+        let now = Instant::now();
+        let waits: Vec<Duration> = batch.iter().map(|j| now - j.queued_at).collect();
+        for (job, wait) in batch.iter().zip(&waits) {
+            let _ = job.timing.queue_wait.set(*wait);
+        }
+        if let Some(observer) = observer {
+            observer.batch_started(&waits);
+        }
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
         }
-        run_batch(pipeline, batch, shared, options.png_parameters);
+        run_batch(pipeline, batch, shared, options.png_parameters, observer);
+        if let Some(observer) = observer {
+            if let Some(memory) = B::device_memory(device) {
+                observer.device_memory(memory);
+            }
+        }
     }
     tracing::info!("worker stopped");
 }
@@ -593,6 +703,7 @@ fn run_batch<B: FusedOps>(
     batch: Vec<Job>,
     shared: &Shared,
     png_parameters: bool,
+    observer: Option<&dyn WorkerObserver>,
 ) {
     let c = &shared.counters;
     bump(&c.started, batch.len());
@@ -607,9 +718,19 @@ fn run_batch<B: FusedOps>(
     );
     let requests: Vec<GenerationRequest> = batch.iter().map(|j| j.request.clone()).collect();
     let start = Instant::now();
-    let all_gone = || batch.iter().all(|j| j.reply.is_closed());
-    // Stop early only when nobody is waiting for any image of the batch.
+    // Stop early when nobody is waiting for any image of the batch, or when a drain
+    // ran out of time.
+    let all_gone =
+        || shared.aborting.load(Ordering::SeqCst) || batch.iter().all(|j| j.reply.is_closed());
+    let mut last_step = start;
     let mut on_step = |p: Progress| {
+        // Step 0 comes before the first step (after text encoding): it only starts the
+        // clock.
+        let now = Instant::now();
+        if let (Some(observer), true) = (observer, p.step > 0) {
+            observer.step_finished(now - last_step);
+        }
+        last_step = now;
         for job in &batch {
             if let Some(stream) = &job.stream {
                 let _ = stream.events.send(JobEvent::Progress {
@@ -653,6 +774,14 @@ fn run_batch<B: FusedOps>(
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         pipeline.generate_batch_with_previews(&requests, &mut on_step, previews, &mut on_preview)
     }));
+    // Before answering: the receivers' side reads it as soon as they hear.
+    let took = start.elapsed();
+    for job in &batch {
+        let _ = job.timing.inference.set(took);
+    }
+    if let Some(observer) = observer {
+        observer.batch_finished(took);
+    }
     let failure = match outcome {
         Ok(Ok(outputs)) => {
             for (job, out) in batch.into_iter().zip(outputs) {
@@ -664,6 +793,10 @@ fn run_batch<B: FusedOps>(
                     out.images.iter().map(|img| img.encode(&encoding)).collect();
                 let answer = pngs.map_err(|e| JobError::Failed(e.to_string()));
                 let failed = answer.is_err();
+                // Before answering: the receiver's side reads it as soon as it hears.
+                job.timing
+                    .images
+                    .store(answer.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
                 if job.reply.send(answer).is_err() {
                     bump(&c.cancelled, 1);
                     tracing::info!(job = job.id, "client went away; result discarded");
@@ -674,6 +807,14 @@ fn run_batch<B: FusedOps>(
                 }
             }
             tracing::info!(jobs = ?ids, seconds = start.elapsed().as_secs_f64(), "generated");
+            return;
+        }
+        Ok(Err(Error::Cancelled)) if shared.aborting.load(Ordering::SeqCst) => {
+            bump(&c.cancelled, batch.len());
+            tracing::warn!(jobs = ?ids, "drain timed out; generation stopped");
+            for job in batch {
+                let _ = job.reply.send(Err(JobError::ShuttingDown));
+            }
             return;
         }
         Ok(Err(Error::Cancelled)) => {
