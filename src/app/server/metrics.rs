@@ -192,10 +192,6 @@ impl Metrics {
         let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.queue_size.set(worker.queue_size() as i64);
         self.queue_capacity.set(worker.max_queue_size() as i64);
-        let s = worker.stats();
-        let ended = s.completed + s.failed + s.cancelled;
-        self.requests_running
-            .set(s.started.saturating_sub(ended) as i64);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding the metrics failed: {e}\n"))
@@ -204,6 +200,7 @@ impl Metrics {
 
 impl WorkerObserver for Metrics {
     fn batch_started(&self, queue_waits: &[Duration]) {
+        self.requests_running.add(queue_waits.len() as i64);
         self.batch_size.observe(queue_waits.len() as f64);
         for wait in queue_waits {
             self.queue_duration.observe(wait.as_secs_f64());
@@ -214,7 +211,8 @@ impl WorkerObserver for Metrics {
         self.step_duration.observe(took.as_secs_f64());
     }
 
-    fn batch_finished(&self, took: Duration) {
+    fn batch_finished(&self, jobs: usize, took: Duration) {
+        self.requests_running.sub(jobs as i64);
         self.inference_duration.observe(took.as_secs_f64());
     }
 

@@ -108,8 +108,9 @@ pub trait WorkerObserver: Send + Sync {
     fn batch_started(&self, queue_waits: &[Duration]);
     /// A denoising step of the running batch ended, `took` after the previous one.
     fn step_finished(&self, took: Duration);
-    /// The running batch's generation ended (however it ended) after `took`.
-    fn batch_finished(&self, took: Duration);
+    /// The running batch of `jobs` jobs ended (however it ended) after `took`, before
+    /// its jobs are answered.
+    fn batch_finished(&self, jobs: usize, took: Duration);
     /// The device allocator's memory after a batch (backends that manage device memory).
     fn device_memory(&self, memory: crate::DeviceMemory);
 }
@@ -780,7 +781,7 @@ fn run_batch<B: FusedOps>(
         let _ = job.timing.inference.set(took);
     }
     if let Some(observer) = observer {
-        observer.batch_finished(took);
+        observer.batch_finished(batch.len(), took);
     }
     let failure = match outcome {
         Ok(Ok(outputs)) => {
