@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::DType;
+use hypergen::app::server::worker::WarmUp;
 use hypergen::app::server::{Server, ServerConfig};
 use hypergen::device::{DTypeChoice, DeviceSpec};
 use serde_json::{json, Value};
@@ -47,6 +48,13 @@ async fn fleet_metrics_and_request_ids() {
     config.worker.dtype = DTypeChoice::Exact(DType::F32);
     config.api_key = Some(KEY.parse().expect("key"));
     config.metrics_auth = true;
+    // A warm-up runs, and is no request: the counts below do not include it.
+    config.worker.warmup = Some(WarmUp {
+        width: 64,
+        height: 64,
+        steps: 3,
+        gpu_only: false,
+    });
     let server = Server::start(config, "127.0.0.1:0")
         .await
         .expect("server starts");
@@ -205,7 +213,7 @@ impl Replica {
             .arg(fixture_dir())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--device", "cpu", "--dtype", "float32", "--threads", "1"])
-            .args(["--log-format", "json"])
+            .args(["--log-format", "json", "--warmup-size", "64x64"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -415,6 +423,13 @@ fn fleet_binary_drains_on_sigterm() {
     });
     let (status, log) = replica.wait(Duration::from_secs(60));
     assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
+    // Warm start: the warm-up generation ran before the server listened.
+    let at = |what: &str| log.iter().position(|l| l.contains(what));
+    assert!(
+        at("warmed up").is_some() && at("warmed up") < at("listening on"),
+        "{}",
+        log.join("\n")
+    );
     let lines = access_lines(&log);
     let by_id: BTreeMap<String, &Value> = lines
         .iter()

@@ -199,6 +199,20 @@ impl std::fmt::Debug for WorkerHooks {
     }
 }
 
+/// A small generation run before the worker reports ready, so that the device's kernels
+/// are compiled and autotuned before the first request (which would pay for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUp {
+    /// Image width in pixels (kernels are tuned per shape: the size requests will use).
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Denoising steps (≥ 1; the same kernels run at every step).
+    pub steps: usize,
+    /// Skip it on the CPU backend, which compiles and tunes nothing.
+    pub gpu_only: bool,
+}
+
 /// What the worker loads, where it runs, and how it schedules.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -223,6 +237,8 @@ pub struct WorkerOptions {
     pub png_parameters: bool,
     /// Instrumentation.
     pub hooks: WorkerHooks,
+    /// Generate once before reporting ready; `None`: no warm-up.
+    pub warmup: Option<WarmUp>,
 }
 
 impl WorkerOptions {
@@ -240,6 +256,7 @@ impl WorkerOptions {
             max_batch_size: 1,
             png_parameters: true,
             hooks: WorkerHooks::default(),
+            warmup: None,
         }
     }
 }
@@ -574,6 +591,8 @@ impl WithBackend for Spawn {
             aborting: AtomicBool::new(false),
             counters: Counters::default(),
         });
+        // The CPU backend's label (see `Placed::label`).
+        let on_cpu = shared.device == "cpu";
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -588,6 +607,11 @@ impl WithBackend for Spawn {
                         &device,
                     )?;
                     apply_lora_specs(p.components_mut(), &options.loras)?;
+                    match options.warmup {
+                        Some(w) if w.gpu_only && on_cpu => {}
+                        Some(w) => warm_up(&p, w)?,
+                        None => {}
+                    }
                     Ok::<_, crate::Error>(p)
                 }));
                 let pipeline = match loaded {
@@ -633,6 +657,29 @@ impl WithBackend for Spawn {
             next_id: AtomicU64::new(1),
         })
     }
+}
+
+/// Runs one generation of `warmup`'s size with the server's default guidance (so with
+/// the same batch shapes as a default request), outside the metrics and the queue.
+fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<(), Error> {
+    let request = GenerationRequest {
+        prompt: "warm-up".into(),
+        num_inference_steps: warmup.steps,
+        guidance_scale: crate::pipeline::RequestDefaults::HYPERGEN_API.guidance_scale,
+        width: warmup.width,
+        height: warmup.height,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    pipeline.generate(&request, &mut |_| ControlFlow::Continue(()))?;
+    tracing::info!(
+        width = warmup.width,
+        height = warmup.height,
+        steps = warmup.steps,
+        seconds = start.elapsed().as_secs_f64(),
+        "warmed up"
+    );
+    Ok(())
 }
 
 /// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
