@@ -116,6 +116,38 @@ async fn fleet_metrics_and_request_ids() {
         .expect("request");
     assert_eq!(resp.status(), 401);
 
+    // A streamed request is counted when its stream ends.
+    let mut streamed = small(4);
+    streamed["stream"] = json!(true);
+    let resp = client
+        .post(&gen)
+        .bearer_auth(KEY)
+        .header("x-request-id", "streamed-1")
+        .json(&streamed)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.headers()["x-request-id"], "streamed-1");
+    let events = resp.text().await.expect("events");
+    assert!(events.contains("image_generation.completed"), "{events}");
+    let start = Instant::now();
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if sample(&text, GEN_200) == 3.0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     let resp = client
         .get(format!("{base}/metrics"))
         .bearer_auth(KEY)
@@ -147,8 +179,8 @@ async fn fleet_metrics_and_request_ids() {
             "{name} missing:\n{text}"
         );
     }
-    assert_eq!(sample(&text, GEN_200), 2.0, "{text}");
-    assert_eq!(sample(&text, "hypergen_images_total"), 3.0, "{text}");
+    assert_eq!(sample(&text, GEN_200), 3.0, "{text}");
+    assert_eq!(sample(&text, "hypergen_images_total"), 4.0, "{text}");
     assert_eq!(sample(&text, "hypergen_queue_capacity"), 100.0);
     assert_eq!(sample(&text, "hypergen_queue_size"), 0.0);
     assert_eq!(sample(&text, "hypergen_requests_running"), 0.0);
@@ -172,18 +204,18 @@ async fn fleet_metrics_and_request_ids() {
         ),
         1.0
     );
-    // Two requests ran, one batch each, two steps each.
-    assert_eq!(sample(&text, "hypergen_batch_size_count"), 2.0);
-    assert_eq!(sample(&text, "hypergen_batch_size_sum"), 2.0);
+    // Three requests ran, one batch each, two steps each.
+    assert_eq!(sample(&text, "hypergen_batch_size_count"), 3.0);
+    assert_eq!(sample(&text, "hypergen_batch_size_sum"), 3.0);
     assert_eq!(
         sample(&text, "hypergen_request_queue_duration_seconds_count"),
-        2.0
+        3.0
     );
     assert_eq!(
         sample(&text, "hypergen_request_inference_duration_seconds_count"),
-        2.0
+        3.0
     );
-    assert_eq!(sample(&text, "hypergen_step_duration_seconds_count"), 4.0);
+    assert_eq!(sample(&text, "hypergen_step_duration_seconds_count"), 6.0);
     let info = format!(
         r#"hypergen_info{{device="cpu",dtype="float32",model="{}",version="{}"}}"#,
         fixture_dir().display(),
