@@ -671,7 +671,19 @@ fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<()
         ..Default::default()
     };
     let start = Instant::now();
-    pipeline.generate(&request, &mut |_| ControlFlow::Continue(()))?;
+    // The path requests take (run_batch), PNG encoding included, so that the same
+    // kernels are compiled and tuned.
+    let outputs = pipeline.generate_batch_with_previews(
+        &[request],
+        &mut |_| ControlFlow::Continue(()),
+        0,
+        &mut |_| ControlFlow::Continue(()),
+    )?;
+    for out in &outputs {
+        for image in &out.images {
+            image.to_png()?;
+        }
+    }
     tracing::info!(
         width = warmup.width,
         height = warmup.height,
