@@ -173,3 +173,28 @@ impl std::fmt::Display for KernelSet {
         }
     }
 }
+
+/// Keeps CubeCL's autotune results (which kernel variant won, per device and shape) in
+/// `dir`, so that a restarted process skips autotuning what it already tuned. Must be
+/// called before any GPU work; the rest of CubeCL's configuration (`cubecl.toml`,
+/// `CUBECL_*` variables) is kept. Without the `cube` feature there is nothing to tune and
+/// this does nothing.
+pub fn set_autotune_cache(dir: &std::path::Path) -> Result<(), String> {
+    #[cfg(feature = "cube")]
+    {
+        use cubecl::config::cache::CacheConfig;
+        use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating the autotune cache {}: {e}", dir.display()))?;
+        // `set` panics once the configuration was read (by any GPU work): refuse instead.
+        if CubeClRuntimeConfig::storage().lock().is_some() {
+            return Err("the autotune cache must be set before any GPU work".into());
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.autotune.cache = CacheConfig::File(dir.to_path_buf());
+        CubeClRuntimeConfig::set(config);
+    }
+    #[cfg(not(feature = "cube"))]
+    let _ = dir;
+    Ok(())
+}

@@ -8,8 +8,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::app::logging::{self, LogFormat};
 use crate::app::server::auth::ApiKey;
 use crate::app::server::request::SizeLimits;
+use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::load::lora::{apply_lora_specs, LoraSpec};
@@ -25,6 +27,15 @@ use crate::FusedOps;
 #[derive(Debug, Parser)]
 #[command(name = "hypergen", version, about)]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "HYPERGEN_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -247,6 +258,60 @@ pub struct ServeArgs {
     /// first).
     #[arg(long, default_value_t = crate::app::server::DEFAULT_LORA_CACHE_MB)]
     pub lora_cache_mb: usize,
+    /// Require the API key on `GET /metrics` too (by default it is open, like /health,
+    /// for Prometheus scrapes inside the cluster).
+    #[arg(long)]
+    pub metrics_auth: bool,
+    /// Write each request's prompt into its access-log line (off: prompts stay private).
+    #[arg(long)]
+    pub log_prompts: bool,
+    /// On SIGTERM, seconds to finish the running and queued requests (new ones get 503
+    /// at once) before refusing the rest and exiting; the default fits Kubernetes'
+    /// 30-second grace period.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::app::server::DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout: u64,
+    /// Before reporting healthy, generate one image of this size (WIDTHxHEIGHT, the size
+    /// requests will use: GPU kernels are compiled and autotuned per shape), or `off`.
+    /// `auto`: 1024x1024 on GPUs, none on the CPU (which compiles and tunes nothing).
+    #[arg(long, value_name = "WxH|auto|off", default_value = "auto", value_parser = parse_warmup_size)]
+    pub warmup_size: WarmupSize,
+    /// Denoising steps of the warm-up generation (0: no warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup_steps: usize,
+    /// Keep GPU kernel autotune results in this folder (a volume), so that a restarted
+    /// replica does not autotune again (default: CubeCL's own cache folder).
+    #[arg(long, value_name = "DIR", env = "HYPERGEN_AUTOTUNE_CACHE")]
+    pub autotune_cache: Option<PathBuf>,
+}
+
+/// `--warmup-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmupSize {
+    /// SDXL's default size on GPUs, none on the CPU.
+    Auto,
+    /// No warm-up.
+    Off,
+    /// This width and height, on any device.
+    Size(usize, usize),
+}
+
+/// `--warmup-size` as clap parses it: `auto`, `off`, or `WIDTHxHEIGHT` in multiples of 8.
+fn parse_warmup_size(s: &str) -> Result<WarmupSize, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(WarmupSize::Off);
+    }
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(WarmupSize::Auto);
+    }
+    let parsed = s
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some((w, h)) if w > 0 && h > 0 && w % 8 == 0 && h % 8 == 0 => Ok(WarmupSize::Size(w, h)),
+        _ => Err(format!(
+            "expected `auto`, `off` or WIDTHxHEIGHT in multiples of 8 (1024x1024), got `{s}`"
+        )),
+    }
 }
 
 impl ServeArgs {
@@ -273,6 +338,27 @@ impl ServeArgs {
         config.worker.png_parameters = !self.no_png_parameters;
         config.lora_dir = self.lora_dir.clone();
         config.lora_cache_bytes = self.lora_cache_mb.saturating_mul(1 << 20);
+        config.metrics_auth = self.metrics_auth;
+        config.log_prompts = self.log_prompts;
+        config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);
+        let steps = self.warmup_steps;
+        let defaults = RequestDefaults::HYPERGEN_API;
+        config.worker.warmup = match self.warmup_size {
+            _ if steps == 0 => None,
+            WarmupSize::Off => None,
+            WarmupSize::Auto => Some(WarmUp {
+                width: defaults.width,
+                height: defaults.height,
+                steps,
+                gpu_only: true,
+            }),
+            WarmupSize::Size(width, height) => Some(WarmUp {
+                width,
+                height,
+                steps,
+                gpu_only: false,
+            }),
+        };
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {
@@ -601,20 +687,18 @@ pub fn main() -> anyhow::Result<()> {
 
 /// Runs a parsed command line (logging to stderr, `RUST_LOG` or `info`).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    // try_init: a process that runs several commands (tests, the bench target) logs once.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    logging::init(cli.log_format);
     match cli.command {
         Command::Bench(args) => bench(*args),
         Command::Generate(args) => generate(*args),
         Command::Serve(args) => {
             tracing::info!(?args, "hypergen serve");
             let (config, bind) = args.server_config()?;
+            if let Some(dir) = &args.autotune_cache {
+                hypergen_kernels::set_autotune_cache(dir)
+                    .map_err(anyhow::Error::msg)
+                    .context("--autotune-cache")?;
+            }
             args.load.apply_threads();
             crate::app::server::serve(config, &bind)
         }

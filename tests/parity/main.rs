@@ -8,6 +8,7 @@ mod builtin;
 mod clip;
 mod devices;
 mod edits;
+mod fleet;
 mod hub;
 mod kernels;
 mod loader;

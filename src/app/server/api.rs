@@ -16,6 +16,7 @@ use poem_openapi::payload::{Binary, EventStream, Json};
 use poem_openapi::types::ToJSON;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
+use super::access;
 use super::auth::Authorized;
 use super::conn::Connection;
 use super::edit::{self, EditForm};
@@ -495,6 +496,7 @@ fn start_stream(
                 partial_images: settings.partial_images,
                 events: events_tx,
             }),
+            access::job_timing(http, &g.prompt),
         )
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
@@ -729,7 +731,13 @@ async fn run_checked(
     let g = &checked.generation;
     let (id, answer) = state
         .worker
-        .submit_job(g.clone(), checked.encoding.clone(), loras, None)
+        .submit_job(
+            g.clone(),
+            checked.encoding.clone(),
+            loras,
+            None,
+            access::job_timing(http, &g.prompt),
+        )
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
             SubmitError::Closed => ApiError::shutting_down(),

@@ -5,12 +5,19 @@
 //!   parsing and checks; [`error`]: OpenAI's error object for every failure;
 //!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
 //!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
-//!   clients that went away; [`playground`]: the browser page at `/`.
+//!   clients that went away; [`access`]: request ids and the access log;
+//!   [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request LoRA adapters;
+//!   [`playground`]: the browser page at `/`.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
-//!   `hypergen openapi > openapi/openapi.json`).
+//!   `hypergen openapi > openapi/openapi.json`), and `GET /metrics` (Prometheus' text
+//!   format, outside the schema).
+//! - On SIGTERM the server drains ([`Server::drain`]): `/health` turns unhealthy, new
+//!   requests get 503 + `Retry-After`, running and queued jobs finish within the drain
+//!   timeout, then it exits 0.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod conn;
@@ -21,6 +28,7 @@ mod fuzz;
 pub mod images;
 pub mod loras;
 pub mod playground;
+pub mod metrics;
 pub mod request;
 pub mod types;
 pub mod worker;
@@ -28,10 +36,11 @@ pub mod worker;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use poem::{Endpoint, EndpointExt, Route};
+use poem::web::Data;
+use poem::{Endpoint, EndpointExt, Response, Route};
 use poem_openapi::OpenApiService;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -42,6 +51,7 @@ use auth::ApiKey;
 use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
 use loras::LoraLibrary;
+use metrics::Metrics;
 use request::SizeLimits;
 use worker::{Worker, WorkerOptions, WorkerStats};
 
@@ -70,7 +80,17 @@ pub struct ServerConfig {
     pub lora_cache_bytes: usize,
     /// How long idle and slow connections may hold the server.
     pub timeouts: ConnTimeouts,
+    /// Whether `GET /metrics` needs the API key (when the server has one).
+    pub metrics_auth: bool,
+    /// Write prompts into the access log.
+    pub log_prompts: bool,
+    /// How long a drain (SIGTERM) may take to finish running and queued jobs before
+    /// the rest are answered 503.
+    pub drain_timeout: Duration,
 }
+
+/// The default drain: within Kubernetes' default 30 s grace period, with time to exit.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl ServerConfig {
     /// Defaults for a model (folder, built-in name or Hub id), HyperGen's where it has
@@ -86,6 +106,9 @@ impl ServerConfig {
             lora_dir: None,
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
             timeouts: ConnTimeouts::default(),
+            metrics_auth: false,
+            log_prompts: false,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -106,6 +129,8 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// Per-request LoRA adapters (`--lora-dir`), if enabled.
     pub loras: Option<Arc<LoraLibrary>>,
+    /// What `GET /metrics` reports.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -168,14 +193,16 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint {
     let api = Route::new()
         .nest("/", service)
         .nest("/docs", docs)
-        .at("/openapi.json", spec);
+        .at("/openapi.json", spec)
+        .at("/metrics", poem::get(metrics_endpoint));
     playground::with_playground(api)
-        .data(state)
         .catch_all_error(error::catch_all)
+        .around(access::around)
         .around(move |ep, req| {
             let busy = connections.get(req.remote_addr()).map(|c| c.begin());
             async move { Ok(while_busy(ep.call(req).await?, busy)) }
         })
+        .data(state)
 }
 
 /// Keeps a request's connection marked busy ([`conn::Connection::begin`]) until its
@@ -194,6 +221,21 @@ fn while_busy(resp: poem::Response, busy: Option<conn::Busy>) -> poem::Response 
         chunk
     });
     poem::Response::from_parts(parts, poem::Body::from_bytes_stream(stream))
+}
+
+/// `GET /metrics`: Prometheus' text format; needs the API key only with
+/// `--metrics-auth`.
+#[poem::handler]
+async fn metrics_endpoint(
+    req: &poem::Request,
+    state: Data<&Arc<AppState>>,
+) -> poem::Result<Response> {
+    if state.config.metrics_auth {
+        auth::check(state.config.api_key.as_ref(), req.header("authorization"))?;
+    }
+    Ok(Response::builder()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(state.metrics.render(&state.worker)))
 }
 
 /// A running server: the model loaded, listening.
@@ -224,7 +266,9 @@ impl Server {
             None => None,
         };
         tracing::info!(model = %w.model, device = %w.device, dtype = %w.dtype, "loading model");
-        let options = config.worker.clone();
+        let metrics = Arc::new(Metrics::new());
+        let mut options = config.worker.clone();
+        options.hooks.observer = Some(metrics.clone());
         let worker = tokio::task::spawn_blocking(move || Worker::spawn(options))
             .await
             .context("the loading task failed")?
@@ -248,6 +292,7 @@ impl Server {
             );
         }
         let timeouts = config.timeouts;
+        metrics.set_info(&w.model, worker.device(), worker.dtype());
         let state = Arc::new(AppState {
             images: ImageStore::new(config.url_ttl, config.url_store_bytes),
             config,
@@ -256,6 +301,7 @@ impl Server {
             started: unix_now(),
             connections: Arc::new(Connections::new(timeouts)),
             loras,
+            metrics,
         });
         let listener = match tokio::net::TcpListener::bind(bind).await {
             Ok(l) => l,
@@ -304,6 +350,30 @@ impl Server {
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
         self.state.connections.len()
+    }
+
+    /// Drains, for a rolling update: `/health` turns unhealthy and new requests are
+    /// refused (503 + `Retry-After`) at once, while the running and queued jobs finish;
+    /// what is still queued or running after `timeout` is answered 503. Then
+    /// [`shutdown`](Self::shutdown).
+    pub async fn drain(self, timeout: Duration) -> anyhow::Result<()> {
+        let worker = &self.state.worker;
+        worker.begin_drain();
+        let deadline = Instant::now() + timeout;
+        while !worker.has_stopped() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if worker.has_stopped() {
+            tracing::info!("drained: every accepted request was answered");
+        } else {
+            tracing::warn!(
+                queue_size = worker.queue_size(),
+                timeout_seconds = timeout.as_secs_f64(),
+                "drain timed out: refusing what is left"
+            );
+            worker.abort();
+        }
+        self.shutdown().await
     }
 
     /// Graceful shutdown: stop accepting, finish the running job, refuse the queued
@@ -363,12 +433,16 @@ pub fn serve(config: ServerConfig, bind: &str) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let server = Server::start(config, bind).await?;
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing the running job, refusing queued ones");
+        let timeout = server.state.config.drain_timeout;
+        tracing::info!(
+            timeout_seconds = timeout.as_secs_f64(),
+            "draining: refusing new requests, finishing running and queued ones"
+        );
         tokio::spawn(async {
             shutdown_signal().await;
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
         });
-        server.shutdown().await
+        server.drain(timeout).await
     })
 }

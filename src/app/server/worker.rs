@@ -6,9 +6,9 @@ use crate::FusedOps;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, oneshot};
@@ -102,9 +102,52 @@ pub struct StreamOptions {
     pub events: mpsc::UnboundedSender<JobEvent>,
 }
 
+/// How long one job waited and ran, and what it made: filled in by the worker, read by
+/// whoever submitted it (the access log, metrics).
+#[derive(Debug, Default)]
+pub struct JobTiming {
+    queue_wait: OnceLock<Duration>,
+    inference: OnceLock<Duration>,
+    images: AtomicUsize,
+}
+
+impl JobTiming {
+    /// How long the job waited in the queue, once it started.
+    pub fn queue_wait(&self) -> Option<Duration> {
+        self.queue_wait.get().copied()
+    }
+
+    /// How long its batch's generation took, once it ended.
+    pub fn inference(&self) -> Option<Duration> {
+        self.inference.get().copied()
+    }
+
+    /// Images handed to the job's receiver (0 until it is answered with images).
+    pub fn images(&self) -> usize {
+        self.images.load(Ordering::Relaxed)
+    }
+}
+
+/// What the worker reports as it runs jobs (metrics); called on the worker thread, so it
+/// must be quick.
+pub trait WorkerObserver: Send + Sync {
+    /// A batch starts; how long each of its jobs waited in the queue.
+    fn batch_started(&self, queue_waits: &[Duration]);
+    /// A denoising step of the running batch ended, `took` after the previous one.
+    fn step_finished(&self, took: Duration);
+    /// The running batch of `jobs` jobs ended (however it ended) after `took`, before
+    /// its jobs are answered.
+    fn batch_finished(&self, jobs: usize, took: Duration);
+    /// The device allocator's memory after a batch (backends that manage device memory).
+    fn device_memory(&self, memory: crate::DeviceMemory);
+}
+
 /// One accepted request.
 struct Job {
     id: u64,
+    /// When it was accepted.
+    queued_at: Instant,
+    timing: Arc<JobTiming>,
     request: GenerationRequest,
     /// The file format of its images (the worker adds the PNG parameters text).
     encoding: Encoding,
@@ -136,7 +179,8 @@ pub struct WorkerStats {
     pub completed: u64,
     /// Jobs that failed (answered with an error).
     pub failed: u64,
-    /// Jobs whose client went away while they ran (stopped at the next step).
+    /// Jobs whose client went away while they ran (stopped at the next step), or that a
+    /// drain out of time stopped.
     pub cancelled: u64,
     /// Jobs whose client went away before they started (never run).
     pub skipped: u64,
@@ -185,6 +229,8 @@ pub struct WorkerHooks {
     pub before_batch: Option<BatchHook>,
     /// Runs inside each batch's fault boundary and in the device check after a failure.
     pub fault: Option<FaultHook>,
+    /// Hears of batches, steps and device memory (the server's metrics).
+    pub observer: Option<Arc<dyn WorkerObserver>>,
 }
 
 impl std::fmt::Debug for WorkerHooks {
@@ -192,8 +238,23 @@ impl std::fmt::Debug for WorkerHooks {
         f.debug_struct("WorkerHooks")
             .field("before_batch", &self.before_batch.is_some())
             .field("fault", &self.fault.is_some())
+            .field("observer", &self.observer.is_some())
             .finish()
     }
+}
+
+/// A small generation run before the worker reports ready, so that the device's kernels
+/// are compiled and autotuned before the first request (which would pay for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUp {
+    /// Image width in pixels (kernels are tuned per shape: the size requests will use).
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Denoising steps (≥ 1; the same kernels run at every step).
+    pub steps: usize,
+    /// Skip it on the CPU backend, which compiles and tunes nothing.
+    pub gpu_only: bool,
 }
 
 /// What the worker loads, where it runs, and how it schedules.
@@ -220,6 +281,8 @@ pub struct WorkerOptions {
     pub png_parameters: bool,
     /// Instrumentation.
     pub hooks: WorkerHooks,
+    /// Generate once before reporting ready; `None`: no warm-up.
+    pub warmup: Option<WarmUp>,
 }
 
 impl WorkerOptions {
@@ -237,6 +300,7 @@ impl WorkerOptions {
             max_batch_size: 1,
             png_parameters: true,
             hooks: WorkerHooks::default(),
+            warmup: None,
         }
     }
 }
@@ -244,6 +308,8 @@ impl WorkerOptions {
 /// State shared by the handle and the thread.
 struct Shared {
     device: String,
+    /// The dtype the model runs in, resolved on the device (`float16`, ...).
+    dtype: &'static str,
     /// What was loaded (set before the worker reports ready).
     info: Mutex<Option<ModelInfo>>,
     /// The adapters merged at start.
@@ -256,7 +322,11 @@ struct Shared {
     alive: AtomicBool,
     /// Whether the device passed its check after the last failed batch.
     device_ok: AtomicBool,
+    /// Draining: no new jobs, but the queued ones still run.
+    draining: AtomicBool,
     shutting_down: AtomicBool,
+    /// Stop the running batch at its next step (the drain ran out of time).
+    aborting: AtomicBool,
     counters: Counters,
 }
 
@@ -342,7 +412,7 @@ impl Worker {
         request: GenerationRequest,
         encoding: Encoding,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
-        self.submit_job(request, encoding, Vec::new(), None)
+        self.submit_job(request, encoding, Vec::new(), None, Arc::default())
     }
 
     /// [`submit`](Self::submit) that also reports progress and partial images through
@@ -353,23 +423,25 @@ impl Worker {
         encoding: Encoding,
         stream: Option<StreamOptions>,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
-        self.submit_job(request, encoding, Vec::new(), stream)
+        self.submit_job(request, encoding, Vec::new(), stream, Arc::default())
     }
 
-    /// Queues a job that runs with `loras` merged (beside those merged at start) and,
-    /// with `stream`, reports progress and partial images while it runs.
+    /// Queues a job that runs with `loras` merged (beside those merged at start), with
+    /// `stream` reports progress and partial images while it runs, and reports its
+    /// queue wait, inference time and images through `timing`.
     pub fn submit_job(
         &self,
         request: GenerationRequest,
         encoding: Encoding,
         loras: Vec<JobLora>,
         stream: Option<StreamOptions>,
+        timing: Arc<JobTiming>,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
             return Err(SubmitError::Closed);
         };
-        if self.shared.shutting_down.load(Ordering::SeqCst) {
+        if self.is_shutting_down() {
             return Err(SubmitError::Closed);
         }
         let shared = &self.shared;
@@ -390,6 +462,8 @@ impl Worker {
         let (reply, rx) = oneshot::channel();
         match tx.try_send(Job {
             id,
+            queued_at: Instant::now(),
+            timing,
             request,
             encoding,
             stream,
@@ -442,17 +516,44 @@ impl Worker {
     pub fn is_healthy(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
             && self.shared.device_ok.load(Ordering::SeqCst)
-            && !self.shared.shutting_down.load(Ordering::SeqCst)
+            && !self.is_shutting_down()
     }
 
-    /// Whether shutdown has begun.
+    /// Whether shutdown (or a drain) has begun: no new jobs are taken.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::SeqCst)
+            || self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker thread has ended (after a drain or shutdown, once its queue
+    /// is empty and its last batch done).
+    pub fn has_stopped(&self) -> bool {
+        !self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking jobs but keeps running the queued ones; the thread ends once the
+    /// queue is empty ([`has_stopped`](Self::has_stopped)). [`abort`](Self::abort) cuts
+    /// a drain short.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Ends a drain that ran out of time: queued jobs are refused and the running batch
+    /// stops at its next step, all answered [`JobError::ShuttingDown`].
+    pub fn abort(&self) {
+        self.shared.aborting.store(true, Ordering::SeqCst);
+        self.begin_shutdown();
     }
 
     /// The device the model runs on.
     pub fn device(&self) -> &str {
         &self.shared.device
+    }
+
+    /// The dtype the model runs in (`--dtype auto` resolved).
+    pub fn dtype(&self) -> &'static str {
+        self.shared.dtype
     }
 
     /// The LoRA adapters merged at start (`--lora`), with their scales.
@@ -532,6 +633,7 @@ impl WithBackend for Spawn {
         let dtype = placed.dtype;
         let shared = Arc::new(Shared {
             device: placed.label,
+            dtype: crate::device::dtype_name(dtype),
             info: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
             max_queue: options.max_queue_size,
@@ -539,9 +641,13 @@ impl WithBackend for Spawn {
             waiting: Mutex::new(std::collections::BTreeSet::new()),
             alive: AtomicBool::new(false),
             device_ok: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
             counters: Counters::default(),
         });
+        // The CPU backend's label (see `Placed::label`).
+        let on_cpu = shared.device == "cpu";
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -560,6 +666,11 @@ impl WithBackend for Spawn {
                         let list: Vec<(&LoraAdapter, f32)> =
                             base.iter().map(|l| (&*l.adapter, l.scale)).collect();
                         apply_loras(p.components_mut(), &list)?;
+                    }
+                    match options.warmup {
+                        Some(w) if w.gpu_only && on_cpu => {}
+                        Some(w) => warm_up(&p, w)?,
+                        None => {}
                     }
                     Ok::<_, crate::Error>((p, base))
                 }));
@@ -622,6 +733,41 @@ fn read_start_loras(specs: &[LoraSpec]) -> crate::Result<Vec<JobLora>> {
         .collect()
 }
 
+/// Runs one generation of `warmup`'s size with the server's default guidance (so with
+/// the same batch shapes as a default request), outside the metrics and the queue.
+fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<(), Error> {
+    let request = GenerationRequest {
+        prompt: "warm-up".into(),
+        num_inference_steps: warmup.steps,
+        guidance_scale: crate::pipeline::RequestDefaults::HYPERGEN_API.guidance_scale,
+        width: warmup.width,
+        height: warmup.height,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    // The path requests take (run_batch), PNG encoding included, so that the same
+    // kernels are compiled and tuned.
+    let outputs = pipeline.generate_batch_with_previews(
+        &[request],
+        &mut |_| ControlFlow::Continue(()),
+        0,
+        &mut |_| ControlFlow::Continue(()),
+    )?;
+    for out in &outputs {
+        for image in &out.images {
+            image.to_png()?;
+        }
+    }
+    tracing::info!(
+        width = warmup.width,
+        height = warmup.height,
+        steps = warmup.steps,
+        seconds = start.elapsed().as_secs_f64(),
+        "warmed up"
+    );
+    Ok(())
+}
+
 /// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
 /// `base` are the adapters merged at start; a batch's own adapters are merged beside
 /// them before it runs and stay merged until a batch wants another set.
@@ -669,6 +815,15 @@ fn serve_jobs<B: FusedOps>(
         shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
         for job in &batch {
             shared.leave_queue(job.id);
+        }
+        let observer = options.hooks.observer.as_deref();
+        let now = Instant::now();
+        let waits: Vec<Duration> = batch.iter().map(|j| now - j.queued_at).collect();
+        for (job, wait) in batch.iter().zip(&waits) {
+            let _ = job.timing.queue_wait.set(*wait);
+        }
+        if let Some(observer) = observer {
+            observer.batch_started(&waits);
         }
         if let Some(hook) = &options.hooks.before_batch {
             hook(batch.len());
@@ -721,11 +876,16 @@ fn serve_jobs<B: FusedOps>(
                 continue;
             }
         }
-        if run_batch(&pipeline, batch, shared, options) {
+        if run_batch(&pipeline, batch, shared, options, observer) {
             // Give back what the failed batch left in the device's memory pools, then
             // make sure the device still computes before reporting healthy again.
             shared.device_ok.store(false, Ordering::SeqCst);
             device_check::<B>(device, shared, options);
+        }
+        if let Some(observer) = observer {
+            if let Some(memory) = B::device_memory(device) {
+                observer.device_memory(memory);
+            }
         }
     }
     tracing::info!("worker stopped");
@@ -833,6 +993,7 @@ fn run_batch<B: FusedOps>(
     batch: Vec<Job>,
     shared: &Shared,
     options: &WorkerOptions,
+    observer: Option<&dyn WorkerObserver>,
 ) -> bool {
     let png_parameters = options.png_parameters;
     let c = &shared.counters;
@@ -848,9 +1009,19 @@ fn run_batch<B: FusedOps>(
     );
     let requests: Vec<GenerationRequest> = batch.iter().map(|j| j.request.clone()).collect();
     let start = Instant::now();
-    let all_gone = || batch.iter().all(|j| j.reply.is_closed());
-    // Stop early only when nobody is waiting for any image of the batch.
+    // Stop early when nobody is waiting for any image of the batch, or when a drain
+    // ran out of time.
+    let all_gone =
+        || shared.aborting.load(Ordering::SeqCst) || batch.iter().all(|j| j.reply.is_closed());
+    let mut last_step = start;
     let mut on_step = |p: Progress| {
+        // Step 0 comes before the first step (after text encoding): it only starts the
+        // clock.
+        let now = Instant::now();
+        if let (Some(observer), true) = (observer, p.step > 0) {
+            observer.step_finished(now - last_step);
+        }
+        last_step = now;
         for job in &batch {
             if let Some(stream) = &job.stream {
                 let _ = stream.events.send(JobEvent::Progress {
@@ -899,6 +1070,14 @@ fn run_batch<B: FusedOps>(
         }
         pipeline.generate_batch_with_previews(&requests, &mut on_step, previews, &mut on_preview)
     }));
+    // Before answering: the receivers' side reads it as soon as they hear.
+    let took = start.elapsed();
+    for job in &batch {
+        let _ = job.timing.inference.set(took);
+    }
+    if let Some(observer) = observer {
+        observer.batch_finished(batch.len(), took);
+    }
     let failure = match outcome {
         Ok(Ok(outputs)) => {
             for (job, out) in batch.into_iter().zip(outputs) {
@@ -910,6 +1089,10 @@ fn run_batch<B: FusedOps>(
                     out.images.iter().map(|img| img.encode(&encoding)).collect();
                 let answer = pngs.map_err(|e| JobError::Failed(e.to_string()));
                 let failed = answer.is_err();
+                // Before answering: the receiver's side reads it as soon as it hears.
+                job.timing
+                    .images
+                    .store(answer.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
                 if job.reply.send(answer).is_err() {
                     bump(&c.cancelled, 1);
                     tracing::info!(job = job.id, "client went away; result discarded");
@@ -920,6 +1103,14 @@ fn run_batch<B: FusedOps>(
                 }
             }
             tracing::info!(jobs = ?ids, seconds = start.elapsed().as_secs_f64(), "generated");
+            return false;
+        }
+        Ok(Err(Error::Cancelled)) if shared.aborting.load(Ordering::SeqCst) => {
+            bump(&c.cancelled, batch.len());
+            tracing::warn!(jobs = ?ids, "drain timed out; generation stopped");
+            for job in batch {
+                let _ = job.reply.send(Err(JobError::ShuttingDown));
+            }
             return false;
         }
         Ok(Err(Error::Cancelled)) => {
