@@ -371,12 +371,19 @@ impl Api {
             Some((bytes, OutputFormat::Png)) => ImageFileResult::Png(Binary(bytes)),
             Some((bytes, OutputFormat::Jpeg)) => ImageFileResult::Jpeg(Binary(bytes)),
             Some((bytes, OutputFormat::Webp)) => ImageFileResult::Webp(Binary(bytes)),
-            None => {
-                ApiError::not_found(format!("no image `{}` (URLs expire after one hour)", id.0))
-                    .into()
-            }
+            None => image_not_found(&id.0).into(),
         }
     }
+}
+
+/// The 404 of `GET /v1/images/files/{id}` for an unknown or expired `id`.
+pub fn image_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no image `{id}` (URLs expire after one hour)"))
+}
+
+/// The 500 of a generation the worker could not finish, `message` saying why.
+pub fn failed(message: &str) -> ApiError {
+    ApiError::generation_failed(format!("the generation failed: {message}"))
 }
 
 /// Queues a streamed request and returns its event stream; errors before the job is
@@ -604,9 +611,7 @@ async fn forward(
     }
     let outcome = match result {
         Ok(Ok(files)) => Ok(files),
-        Ok(Err(JobError::Failed(message))) => Err(ApiError::generation_failed(format!(
-            "the generation failed: {message}"
-        ))),
+        Ok(Err(JobError::Failed(message))) => Err(failed(&message)),
         Ok(Err(JobError::ShuttingDown)) | Err(_) => Err(ApiError::shutting_down()),
     };
     match outcome {
@@ -680,11 +685,7 @@ async fn run_checked(
     };
     let pngs = match answer {
         Ok(Ok(pngs)) => pngs,
-        Ok(Err(JobError::Failed(message))) => {
-            return Err(ApiError::generation_failed(format!(
-                "the generation failed: {message}"
-            )))
-        }
+        Ok(Err(JobError::Failed(message))) => return Err(failed(&message)),
         Ok(Err(JobError::ShuttingDown)) => return Err(ApiError::shutting_down()),
         // The worker dropped the job unanswered: it stopped.
         Err(_) => return Err(ApiError::shutting_down()),

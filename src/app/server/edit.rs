@@ -211,7 +211,7 @@ pub fn check_edit(
     let size_given = map
         .get("size")
         .and_then(Value::as_str)
-        .is_some_and(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto"));
+        .is_some_and(|s| !s.is_empty() && s != "auto");
     let mut fields = Fields::new(map);
     let strength = fields.number("strength")?;
     // OpenAI's fields hypergen does not use.

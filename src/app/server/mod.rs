@@ -5,7 +5,7 @@
 //!   parsing and checks; [`error`]: OpenAI's error object for every failure;
 //!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
 //!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
-//!   clients that went away.
+//!   clients that went away; [`schema`]: the OpenAPI document as generators need it.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -18,6 +18,7 @@ pub mod edit;
 pub mod error;
 pub mod images;
 pub mod request;
+pub mod schema;
 pub mod types;
 pub mod worker;
 
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, IntoResponse, Route};
 use poem_openapi::OpenApiService;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     pub url_ttl: Duration,
     /// Memory for images served by URL, in bytes.
     pub url_store_bytes: usize,
+    /// Web origins (`https://app.example.com`) whose pages may call the API from a
+    /// browser (CORS); empty: none, and no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 impl ServerConfig {
@@ -68,6 +72,7 @@ impl ServerConfig {
             public_url: None,
             url_ttl: images::DEFAULT_TTL,
             url_store_bytes: 512 << 20,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -134,22 +139,104 @@ pub fn openapi_service() -> OpenApiService<api::Api, ()> {
     )
 }
 
-/// The schema as served at `/openapi.json` and committed as `openapi/openapi.json`.
+/// The committed schema (`openapi/openapi.json`, `hypergen openapi`): the defaults of
+/// `hypergen serve`, usable with or without a key. `/openapi.json` serves the running
+/// server's own ([`schema::document`]).
 pub fn openapi_json() -> String {
-    openapi_service().spec()
+    schema::committed_json()
 }
+
+/// Headers a browser page may send (CORS preflight).
+const CORS_REQUEST_HEADERS: [&str; 2] = ["authorization", "content-type"];
+/// Headers a browser page may read: the retry advice of 500 and 503 answers.
+const CORS_EXPOSED_HEADERS: [&str; 2] = ["retry-after", "x-should-retry"];
 
 /// The whole HTTP application over `state`.
 pub fn app(state: Arc<AppState>) -> impl Endpoint {
     let service = openapi_service();
-    let docs = service.swagger_ui();
-    let spec = service.spec_endpoint();
-    Route::new()
+    // Swagger UI with the live document in place of poem's.
+    let docs_html = Arc::new(
+        service
+            .swagger_ui_html()
+            .replace(&service.spec(), DOCUMENT_PLACEHOLDER),
+    );
+    let cors = state.config.cors_origins.clone();
+    let route = Route::new()
         .nest("/", service)
-        .nest("/docs", docs)
-        .at("/openapi.json", spec)
-        .data(state)
-        .catch_all_error(error::catch_all)
+        .at(
+            "/docs",
+            poem::get(poem::endpoint::make(move |req: poem::Request| {
+                let html = docs_html.clone();
+                async move {
+                    let doc = live_document(&req);
+                    poem::web::Html(html.replace(DOCUMENT_PLACEHOLDER, &schema::pretty(&doc)))
+                }
+            })),
+        )
+        .at(
+            "/openapi.json",
+            poem::get(poem::endpoint::make(|req: poem::Request| async move {
+                let doc = live_document(&req);
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(schema::pretty(&doc))
+            })),
+        )
+        .around(allow_on_405);
+    let route = if cors.is_empty() {
+        route.boxed()
+    } else {
+        route
+            .with(
+                poem::middleware::Cors::new()
+                    .allow_origins(cors)
+                    .allow_methods([poem::http::Method::GET, poem::http::Method::POST])
+                    .allow_headers(CORS_REQUEST_HEADERS)
+                    .expose_headers(CORS_EXPOSED_HEADERS),
+            )
+            .boxed()
+    };
+    route.data(state).catch_all_error(error::catch_all)
+}
+
+/// Where the Swagger UI page takes the document.
+const DOCUMENT_PLACEHOLDER: &str = "__HYPERGEN_OPENAPI_DOCUMENT__";
+
+/// The document describing the server that answers `req`.
+fn live_document(req: &poem::Request) -> serde_json::Value {
+    match req.data::<Arc<AppState>>() {
+        Some(state) => {
+            schema::document(&schema::ServerFacts::of(&state.config, &state.public_base(req)))
+        }
+        None => schema::document(&schema::ServerFacts::committed()),
+    }
+}
+
+/// Adds `Allow` (RFC 9110) to a 405: the methods the path answers.
+async fn allow_on_405<E: Endpoint>(next: Arc<E>, req: poem::Request) -> poem::Result<poem::Response> {
+    let allow = schema::allowed_methods(req.uri().path());
+    let with_allow = |mut resp: poem::Response| {
+        if let Some(allow) = allow {
+            if let Ok(v) = poem::http::HeaderValue::from_str(allow) {
+                resp.headers_mut().insert(poem::http::header::ALLOW, v);
+            }
+        }
+        resp
+    };
+    match next.call(req).await {
+        Ok(resp) => {
+            let resp = resp.into_response();
+            Ok(if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+                with_allow(resp)
+            } else {
+                resp
+            })
+        }
+        Err(e) if e.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED => {
+            Ok(with_allow(error::catch_all(e).await))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A running server: the model loaded, listening.
