@@ -205,15 +205,19 @@ const DOCUMENT_PLACEHOLDER: &str = "__HYPERGEN_OPENAPI_DOCUMENT__";
 /// The document describing the server that answers `req`.
 fn live_document(req: &poem::Request) -> serde_json::Value {
     match req.data::<Arc<AppState>>() {
-        Some(state) => {
-            schema::document(&schema::ServerFacts::of(&state.config, &state.public_base(req)))
-        }
+        Some(state) => schema::document(&schema::ServerFacts::of(
+            &state.config,
+            &state.public_base(req),
+        )),
         None => schema::document(&schema::ServerFacts::committed()),
     }
 }
 
 /// Adds `Allow` (RFC 9110) to a 405: the methods the path answers.
-async fn allow_on_405<E: Endpoint>(next: Arc<E>, req: poem::Request) -> poem::Result<poem::Response> {
+async fn allow_on_405<E: Endpoint>(
+    next: Arc<E>,
+    req: poem::Request,
+) -> poem::Result<poem::Response> {
     let allow = schema::allowed_methods(req.uri().path());
     let with_allow = |mut resp: poem::Response| {
         if let Some(allow) = allow {
@@ -226,11 +230,13 @@ async fn allow_on_405<E: Endpoint>(next: Arc<E>, req: poem::Request) -> poem::Re
     match next.call(req).await {
         Ok(resp) => {
             let resp = resp.into_response();
-            Ok(if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
-                with_allow(resp)
-            } else {
-                resp
-            })
+            Ok(
+                if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+                    with_allow(resp)
+                } else {
+                    resp
+                },
+            )
         }
         Err(e) if e.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED => {
             Ok(with_allow(error::catch_all(e).await))

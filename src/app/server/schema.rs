@@ -49,8 +49,7 @@ impl ServerFacts {
     /// The facts of the committed document: the defaults of `hypergen serve`, with or
     /// without a key.
     pub fn committed() -> Self {
-        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), DEFAULT_BASE_URL)
-            .with_key(None)
+        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), DEFAULT_BASE_URL).with_key(None)
     }
 
     /// The facts of a server configured as `config`, reached at `base_url`.
@@ -250,7 +249,11 @@ fn generation_request(schema: &mut Value, limits: &SizeLimits) {
     schema["additionalProperties"] = json!(false);
     let required: Vec<String> = schema["required"]
         .as_array()
-        .map(|r| r.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(props) = schema["properties"].as_object_mut() {
         for (name, prop) in props.iter_mut() {
@@ -261,7 +264,11 @@ fn generation_request(schema: &mut Value, limits: &SizeLimits) {
             // always present, which a request body's is not: the default moves into the
             // description.
             if let Some(default) = prop.as_object_mut().and_then(|p| p.remove("default")) {
-                let text = prop["description"].as_str().unwrap_or("").trim_end().to_string();
+                let text = prop["description"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_end()
+                    .to_string();
                 prop["description"] = json!(format!("{text}\n\nDefault: `{default}`."));
             }
         }
@@ -381,7 +388,10 @@ fn example_error(path: &str, status: &str, facts: &ServerFacts) -> Option<ApiErr
         "404" => api::image_not_found("6f1c0e7d9b2a4c1e8f3a5b7d9e0f1a2b"),
         "413" if edits => ApiError::too_large(MAX_EDIT_BODY_BYTES),
         "413" => ApiError::too_large(MAX_BODY_BYTES),
-        "500" => api::failed(&format!("out of memory: {}", "allocating 1.5 GiB on cuda:0")),
+        "500" => api::failed(&format!(
+            "out of memory: {}",
+            "allocating 1.5 GiB on cuda:0"
+        )),
         "503" => ApiError::queue_full(facts.max_queue_size),
         _ => return None,
     })
@@ -470,7 +480,11 @@ mod tests {
 
     #[test]
     fn size_patterns_list_the_sides() {
-        let limits = SizeLimits { min: 60, max: 80 };
+        let limits = SizeLimits {
+            min: 60,
+            max: 80,
+            ..SizeLimits::default()
+        };
         assert_eq!(
             size_pattern(&limits, false, false),
             "^(?:(?:64|72|80)x(?:64|72|80))$"
@@ -480,7 +494,15 @@ mod tests {
             "^(?:(?:64|72|80)x(?:64|72|80)|auto|)$"
         );
         assert_eq!(
-            size_pattern(&SizeLimits { min: 9, max: 15 }, false, false),
+            size_pattern(
+                &SizeLimits {
+                    min: 9,
+                    max: 15,
+                    ..SizeLimits::default()
+                },
+                false,
+                false
+            ),
             "^(?!)$"
         );
     }
