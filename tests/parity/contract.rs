@@ -141,9 +141,26 @@ async fn contract_schemathesis() {
     let id = url.rsplit('/').next().expect("id");
     let work = tempfile::tempdir().expect("scratch folder");
     let config = work.path().join("schemathesis.toml");
+    // Warnings fail the run, all but two: the edit route's generated uploads seldom
+    // decode as images, so most of its schema-valid cases are refused (see hooks.py),
+    // which schemathesis reports as `validation_mismatch` and `low_valid_rate` (its
+    // per-operation warning settings do not apply to `fail-on`).
+    let fail_on = [
+        "missing_auth",
+        "missing_test_data",
+        "base_url_mismatch",
+        "missing_deserializer",
+        "unused_openapi_auth",
+        "unsupported_regex",
+        "method_not_allowed",
+        "unresolvable_reference",
+        "rate_limited",
+    ]
+    .map(|w| format!("{w:?}"))
+    .join(", ");
     std::fs::write(
         &config,
-        format!("[warnings]\nfail-on = true\n\n[parameters]\n\"path.id\" = \"{id}\"\n"),
+        format!("[warnings]\nfail-on = [{fail_on}]\n\n[parameters]\n\"path.id\" = \"{id}\"\n"),
     )
     .expect("config");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

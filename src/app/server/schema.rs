@@ -19,7 +19,7 @@ use poem_openapi::types::ToJSON;
 use poem_openapi::ApiResponse;
 use serde_json::{json, Map, Value};
 
-use super::api::{self, EditResult, GenerateResult};
+use super::api::{self, EditResult, GenerateResult, ImageFileResult};
 use super::auth::{self, ApiKey, SCHEME_NAME};
 use super::edit::{self, EditForm, MAX_EDIT_BODY_BYTES};
 use super::error::ApiError;
@@ -84,19 +84,23 @@ pub fn document(facts: &ServerFacts) -> Value {
         serde_json::from_str(&super::openapi_service().spec()).unwrap_or_else(|_| json!({}));
     unwrap_single_refs(&mut doc);
     plain_json(&mut doc);
-    merge_same_status(
-        &mut doc,
-        "/v1/images/generations",
-        GenerateResult::meta().responses,
-    );
-    merge_same_status(&mut doc, "/v1/images/edits", EditResult::meta().responses);
+    let routes = [
+        ("/v1/images/generations", "post", GenerateResult::meta()),
+        ("/v1/images/edits", "post", EditResult::meta()),
+        ("/v1/images/files/{id}", "get", ImageFileResult::meta()),
+    ];
+    for (path, method, meta) in routes {
+        merge_same_status(&mut doc, path, method, meta.responses);
+    }
+    unsigned_minimum(&mut doc);
     event_streams(&mut doc);
     let schemas = &mut doc["components"]["schemas"];
     error_body(&mut schemas["ErrorBody"]);
     generation_request(&mut schemas["ImageGenerationRequest"], &facts.limits);
+    let generation = doc["components"]["schemas"]["ImageGenerationRequest"].clone();
     let form = &mut doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
         ["multipart/form-data"]["schema"];
-    edit_form(form, &facts.limits);
+    edit_form(form, &generation, &facts.limits);
     error_examples(&mut doc, facts);
     security(&mut doc, facts.key);
     doc["servers"] = json!([{
@@ -156,14 +160,16 @@ fn plain_json(v: &mut Value) {
     }
 }
 
-/// poem keeps one response per status; a route answering 200 as JSON or as an event
-/// stream gets both media types, and both descriptions, back from its response type.
+/// poem keeps one response per status; a route answering 200 in several media types
+/// (JSON or an event stream; PNG, JPEG or WebP) gets them all, and their descriptions,
+/// back from its response type.
 fn merge_same_status(
     doc: &mut Value,
     path: &str,
+    method: &str,
     responses: Vec<poem_openapi::registry::MetaResponse>,
 ) {
-    let Some(op) = doc["paths"][path]["post"]["responses"].as_object_mut() else {
+    let Some(op) = doc["paths"][path][method]["responses"].as_object_mut() else {
         return;
     };
     let mut merged: Map<String, Value> = Map::new();
@@ -226,6 +232,25 @@ fn event_streams(v: &mut Value) {
             map.values_mut().for_each(event_streams);
         }
         Value::Array(items) => items.iter_mut().for_each(event_streams),
+        _ => {}
+    }
+}
+
+/// poem gives unsigned integers a `format` (`uint32`) but no `minimum`, which validators
+/// do not read: negative numbers would pass for valid.
+fn unsigned_minimum(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let unsigned = map
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| f.starts_with("uint"));
+            if unsigned && map.get("type").and_then(Value::as_str) == Some("integer") {
+                map.entry("minimum").or_insert(json!(0));
+            }
+            map.values_mut().for_each(unsigned_minimum);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unsigned_minimum),
         _ => {}
     }
 }
@@ -298,7 +323,36 @@ fn generation_request(schema: &mut Value, limits: &SizeLimits) {
 
 /// The edit form: `prompt`, `size`, `n` and steps as the server checks them (an absent,
 /// empty or `auto` size is the image's own).
-fn edit_form(schema: &mut Value, limits: &SizeLimits) {
+fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
+    // The form is read with the generation request's reader (plus `strength`, the files
+    // and OpenAI's fields it ignores), which refuses any other field: it takes the
+    // generation's scalar fields too.
+    schema["additionalProperties"] = json!(false);
+    if let (Some(props), Some(more)) = (
+        schema["properties"].as_object_mut(),
+        generation["properties"].as_object(),
+    ) {
+        for (name, prop) in more {
+            let scalar = prop.get("$ref").is_some()
+                || matches!(
+                    prop["type"].as_str(),
+                    Some("string" | "integer" | "number" | "boolean")
+                );
+            if scalar && !props.contains_key(name) {
+                let mut prop = prop.clone();
+                if let Some(p) = prop.as_object_mut() {
+                    p.remove("nullable");
+                }
+                props.insert(name.clone(), prop);
+            }
+        }
+        for ignored in edit::IGNORED_FIELDS {
+            props.entry(ignored).or_insert(json!({
+                "type": "string",
+                "description": "Accepted for OpenAI compatibility and ignored."
+            }));
+        }
+    }
     let props = &mut schema["properties"];
     props["prompt"]["pattern"] = json!(PROMPT_PATTERN);
     props["seed"]["minimum"] = json!(0);
