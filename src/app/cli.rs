@@ -240,6 +240,12 @@ pub struct ServeArgs {
     /// Largest image side a request may ask for, in pixels.
     #[arg(long, default_value_t = 2048)]
     pub max_size: usize,
+    /// Most denoising steps a request may ask for (at most 150).
+    #[arg(long, default_value_t = crate::app::server::request::MAX_STEPS)]
+    pub max_steps: u64,
+    /// Most images one request may ask for (`n`, at most 10).
+    #[arg(long, default_value_t = crate::app::server::request::MAX_IMAGES)]
+    pub max_images: u64,
     /// Base of the image URLs the server hands out (default: http:// + the request's Host).
     #[arg(long)]
     pub public_url: Option<String>,
@@ -282,6 +288,10 @@ pub struct ServeArgs {
     /// replica does not autotune again (default: CubeCL's own cache folder).
     #[arg(long, value_name = "DIR", env = "HYPERGEN_AUTOTUNE_CACHE")]
     pub autotune_cache: Option<PathBuf>,
+    /// Let web pages from ORIGIN (`https://app.example.com`) call the API from a browser
+    /// (CORS); repeatable. Off by default: no CORS headers.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
 }
 
 /// `--warmup-size`.
@@ -329,9 +339,18 @@ impl ServeArgs {
         worker.max_queue_size = self.max_queue_size;
         worker.max_batch_size = self.max_batch_size;
         config.api_key = self.api_key.clone();
+        use crate::app::server::request::{MAX_IMAGES, MAX_STEPS};
+        if !(1..=MAX_STEPS).contains(&self.max_steps) {
+            bail!("--max-steps must be between 1 and {MAX_STEPS}");
+        }
+        if !(1..=MAX_IMAGES).contains(&self.max_images) {
+            bail!("--max-images must be between 1 and {MAX_IMAGES}");
+        }
         config.limits = SizeLimits {
             min: self.min_size,
             max: self.max_size,
+            max_steps: self.max_steps,
+            max_images: self.max_images,
         };
         config.public_url = self.public_url.clone();
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
@@ -359,6 +378,15 @@ impl ServeArgs {
                 gpu_only: false,
             }),
         };
+        for origin in &self.cors_origins {
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.ends_with('/')
+                && poem::http::HeaderValue::from_str(origin).is_ok();
+            if !valid {
+                bail!("--cors-origin {origin}: expected an origin such as https://app.example.com (scheme and host, no path)");
+            }
+        }
+        config.cors_origins = self.cors_origins.clone();
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]", self.host)
         } else {

@@ -6,6 +6,7 @@ mod common;
 mod bench;
 mod builtin;
 mod clip;
+mod contract;
 mod devices;
 mod edits;
 mod fleet;

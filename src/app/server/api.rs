@@ -438,10 +438,7 @@ impl Api {
             Some((bytes, OutputFormat::Png)) => ImageFileResult::Png(Binary(bytes)),
             Some((bytes, OutputFormat::Jpeg)) => ImageFileResult::Jpeg(Binary(bytes)),
             Some((bytes, OutputFormat::Webp)) => ImageFileResult::Webp(Binary(bytes)),
-            None => {
-                ApiError::not_found(format!("no image `{}` (URLs expire after one hour)", id.0))
-                    .into()
-            }
+            None => image_not_found(&id.0).into(),
         }
     }
 }
@@ -464,6 +461,16 @@ fn job_error(e: JobError) -> ApiError {
         JobError::Invalid { param, message } => ApiError::invalid_value(param, message),
         JobError::ShuttingDown => ApiError::shutting_down(),
     }
+}
+
+/// The 404 of `GET /v1/images/files/{id}` for an unknown or expired `id`.
+pub fn image_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no image `{id}` (URLs expire after one hour)"))
+}
+
+/// The 500 of a generation the worker could not finish, `message` saying why.
+pub fn failed(message: &str) -> ApiError {
+    ApiError::generation_failed(format!("the generation failed: {message}"))
 }
 
 /// Queues a streamed request and returns its event stream; errors before the job is

@@ -22,6 +22,9 @@ pub const MAX_EDIT_BODY_BYTES: usize = 32 << 20;
 /// (decompression bombs are refused without being decoded).
 pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
 
+/// OpenAI's edit fields hypergen accepts and ignores.
+pub const IGNORED_FIELDS: [&str; 3] = ["background", "input_fidelity", "moderation"];
+
 /// Fields whose text is read as a JSON number or boolean; every other field is text.
 const NUMERIC: [&str; 8] = [
     "n",
@@ -216,11 +219,10 @@ pub fn check_edit(
     let size_given = map
         .get("size")
         .and_then(Value::as_str)
-        .is_some_and(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto"));
+        .is_some_and(|s| !s.is_empty() && s != "auto");
     let mut fields = Fields::new(map);
     let strength = fields.number("strength")?;
-    // OpenAI's fields hypergen does not use.
-    for ignored in ["background", "input_fidelity", "moderation"] {
+    for ignored in IGNORED_FIELDS {
         let _ = fields.take_any(ignored);
     }
     let mut req = ImageGenerationRequest::from_fields(&mut fields)?;

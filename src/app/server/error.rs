@@ -200,6 +200,13 @@ impl ApiError {
                 "method not allowed on this route".into(),
             ),
             StatusCode::PAYLOAD_TOO_LARGE => Self::too_large(super::request::MAX_BODY_BYTES),
+            // poem's CORS middleware, for an `Origin` that `--cors-origin` does not list.
+            StatusCode::FORBIDDEN => Self::new(
+                status,
+                "invalid_request_error",
+                "origin_not_allowed",
+                "this origin may not call the API from a browser (see --cors-origin)".into(),
+            ),
             StatusCode::UNAUTHORIZED => {
                 Self::unauthorized("invalid_api_key", "missing or invalid API key")
             }

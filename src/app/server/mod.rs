@@ -7,7 +7,8 @@
 //!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
 //!   clients that went away; [`access`]: request ids and the access log;
 //!   [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request LoRA adapters;
-//!   [`playground`]: the browser page at `/`.
+//!   [`playground`]: the browser page at `/`; [`schema`]: the OpenAPI document as
+//!   generators need it.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -30,6 +31,7 @@ pub mod loras;
 pub mod metrics;
 pub mod playground;
 pub mod request;
+pub mod schema;
 pub mod types;
 pub mod worker;
 
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use poem::web::Data;
-use poem::{Endpoint, EndpointExt, Response, Route};
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route};
 use poem_openapi::OpenApiService;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -87,6 +89,9 @@ pub struct ServerConfig {
     /// How long a drain (SIGTERM) may take to finish running and queued jobs before
     /// the rest are answered 503.
     pub drain_timeout: Duration,
+    /// Web origins (`https://app.example.com`) whose pages may call the API from a
+    /// browser (CORS); empty: none, and no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 /// The default drain: within Kubernetes' default 30 s grace period, with time to exit.
@@ -109,6 +114,7 @@ impl ServerConfig {
             metrics_auth: false,
             log_prompts: false,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -179,23 +185,62 @@ pub fn openapi_service() -> OpenApiService<api::Api, ()> {
     )
 }
 
-/// The schema as served at `/openapi.json` and committed as `openapi/openapi.json`.
+/// The committed schema (`openapi/openapi.json`, `hypergen openapi`): the defaults of
+/// `hypergen serve`, usable with or without a key. `/openapi.json` serves the running
+/// server's own ([`schema::document`]).
 pub fn openapi_json() -> String {
-    openapi_service().spec()
+    schema::committed_json()
 }
+
+/// Headers a browser page may send (CORS preflight).
+const CORS_REQUEST_HEADERS: [&str; 2] = ["authorization", "content-type"];
+/// Headers a browser page may read: the retry advice of 500 and 503 answers.
+const CORS_EXPOSED_HEADERS: [&str; 2] = ["retry-after", "x-should-retry"];
 
 /// The whole HTTP application over `state`.
 pub fn app(state: Arc<AppState>) -> impl Endpoint {
     let service = openapi_service();
-    let docs = service.swagger_ui();
-    let spec = service.spec_endpoint();
+    // Swagger UI with the live document in place of poem's.
+    let docs_html = Arc::new(
+        service
+            .swagger_ui_html()
+            .replace(&service.spec(), DOCUMENT_PLACEHOLDER),
+    );
+    let cors = state.config.cors_origins.clone();
     let connections = state.connections.clone();
     let api = Route::new()
         .nest("/", service)
-        .nest("/docs", docs)
-        .at("/openapi.json", spec)
-        .at("/metrics", poem::get(metrics_endpoint));
-    playground::with_playground(api)
+        .at(
+            "/docs",
+            poem::get(poem::endpoint::make(move |req: poem::Request| {
+                let html = docs_html.clone();
+                async move {
+                    let doc = live_document(&req);
+                    poem::web::Html(html.replace(DOCUMENT_PLACEHOLDER, &schema::pretty(&doc)))
+                }
+            })),
+        )
+        .at(
+            "/openapi.json",
+            poem::get(poem::endpoint::make(|req: poem::Request| async move {
+                let doc = live_document(&req);
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(schema::pretty(&doc))
+            })),
+        )
+        .at("/metrics", poem::get(metrics_endpoint))
+        .around(allow_on_405);
+    // No CORS headers at all unless origins are configured.
+    let route = playground::with_playground(api).with_if(
+        !cors.is_empty(),
+        poem::middleware::Cors::new()
+            .allow_origins(cors)
+            .allow_methods([poem::http::Method::GET, poem::http::Method::POST])
+            .allow_headers(CORS_REQUEST_HEADERS)
+            .expose_headers(CORS_EXPOSED_HEADERS),
+    );
+    route
         .catch_all_error(error::catch_all)
         .around(access::around)
         .around(move |ep, req| {
@@ -236,6 +281,52 @@ async fn metrics_endpoint(
     Ok(Response::builder()
         .content_type(metrics::CONTENT_TYPE)
         .body(state.metrics.render(&state.worker)))
+}
+
+/// Where the Swagger UI page takes the document.
+const DOCUMENT_PLACEHOLDER: &str = "__HYPERGEN_OPENAPI_DOCUMENT__";
+
+/// The document describing the server that answers `req`.
+fn live_document(req: &poem::Request) -> serde_json::Value {
+    match req.data::<Arc<AppState>>() {
+        Some(state) => schema::document(&schema::ServerFacts::of(
+            &state.config,
+            &state.public_base(req),
+        )),
+        None => schema::document(&schema::ServerFacts::committed()),
+    }
+}
+
+/// Adds `Allow` (RFC 9110) to a 405: the methods the path answers.
+async fn allow_on_405<E: Endpoint>(
+    next: Arc<E>,
+    req: poem::Request,
+) -> poem::Result<poem::Response> {
+    let allow = schema::allowed_methods(req.uri().path());
+    let with_allow = |mut resp: poem::Response| {
+        if let Some(allow) = allow {
+            if let Ok(v) = poem::http::HeaderValue::from_str(allow) {
+                resp.headers_mut().insert(poem::http::header::ALLOW, v);
+            }
+        }
+        resp
+    };
+    match next.call(req).await {
+        Ok(resp) => {
+            let resp = resp.into_response();
+            Ok(
+                if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+                    with_allow(resp)
+                } else {
+                    resp
+                },
+            )
+        }
+        Err(e) if e.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED => {
+            Ok(with_allow(error::catch_all(e).await))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A running server: the model loaded, listening.

@@ -27,18 +27,29 @@ pub const MAX_LORA_SCALE: f64 = 2.0;
 /// Most LoRA adapters one request may name (`lora_path` and `loras` together).
 pub const MAX_REQUEST_LORAS: usize = 8;
 
-/// The image sizes the server accepts: each side a multiple of 8 in `min..=max`.
+/// How large a request the server accepts: image sides (each a multiple of 8 in
+/// `min..=max`), denoising steps and images per request (at most [`MAX_STEPS`] and
+/// [`MAX_IMAGES`], lower on a server started with `--max-steps`/`--max-images`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeLimits {
     /// Smallest side in pixels.
     pub min: usize,
     /// Largest side in pixels.
     pub max: usize,
+    /// Most denoising steps a request may ask for.
+    pub max_steps: u64,
+    /// Most images a request may ask for.
+    pub max_images: u64,
 }
 
 impl Default for SizeLimits {
     fn default() -> Self {
-        Self { min: 64, max: 2048 }
+        Self {
+            min: 64,
+            max: 2048,
+            max_steps: MAX_STEPS,
+            max_images: MAX_IMAGES,
+        }
     }
 }
 
@@ -395,24 +406,26 @@ pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> En
     }
 }
 
-/// Parses `WIDTHxHEIGHT` (or `auto`, 1024x1024) within `limits`.
+/// Parses `WIDTHxHEIGHT` (or `auto`, 1024x1024) within `limits`. Exactly that form:
+/// decimal sides without sign or leading zeros, a lowercase `x`, nothing around them,
+/// so that the schema's pattern ([`super::schema::size_pattern`]) can say what is taken.
 pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), ApiError> {
-    let size = size.trim();
     let auto = types::default_size();
-    let size = if size.eq_ignore_ascii_case("auto") {
-        auto.as_str()
-    } else {
-        size
-    };
+    let size = if size == "auto" { auto.as_str() } else { size };
     let bad = || {
         ApiError::invalid_value(
             "size",
-            format!("`size` must look like `1024x1024` (WIDTHxHEIGHT), got `{size}`"),
+            format!("`size` must look like `1024x1024` (WIDTHxHEIGHT) or be `auto`, got `{size}`"),
         )
     };
-    let (w, h) = size.split_once(['x', 'X', '×']).ok_or_else(bad)?;
-    let w: usize = w.trim().parse().map_err(|_| bad())?;
-    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    let side = |s: &str| -> Option<usize> {
+        let canonical = !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        canonical.then(|| s.parse().ok()).flatten()
+    };
+    let (w, h) = size.split_once('x').ok_or_else(bad)?;
+    let (w, h) = (side(w).ok_or_else(bad)?, side(h).ok_or_else(bad)?);
     for (what, v) in [("width", w), ("height", h)] {
         if v < limits.min || v > limits.max || !v.is_multiple_of(8) {
             return Err(ApiError::invalid_value(
@@ -425,6 +438,14 @@ pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), Api
         }
     }
     Ok((w, h))
+}
+
+/// Whether a prompt has nothing but ASCII whitespace (the schema's `prompt` pattern
+/// refuses the same).
+pub fn is_blank(prompt: &str) -> bool {
+    prompt
+        .chars()
+        .all(|c| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'))
 }
 
 /// Most partial images a streamed request may ask for (OpenAI's limit).
@@ -494,20 +515,28 @@ pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora
     Ok(out)
 }
 
-/// Checks what the field parser cannot (size, features hypergen lacks) and builds the
+/// Checks what the field parser cannot (size, this server's limits, features hypergen
+/// lacks) and builds the
 /// pipeline request; `seed` fills in an absent seed.
 pub fn check(
     req: &ImageGenerationRequest,
     limits: &SizeLimits,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
-    if req.prompt.trim().is_empty() {
+    if is_blank(&req.prompt) {
         return Err(ApiError::invalid_value(
             "prompt",
             "`prompt` must not be empty",
         ));
     }
     let (width, height) = parse_size(&req.size, limits)?;
+    in_range("n", u64::from(req.n), 1, limits.max_images)?;
+    in_range(
+        "num_inference_steps",
+        u64::from(req.num_inference_steps),
+        1,
+        limits.max_steps,
+    )?;
     let loras = requested_loras(req)?;
     Ok(Checked {
         loras,

@@ -90,6 +90,7 @@ pub struct ImageGenerationRequest {
     /// With `stream`, how many partial images to send, 0 to 3 (default 0): the decoded
     /// current estimate of the finished image, evenly spaced over the steps. Each costs
     /// one VAE decode.
+    #[oai(validator(maximum(value = "3")))]
     pub partial_images: Option<u32>,
     /// hypergen's extension: with `stream`, also send `hypergen.progress` events: every
     /// second while the job waits (`queue_position`), then after every denoising step
@@ -242,6 +243,7 @@ pub struct ImageEditRequest {
     /// Accepted for OpenAI compatibility and ignored.
     pub model: Option<String>,
     /// How many images, 1 to 10.
+    #[oai(validator(minimum(value = "1"), maximum(value = "10")))]
     pub n: Option<u32>,
     /// `WIDTHxHEIGHT` of the output, multiples of 8 within the server's limits. Absent
     /// or `auto`: the image's size, rounded down to multiples of 8.
@@ -251,11 +253,13 @@ pub struct ImageEditRequest {
     /// `png` (default, with the A1111 `parameters` chunk), `jpeg` or `webp` (lossless).
     pub output_format: Option<OutputFormatName>,
     /// 0–100, default 100: the JPEG quality; PNG and WebP are lossless and ignore it.
+    #[oai(validator(maximum(value = "100")))]
     pub output_compression: Option<u8>,
     /// `true`: answer `text/event-stream` with `image_edit.partial_image` and
     /// `image_edit.completed` events (as `/v1/images/generations` streams).
     pub stream: Option<bool>,
     /// With `stream`, how many partial images to send, 0 to 3 (default 0).
+    #[oai(validator(maximum(value = "3")))]
     pub partial_images: Option<u32>,
     /// hypergen's extension: with `stream`, a `hypergen.progress` event after every step.
     pub stream_progress: Option<bool>,
@@ -265,12 +269,15 @@ pub struct ImageEditRequest {
     /// `steps − ⌊steps × strength⌋` (diffusers' `strength`). Default 0.75 without a
     /// mask, 1.0 (the masked region from pure noise) with one. `steps × strength` must be
     /// at least 1.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub strength: Option<f64>,
     /// What to steer away from.
     pub negative_prompt: Option<String>,
     /// Denoising steps of the whole schedule, 1 to 150 (default 50).
+    #[oai(validator(minimum(value = "1"), maximum(value = "150")))]
     pub num_inference_steps: Option<u32>,
     /// Classifier-free guidance scale, 0 to 20 (default 7.5).
+    #[oai(validator(minimum(value = "0"), maximum(value = "20")))]
     pub guidance_scale: Option<f64>,
     /// Noise seed (random when absent). The image's latent sample is drawn first, then
     /// the noise, as diffusers draws them.

@@ -1,0 +1,572 @@
+//! The OpenAPI document clients are generated from. poem-openapi derives it from the
+//! routes and types; this module reshapes what common generators and validators trip on
+//! (openapi-python-client, OpenAPI Generator, openapi-typescript, schemathesis) and, for
+//! the live `/openapi.json`, describes the running server exactly: its base URL, whether
+//! it needs a key, its size limits and queue.
+//!
+//! The reshaping: a bare `$ref` (with its description beside it) instead of poem's
+//! `allOf` wrapper; plain `application/json` content keys; both 200 answers of the image
+//! routes (JSON and `text/event-stream`), which poem keeps only one of; `nullable` where
+//! the server sends or takes `null`; `additionalProperties: false` on the JSON request,
+//! whose unknown fields are refused; patterns for `prompt` and `size` that accept
+//! exactly what the server accepts; an example error per status, made by the code that
+//! makes the real one; `servers`; and security that clients satisfy with or without a
+//! key (committed document) or exactly as the server needs (live document).
+
+use std::sync::OnceLock;
+
+use poem_openapi::types::ToJSON;
+use poem_openapi::ApiResponse;
+use serde_json::{json, Map, Value};
+
+use super::api::{self, EditResult, GenerateResult, ImageFileResult};
+use super::auth::{self, ApiKey, SCHEME_NAME};
+use super::edit::{self, EditForm, MAX_EDIT_BODY_BYTES};
+use super::error::ApiError;
+use super::request::{self, SizeLimits, MAX_BODY_BYTES};
+use super::types::{self, ImageGenerationRequest};
+use super::ServerConfig;
+use crate::device::DeviceSpec;
+
+/// Where `hypergen serve` listens by default, for the committed document's `servers`.
+pub const DEFAULT_BASE_URL: &str = "http://localhost:8000";
+
+/// What the document says about the server it describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    /// `Some(true)`: every `/v1` route needs the key; `Some(false)`: none does; `None`
+    /// (the committed document): either, so clients may send a key or not.
+    pub key: Option<bool>,
+    /// The image sizes requests may ask for.
+    pub limits: SizeLimits,
+    /// Accepted requests that may wait (the 503 example names it).
+    pub max_queue_size: usize,
+    /// The base URL clients reach the server at.
+    pub base_url: String,
+}
+
+impl ServerFacts {
+    /// The facts of the committed document: the defaults of `hypergen serve`, with or
+    /// without a key.
+    pub fn committed() -> Self {
+        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), DEFAULT_BASE_URL).with_key(None)
+    }
+
+    /// The facts of a server configured as `config`, reached at `base_url`.
+    pub fn of(config: &ServerConfig, base_url: &str) -> Self {
+        Self {
+            key: Some(config.api_key.is_some()),
+            limits: config.limits,
+            max_queue_size: config.worker.max_queue_size,
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    fn with_key(self, key: Option<bool>) -> Self {
+        Self { key, ..self }
+    }
+}
+
+/// The committed document (`openapi/openapi.json`, `hypergen openapi`).
+pub fn committed_json() -> String {
+    pretty(&document(&ServerFacts::committed()))
+}
+
+/// `doc` as the server serves it: indented JSON.
+pub fn pretty(doc: &Value) -> String {
+    // A `Value` always serializes.
+    serde_json::to_string_pretty(doc).unwrap_or_default()
+}
+
+/// The document describing a server with `facts`.
+pub fn document(facts: &ServerFacts) -> Value {
+    let mut doc: Value =
+        serde_json::from_str(&super::openapi_service().spec()).unwrap_or_else(|_| json!({}));
+    unwrap_single_refs(&mut doc);
+    plain_json(&mut doc);
+    let routes = [
+        ("/v1/images/generations", "post", GenerateResult::meta()),
+        ("/v1/images/edits", "post", EditResult::meta()),
+        ("/v1/images/files/{id}", "get", ImageFileResult::meta()),
+    ];
+    for (path, method, meta) in routes {
+        merge_same_status(&mut doc, path, method, meta.responses);
+    }
+    unsigned_minimum(&mut doc);
+    event_streams(&mut doc);
+    let schemas = &mut doc["components"]["schemas"];
+    error_body(&mut schemas["ErrorBody"]);
+    generation_request(&mut schemas["ImageGenerationRequest"], &facts.limits);
+    let generation = doc["components"]["schemas"]["ImageGenerationRequest"].clone();
+    let form = &mut doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+        ["multipart/form-data"]["schema"];
+    edit_form(form, &generation, &facts.limits);
+    error_examples(&mut doc, facts);
+    security(&mut doc, facts.key);
+    doc["servers"] = json!([{
+        "url": facts.base_url,
+        "description": match facts.key {
+            None => "`hypergen serve`'s default address",
+            Some(_) => "this server",
+        },
+    }]);
+    doc
+}
+
+/// Replaces poem's `allOf: [{$ref}, {description, default}]` (how it attaches a
+/// description to a referenced type) with the `$ref` and its siblings, which
+/// openapi-python-client cannot take ("Cannot take allOf a non-object") and which
+/// makes other generators invent a wrapper class.
+fn unwrap_single_refs(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let single = map
+                .get("allOf")
+                .and_then(Value::as_array)
+                .filter(|all| {
+                    all.first().is_some_and(|f| f.get("$ref").is_some())
+                        && all[1..].iter().all(|x| x.get("$ref").is_none())
+                })
+                .cloned();
+            if let Some(all) = single {
+                map.remove("allOf");
+                for part in all {
+                    if let Value::Object(part) = part {
+                        for (k, x) in part {
+                            map.entry(k).or_insert(x);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(unwrap_single_refs);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unwrap_single_refs),
+        _ => {}
+    }
+}
+
+/// `application/json; charset=utf-8` keys become `application/json`: the media type
+/// clients match (the answers still say `charset=utf-8`, a parameter clients ignore).
+fn plain_json(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(x) = map.remove("application/json; charset=utf-8") {
+                map.insert("application/json".into(), x);
+            }
+            map.values_mut().for_each(plain_json);
+        }
+        Value::Array(items) => items.iter_mut().for_each(plain_json),
+        _ => {}
+    }
+}
+
+/// poem keeps one response per status; a route answering 200 in several media types
+/// (JSON or an event stream; PNG, JPEG or WebP) gets them all, and their descriptions,
+/// back from its response type.
+fn merge_same_status(
+    doc: &mut Value,
+    path: &str,
+    method: &str,
+    responses: Vec<poem_openapi::registry::MetaResponse>,
+) {
+    let Some(op) = doc["paths"][path][method]["responses"].as_object_mut() else {
+        return;
+    };
+    let mut merged: Map<String, Value> = Map::new();
+    for r in responses {
+        let Some(status) = r.status else { continue };
+        let Ok(Value::Object(r)) = serde_json::to_value(&r) else {
+            continue;
+        };
+        let entry = merged
+            .entry(status.to_string())
+            .or_insert_with(|| json!({"description": "", "content": {}}));
+        let description = entry["description"].as_str().unwrap_or("").to_string();
+        let add = r["description"].as_str().unwrap_or("");
+        entry["description"] = json!(if description.is_empty() {
+            add.to_string()
+        } else {
+            format!("{description}\n\n{add}")
+        });
+        if let (Some(into), Some(Value::Object(content))) =
+            (entry["content"].as_object_mut(), r.get("content").cloned())
+        {
+            into.extend(content);
+        }
+    }
+    for (status, m) in merged {
+        let Some(resp) = op.get_mut(&status) else {
+            continue;
+        };
+        if m["content"].as_object().is_some_and(|c| c.len() > 1) {
+            resp["description"] = m["description"].clone();
+            resp["content"] = m["content"].clone();
+            plain_json(resp);
+        }
+    }
+}
+
+/// An event stream's schema describes one event (OpenAPI before 3.2 has no `itemSchema`):
+/// its `event` name and its `data`, an `ImageStreamEvent` as JSON text. poem describes
+/// the stream as an array of the data objects, which no validator reads as SSE.
+fn event_streams(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(stream) = map.get_mut("text/event-stream") {
+                stream["schema"] = json!({
+                    "type": "object",
+                    "description": "One server-sent event.",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {
+                            "type": "string",
+                            "description": "The event's type, as its `data`'s `type`."
+                        },
+                        "data": {
+                            "type": "string",
+                            "description": "An `ImageStreamEvent` (see the schemas) as JSON text."
+                        }
+                    }
+                });
+            }
+            map.values_mut().for_each(event_streams);
+        }
+        Value::Array(items) => items.iter_mut().for_each(event_streams),
+        _ => {}
+    }
+}
+
+/// poem gives unsigned integers a `format` (`uint32`) but no `minimum`, which validators
+/// do not read: negative numbers would pass for valid.
+fn unsigned_minimum(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let unsigned = map
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| f.starts_with("uint"));
+            if unsigned && map.get("type").and_then(Value::as_str) == Some("integer") {
+                map.entry("minimum").or_insert(json!(0));
+            }
+            map.values_mut().for_each(unsigned_minimum);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unsigned_minimum),
+        _ => {}
+    }
+}
+
+/// The server always sends all four fields, `param` and `code` as `null` when they do
+/// not apply.
+fn error_body(schema: &mut Value) {
+    schema["required"] = json!(["message", "type", "param", "code"]);
+    for nullable in ["param", "code"] {
+        schema["properties"][nullable]["nullable"] = json!(true);
+    }
+}
+
+/// What a `prompt` must contain: a character other than ASCII whitespace (the same set
+/// as [`request::is_blank`]).
+const PROMPT_PATTERN: &str = "[^ \\t\\n\\r\\x0b\\x0c]";
+
+/// The JSON request: unknown fields are refused, `null` counts as absent, `prompt`,
+/// `size`, `n` and steps as the server checks them.
+fn generation_request(schema: &mut Value, limits: &SizeLimits) {
+    schema["additionalProperties"] = json!(false);
+    let required: Vec<String> = schema["required"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(props) = schema["properties"].as_object_mut() {
+        for (name, prop) in props.iter_mut() {
+            if !required.contains(name) {
+                prop["nullable"] = json!(true);
+            }
+            // openapi-typescript types a component's property that has a `default` as
+            // always present, which a request body's is not: the default moves into the
+            // description.
+            if let Some(default) = prop.as_object_mut().and_then(|p| p.remove("default")) {
+                let text = prop["description"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_end()
+                    .to_string();
+                prop["description"] = json!(format!("{text}\n\nDefault: `{default}`."));
+            }
+        }
+    }
+    let props = &mut schema["properties"];
+    props["prompt"]["pattern"] = json!(PROMPT_PATTERN);
+    props["seed"]["minimum"] = json!(0);
+    props["seed"]["maximum"] = json!(u64::MAX);
+    props["n"]["maximum"] = json!(limits.max_images);
+    props["num_inference_steps"]["maximum"] = json!(limits.max_steps);
+    let auto_fits = request::parse_size(&types::default_size(), limits).is_ok();
+    props["size"]["pattern"] = json!(size_pattern(limits, auto_fits, false));
+    let steps_fit = u64::from(types::default_steps()) <= limits.max_steps;
+    // A default outside this server's limits: a request must give the field.
+    for (field, fits) in [("size", auto_fits), ("num_inference_steps", steps_fit)] {
+        if fits {
+            continue;
+        }
+        if let Some(prop) = schema["properties"][field].as_object_mut() {
+            prop.remove("nullable");
+        }
+        if let Some(r) = schema["required"].as_array_mut() {
+            r.push(json!(field));
+        }
+    }
+}
+
+/// The edit form: `prompt`, `size`, `n` and steps as the server checks them (an absent,
+/// empty or `auto` size is the image's own).
+fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
+    // The form is read with the generation request's reader (plus `strength`, the files
+    // and OpenAI's fields it ignores), which refuses any other field: it takes the
+    // generation's scalar fields too.
+    schema["additionalProperties"] = json!(false);
+    if let (Some(props), Some(more)) = (
+        schema["properties"].as_object_mut(),
+        generation["properties"].as_object(),
+    ) {
+        for (name, prop) in more {
+            let scalar = prop.get("$ref").is_some()
+                || matches!(
+                    prop["type"].as_str(),
+                    Some("string" | "integer" | "number" | "boolean")
+                );
+            if scalar && !props.contains_key(name) {
+                let mut prop = prop.clone();
+                if let Some(p) = prop.as_object_mut() {
+                    p.remove("nullable");
+                }
+                props.insert(name.clone(), prop);
+            }
+        }
+        for ignored in edit::IGNORED_FIELDS {
+            props.entry(ignored).or_insert(json!({
+                "type": "string",
+                "description": "Accepted for OpenAI compatibility and ignored."
+            }));
+        }
+    }
+    let props = &mut schema["properties"];
+    props["prompt"]["pattern"] = json!(PROMPT_PATTERN);
+    props["seed"]["minimum"] = json!(0);
+    props["seed"]["maximum"] = json!(u64::MAX);
+    props["size"]["pattern"] = json!(size_pattern(limits, true, true));
+    props["n"]["maximum"] = json!(limits.max_images);
+    props["num_inference_steps"]["maximum"] = json!(limits.max_steps);
+    if u64::from(types::default_steps()) > limits.max_steps {
+        // The default is outside this server's limits: a request must give the field.
+        if let Some(r) = schema["required"].as_array_mut() {
+            r.push(json!("num_inference_steps"));
+        }
+    }
+}
+
+/// A regular expression matching exactly the `size` values [`request::parse_size`]
+/// takes: `WIDTHxHEIGHT`, each a multiple of 8 within `limits` written without leading
+/// zeros, or `auto` when `auto` is allowed (and the empty string when `empty` is).
+pub fn size_pattern(limits: &SizeLimits, auto: bool, empty: bool) -> String {
+    let sides: Vec<String> = (limits.min..=limits.max)
+        .filter(|v| *v > 0 && v.is_multiple_of(8))
+        .map(|v| v.to_string())
+        .collect();
+    let mut alternatives = Vec::new();
+    if !sides.is_empty() {
+        let side = format!("(?:{})", sides.join("|"));
+        alternatives.push(format!("{side}x{side}"));
+    }
+    if auto {
+        alternatives.push("auto".into());
+    }
+    if empty {
+        alternatives.push(String::new());
+    }
+    if alternatives.is_empty() {
+        // Nothing is accepted: a pattern no string matches.
+        return "^(?!)$".into();
+    }
+    format!("^(?:{})$", alternatives.join("|"))
+}
+
+/// The example error of each operation and status, each made as the server makes it.
+fn error_examples(doc: &mut Value, facts: &ServerFacts) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let Some(responses) = op["responses"].as_object_mut() else {
+                continue;
+            };
+            for (status, resp) in responses.iter_mut() {
+                let is_error = resp["content"]["application/json"]["schema"]["$ref"]
+                    == "#/components/schemas/ErrorResponse";
+                if !is_error {
+                    continue;
+                }
+                if let Some(e) = example_error(path, status, facts) {
+                    resp["content"]["application/json"]["example"] =
+                        e.body().to_json().unwrap_or(Value::Null);
+                }
+            }
+        }
+    }
+}
+
+/// The error a request to `path` answered with `status` could get.
+fn example_error(path: &str, status: &str, facts: &ServerFacts) -> Option<ApiError> {
+    let edits = path == "/v1/images/edits";
+    Some(match status {
+        "400" if edits => {
+            let form = EditForm {
+                texts: [("prompt".to_string(), "a cat".to_string())].into(),
+                ..EditForm::default()
+            };
+            edit::check_edit(form, &facts.limits, || 0).err()?
+        }
+        "400" => request::parse_body::<ImageGenerationRequest>(br#"{"prompt": "a cat", "n": 12}"#)
+            .err()?,
+        "401" => {
+            let key: ApiKey = "example-key".parse().ok()?;
+            auth::check(Some(&key), None).err()?
+        }
+        "404" => api::image_not_found("6f1c0e7d9b2a4c1e8f3a5b7d9e0f1a2b"),
+        "413" if edits => ApiError::too_large(MAX_EDIT_BODY_BYTES),
+        "413" => ApiError::too_large(MAX_BODY_BYTES),
+        "500" => api::failed(&format!(
+            "out of memory: {}",
+            "allocating 1.5 GiB on cuda:0"
+        )),
+        "503" => ApiError::queue_full(facts.max_queue_size),
+        _ => return None,
+    })
+}
+
+/// `key`: `None` lets clients send a key or not (`[{bearerAuth: []}, {}]`), `Some(true)`
+/// requires it, `Some(false)` drops the requirement.
+fn security(doc: &mut Value, key: Option<bool>) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let Some(op) = op.as_object_mut() else {
+                continue;
+            };
+            if !op.contains_key("security") {
+                continue;
+            }
+            match key {
+                None => {
+                    let mut with_key = Map::new();
+                    with_key.insert(SCHEME_NAME.into(), json!([]));
+                    op.insert("security".into(), json!([with_key, {}]));
+                }
+                Some(true) => {}
+                Some(false) => {
+                    op.remove("security");
+                }
+            }
+        }
+    }
+}
+
+/// The methods a path answers, for the `Allow` header of a 405; `None` for unknown paths.
+pub fn allowed_methods(path: &str) -> Option<&'static str> {
+    static ROUTES: OnceLock<Vec<(Vec<String>, String)>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let doc = document(&ServerFacts::committed());
+        let mut routes: Vec<(Vec<String>, String)> = doc["paths"]
+            .as_object()
+            .map(|paths| {
+                paths
+                    .iter()
+                    .map(|(p, item)| {
+                        let methods: Vec<String> = item
+                            .as_object()
+                            .map(|m| m.keys().map(|k| k.to_ascii_uppercase()).collect())
+                            .unwrap_or_default();
+                        (segments(p), methods.join(", "))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for fixed in ["/openapi.json", "/docs"] {
+            routes.push((segments(fixed), "GET".into()));
+        }
+        routes
+    });
+    let given = segments(path);
+    routes
+        .iter()
+        .find(|(pattern, _)| {
+            pattern.len() == given.len()
+                && pattern
+                    .iter()
+                    .zip(&given)
+                    .all(|(p, g)| p == g || (p.starts_with('{') && !g.is_empty()))
+        })
+        .map(|(_, methods)| methods.as_str())
+}
+
+fn segments(path: &str) -> Vec<String> {
+    path.trim_end_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_patterns_list_the_sides() {
+        let limits = SizeLimits {
+            min: 60,
+            max: 80,
+            ..SizeLimits::default()
+        };
+        assert_eq!(
+            size_pattern(&limits, false, false),
+            "^(?:(?:64|72|80)x(?:64|72|80))$"
+        );
+        assert_eq!(
+            size_pattern(&limits, true, true),
+            "^(?:(?:64|72|80)x(?:64|72|80)|auto|)$"
+        );
+        assert_eq!(
+            size_pattern(
+                &SizeLimits {
+                    min: 9,
+                    max: 15,
+                    ..SizeLimits::default()
+                },
+                false,
+                false
+            ),
+            "^(?!)$"
+        );
+    }
+
+    #[test]
+    fn allow_lists_the_routes_methods() {
+        assert_eq!(allowed_methods("/v1/images/generations"), Some("POST"));
+        assert_eq!(allowed_methods("/v1/images/files/abc"), Some("GET"));
+        assert_eq!(allowed_methods("/health"), Some("GET"));
+        assert_eq!(allowed_methods("/openapi.json"), Some("GET"));
+        assert_eq!(allowed_methods("/v2/nothing"), None);
+    }
+}
