@@ -287,6 +287,7 @@ pub struct ImageEditRequest {
     /// A LoRA adapter for this edit, as in `/v1/images/generations`.
     pub lora_path: Option<String>,
     /// Strength of `lora_path`, 0 to 2 (default 1).
+    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
     pub lora_scale: Option<f64>,
     /// Several LoRA adapters, as in `/v1/images/generations`, written as JSON text:
     /// `[{"path": "pixel-art-xl.safetensors", "scale": 0.8}]`.
