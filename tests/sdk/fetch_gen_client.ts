@@ -48,6 +48,8 @@ async function main(): Promise<void> {
   check(health.status === HealthStatus.Healthy, "healthy");
   const models = await new ModelsApi(config).listModels();
   check(models.object === "list" && models.data.length === 1, "one model");
+  const loras = await new ModelsApi(config).listLoras();
+  check(loras.object === "list" && loras.enabled === false && loras.data.length === 0, "no LoRA directory");
   const images = new ImagesApi(config);
   const b64 = await images.createImage({
     imageGenerationRequest: { prompt, size: "64x64", numInferenceSteps: 2, seed: 1 },

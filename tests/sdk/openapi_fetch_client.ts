@@ -38,6 +38,8 @@ async function main(): Promise<void> {
   check(health.data?.status === "healthy", "healthy");
   const models = await client.GET("/v1/models");
   check(models.data?.object === "list" && models.data.data.length === 1, "one model");
+  const loras = await client.GET("/v1/loras");
+  check(loras.data?.enabled === false && loras.data.data.length === 0, "no LoRA directory");
   const b64 = await client.POST("/v1/images/generations", {
     body: { prompt, size: "64x64", num_inference_steps: 2, seed: 1 },
   });

@@ -7,7 +7,7 @@ openapi-python-client, OpenAPI Generator (`python`, `typescript-fetch`) and
 openapi-typescript (+ openapi-fetch); fails on a generator warning not listed below with
 its reason, and on any operation or model missing from the generated code. Then drives
 each client through every route of the server at BASE_URL (started with API_KEY and
-`--max-steps 4`): health, models, a generation decoded as PNG, a `url` answer fetched
+`--max-steps 4`): health, models, LoRAs, a generation decoded as PNG, a `url` answer fetched
 through the client, a 400 whose `message` and `param` the client exposes, a 401 from a
 client without the key. TOOLS holds the generators (scripts/test installs them);
 WORK is an empty scratch folder. Prints each step's time and "sdk clients OK".
@@ -124,6 +124,7 @@ def openapi_python_client():
     client_mod = importlib.import_module(pkg)
     health = importlib.import_module(f"{pkg}.api.health.health")
     list_models = importlib.import_module(f"{pkg}.api.models.list_models")
+    list_loras = importlib.import_module(f"{pkg}.api.models.list_loras")
     create_image = importlib.import_module(f"{pkg}.api.images.create_image")
     get_image = importlib.import_module(f"{pkg}.api.images.get_image")
     models = importlib.import_module(f"{pkg}.models")
@@ -133,6 +134,8 @@ def openapi_python_client():
     assert h.status.value == "healthy", h
     m = list_models.sync(client=client)
     assert m.object_ == "list" and len(m.data) == 1, m
+    lo = list_loras.sync(client=client)
+    assert lo.object_ == "list" and lo.enabled is False and lo.data == [], lo
     body = models.ImageGenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=1)
     r = create_image.sync(client=client, body=body)
     is_png(base64.b64decode(r.data[0].b64_json))
@@ -180,6 +183,8 @@ def openapi_generator_python():
     assert h.status == gen.HealthStatus.HEALTHY, h
     m = gen.ModelsApi(api).list_models()
     assert m.object == "list" and len(m.data) == 1, m
+    lo = gen.ModelsApi(api).list_loras()
+    assert lo.object == "list" and lo.enabled is False and lo.data == [], lo
     images = gen.ImagesApi(api)
     r = images.create_image(gen.ImageGenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=1))
     is_png(base64.b64decode(r.data[0].b64_json))
