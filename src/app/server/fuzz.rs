@@ -14,7 +14,6 @@ use super::edit::{check_edit, decode_upload, EditForm};
 use super::error::ApiError;
 use super::request::{
     check, parse_body, parse_output_format, parse_size, Checked, SizeLimits, MAX_GUIDANCE,
-    MAX_IMAGES, MAX_STEPS,
 };
 use super::types::ImageGenerationRequest;
 use crate::load::fuzz::config;
@@ -125,7 +124,14 @@ fn body_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 /// Size limits as `--min-size`/`--max-size` may set them, in any order.
 fn limits() -> impl Strategy<Value = SizeLimits> {
-    (0usize..4096, 0usize..4096).prop_map(|(min, max)| SizeLimits { min, max })
+    (0usize..4096, 0usize..4096, 0u64..200, 0u64..16).prop_map(
+        |(min, max, max_steps, max_images)| SizeLimits {
+            min,
+            max,
+            max_steps,
+            max_images,
+        },
+    )
 }
 
 /// A refusal is OpenAI's error object: a client error with a message, and `param` one of
@@ -149,8 +155,8 @@ fn assert_within(c: &Checked, limits: &SizeLimits) -> Result<(), TestCaseError> 
             "{g:?}"
         );
     }
-    prop_assert!((1..=MAX_IMAGES as usize).contains(&g.num_images));
-    prop_assert!((1..=MAX_STEPS as usize).contains(&g.num_inference_steps));
+    prop_assert!((1..=limits.max_images as usize).contains(&g.num_images));
+    prop_assert!((1..=limits.max_steps as usize).contains(&g.num_inference_steps));
     prop_assert!((0.0..=MAX_GUIDANCE).contains(&g.guidance_scale));
     prop_assert!(!g.prompt.trim().is_empty());
     Ok(())
@@ -239,7 +245,7 @@ proptest! {
         mask in image_bytes(),
     ) {
         // Small limits keep the resizing of accepted edits cheap.
-        let limits = SizeLimits { min: 8, max: 64 };
+        let limits = SizeLimits { min: 8, max: 64, ..SizeLimits::default() };
         let form = EditForm { texts: texts.into_iter().collect::<HashMap<_, _>>(), image, mask };
         match check_edit(form, &limits, || 7) {
             Ok(c) => assert_within(&c, &limits)?,
