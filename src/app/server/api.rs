@@ -473,6 +473,43 @@ pub fn failed(message: &str) -> ApiError {
     ApiError::generation_failed(format!("the generation failed: {message}"))
 }
 
+/// Hands a checked request to the worker's queue (503 when it is full or closed) and
+/// logs its acceptance.
+fn submit(
+    state: &AppState,
+    http: &Request,
+    checked: &request::Checked,
+    loras: Vec<JobLora>,
+    stream: Option<StreamOptions>,
+) -> Result<(u64, oneshot::Receiver<JobResult>), ApiError> {
+    let g = &checked.generation;
+    let partial_images = stream.as_ref().map(|s| s.partial_images);
+    let (id, answer) = state
+        .worker
+        .submit_job(
+            g.clone(),
+            checked.encoding.clone(),
+            loras,
+            stream,
+            access::job_timing(http, &g.prompt),
+        )
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
+            SubmitError::Closed => ApiError::shutting_down(),
+        })?;
+    tracing::info!(
+        job = id,
+        seed = g.seed,
+        n = g.num_images,
+        width = g.width,
+        height = g.height,
+        steps = g.num_inference_steps,
+        partial_images,
+        "accepted image request"
+    );
+    Ok((id, answer))
+}
+
 /// Queues a streamed request and returns its event stream; errors before the job is
 /// accepted are ordinary error responses. A task forwards the worker's events; it ends,
 /// dropping the job's answer channel (which cancels the job at its next step), when the
@@ -493,32 +530,11 @@ fn start_stream(
         .ok_or_else(|| ApiError::internal("a streamed request without stream settings"))?;
     let g = &checked.generation;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (id, answer) = state
-        .worker
-        .submit_job(
-            g.clone(),
-            checked.encoding.clone(),
-            loras,
-            Some(StreamOptions {
-                partial_images: settings.partial_images,
-                events: events_tx,
-            }),
-            access::job_timing(http, &g.prompt),
-        )
-        .map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
-            SubmitError::Closed => ApiError::shutting_down(),
-        })?;
-    tracing::info!(
-        job = id,
-        seed = g.seed,
-        n = g.num_images,
-        width = g.width,
-        height = g.height,
-        steps = g.num_inference_steps,
-        partial_images = settings.partial_images,
-        "accepted streamed image request"
-    );
+    let stream = StreamOptions {
+        partial_images: settings.partial_images,
+        events: events_tx,
+    };
+    let (id, answer) = submit(state, http, &checked, loras, Some(stream))?;
     let meta = EventMeta {
         prefix,
         size: format!("{}x{}", g.width, g.height),
@@ -735,29 +751,7 @@ async fn run_checked(
     if state.worker.is_shutting_down() {
         return Err(ApiError::shutting_down());
     }
-    let g = &checked.generation;
-    let (id, answer) = state
-        .worker
-        .submit_job(
-            g.clone(),
-            checked.encoding.clone(),
-            loras,
-            None,
-            access::job_timing(http, &g.prompt),
-        )
-        .map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::queue_full(state.worker.max_queue_size()),
-            SubmitError::Closed => ApiError::shutting_down(),
-        })?;
-    tracing::info!(
-        job = id,
-        seed = g.seed,
-        n = g.num_images,
-        width = g.width,
-        height = g.height,
-        steps = g.num_inference_steps,
-        "accepted image request"
-    );
+    let (id, answer) = submit(state, http, &checked, loras, None)?;
     // Stop waiting (which drops the job, or stops it at its next step) when the client
     // goes away.
     let mut answer = answer;
