@@ -197,3 +197,17 @@ pub fn fixture_pipeline<B: FusedOps>(
 ) -> hypergen::pipeline::SdxlPipeline<B> {
     fixture_pipeline_with(dtype, &Default::default(), &Default::default(), device)
 }
+
+/// For a test that needs an outside tool: `Ok(())` when it is there; otherwise a failure
+/// under CI (`CI` set, where `scripts/test` installs every tool) and, elsewhere, a skip
+/// notice naming what is missing (`false`: the test returns at once).
+pub fn tool_present(test: &str, missing: Result<(), String>) -> bool {
+    match missing {
+        Ok(()) => true,
+        Err(what) => {
+            assert!(std::env::var_os("CI").is_none(), "{test}: {what}");
+            eprintln!("SKIPPED {test}: {what}");
+            false
+        }
+    }
+}

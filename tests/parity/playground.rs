@@ -165,9 +165,7 @@ fn screenshot_dir() -> PathBuf {
 /// browser; elsewhere it prints a skip notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playground_in_chromium() {
-    if let Err(missing) = browser_tools() {
-        assert!(std::env::var_os("CI").is_none(), "{missing}");
-        eprintln!("SKIPPED playground_in_chromium: {missing}");
+    if !crate::common::tool_present("playground_in_chromium", browser_tools()) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -271,6 +271,29 @@ pub struct TrackedStream {
 }
 
 impl TrackedStream {
+    /// Books a write's outcome: a failure marks the client gone, progress restarts the
+    /// write deadline, and a pending write fails once the deadline has passed.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match &result {
+            Poll::Ready(Err(_)) => self.connection.mark_gone(),
+            Poll::Pending => {
+                if let Some(e) = self.check_deadline(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.connection.note_written();
+                }
+            }
+        }
+        result
+    }
+
     /// For a read or write that is pending: an error once the connection's deadline has
     /// passed (the timer wakes the task then).
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
@@ -336,20 +359,7 @@ impl AsyncWrite for TrackedStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        match &result {
-            Poll::Ready(Err(_)) => self.connection.mark_gone(),
-            Poll::Pending => {
-                if let Some(e) = self.check_deadline(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Poll::Ready(Ok(n)) => {
-                if *n > 0 {
-                    self.connection.note_written();
-                }
-            }
-        }
-        result
+        self.after_write(cx, result)
     }
 
     fn poll_write_vectored(
@@ -358,20 +368,7 @@ impl AsyncWrite for TrackedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        match &result {
-            Poll::Ready(Err(_)) => self.connection.mark_gone(),
-            Poll::Pending => {
-                if let Some(e) = self.check_deadline(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Poll::Ready(Ok(n)) => {
-                if *n > 0 {
-                    self.connection.note_written();
-                }
-            }
-        }
-        result
+        self.after_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
