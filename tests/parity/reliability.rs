@@ -452,6 +452,11 @@ async fn server_overload_with_retry_after() {
         );
         assert!(images.insert(png), "client {i}: a duplicate image");
     }
+    // The worker counts a job just after sending its answer: let the last count land.
+    let settle = std::time::Instant::now();
+    while server.stats().completed < CLIENTS as u64 && settle.elapsed().as_secs() < 5 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let stats = server.stats();
     eprintln!(
         "{CLIENTS} clients, queue {QUEUE}: all served in {:.1} s after {refused} 503s",
