@@ -4,7 +4,10 @@
 //! Burn's tensor ops on the CPU take a pass (and an allocation) per op of the plain
 //! compositions: 0.2–0.6 GB/s for GroupNorm and GEGLU, and attention ran at a fifth of
 //! PyTorch's speed. Here each op is one pass over its data ([`group_norm`], [`geglu`])
-//! or blocked GEMMs around an in-cache softmax ([`attention`]).
+//! or blocked GEMMs around an in-cache softmax ([`attention`]), and convolutions are
+//! GEMMs on row blocks of their input, neither transposed nor copied whole ([`conv`]),
+//! linear layers one GEMM over all rows with the bias written first ([`linear`]), and
+//! LayerNorm one pass per row in cache ([`layer_norm`]).
 //!
 //! - Each kernel honours [`KernelSet::current`]: off, the op is the plain composition.
 //! - The kernels compute in f32. Float16 and bfloat16 tensors are cast to f32 around
@@ -23,8 +26,12 @@ use burn_flex::{FlexTensor, Layout};
 use crate::{plain, FusedOps, KernelSet};
 
 mod attention;
+mod conv;
 mod geglu;
+mod gemm_split;
 mod group_norm;
+mod layer_norm;
+mod linear;
 pub(crate) mod math;
 
 #[cfg(test)]
@@ -138,6 +145,154 @@ impl FusedOps for Flex {
             t.into_primitive().tensor()
         };
         wrap(attention::attention(&prim(q), &prim(k), &prim(v)), dtype)
+    }
+
+    fn fused_conv2d(
+        x: Tensor<Self, 4>,
+        weight: Tensor<Self, 4>,
+        bias: Option<Tensor<Self, 1>>,
+        stride: usize,
+        padding: usize,
+    ) -> Tensor<Self, 4> {
+        let [n, ci, h, w] = x.dims();
+        let [co, wci, kh, kw] = weight.dims();
+        let params = conv::Params {
+            input: [n, ci, h, w],
+            out_channels: co,
+            kernel: [kh, kw],
+            stride,
+            padding,
+        };
+        let dtype = x.dtype();
+        // Half precision stays with Burn's convolution: casting both ways around ours
+        // would cost more than it saves at the dtypes the CPU is not run in by default.
+        let Some([ho, wo]) = params.output_size() else {
+            return plain::conv2d(x, weight, bias, stride, padding);
+        };
+        if !KernelSet::current().conv
+            || dtype != DType::F32
+            || weight.dtype() != dtype
+            || bias
+                .as_ref()
+                .is_some_and(|b| b.dtype() != dtype || b.dims() != [co])
+            || wci != ci
+            || n * co * ho * wo == 0
+        {
+            return plain::conv2d(x, weight, bias, stride, padding);
+        }
+        let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
+        let bias = bias.map(contiguous_f32);
+        let out = conv::conv2d(
+            x.storage::<f32>(),
+            weight.storage::<f32>(),
+            bias.as_ref().map(|b| b.storage::<f32>()),
+            params,
+        );
+        wrap(from_vec(out, vec![n, co, ho, wo]), dtype)
+    }
+
+    fn fused_layer_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        bias: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        let dims = x.dims();
+        let dtype = x.dtype();
+        let dim = if D == 0 { 0 } else { dims[D - 1] };
+        if !KernelSet::current().layer_norm
+            || !half_or_f32(dtype)
+            || dim == 0
+            || weight.dims() != [dim]
+            || bias.dims() != [dim]
+        {
+            return plain::layer_norm(x, weight, bias, eps);
+        }
+        let (weight, bias) = (contiguous_f32(weight), contiguous_f32(bias));
+        let mut x = contiguous_f32(x);
+        let run = |values: &mut [f32]| {
+            layer_norm::layer_norm_in_place(
+                values,
+                dim,
+                weight.storage::<f32>(),
+                bias.storage::<f32>(),
+                eps,
+            )
+        };
+        // In place when nothing else holds the input (the residual stream is cloned,
+        // so usually a copy).
+        if let Some(values) = x.try_storage_mut::<f32>() {
+            run(values);
+            return wrap(x, dtype);
+        }
+        let mut values = x.storage::<f32>().to_vec();
+        run(&mut values);
+        wrap(from_vec(values, dims.to_vec()), dtype)
+    }
+
+    fn fused_linear<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, D> {
+        let dims = x.dims();
+        let [input, output] = weight.dims();
+        let dtype = x.dtype();
+        if !KernelSet::current().linear
+            || D == 0
+            || dtype != DType::F32
+            || weight.dtype() != dtype
+            || bias
+                .as_ref()
+                .is_some_and(|b| b.dtype() != dtype || b.dims() != [output])
+            || dims[D - 1] != input
+        {
+            return plain::linear(x, weight, bias);
+        }
+        let rows: usize = dims[..D - 1].iter().product();
+        let x = x.into_primitive().tensor();
+        // The rows of `x` as one matrix through its strides when its leading dims merge
+        // (contiguous tensors, GEGLU's half rows); a contiguous copy otherwise.
+        let x = match row_strides(x.layout()) {
+            Some(_) => x,
+            None => x.to_contiguous(),
+        };
+        let [x_rs, x_cs] = row_strides(x.layout()).expect("a contiguous layout merges");
+        let bias = bias.map(contiguous_f32);
+        let weight = weight.into_primitive().tensor();
+        let w_strides = weight.layout().strides();
+        let out = linear::linear(
+            &matrix(&x, [rows, input], [x_rs, x_cs]),
+            &matrix(&weight, [input, output], [w_strides[0], w_strides[1]]),
+            bias.as_ref().map(|b| b.storage::<f32>()),
+        );
+        let mut shape = dims.to_vec();
+        shape[D - 1] = output;
+        wrap(from_vec(out, shape), dtype)
+    }
+}
+
+/// The f32 tensor `t` as the matrix `dims` with `strides` from its start offset.
+fn matrix(t: &FlexTensor, dims: [usize; 2], strides: [isize; 2]) -> linear::Matrix<'_> {
+    linear::Matrix {
+        data: t.storage::<f32>(),
+        start: t.layout().start_offset(),
+        dims,
+        strides,
+    }
+}
+
+/// Row and column strides of a layout seen as a matrix of its last dim's rows: `Some`
+/// when every leading dim steps by the next one's stride times its size.
+fn row_strides(layout: &Layout) -> Option<[isize; 2]> {
+    let (dims, strides) = (layout.shape(), layout.strides());
+    let d = strides.len();
+    match d {
+        0 => None,
+        1 => Some([dims[0] as isize * strides[0], strides[0]]),
+        _ => (0..d - 2)
+            .all(|i| dims[i] == 1 || strides[i] == strides[i + 1] * dims[i + 1] as isize)
+            .then(|| [strides[d - 2], strides[d - 1]]),
     }
 }
 

@@ -62,6 +62,42 @@ pub trait FusedOps: Backend {
         plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
     }
 
+    /// 2-d convolution of `x` `[N, Ci, H, W]` with `weight` `[Co, Ci, Kh, Kw]` and an
+    /// optional `bias` `[Co]`: the same `stride` and zero `padding` on both axes, no
+    /// dilation, one group (every SDXL convolution). The CPU backend has its own GEMM
+    /// kernel; others run Burn's `conv2d`.
+    fn fused_conv2d(
+        x: Tensor<Self, 4>,
+        weight: Tensor<Self, 4>,
+        bias: Option<Tensor<Self, 1>>,
+        stride: usize,
+        padding: usize,
+    ) -> Tensor<Self, 4> {
+        plain::conv2d(x, weight, bias, stride, padding)
+    }
+
+    /// LayerNorm over the last dim of `x` with float32 statistics (biased variance), then
+    /// `weight`, `bias` (`[dim]`); output in `x`'s dtype.
+    fn fused_layer_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        bias: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        plain::layer_norm(x, weight, bias, eps)
+    }
+
+    /// `x·weight + bias` over the last dim of `x` `[.., in]`, `weight` `[in, out]` (Burn's
+    /// `Linear` layout), `bias` `[out]`. The CPU backend runs every row of `x` through one
+    /// GEMM; others run Burn's `linear`.
+    fn fused_linear<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, D> {
+        plain::linear(x, weight, bias)
+    }
+
     /// Our flash-attention kernel alone (no autotuned choice), for tests and benchmarks;
     /// `None` on backends without it (the CPU).
     fn flash_attention(
@@ -92,7 +128,7 @@ pub struct DeviceMemory {
 }
 
 /// Which of our kernels run, from `HYPERGEN_KERNELS`: `all` (default), `none`, or a comma
-/// list of `group_norm`, `geglu`, `attention`. Off means the plain Burn ops of [`plain`].
+/// list of `group_norm`, `geglu`, `attention`, `conv`, `linear`, `layer_norm`. Off means the plain Burn ops of [`plain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSet {
     /// Fused GroupNorm(+SiLU).
@@ -101,6 +137,12 @@ pub struct KernelSet {
     pub geglu: bool,
     /// Flash attention.
     pub attention: bool,
+    /// Convolution (the CPU backend's; GPUs always run Burn's).
+    pub conv: bool,
+    /// Linear layers (the CPU backend's; GPUs always run Burn's).
+    pub linear: bool,
+    /// LayerNorm (the CPU backend's; GPUs run the plain composition under fusion).
+    pub layer_norm: bool,
 }
 
 impl KernelSet {
@@ -109,12 +151,18 @@ impl KernelSet {
         group_norm: true,
         geglu: true,
         attention: true,
+        conv: true,
+        linear: true,
+        layer_norm: true,
     };
     /// Every kernel off.
     pub const NONE: KernelSet = KernelSet {
         group_norm: false,
         geglu: false,
         attention: false,
+        conv: false,
+        linear: false,
+        layer_norm: false,
     };
 
     /// Parses the `HYPERGEN_KERNELS` syntax.
@@ -131,10 +179,13 @@ impl KernelSet {
                 "group_norm" => set.group_norm = true,
                 "geglu" => set.geglu = true,
                 "attention" => set.attention = true,
+                "conv" => set.conv = true,
+                "linear" => set.linear = true,
+                "layer_norm" => set.layer_norm = true,
                 other => {
                     return Err(format!(
                         "unknown kernel `{other}` in HYPERGEN_KERNELS (expected all, none, or a \
-                         comma list of group_norm, geglu, attention)"
+                         comma list of group_norm, geglu, attention, conv, linear, layer_norm)"
                     ))
                 }
             }
@@ -162,6 +213,9 @@ impl std::fmt::Display for KernelSet {
             (self.group_norm, "group_norm"),
             (self.geglu, "geglu"),
             (self.attention, "attention"),
+            (self.conv, "conv"),
+            (self.linear, "linear"),
+            (self.layer_norm, "layer_norm"),
         ]
         .into_iter()
         .filter_map(|(on, n)| on.then_some(n))

@@ -4,8 +4,8 @@
 
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::{attention, conv2d as burn_conv2d, linear as burn_linear};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use burn::tensor::{DType, Tensor};
 
 /// Most attention scores (`N·H·rows·S`) held at once by [`attention_chunked`]: 2²⁴ floats
@@ -49,6 +49,48 @@ pub fn geglu<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let value = x.clone().narrow(2, 0, half);
     let gate = x.narrow(2, half, half);
     value * gelu(gate)
+}
+
+/// Burn's `conv2d` with the same `stride` and zero `padding` on both axes, no dilation,
+/// one group.
+pub fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<B, 4> {
+    let options = ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1);
+    burn_conv2d(x, weight, bias, options)
+}
+
+/// LayerNorm over the last dim with float32 statistics whatever the dtype (as PyTorch:
+/// half-precision sums over wide rows lose most of their precision or overflow).
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let centered = x.clone() - x.mean_dim(D - 1);
+    let var = centered.clone().square().mean_dim(D - 1);
+    let normed = centered / (var + eps).sqrt();
+    let mut shape = [1; D];
+    shape[D - 1] = weight.dims()[0];
+    let out =
+        normed * weight.cast(DType::F32).reshape(shape) + bias.cast(DType::F32).reshape(shape);
+    out.cast(dtype)
+}
+
+/// Burn's `linear`: `x·weight + bias` with `weight` `[in, out]`.
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    burn_linear(x, weight, bias)
 }
 
 /// Softmax attention through Burn's `attention` op in one call: the reference.

@@ -274,13 +274,20 @@ fn fill<B: FusedOps, M: Module<B>>(
                 .cast(dtype)
                 .into_primitive(),
             2 => {
-                let t = Tensor::<B, 2>::from_data(TensorData::new(data, shape), device);
-                let t = if info.kind == LayerKind::Linear && !src.burn_layout {
-                    t.transpose()
+                // Linear weights are transposed here, on the host, so the model holds
+                // them contiguous in Burn's `[in, out]` layout like a folder's: the CPU
+                // GEMM then reads both the same way (and gives the same bits).
+                let (data, shape) = if info.kind == LayerKind::Linear && !src.burn_layout {
+                    (
+                        transpose(&data, shape[0], shape[1]),
+                        vec![shape[1], shape[0]],
+                    )
                 } else {
-                    t
+                    (data, shape)
                 };
-                t.cast(dtype).into_primitive()
+                Tensor::<B, 2>::from_data(TensorData::new(data, shape), device)
+                    .cast(dtype)
+                    .into_primitive()
             }
             3 => Tensor::<B, 3>::from_data(TensorData::new(data, shape), device)
                 .cast(dtype)
@@ -499,4 +506,21 @@ pub fn load_single_file<B: FusedOps>(
         },
         loras: Default::default(),
     })
+}
+
+/// `rows × cols` row-major `data` transposed (`cols × rows`).
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    // Blocks keep both sides' lines in cache for the strided half.
+    const BLOCK: usize = 64;
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }

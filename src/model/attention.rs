@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
-use crate::model::layers::{group_norm, group_norm_forward, linear};
+use crate::model::layers::{group_norm, group_norm_forward, linear, linear_forward};
 
 /// Multi-head attention with separate q/k/v projections and an output projection.
 /// `to_out` is a list because diffusers stores it as `to_out.0` (a Linear) followed
@@ -107,11 +107,11 @@ impl<B: FusedOps> Attention<B> {
     /// when `None`). Returns `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let ctx = context.unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(ctx.clone());
-        let v = self.to_v.forward(ctx);
+        let q = linear_forward(&self.to_q, x);
+        let k = linear_forward(&self.to_k, ctx.clone());
+        let v = linear_forward(&self.to_v, ctx);
         let out = sdpa(q, k, v, self.heads, false);
-        self.to_out[0].forward(out)
+        linear_forward(&self.to_out[0], out)
     }
 
     /// Spatial self-attention with residual, as the VAE's mid block uses it:

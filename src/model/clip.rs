@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::attention::sdpa;
-use crate::model::layers::{layer_norm, linear, LayerNorm};
+use crate::model::layers::{layer_norm, linear, linear_forward, LayerNorm};
 
 /// `config.json` of a CLIP text encoder folder: transformers' `CLIPTextConfig` keys,
 /// with transformers' defaults for absent ones.
@@ -167,10 +167,10 @@ pub struct ClipAttention<B: FusedOps> {
 impl<B: FusedOps> ClipAttention<B> {
     /// `[N, L, C]` → `[N, L, C]`, each position attending to itself and earlier ones.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
-        let v = self.v_proj.forward(x);
-        self.out_proj.forward(sdpa(q, k, v, self.heads, true))
+        let q = linear_forward(&self.q_proj, x.clone());
+        let k = linear_forward(&self.k_proj, x.clone());
+        let v = linear_forward(&self.v_proj, x);
+        linear_forward(&self.out_proj, sdpa(q, k, v, self.heads, true))
     }
 }
 
@@ -188,7 +188,7 @@ pub struct ClipMlp<B: FusedOps> {
 impl<B: FusedOps> ClipMlp<B> {
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(self.act.apply(self.fc1.forward(x)))
+        linear_forward(&self.fc2, self.act.apply(linear_forward(&self.fc1, x)))
     }
 }
 
@@ -349,7 +349,7 @@ impl<B: FusedOps> ClipTextModel<B> {
         let text_embeds = self
             .text_projection
             .as_ref()
-            .map(|p| p.forward(pooled.clone()));
+            .map(|p| linear_forward(p, pooled.clone()));
         ClipOutput {
             penultimate,
             last,

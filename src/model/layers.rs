@@ -7,7 +7,7 @@ use burn::module::{Initializer, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
 /// `nn.Linear(input, output, bias)`.
 pub fn linear<B: FusedOps>(
@@ -36,6 +36,35 @@ pub fn conv2d<B: FusedOps>(
             padding, padding, padding, padding,
         ))
         .init(device)
+}
+
+/// `Linear` forward through [`FusedOps::fused_linear`] (on the CPU one GEMM over every
+/// row, the bias written first).
+pub fn linear_forward<B: FusedOps, const D: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let bias = linear.bias.as_ref().map(|b| b.val());
+    B::fused_linear(x, linear.weight.val(), bias)
+}
+
+/// `Conv2d` forward through [`FusedOps::fused_conv2d`] (our GEMM kernel on the CPU) for
+/// the layers it takes: one stride and one explicit padding for every side, no dilation,
+/// one group (every convolution [`conv2d`] builds); Burn's own forward for others.
+pub fn conv2d_forward<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => Some(t),
+        PaddingConfig2d::Valid => Some(0),
+        _ => None,
+    };
+    let [sh, sw] = conv.stride;
+    match padding {
+        Some(padding) if sh == sw && conv.dilation == [1, 1] && conv.groups == 1 => {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            B::fused_conv2d(x, conv.weight.val(), bias, sh, padding)
+        }
+        _ => conv.forward(x),
+    }
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
@@ -98,28 +127,9 @@ pub struct LayerNorm<B: FusedOps> {
 }
 
 impl<B: FusedOps> LayerNorm<B> {
-    /// Normalises the last dimension.
+    /// Normalises the last dimension ([`FusedOps::fused_layer_norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let half = matches!(dtype, DType::F16 | DType::BF16);
-        let x = if half { x.cast(DType::F32) } else { x };
-        let centered = x.clone() - x.mean_dim(D - 1);
-        let var = centered.clone().square().mean_dim(D - 1);
-        let normed = centered / (var + self.eps).sqrt();
-        let mut shape = [1; D];
-        shape[D - 1] = self.weight.shape()[0];
-        let (w, b) = (self.weight.val(), self.bias.val());
-        let (w, b) = if half {
-            (w.cast(DType::F32), b.cast(DType::F32))
-        } else {
-            (w, b)
-        };
-        let out = normed * w.reshape(shape) + b.reshape(shape);
-        if half {
-            out.cast(dtype)
-        } else {
-            out
-        }
+        B::fused_layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 

@@ -7,7 +7,9 @@ use burn::nn::{GroupNorm, Linear};
 use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
-use crate::model::layers::{as_channels, conv2d, group_norm, group_norm_silu, linear};
+use crate::model::layers::{
+    as_channels, conv2d, conv2d_forward, group_norm, group_norm_silu, linear, linear_forward,
+};
 
 /// A residual block: GroupNorm, SiLU, 3×3 conv, optional time-embedding shift, twice,
 /// plus a 1×1 shortcut when the channel count changes.
@@ -65,13 +67,13 @@ impl<B: FusedOps> ResnetBlock2D<B> {
     /// `x`: `[N, C_in, H, W]`; `temb`: `[N, T]` (already the raw embedding; the SiLU
     /// before the projection is applied here, as diffusers does).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(group_norm_silu(&self.norm1, x.clone()));
+        let mut h = conv2d_forward(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            h = h + as_channels(proj.forward(silu(t)));
+            h = h + as_channels(linear_forward(proj, silu(t)));
         }
-        let h = self.conv2.forward(group_norm_silu(&self.norm2, h));
+        let h = conv2d_forward(&self.conv2, group_norm_silu(&self.norm2, h));
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => conv2d_forward(c, x),
             None => x,
         };
         let out = skip + h;

@@ -6,7 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::layers::{conv2d, upsample_nearest2x};
+use crate::model::layers::{conv2d, conv2d_forward, upsample_nearest2x};
 use crate::FusedOps;
 
 /// `Downsample2D`: a 3×3 convolution with stride 2.
@@ -35,7 +35,7 @@ impl<B: FusedOps> Downsample2D<B> {
 
     /// `[N, C, H, W]` → `[N, C, H/2, W/2]` (rounded as PyTorch rounds).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(x)
+        conv2d_forward(&self.conv, x)
     }
 }
 
@@ -63,7 +63,7 @@ impl<B: FusedOps> Upsample2D<B> {
             Some(size) if size != [h * 2, w * 2] => resize_nearest(x, size),
             _ => upsample_nearest2x(x),
         };
-        self.conv.forward(up)
+        conv2d_forward(&self.conv, up)
     }
 }
 

@@ -116,7 +116,7 @@ pub(crate) fn group_norm_in_place(x: &mut [f32], p: Params<'_>) {
 }
 
 /// Mean and (biased) variance of `x`, computed as described in the module docs.
-fn moments(x: &[f32]) -> (f64, f64) {
+pub(crate) fn moments(x: &[f32]) -> (f64, f64) {
     let (mut count, mut mean, mut m2) = (0f64, 0f64, 0f64);
     for block in x.chunks(BLOCK) {
         let len = block.len() as f64;

@@ -742,3 +742,326 @@ fn attention_other_strides() {
     let got = values(Flex::fused_attention(tq, tk, tv));
     check("attention flipped k and v", &got, &want, TOL_F32);
 }
+
+// ---------------------------------------------------------------------------------
+// convolution
+
+/// Direct convolution in f64 on the host: the reference independent of Burn.
+fn conv2d_f64(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    [n, ci, h, wd]: [usize; 4],
+    [co, kh, kw]: [usize; 3],
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
+    let ho = (h + 2 * pad - kh) / stride + 1;
+    let wo = (wd + 2 * pad - kw) / stride + 1;
+    let mut out = Vec::with_capacity(n * co * ho * wo);
+    for b in 0..n {
+        for o in 0..co {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut acc = bias.map_or(0.0, |b| b[o] as f64);
+                    for c in 0..ci {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x[((b * ci + c) * h + iy as usize) * wd + ix as usize];
+                                let wv = w[((o * ci + c) * kh + ky) * kw + kx];
+                                acc += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    out.push(acc as f32);
+                }
+            }
+        }
+    }
+    out
+}
+
+struct ConvCase {
+    input: [usize; 4],
+    out_channels: usize,
+    kernel: [usize; 2],
+    stride: usize,
+    padding: usize,
+    bias: bool,
+}
+
+/// Our convolution against the f64 host reference and against Burn's `conv2d`.
+fn conv_case(case: ConvCase) {
+    kernels_on();
+    let ConvCase {
+        input,
+        out_channels: co,
+        kernel: [kh, kw],
+        stride,
+        padding,
+        bias,
+    } = case;
+    let ci = input[1];
+    let xv = data(input.iter().product(), 0.3, 1.0, 0.1);
+    let wv = data(co * ci * kh * kw, 1.7, 0.2, 0.0);
+    let bv = data(co, 2.9, 0.5, 0.2);
+    let x = tensor(&xv, input, DType::F32);
+    let w = tensor(&wv, [co, ci, kh, kw], DType::F32);
+    let b = bias.then(|| tensor(&bv, [co], DType::F32));
+    let what = format!("conv {input:?} → {co}, {kh}×{kw}, stride {stride}, padding {padding}");
+    let got = Flex::fused_conv2d(x.clone(), w.clone(), b.clone(), stride, padding);
+    let burn = plain::conv2d(x, w, b, stride, padding);
+    assert_eq!(got.dims(), burn.dims(), "{what}: shape");
+    let got = values(got);
+    let want = conv2d_f64(
+        &xv,
+        &wv,
+        bias.then_some(&bv[..]),
+        input,
+        [co, kh, kw],
+        stride,
+        padding,
+    );
+    check(&format!("{what} vs f64"), &got, &want, TOL_F32);
+    check(&format!("{what} vs Burn"), &got, &values(burn), TOL_F32);
+}
+
+#[test]
+fn conv_shapes() {
+    let case = |input, out_channels, kernel, stride, padding, bias| {
+        conv_case(ConvCase {
+            input,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            bias,
+        })
+    };
+    // SDXL's kinds: 3×3 same-size, 3×3 stride-2 downsample, 1×1 shortcut (with and
+    // without bias), and the VAE's 3-channel image convolutions.
+    case([2, 8, 9, 11], 12, [3, 3], 1, 1, true);
+    case([1, 6, 10, 7], 5, [3, 3], 2, 1, true);
+    case([2, 6, 9, 9], 4, [3, 3], 2, 0, false);
+    case([2, 16, 5, 6], 24, [1, 1], 1, 0, true);
+    case([1, 16, 5, 6], 8, [1, 1], 1, 0, false);
+    case([1, 3, 12, 12], 8, [3, 3], 1, 1, true);
+    case([1, 8, 12, 12], 3, [3, 3], 1, 1, true);
+    // Edges: kernels wider than the input without padding's help on one axis, a single
+    // column, padding wider than the kernel's reach, non-square kernels, 1×1 padded.
+    case([1, 4, 3, 1], 2, [3, 3], 1, 1, true);
+    case([2, 3, 4, 5], 2, [3, 3], 1, 2, true);
+    case([1, 5, 6, 7], 3, [1, 3], 1, 1, true);
+    case([1, 5, 6, 7], 3, [3, 1], 2, 1, false);
+    case([1, 4, 5, 5], 3, [1, 1], 1, 1, true);
+    case([1, 4, 7, 8], 3, [5, 5], 3, 2, true);
+    // Small images as one GEMM over the batch, with enough work to split its output
+    // channels across threads.
+    case([2, 32, 8, 8], 160, [3, 3], 1, 1, true);
+    case([3, 16, 6, 5], 136, [1, 1], 1, 0, false);
+}
+
+/// Large enough that the output is split into several row blocks per image (and the
+/// pointwise case into several pixel blocks), so the blocks' seams are checked.
+#[test]
+fn conv_row_blocks() {
+    let x = tensor(
+        &data(2 * 64 * 72 * 40, 0.5, 1.0, 0.0),
+        [2, 64, 72, 40],
+        DType::F32,
+    );
+    for (co, k, stride, pad) in [(48, 3, 1, 1), (32, 3, 2, 1), (40, 1, 1, 0)] {
+        let w = tensor(
+            &data(co * 64 * k * k, 1.1, 0.1, 0.0),
+            [co, 64, k, k],
+            DType::F32,
+        );
+        let b = tensor(&data(co, 2.2, 0.3, 0.0), [co], DType::F32);
+        let got = Flex::fused_conv2d(x.clone(), w.clone(), Some(b.clone()), stride, pad);
+        let want = plain::conv2d(x.clone(), w, Some(b), stride, pad);
+        check(
+            &format!("conv [2, 64, 72, 40] → {co}, {k}×{k}, stride {stride}"),
+            &values(got),
+            &values(want),
+            TOL_F32,
+        );
+    }
+}
+
+/// A strided view as input (the kernel makes it contiguous) and half precision (Burn's
+/// convolution) give what Burn gives.
+#[test]
+fn conv_views_and_half_precision() {
+    let x = tensor(
+        &data(2 * 6 * 8 * 5, 0.5, 1.0, 0.0),
+        [2, 6, 5, 8],
+        DType::F32,
+    )
+    .swap_dims(2, 3);
+    let w = tensor(&data(4 * 6 * 9, 1.1, 0.2, 0.0), [4, 6, 3, 3], DType::F32);
+    let got = Flex::fused_conv2d(x.clone(), w.clone(), None, 1, 1);
+    let want = plain::conv2d(x.clone(), w.clone(), None, 1, 1);
+    check(
+        "conv of a transposed view",
+        &values(got),
+        &values(want),
+        TOL_F32,
+    );
+    let (xh, wh) = (x.cast(DType::F16), w.cast(DType::F16));
+    let got = Flex::fused_conv2d(xh.clone(), wh.clone(), None, 1, 1);
+    assert_eq!(got.dtype(), DType::F16);
+    let want = plain::conv2d(xh, wh, None, 1, 1);
+    assert_eq!(
+        values(got),
+        values(want),
+        "half precision runs Burn's convolution"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// linear
+
+/// `x·W + b` in f64 on the host.
+fn linear_f64(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    rows: usize,
+    [i, o]: [usize; 2],
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * o);
+    for r in 0..rows {
+        for c in 0..o {
+            let mut acc = b.map_or(0.0, |b| b[c] as f64);
+            for k in 0..i {
+                acc += x[r * i + k] as f64 * w[k * o + c] as f64;
+            }
+            out.push(acc as f32);
+        }
+    }
+    out
+}
+
+#[test]
+fn linear_shapes() {
+    kernels_on();
+    // Rows of several batch entries as one GEMM, below and above the threshold where
+    // GEMM splits across threads; with and without bias; the weight as stored and as a
+    // transposed view of a PyTorch-layout `[out, in]` tensor.
+    for (batch, rows, i, o, bias) in [
+        ([2usize, 3usize], 5usize, 7usize, 9usize, true),
+        ([1, 1], 1, 16, 4, false),
+        ([2, 1], 64, 96, 160, true),
+        ([3, 2], 40, 130, 70, false),
+        // Enough work to split the columns across threads, the last block narrower.
+        ([2, 2], 50, 100, 300, true),
+    ] {
+        let n = batch[0] * batch[1] * rows;
+        let xv = data(n * i, 0.4, 1.0, 0.1);
+        let wv = data(i * o, 1.3, 0.2, 0.0);
+        let bv = data(o, 2.1, 0.5, 0.0);
+        let want = linear_f64(&xv, &wv, bias.then_some(&bv[..]), n, [i, o]);
+        let x = tensor(&xv, [batch[0], batch[1], rows, i], DType::F32);
+        let b = bias.then(|| tensor(&bv, [o], DType::F32));
+        let w = tensor(&wv, [i, o], DType::F32);
+        // The same matrix stored `[o, i]` and viewed transposed.
+        let wt: Vec<f32> = (0..o * i).map(|j| wv[(j % i) * o + j / i]).collect();
+        let w_view = tensor(&wt, [o, i], DType::F32).transpose();
+        for (what, w) in [("stored", w), ("transposed view", w_view)] {
+            let what = format!("linear {batch:?}×{rows}×{i} → {o}, weight {what}");
+            let got = Flex::fused_linear(x.clone(), w.clone(), b.clone());
+            assert_eq!(got.dims(), [batch[0], batch[1], rows, o], "{what}: shape");
+            let burn = plain::linear(x.clone(), w, b.clone());
+            let got = values(got);
+            check(&format!("{what} vs f64"), &got, &want, TOL_F32);
+            check(&format!("{what} vs Burn"), &got, &values(burn), TOL_F32);
+        }
+    }
+    // Half rows as GEGLU leaves them (read through their row stride, no copy).
+    let x = tensor(&data(2 * 3 * 8, 0.6, 1.0, 0.0), [2, 3, 8], DType::F32).narrow(2, 0, 4);
+    let w = tensor(&data(4 * 5, 1.2, 0.3, 0.0), [4, 5], DType::F32);
+    let b = tensor(&data(5, 0.8, 0.3, 0.0), [5], DType::F32);
+    let got = Flex::fused_linear(x.clone(), w.clone(), Some(b.clone()));
+    check(
+        "linear of half rows",
+        &values(got),
+        &values(plain::linear(x, w, Some(b))),
+        TOL_F32,
+    );
+    // A transposed view as input (made contiguous first) and a 2-d input.
+    let x = tensor(&data(6 * 4, 0.9, 1.0, 0.0), [1, 6, 4], DType::F32).swap_dims(1, 2);
+    let w = tensor(&data(6 * 3, 1.9, 0.3, 0.0), [6, 3], DType::F32);
+    let got = Flex::fused_linear(x.clone(), w.clone(), None);
+    check(
+        "linear of a transposed view",
+        &values(got),
+        &values(plain::linear(x, w.clone(), None)),
+        TOL_F32,
+    );
+    let x2 = tensor(&data(5 * 6, 0.2, 1.0, 0.0), [5, 6], DType::F32);
+    let got = Flex::fused_linear(x2.clone(), w.clone(), None);
+    check(
+        "linear 2-d",
+        &values(got),
+        &values(plain::linear(x2, w, None)),
+        TOL_F32,
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// layer norm
+
+fn layer_norm_f64(x: &[f32], dim: usize, w: &[f32], b: &[f32], eps: f64) -> Vec<f32> {
+    x.chunks(dim)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            row.iter()
+                .zip(w.iter().zip(b))
+                .map(move |(&v, (&w, &b))| ((v as f64 - mean) * rstd * w as f64 + b as f64) as f32)
+        })
+        .collect()
+}
+
+#[test]
+fn layer_norm_shapes_and_dtypes() {
+    kernels_on();
+    // Odd widths, SDXL's widths with enough rows for several tasks, a large mean next
+    // to a small spread, and half precision (f32 statistics, one rounding at the end).
+    for (dtype, rows, dim, shift) in [
+        (DType::F32, 3usize, 5usize, 0.0f32),
+        (DType::F32, 7, 1000, 0.0),
+        (DType::F32, 130, 640, 0.0),
+        (DType::F32, 9, 1280, 300.0),
+        (DType::F16, 33, 768, 0.0),
+        (DType::BF16, 12, 2048, 1.0),
+    ] {
+        let xv = data(rows * dim, 0.7, 1.5, shift);
+        let wv = data(dim, 1.4, 0.5, 1.0);
+        let bv = data(dim, 2.6, 0.2, 0.0);
+        let x = tensor(&xv, [1, rows, dim], dtype);
+        let (w, b) = (tensor(&wv, [dim], dtype), tensor(&bv, [dim], dtype));
+        // What the kernel sees after the inputs are stored in `dtype`.
+        let (xs, ws, bs) = (values(x.clone()), values(w.clone()), values(b.clone()));
+        let want = layer_norm_f64(&xs, dim, &ws, &bs, 1e-5);
+        let got = both_ownerships(x.clone(), |x| {
+            Flex::fused_layer_norm(x, w.clone(), b.clone(), 1e-5)
+        });
+        assert_eq!(got.dtype(), dtype);
+        let what = format!("layer norm {rows}×{dim} {dtype:?}");
+        let got = values(got);
+        check(&format!("{what} vs f64"), &got, &want, tolerance(dtype));
+        // The plain composition loses digits to a large mean (2e-5 at mean 300), so it
+        // is compared only where it is accurate itself.
+        if shift == 0.0 {
+            let plain = values(plain::layer_norm(x, w, b, 1e-5));
+            check(&format!("{what} vs plain"), &got, &plain, tolerance(dtype));
+        }
+    }
+}

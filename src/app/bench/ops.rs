@@ -4,8 +4,6 @@
 //! `HYPERGEN_KERNELS` leaves on) beside their plain-Burn references in
 //! [`crate::kernels::plain`].
 
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Distribution, Tensor};
 use serde::Serialize;
 
@@ -138,8 +136,8 @@ impl OpShape {
 pub struct OpMeasurement {
     /// The op (`unet.conv3x3.320`, `vae.attention`, …).
     pub name: String,
-    /// `burn` (Burn's own op), `fused` (the [`FusedOps`] method) or `plain` (its
-    /// plain-Burn reference).
+    /// `fused` (the [`FusedOps`] method), `ours` (our flash kernel alone) or `plain`
+    /// (its plain-Burn reference).
     pub variant: &'static str,
     /// The image size whose shapes these are.
     pub width: usize,
@@ -311,16 +309,16 @@ fn run_case<B: FusedOps>(
             let k = Tensor::<B, 4>::random([cout, cin, 3, 3], small, opts);
             let b = Tensor::<B, 1>::random([cout], small, opts);
             sync::<B>(device)?;
-            let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
             out.push((
-                "burn",
+                "fused",
                 measure::<B, _>(device, warmup, iters, || {
-                    Ok(conv2d(
-                        x.clone(),
-                        k.clone(),
-                        Some(b.clone()),
-                        options.clone(),
-                    ))
+                    Ok(B::fused_conv2d(x.clone(), k.clone(), Some(b.clone()), 1, 1))
+                })?,
+            ));
+            out.push((
+                "plain",
+                measure::<B, _>(device, warmup, iters, || {
+                    Ok(plain::conv2d(x.clone(), k.clone(), Some(b.clone()), 1, 1))
                 })?,
             ));
         }
@@ -329,8 +327,16 @@ fn run_case<B: FusedOps>(
             let b = Tensor::<B, 2>::random([k, n], small, opts);
             sync::<B>(device)?;
             out.push((
-                "burn",
-                measure::<B, _>(device, warmup, iters, || Ok(a.clone().matmul(b.clone())))?,
+                "fused",
+                measure::<B, _>(device, warmup, iters, || {
+                    Ok(B::fused_linear(a.clone(), b.clone(), None))
+                })?,
+            ));
+            out.push((
+                "plain",
+                measure::<B, _>(device, warmup, iters, || {
+                    Ok(plain::linear(a.clone(), b.clone(), None))
+                })?,
             ));
         }
         OpShape::GroupNorm {

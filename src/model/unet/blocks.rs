@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use super::transformer::Transformer2DModel;
+use crate::model::layers::conv2d_forward;
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::model::sampling::{Downsample2D, Upsample2D};
 
@@ -129,7 +130,7 @@ impl<B: FusedOps> DownBlock<B> {
             skips.push(x.clone());
         }
         for down in &self.downsamplers {
-            x = down.conv.forward(x);
+            x = conv2d_forward(&down.conv, x);
             skips.push(x.clone());
         }
         x

@@ -7,7 +7,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::model::layers::linear;
+use crate::model::layers::{linear, linear_forward};
 
 /// diffusers' `get_timestep_embedding`: sinusoids of `values` at `dim` frequencies,
 /// computed on the host in float32 exactly as torch does, so every backend sees the
@@ -68,6 +68,6 @@ impl<B: FusedOps> TimestepEmbedding<B> {
 
     /// `[N, input]` → `[N, dim]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        linear_forward(&self.linear_2, silu(linear_forward(&self.linear_1, x)))
     }
 }

@@ -24,7 +24,7 @@ use blocks::{AttnSettings, BlockSettings};
 use embeddings::host_tensor;
 
 use crate::error::{Error, Result};
-use crate::model::layers::{conv2d, group_norm, group_norm_silu};
+use crate::model::layers::{conv2d, conv2d_forward, group_norm, group_norm_silu};
 
 /// The SDXL denoising UNet.
 #[derive(Module, Debug)]
@@ -207,7 +207,7 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
         let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
         emb = emb + self.add_embedding.forward(add_in);
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = conv2d_forward(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &emb, &context, &mut skips);
@@ -217,6 +217,6 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
             x = block.forward(x, &emb, &context, &mut skips);
         }
         let x = group_norm_silu(&self.conv_norm_out, x);
-        Ok(self.conv_out.forward(x))
+        Ok(conv2d_forward(&self.conv_out, x))
     }
 }

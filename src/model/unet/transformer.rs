@@ -7,7 +7,9 @@ use burn::nn::{Dropout, DropoutConfig, GroupNorm, Linear};
 use burn::tensor::Tensor;
 
 use crate::model::attention::{Attention, AttentionConfig};
-use crate::model::layers::{group_norm, group_norm_forward, layer_norm, linear, LayerNorm};
+use crate::model::layers::{
+    group_norm, group_norm_forward, layer_norm, linear, linear_forward, LayerNorm,
+};
 
 /// `GEGLU`: one projection to twice the width, the second half gating the first
 /// through exact GELU.
@@ -20,7 +22,7 @@ pub struct Geglu<B: FusedOps> {
 impl<B: FusedOps> Geglu<B> {
     /// `[N, L, dim]` → `[N, L, inner]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        B::fused_geglu(self.proj.forward(x))
+        B::fused_geglu(linear_forward(&self.proj, x))
     }
 }
 
@@ -41,7 +43,7 @@ impl<B: FusedOps> FeedForwardLayer<B> {
         match self {
             FeedForwardLayer::Geglu(g) => g.forward(x),
             FeedForwardLayer::Dropout(_) => x,
-            FeedForwardLayer::Linear(l) => l.forward(x),
+            FeedForwardLayer::Linear(l) => linear_forward(l, x),
         }
     }
 }
@@ -156,13 +158,11 @@ impl<B: FusedOps> Transformer2DModel<B> {
         let [n, c, h, w] = x.dims();
         let residual = x.clone();
         let x = group_norm_forward(&self.norm, x);
-        let mut seq = self
-            .proj_in
-            .forward(x.reshape([n, c, h * w]).swap_dims(1, 2));
+        let mut seq = linear_forward(&self.proj_in, x.reshape([n, c, h * w]).swap_dims(1, 2));
         for block in &self.transformer_blocks {
             seq = block.forward(seq, context.clone());
         }
-        let out = self.proj_out.forward(seq);
+        let out = linear_forward(&self.proj_out, seq);
         out.swap_dims(1, 2).reshape([n, c, h, w]) + residual
     }
 }

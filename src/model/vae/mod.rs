@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::attention::{Attention, AttentionConfig};
-use crate::model::layers::{conv2d, group_norm, group_norm_silu};
+use crate::model::layers::{conv2d, conv2d_forward, group_norm, group_norm_silu};
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::model::sampling::{Downsample2D, Upsample2D};
 
@@ -330,13 +330,12 @@ impl<B: FusedOps> Encoder<B> {
 
     /// `[N, in_channels, H, W]` → `[N, 2 * latent_channels, H/f, W/f]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = conv2d_forward(&self.conv_in, x);
         for b in &self.down_blocks {
             x = b.forward(x);
         }
         let x = self.mid_block.forward(x);
-        self.conv_out
-            .forward(group_norm_silu(&self.conv_norm_out, x))
+        conv2d_forward(&self.conv_out, group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
@@ -387,12 +386,11 @@ impl<B: FusedOps> Decoder<B> {
 
     /// `[N, latent_channels, h, w]` → `[N, out_channels, h*f, w*f]`.
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+        let mut x = self.mid_block.forward(conv2d_forward(&self.conv_in, z));
         for b in &self.up_blocks {
             x = b.forward(x);
         }
-        self.conv_out
-            .forward(group_norm_silu(&self.conv_norm_out, x))
+        conv2d_forward(&self.conv_out, group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
@@ -468,7 +466,7 @@ impl<B: FusedOps> AutoencoderKL<B> {
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = latents.cast(self.dtype());
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z),
+            Some(c) => conv2d_forward(c, z),
             None => z,
         };
         self.decoder.forward(z)
@@ -479,7 +477,7 @@ impl<B: FusedOps> AutoencoderKL<B> {
     pub fn encode(&self, image: Tensor<B, 4>) -> LatentDist<B> {
         let h = self.encoder.forward(image.cast(self.dtype()));
         let moments = match &self.quant_conv {
-            Some(c) => c.forward(h),
+            Some(c) => conv2d_forward(c, h),
             None => h,
         };
         let [n, c, h, w] = moments.dims();

@@ -1,0 +1,85 @@
+//! `x·W + b` on f32 as one GEMM over every row of `x`, the bias written first.
+//!
+//! Burn's `linear` broadcasts the weight to `x`'s batch dims and runs one GEMM per batch
+//! entry, each packing the whole weight again (with classifier-free guidance the UNet's
+//! tokens come in two halves: at SDXL's 8×8 level that is two 64-row GEMMs over 26 MB
+//! weights instead of one 128-row one), then adds the bias in another pass into another
+//! new buffer. Here the rows of all batch entries are one matrix, the weight is read
+//! through its strides as it lies (no copy, whichever way it was loaded), and the bias
+//! fills the output before GEMM accumulates into it.
+
+use super::gemm_split;
+
+/// A 2-d f32 matrix inside a buffer: element `(i, j)` at `start + i·rs + j·cs`.
+pub(crate) struct Matrix<'a> {
+    /// The buffer.
+    pub data: &'a [f32],
+    /// Offset of element `(0, 0)`.
+    pub start: usize,
+    /// Rows and columns.
+    pub dims: [usize; 2],
+    /// Row and column strides, in elements.
+    pub strides: [isize; 2],
+}
+
+impl Matrix<'_> {
+    /// Checks that every element lies inside the buffer.
+    fn in_bounds(&self) -> bool {
+        let [r, c] = self.dims;
+        if r == 0 || c == 0 {
+            return true;
+        }
+        let mut lo = self.start as isize;
+        let mut hi = lo;
+        for (&d, &s) in self.dims.iter().zip(&self.strides) {
+            let span = (d as isize - 1) * s;
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+        lo >= 0 && (hi as usize) < self.data.len()
+    }
+}
+
+/// `x` `[rows, in]` times `weight` `[in, out]` plus `bias` `[out]`: a contiguous
+/// `[rows, out]` buffer.
+///
+/// # Panics
+/// If the shapes do not match or a matrix reaches outside its buffer.
+pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
+    let [input, output] = weight.dims;
+    let rows = x.dims[0];
+    assert_eq!(x.dims[1], input, "inner dims");
+    assert!(x.in_bounds(), "input view outside its buffer");
+    assert!(weight.in_bounds(), "weight view outside its buffer");
+    assert!(bias.is_none_or(|b| b.len() == output), "bias length");
+    let len = rows * output;
+    let mut out = Vec::with_capacity(len);
+    match bias {
+        Some(b) => (0..rows).for_each(|_| out.extend_from_slice(b)),
+        None if input == 0 => out.resize(len, 0.0),
+        None => {}
+    }
+    if len == 0 || input == 0 {
+        return out;
+    }
+    // SAFETY: `x` and `weight` were checked to lie inside their buffers; `out` has
+    // capacity for `rows × output` and, when `bias` is given, holds them initialised
+    // (read, `read_dst`); otherwise GEMM writes them without reading.
+    unsafe {
+        gemm_split::gemm(
+            [rows, output, input],
+            out.as_mut_ptr(),
+            (1, output as isize),
+            bias.is_some(),
+            x.data.as_ptr().wrapping_add(x.start),
+            (x.strides[1], x.strides[0]),
+            weight.data.as_ptr().wrapping_add(weight.start),
+            (weight.strides[1], weight.strides[0]),
+        );
+        out.set_len(len);
+    }
+    out
+}
