@@ -296,6 +296,23 @@ fn row_strides(layout: &Layout) -> Option<[isize; 2]> {
     }
 }
 
+/// A pointer the rayon tasks of one kernel share: each task reads the inputs and writes
+/// its own disjoint part of the output, all of which outlive the tasks (rayon joins
+/// before the kernel returns).
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(T);
+// SAFETY: see the type's docs; every user upholds them.
+unsafe impl<T> Send for SharedPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+impl<T: Copy> SharedPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> T {
+        self.0
+    }
+}
+
 /// Whether our kernels take this dtype (f32, or f16/bf16 cast to f32 around them).
 fn half_or_f32(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)

@@ -24,6 +24,7 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use super::math::{exp, multiversion};
+use super::SharedPtr;
 
 /// Target size of one task's score block (`rows × S` f32). Larger blocks amortise the
 /// GEMMs' packing over more rows; 4 MiB measured best at S = 1024 and 4096 (2, 1 and
@@ -75,21 +76,6 @@ impl<'a> View<'a> {
     }
 }
 
-/// The output pointer, shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements, and the buffer outlives them (joined by rayon).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Per-thread buffers of the tasks: the score block and each row's max, sum and
 /// partial sum. Kept between calls (a few MiB per thread) so that tasks neither
 /// allocate nor zero memory.
@@ -120,7 +106,7 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
 
     let len = n * l * h * dv;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SharedPtr(out.as_mut_ptr());
     (0..n * h * blocks).into_par_iter().for_each(|task| {
         let (head, block) = (task / blocks, task % blocks);
         let (ni, hi) = (head / h, head % h);

@@ -21,7 +21,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm_split;
+use super::{gemm_split, SharedPtr};
 
 /// Target size of one task's im2col block. Larger blocks amortise GEMM's packing of the
 /// weight over more pixels; smaller ones stay in cache and give more tasks. 1 MiB
@@ -69,21 +69,6 @@ impl Params {
 
     fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == 1 && self.padding == 0
-    }
-}
-
-/// Output pointer shared by the tasks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements, and the buffer outlives them (joined by rayon).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -154,7 +139,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: Params)
         gemm::Parallelism::None
     };
 
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SharedPtr(out.as_mut_ptr());
     let task = |t: usize| {
         let (img, block) = (t / blocks, t % blocks);
         let r0 = block * rows;

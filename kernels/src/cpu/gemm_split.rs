@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::SharedPtr;
+
 /// Least `m·n·k` worth splitting across threads.
 const PARALLEL_WORK: usize = 1 << 21;
 
@@ -19,22 +21,6 @@ const MIN_BLOCK: usize = 64;
 
 /// Strides of one operand, in elements: `(column stride, row stride)`, as `gemm` takes.
 pub(crate) type Strides = (isize, isize);
-
-/// Pointer wrapper shared by the tasks.
-#[derive(Clone, Copy)]
-struct Ptr<T>(T);
-// SAFETY: tasks read the operands and write disjoint column blocks of the destination,
-// all of which outlive them (rayon joins before returning).
-unsafe impl<T> Send for Ptr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Ptr<T> {}
-
-impl<T: Copy> Ptr<T> {
-    /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(self) -> T {
-        self.0
-    }
-}
 
 /// `dst [m, n] = (read_dst ? dst : 0) + lhs [m, k] · rhs [k, n]` in f32, blocks of `n`
 /// in parallel on the current rayon pool.
@@ -60,7 +46,7 @@ pub(crate) unsafe fn gemm(
         1
     };
     let width = n.div_ceil(blocks).next_multiple_of(16).min(n);
-    let (dst, lhs, rhs) = (Ptr(dst), Ptr(lhs), Ptr(rhs));
+    let (dst, lhs, rhs) = (SharedPtr(dst), SharedPtr(lhs), SharedPtr(rhs));
     let block = |j: usize| {
         let c0 = j * width;
         let cols = width.min(n - c0);
