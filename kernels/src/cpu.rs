@@ -253,11 +253,14 @@ impl FusedOps for Flex {
         let x = x.into_primitive().tensor();
         // The rows of `x` as one matrix through its strides when its leading dims merge
         // (contiguous tensors, GEGLU's half rows); a contiguous copy otherwise.
-        let x = match row_strides(x.layout()) {
-            Some(_) => x,
-            None => x.to_contiguous(),
+        let (x, [x_rs, x_cs]) = match row_strides(x.layout()) {
+            Some(strides) => (x, strides),
+            None => {
+                let x = x.to_contiguous();
+                let strides = row_strides(x.layout()).expect("a contiguous layout merges");
+                (x, strides)
+            }
         };
-        let [x_rs, x_cs] = row_strides(x.layout()).expect("a contiguous layout merges");
         let bias = bias.map(contiguous_f32);
         let weight = weight.into_primitive().tensor();
         let w_strides = weight.layout().strides();

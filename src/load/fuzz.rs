@@ -103,13 +103,31 @@ fn valid_file() -> impl Strategy<Value = (Vec<u8>, Vec<(String, Vec<usize>)>)> {
 
 /// A safetensors file of zero-filled F32 tensors with these names and shapes.
 pub(crate) fn f32_file(tensors: &[(String, Vec<usize>)]) -> Vec<u8> {
+    zero_safetensors(
+        tensors
+            .iter()
+            .map(|(name, shape)| (name.as_str(), "F32", &shape[..])),
+    )
+}
+
+/// A well-formed safetensors file of zero-filled tensors `(name, dtype, shape)`; dtypes
+/// other than F64, F32, I32, F16 and BF16 take one byte per element.
+pub(crate) fn zero_safetensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
+) -> Vec<u8> {
     let mut header = Map::new();
     let mut offset = 0usize;
-    for (name, shape) in tensors {
-        let bytes = 4 * shape.iter().product::<usize>();
+    for (name, dtype, shape) in tensors {
+        let size = match dtype {
+            "F64" => 8,
+            "F32" | "I32" => 4,
+            "F16" | "BF16" => 2,
+            _ => 1,
+        };
+        let bytes = size * shape.iter().product::<usize>();
         header.insert(
-            name.clone(),
-            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            name.to_string(),
+            json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }

@@ -3,10 +3,9 @@
 //! anything: an adapter or an error naming the file, never a panic.
 
 use proptest::prelude::*;
-use serde_json::{json, Map, Value};
 
 use super::{classify, normalize_layer, split_key, LoraAdapter, Role};
-use crate::load::fuzz::{config, scratch_file};
+use crate::load::fuzz::{config, scratch_file, zero_safetensors};
 
 /// Key prefixes every supported format uses, and near misses.
 const PREFIXES: &[&str] = &[
@@ -77,31 +76,6 @@ fn tensor() -> impl Strategy<Value = (&'static str, Vec<usize>)> {
     )
 }
 
-/// A well-formed safetensors file of these tensors (zero data).
-fn lora_file_bytes(tensors: &[(String, (&str, Vec<usize>))]) -> Vec<u8> {
-    let mut header = Map::new();
-    let mut offset = 0usize;
-    for (name, (dtype, shape)) in tensors {
-        let size = match *dtype {
-            "F64" => 8,
-            "F32" | "I32" => 4,
-            "F16" | "BF16" => 2,
-            _ => 1,
-        };
-        let bytes = size * shape.iter().product::<usize>();
-        header.insert(
-            name.clone(),
-            json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let header = Value::Object(header).to_string();
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.resize(out.len() + offset, 0);
-    out
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -125,7 +99,9 @@ proptest! {
     #[test]
     fn lora_files_never_panic(tensors in prop::collection::btree_map(key(), tensor(), 0..6)) {
         let tensors: Vec<_> = tensors.into_iter().collect();
-        let path = scratch_file("lora.safetensors", &lora_file_bytes(&tensors));
+        let path = scratch_file("lora.safetensors", &zero_safetensors(
+                tensors.iter().map(|(name, (dtype, shape))| (name.as_str(), *dtype, &shape[..])),
+            ));
         match LoraAdapter::read(&path) {
             Ok(adapter) => {
                 prop_assert!(!adapter.layers().is_empty());

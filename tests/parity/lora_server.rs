@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::common::{fixture_dir, Cpu};
 use crate::lora::write_safetensors;
+use crate::server::post_generation;
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 const SEED: u64 = 7;
@@ -65,15 +66,6 @@ fn library_image(adapters: &[(&Path, f32)]) -> Vec<u8> {
         .generate(&req, &mut |_: Progress| std::ops::ControlFlow::Continue(()))
         .expect("generates");
     out.images[0].rgb.clone()
-}
-
-async fn post(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(format!("{base}/v1/images/generations"))
-        .json(body)
-        .send()
-        .await
-        .expect("request")
 }
 
 /// `GET /v1/loras`.
@@ -246,12 +238,13 @@ async fn lora_per_request_server() {
         "{list}"
     );
 
-    let (base_png, base_rgb) = image_of(post(&client, &base, &request(json!({}))).await).await;
+    let (base_png, base_rgb) =
+        image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_close("no LoRA vs library", &base_rgb, &library_image(&[]));
 
     // kohya at 1.0 (the extension may be left off), then none, then kohya 0.6.
     let (_, rgb) = image_of(
-        post(
+        post_generation(
             &client,
             &base,
             &request(json!({"lora_path": "styles/kohya"})),
@@ -262,11 +255,11 @@ async fn lora_per_request_server() {
     assert_close("kohya 1.0", &rgb, &library_image(&[(&kohya, 1.0)]));
     assert_ne!(rgb, base_rgb, "the adapter changes the image");
 
-    let (png, _) = image_of(post(&client, &base, &request(json!({}))).await).await;
+    let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_eq!(png, base_png, "base image after removal, bit for bit");
 
     let (_, rgb) = image_of(
-        post(
+        post_generation(
             &client,
             &base,
             &request(json!({"lora_path": "styles/kohya.safetensors", "lora_scale": 0.6})),
@@ -278,10 +271,11 @@ async fn lora_per_request_server() {
 
     // A folder, then two adapters at once through `loras`.
     let (_, rgb) =
-        image_of(post(&client, &base, &request(json!({"lora_path": "peft"}))).await).await;
+        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
+            .await;
     assert_close("peft 1.0", &rgb, &library_image(&[(&peft, 1.0)]));
     let (_, rgb) = image_of(
-        post(
+        post_generation(
             &client,
             &base,
             &request(json!({"loras": [
@@ -306,24 +300,24 @@ async fn lora_per_request_server() {
         ("missing.safetensors", "no adapter `missing.safetensors`"),
         ("pickled.ckpt", "pickles"),
     ] {
-        let resp = post(&client, &base, &request(json!({"lora_path": name}))).await;
+        let resp = post_generation(&client, &base, &request(json!({"lora_path": name}))).await;
         assert_refused(resp, "lora_path", needle).await;
     }
-    let resp = post(
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"loras": [{"path": "../outside.safetensors"}]})),
     )
     .await;
     assert_refused(resp, "loras", "`..` is not allowed").await;
-    let resp = post(
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"loras": [{"path": "peft", "scale": 3}]})),
     )
     .await;
     assert_refused(resp, "loras", "between 0 and 2").await;
-    let resp = post(
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"lora_path": "peft", "lora_scale": -1})),
@@ -337,15 +331,16 @@ async fn lora_per_request_server() {
         ("unmatched.safetensors", "no_such_layer"),
         ("wrong-shape.safetensors", "attn1.to_q"),
     ] {
-        let resp = post(&client, &base, &request(json!({"lora_path": name}))).await;
+        let resp = post_generation(&client, &base, &request(json!({"lora_path": name}))).await;
         assert_refused(resp, "lora_path", needle).await;
-        let (png, _) = image_of(post(&client, &base, &request(json!({}))).await).await;
+        let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
         assert_eq!(png, base_png, "base image after refusing {name}");
     }
     // Also while another adapter is merged: the refused one leaves it as it was.
     let (_, merged) =
-        image_of(post(&client, &base, &request(json!({"lora_path": "peft"}))).await).await;
-    let resp = post(
+        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
+            .await;
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"lora_path": "wrong-shape.safetensors"})),
@@ -353,11 +348,12 @@ async fn lora_per_request_server() {
     .await;
     assert_refused(resp, "lora_path", "attn1.to_q").await;
     let (_, again) =
-        image_of(post(&client, &base, &request(json!({"lora_path": "peft"}))).await).await;
+        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
+            .await;
     assert_eq!(again, merged, "merged adapter kept after a refused one");
 
     // A streamed request with an adapter ends with the same image.
-    let resp = post(
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"lora_path": "peft", "stream": true})),
@@ -380,7 +376,7 @@ async fn lora_per_request_server() {
         .into_raw();
     assert_eq!(rgb, merged, "streamed image with the adapter");
 
-    let (png, _) = image_of(post(&client, &base, &request(json!({}))).await).await;
+    let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_eq!(png, base_png, "base image at the end");
     server.shutdown().await.expect("shuts down");
 }
@@ -394,14 +390,14 @@ async fn lora_per_request_off_by_default() {
     let server = Server::start(config, "127.0.0.1:0").await.expect("starts");
     let base = server.url();
     let client = reqwest::Client::new();
-    let resp = post(
+    let resp = post_generation(
         &client,
         &base,
         &request(json!({"lora_path": "x.safetensors"})),
     )
     .await;
     assert_refused(resp, "lora_path", "--lora-dir").await;
-    let resp = post(&client, &base, &request(json!({"loras": [{"path": "x"}]}))).await;
+    let resp = post_generation(&client, &base, &request(json!({"loras": [{"path": "x"}]}))).await;
     assert_refused(resp, "loras", "--lora-dir").await;
     let list = list_loras(&client, &base).await;
     assert_eq!(

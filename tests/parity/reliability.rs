@@ -13,7 +13,9 @@ use hypergen::Error;
 use serde_json::{json, Value};
 
 use crate::common::fixture_dir;
-use crate::server::{assert_error, config, decode_png, eventually, health, small, start};
+use crate::server::{
+    assert_error, config, decode_png, eventually, health, post_generation, small, start,
+};
 
 /// Memory the simulated out-of-memory takes before failing, and a flag its drop sets:
 /// what the failed job took must be given back.
@@ -82,15 +84,6 @@ impl Faults {
     }
 }
 
-async fn generate(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(format!("{base}/v1/images/generations"))
-        .json(body)
-        .send()
-        .await
-        .expect("request")
-}
-
 /// `/health`: its status code, body and how long it took.
 async fn health_of(client: &reqwest::Client, base: &str) -> (u16, Value, std::time::Duration) {
     let start = std::time::Instant::now();
@@ -134,19 +127,19 @@ async fn server_survives_faults() {
         }
     };
 
-    let before = image_of(generate(&client, &base, &small("a cat", 1)).await).await;
+    let before = image_of(post_generation(&client, &base, &small("a cat", 1)).await).await;
 
     // A panic fails its request alone: the one queued behind it is served, with the
     // image it had before the panic (the model is unchanged).
     faults.hold.store(true, Ordering::SeqCst);
     let panicking = tokio::spawn({
         let (client, base) = (client.clone(), base.clone());
-        async move { generate(&client, &base, &small("panic", 2)).await }
+        async move { post_generation(&client, &base, &small("panic", 2)).await }
     });
     eventually("the panicking job to start", || server.stats().started == 2).await;
     let queued = tokio::spawn({
         let (client, base) = (client.clone(), base.clone());
-        async move { image_of(generate(&client, &base, &small("a cat", 1)).await).await }
+        async move { image_of(post_generation(&client, &base, &small("a cat", 1)).await).await }
     });
     eventually("the next job to queue", || server.stats().accepted == 3).await;
     faults.hold.store(false, Ordering::SeqCst);
@@ -168,7 +161,7 @@ async fn server_survives_faults() {
     assert_eq!(faults.probes.load(Ordering::SeqCst), 1);
 
     // Out of memory: a clear message; what the job took is freed; smaller succeeds.
-    let resp = generate(
+    let resp = post_generation(
         &client,
         &base,
         &json!({"prompt": "oom", "size": "128x128", "num_inference_steps": 2, "seed": 3}),
@@ -184,14 +177,14 @@ async fn server_survives_faults() {
         faults.freed.load(Ordering::SeqCst),
         "the job's memory was not freed"
     );
-    let smaller = generate(&client, &base, &small("oom", 4)).await;
+    let smaller = post_generation(&client, &base, &small("oom", 4)).await;
     assert_eq!(smaller.status(), 200);
     healthy().await;
 
     // A device that fails its check: unhealthy, and requests refused with the reason,
     // until a check passes (each batch retries it).
     faults.probe_failures.store(2, Ordering::SeqCst);
-    let resp = generate(&client, &base, &small("panic", 5)).await;
+    let resp = post_generation(&client, &base, &small("panic", 5)).await;
     assert_error(resp, 500, None, "generation_failed").await;
     eventually("the failed device check", || {
         faults.probe_failures.load(Ordering::SeqCst) == 1
@@ -200,7 +193,7 @@ async fn server_survives_faults() {
     let (code, h, took) = health_of(&client, &base).await;
     assert_eq!((code, &h["status"]), (503, &json!("unhealthy")), "{h}");
     assert!(took.as_millis() < 1000, "{took:?}");
-    let resp = generate(&client, &base, &small("a cat", 6)).await;
+    let resp = post_generation(&client, &base, &small("a cat", 6)).await;
     assert_eq!(resp.status(), 500);
     let body: Value = resp.json().await.expect("json");
     assert!(
@@ -211,7 +204,7 @@ async fn server_survives_faults() {
     );
     let (code, h, _) = health_of(&client, &base).await;
     assert_eq!((code, &h["status"]), (503, &json!("unhealthy")), "{h}");
-    let recovered = image_of(generate(&client, &base, &small("a cat", 1)).await).await;
+    let recovered = image_of(post_generation(&client, &base, &small("a cat", 1)).await).await;
     assert!(recovered == before);
     let (h, _) = health(&client, &base).await;
     assert_eq!(h["status"], "healthy", "{h}");
@@ -391,7 +384,7 @@ async fn generate_honouring_retry_after(
 ) -> (Value, u64) {
     let mut refused = 0;
     for _ in 0..40 {
-        let resp = generate(client, base, body).await;
+        let resp = post_generation(client, base, body).await;
         if resp.status() == 503 {
             let secs: u64 = resp
                 .headers()

@@ -79,6 +79,20 @@ impl Gate {
 }
 
 /// Polls `cond` until it holds (panics after 30 s).
+/// `POST {base}/v1/images/generations` with `body` as JSON.
+pub(crate) async fn post_generation(
+    client: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/images/generations"))
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+}
+
 pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
