@@ -23,8 +23,9 @@ use burn::backend::Flex;
 use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::{FlexTensor, Layout};
 
-use crate::{plain, FusedOps, KernelSet};
+use crate::{plain, Activation, FusedOps, KernelSet};
 
+mod activation;
 mod attention;
 mod conv;
 mod geglu;
@@ -121,30 +122,33 @@ impl FusedOps for Flex {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
-        let [n, h, l, d] = q.dims();
-        let [kn, kh, s, kd] = k.dims();
-        let [vn, vh, vs, dv] = v.dims();
-        let dtype = q.dtype();
-        if !KernelSet::current().attention
-            || !half_or_f32(dtype)
-            || k.dtype() != dtype
-            || v.dtype() != dtype
-            || [kn, kh, kd] != [n, h, d]
-            || [vn, vh, vs] != [n, h, s]
-            || n * h * l * d * s * dv == 0
-        {
-            return plain::attention_chunked(q, k, v, plain::SCORE_BUDGET);
+        attention_or(q, k, v, false, |q, k, v| {
+            plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
+        })
+    }
+
+    fn fused_causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        attention_or(q, k, v, true, plain::attention_causal)
+    }
+
+    fn fused_activation<const D: usize>(x: Tensor<Self, D>, act: Activation) -> Tensor<Self, D> {
+        if !KernelSet::current().activation || !half_or_f32(x.dtype()) {
+            return plain::activation(x, act);
         }
-        // Views stay views in f32 (no copy); half precision is cast to f32 once.
-        let prim = |t: Tensor<Self, 4>| {
-            let t = if t.dtype() == DType::F32 {
-                t
-            } else {
-                t.cast(DType::F32)
-            };
-            t.into_primitive().tensor()
-        };
-        wrap(attention::attention(&prim(q), &prim(k), &prim(v)), dtype)
+        let (dims, dtype) = (x.dims(), x.dtype());
+        let mut x = contiguous_f32(x);
+        // In place when nothing else holds the input (a linear layer's output).
+        if let Some(values) = x.try_storage_mut::<f32>() {
+            activation::activation_in_place(values, act);
+            return wrap(x, dtype);
+        }
+        let mut values = x.storage::<f32>().to_vec();
+        activation::activation_in_place(&mut values, act);
+        wrap(from_vec(values, dims.to_vec()), dtype)
     }
 
     fn fused_conv2d(
@@ -273,6 +277,44 @@ impl FusedOps for Flex {
         shape[D - 1] = output;
         wrap(from_vec(out, shape), dtype)
     }
+}
+
+/// Our attention kernel (`causal` or not) where it applies, else `plain`.
+fn attention_or(
+    q: Tensor<Flex, 4>,
+    k: Tensor<Flex, 4>,
+    v: Tensor<Flex, 4>,
+    causal: bool,
+    plain: impl FnOnce(Tensor<Flex, 4>, Tensor<Flex, 4>, Tensor<Flex, 4>) -> Tensor<Flex, 4>,
+) -> Tensor<Flex, 4> {
+    let [n, h, l, d] = q.dims();
+    let [kn, kh, s, kd] = k.dims();
+    let [vn, vh, vs, dv] = v.dims();
+    let dtype = q.dtype();
+    if !KernelSet::current().attention
+        || !half_or_f32(dtype)
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || [kn, kh, kd] != [n, h, d]
+        || [vn, vh, vs] != [n, h, s]
+        || n * h * l * d * s * dv == 0
+        || (causal && l > s)
+    {
+        return plain(q, k, v);
+    }
+    // Views stay views in f32 (no copy); half precision is cast to f32 once.
+    let prim = |t: Tensor<Flex, 4>| {
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.cast(DType::F32)
+        };
+        t.into_primitive().tensor()
+    };
+    wrap(
+        attention::attention(&prim(q), &prim(k), &prim(v), causal),
+        dtype,
+    )
 }
 
 /// The f32 tensor `t` as the matrix `dims` with `strides` from its start offset.

@@ -62,6 +62,25 @@ pub trait FusedOps: Backend {
         plain::attention_chunked(q, k, v, plain::SCORE_BUDGET)
     }
 
+    /// Causal softmax attention: as [`fused_attention`](Self::fused_attention), query
+    /// `i` attending to keys `0..=i + S − L` only (aligned at the end, as Burn's and
+    /// PyTorch's `is_causal` with `L ≤ S`). The CPU backend runs our kernel (keys past a
+    /// block's last query neither computed nor multiplied); others Burn's `attention`.
+    fn fused_causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        plain::attention_causal(q, k, v)
+    }
+
+    /// `act(x)` element-wise, output in `x`'s dtype. The CPU backend runs one vectorised
+    /// pass in f32 (in place when it holds the only handle); others Burn's activation
+    /// ops (fused by Burn's fusion on GPUs).
+    fn fused_activation<const D: usize>(x: Tensor<Self, D>, act: Activation) -> Tensor<Self, D> {
+        plain::activation(x, act)
+    }
+
     /// 2-d convolution of `x` `[N, Ci, H, W]` with `weight` `[Co, Ci, Kh, Kw]` and an
     /// optional `bias` `[Co]`: the same `stride` and zero `padding` on both axes, no
     /// dilation, one group (every SDXL convolution). The CPU backend has its own GEMM
@@ -117,6 +136,19 @@ pub trait FusedOps: Backend {
     }
 }
 
+/// Element-wise activations of the models (CLIP's MLP; SiLU for completeness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU: `x·(1 + erf(x/√2))/2` (OpenCLIP bigG, SDXL's second encoder).
+    Gelu,
+    /// tanh-approximated GELU: `x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))/2`.
+    GeluTanh,
+    /// `x·sigmoid(1.702·x)` (OpenAI CLIP, SDXL's first encoder).
+    QuickGelu,
+    /// `x·sigmoid(x)`.
+    Silu,
+}
+
 /// A snapshot of a device allocator's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -128,7 +160,8 @@ pub struct DeviceMemory {
 }
 
 /// Which of our kernels run, from `HYPERGEN_KERNELS`: `all` (default), `none`, or a comma
-/// list of `group_norm`, `geglu`, `attention`, `conv`, `linear`, `layer_norm`. Off means the plain Burn ops of [`plain`].
+/// list of `group_norm`, `geglu`, `attention`, `conv`, `linear`, `layer_norm`,
+/// `activation`. Off means the plain Burn ops of [`plain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSet {
     /// Fused GroupNorm(+SiLU).
@@ -143,6 +176,8 @@ pub struct KernelSet {
     pub linear: bool,
     /// LayerNorm (the CPU backend's; GPUs run the plain composition under fusion).
     pub layer_norm: bool,
+    /// Element-wise activations (the CPU backend's; GPUs run the plain composition).
+    pub activation: bool,
 }
 
 impl KernelSet {
@@ -154,6 +189,7 @@ impl KernelSet {
         conv: true,
         linear: true,
         layer_norm: true,
+        activation: true,
     };
     /// Every kernel off.
     pub const NONE: KernelSet = KernelSet {
@@ -163,6 +199,7 @@ impl KernelSet {
         conv: false,
         linear: false,
         layer_norm: false,
+        activation: false,
     };
 
     /// Parses the `HYPERGEN_KERNELS` syntax.
@@ -182,10 +219,11 @@ impl KernelSet {
                 "conv" => set.conv = true,
                 "linear" => set.linear = true,
                 "layer_norm" => set.layer_norm = true,
+                "activation" => set.activation = true,
                 other => {
                     return Err(format!(
                         "unknown kernel `{other}` in HYPERGEN_KERNELS (expected all, none, or a \
-                         comma list of group_norm, geglu, attention, conv, linear, layer_norm)"
+                         comma list of group_norm, geglu, attention, conv, linear, layer_norm, activation)"
                     ))
                 }
             }
@@ -216,6 +254,7 @@ impl std::fmt::Display for KernelSet {
             (self.conv, "conv"),
             (self.linear, "linear"),
             (self.layer_norm, "layer_norm"),
+            (self.activation, "activation"),
         ]
         .into_iter()
         .filter_map(|(on, n)| on.then_some(n))

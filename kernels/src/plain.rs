@@ -2,11 +2,13 @@
 //! fallback where a kernel does not apply, and the reference our kernels are tested
 //! against.
 
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::{gelu, gelu_approximate, sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, conv2d as burn_conv2d, linear as burn_linear};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use burn::tensor::{DType, Tensor};
+
+use crate::Activation;
 
 /// Most attention scores (`N·H·rows·S`) held at once by [`attention_chunked`]: 2²⁴ floats
 /// (64 MiB in f32). SDXL at 1024² would otherwise hold 4096² scores per head in the
@@ -100,6 +102,30 @@ pub fn attention_full<B: Backend>(
     v: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     attention(q, k, v, None, None, AttentionModuleOptions::default())
+}
+
+/// Causal softmax attention through Burn's `attention` op (`is_causal`: query `i` sees
+/// keys `0..=i + S − L`).
+pub fn attention_causal<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions {
+        is_causal: true,
+        ..Default::default()
+    };
+    attention(q, k, v, None, None, options)
+}
+
+/// `act(x)` as Burn's activation ops, in `x`'s dtype.
+pub fn activation<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    match act {
+        Activation::Gelu => gelu(x),
+        Activation::GeluTanh => gelu_approximate(x),
+        Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
+        Activation::Silu => silu(x),
+    }
 }
 
 /// Softmax attention computed over blocks of query rows so that no more than `budget`

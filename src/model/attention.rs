@@ -4,8 +4,6 @@
 use crate::FusedOps;
 use burn::module::Module;
 use burn::nn::{GroupNorm, Linear};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
 use crate::model::layers::{group_norm, group_norm_forward, linear, linear_forward};
@@ -75,9 +73,9 @@ pub fn merge_heads<B: FusedOps>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     x.swap_dims(1, 2).reshape([n, l, h * d])
 }
 
-/// Scaled dot-product attention over `[N, L, H*D]` inputs. Non-causal attention (the
-/// UNet and VAE) goes through [`FusedOps::fused_attention`], which never holds the full score
-/// matrix; causal attention (CLIP, 77 tokens) through Burn's fused `attention` op.
+/// Scaled dot-product attention over `[N, L, H*D]` inputs: non-causal (the UNet and VAE)
+/// through [`FusedOps::fused_attention`], which never holds the full score matrix, causal
+/// (CLIP, 77 tokens) through [`FusedOps::fused_causal_attention`].
 pub fn sdpa<B: FusedOps>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -91,11 +89,7 @@ pub fn sdpa<B: FusedOps>(
         split_heads(v, heads),
     );
     let out = if causal {
-        let options = AttentionModuleOptions {
-            is_causal: true,
-            ..Default::default()
-        };
-        attention(q, k, v, None, None, options)
+        B::fused_causal_attention(q, k, v)
     } else {
         B::fused_attention(q, k, v)
     };

@@ -4,11 +4,11 @@
 //! Field paths equal the transformers weight names (`text_model.encoder.layers.0.
 //! self_attn.q_proj.weight`, `text_projection.weight`, …) so weights load by name.
 
+use crate::kernels::Activation;
 use crate::FusedOps;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
-use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
 use burn::tensor::{Int, Tensor};
 use serde::Deserialize;
 
@@ -101,33 +101,14 @@ mod defaults {
     }
 }
 
-/// The MLP activations CLIP checkpoints use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(1.702 x)` (OpenAI CLIP, SDXL's first encoder).
-    QuickGelu,
-    /// Exact, erf-based GELU (OpenCLIP bigG, SDXL's second encoder).
-    Gelu,
-    /// tanh-approximated GELU.
-    GeluTanh,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Self::QuickGelu),
-            "gelu" => Some(Self::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
-            _ => None,
-        }
-    }
-
-    fn apply<B: FusedOps, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
-            Self::Gelu => gelu(x),
-            Self::GeluTanh => gelu_approximate(x),
-        }
+/// The MLP activation a CLIP config's `hidden_act` names (`quick_gelu` for OpenAI CLIP,
+/// `gelu` for OpenCLIP bigG).
+fn activation(name: &str) -> Option<Activation> {
+    match name {
+        "quick_gelu" => Some(Activation::QuickGelu),
+        "gelu" => Some(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+        _ => None,
     }
 }
 
@@ -188,7 +169,10 @@ pub struct ClipMlp<B: FusedOps> {
 impl<B: FusedOps> ClipMlp<B> {
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_forward(&self.fc2, self.act.apply(linear_forward(&self.fc1, x)))
+        linear_forward(
+            &self.fc2,
+            B::fused_activation(linear_forward(&self.fc1, x), self.act),
+        )
     }
 }
 
@@ -274,7 +258,7 @@ impl ClipTextConfig {
     pub fn init<B: FusedOps>(&self, device: &B::Device) -> Result<ClipTextModel<B>> {
         let unsupported = Error::UnsupportedConfig;
         let with_projection = self.with_projection();
-        let act = Activation::parse(&self.hidden_act)
+        let act = activation(&self.hidden_act)
             .ok_or_else(|| unsupported(format!("hidden_act `{}`", self.hidden_act)))?;
         let (c, heads) = (self.hidden_size, self.num_attention_heads);
         if heads == 0 || c % heads != 0 {

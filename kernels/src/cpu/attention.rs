@@ -92,14 +92,21 @@ thread_local! {
 }
 
 /// Softmax attention of `q` `[N, H, L, D]` over `k` `[N, H, S, D]`, `v` `[N, H, S, Dv]`
-/// (f32, any strides), scale `1/√D`, non-causal. Returns `[N, H, L, Dv]` f32, laid out
-/// as `[N, L, H, Dv]` (module docs).
-pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexTensor {
+/// (f32, any strides), scale `1/√D`; when `causal` (needs `L ≤ S`), query `i` sees keys
+/// `0..=i + S − L` only. Returns `[N, H, L, Dv]` f32, laid out as `[N, L, H, Dv]`
+/// (module docs).
+pub(crate) fn attention(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    causal: bool,
+) -> FlexTensor {
     let (q, k, v) = (View::new(q), View::new(k), View::new(v));
     let [n, h, l, d] = q.dims;
     let s = k.dims[2];
     let dv = v.dims[3];
     assert!(k.dims == [n, h, s, d] && v.dims == [n, h, s, dv] && d > 0 && s > 0 && l > 0);
+    assert!(!causal || l <= s, "causal attention needs L ≤ S");
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let rows = block_rows(n * h, l, s);
     let blocks = l.div_ceil(rows);
@@ -112,6 +119,8 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
         let (ni, hi) = (head / h, head % h);
         let row0 = block * rows;
         let m = rows.min(l - row0);
+        // Keys this block sees: all, or (causal) up to its last query's.
+        let keys = if causal { row0 + m + (s - l) } else { s };
         let q_blk = q.head(ni, hi).wrapping_offset(row0 as isize * q.strides[2]);
         let out_rs = h * dv;
         let out_blk = out_ptr
@@ -124,7 +133,8 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
                 sum,
                 partial,
             } = scratch;
-            scores.resize(m * s, 0.0);
+            scores.resize(m * keys, 0.0);
+            let scores = &mut scores[..m * keys];
             for buf in [&mut *max, &mut *sum, &mut *partial] {
                 buf.resize(m, 0.0);
             }
@@ -135,7 +145,7 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
                 // column-major storage.
                 gemm::gemm(
                     m,
-                    s,
+                    keys,
                     d,
                     scores.as_mut_ptr(),
                     m as isize,
@@ -155,6 +165,14 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
                     gemm::Parallelism::None,
                 );
             }
+            if causal {
+                // Query `row0 + r` sees keys up to `row0 + r + s − l`: in column `j`,
+                // rows below `j − (row0 + s − l)` are masked.
+                let first = row0 + (s - l);
+                for (j, col) in scores.chunks_exact_mut(m).enumerate().skip(first + 1) {
+                    col[..(j - first).min(m)].fill(f32::NEG_INFINITY);
+                }
+            }
             softmax_columns(scores, max, sum, partial);
             // SAFETY: as above, and `out_blk` addresses this task's own `m × dv` output
             // rows (row stride `out_rs`) inside `out`'s capacity; GEMM writes them
@@ -164,7 +182,7 @@ pub(crate) fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexT
                 gemm::gemm(
                     m,
                     dv,
-                    s,
+                    keys,
                     out_blk,
                     1,
                     out_rs as isize,

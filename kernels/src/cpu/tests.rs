@@ -5,7 +5,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::math::{self, erf, exp};
-use crate::{plain, FusedOps, KernelSet};
+use crate::{plain, Activation, FusedOps, KernelSet};
 
 /// Relative error allowed in f32: well inside the project's parity bound (1e-4).
 const TOL_F32: f64 = 1e-5;
@@ -741,6 +741,125 @@ fn attention_other_strides() {
     let want = values(plain::attention_full(tq.clone(), tk.clone(), tv.clone()));
     let got = values(Flex::fused_attention(tq, tk, tv));
     check("attention flipped k and v", &got, &want, TOL_F32);
+}
+
+/// Causal attention in f64 on the host, `[N, H, L, D]` contiguous inputs: query `i`
+/// sees keys `0..=i + S − L`.
+fn causal_attention_f64(q: &[f32], k: &[f32], v: &[f32], [n, h, l, s, d]: [usize; 5]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * h * l * d);
+    for head in 0..n * h {
+        let (q, k, v) = (&q[head * l * d..], &k[head * s * d..], &v[head * s * d..]);
+        for i in 0..l {
+            let seen = i + s - l + 1;
+            let scores: Vec<f64> = (0..seen)
+                .map(|j| {
+                    let dot: f64 = (0..d)
+                        .map(|c| q[i * d + c] as f64 * k[j * d + c] as f64)
+                        .sum();
+                    dot / (d as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            for c in 0..d {
+                let acc: f64 = (0..seen).map(|j| e[j] * v[j * d + c] as f64).sum();
+                out.push((acc / total) as f32);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_causal() {
+    kernels_on();
+    // CLIP's 77 tokens; several row blocks (the mask at each block's offset); L < S
+    // (the mask aligned at the end); half precision.
+    for (n, h, l, s, d, dtype) in [
+        (2, 3, 77, 77, 64, DType::F32),
+        (1, 1, 700, 700, 32, DType::F32),
+        (1, 2, 50, 80, 40, DType::F32),
+        (1, 2, 77, 77, 64, DType::F16),
+    ] {
+        let round = |v: Vec<f32>| values(tensor(&v, [v.len()], dtype));
+        let q = round(data(n * h * l * d, 0.2, 1.5, 0.0));
+        let k = round(data(n * h * s * d, 0.5, 1.5, 0.1));
+        let v = round(data(n * h * s * d, 0.7, 1.0, 0.0));
+        let want = causal_attention_f64(&q, &k, &v, [n, h, l, s, d]);
+        let (tq, tk, tv) = (
+            tensor(&q, [n, h, l, d], dtype),
+            tensor(&k, [n, h, s, d], dtype),
+            tensor(&v, [n, h, s, d], dtype),
+        );
+        let what = format!("causal attention {dtype:?} n{n} h{h} l{l} s{s} d{d}");
+        let burn = values(plain::attention_causal(tq.clone(), tk.clone(), tv.clone()));
+        let got = Flex::fused_causal_attention(tq, tk, tv);
+        assert_eq!((got.dims(), got.dtype()), ([n, h, l, d], dtype), "{what}");
+        let got = values(got);
+        check(&format!("{what} vs f64"), &got, &want, tolerance(dtype));
+        check(&format!("{what} vs Burn"), &got, &burn, tolerance(dtype));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// activations
+
+#[test]
+fn activations() {
+    kernels_on();
+    let xs = grid(-12.0, 12.0, 97.0);
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let tanh_gelu = |x: f64| {
+        0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+    };
+    let cases: [(Activation, &dyn Fn(f64) -> f64); 4] = [
+        (Activation::Gelu, &|x| {
+            0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+        }),
+        (Activation::GeluTanh, &tanh_gelu),
+        (Activation::QuickGelu, &|x| x * sigmoid(1.702 * x)),
+        (Activation::Silu, &|x| x * sigmoid(x)),
+    ];
+    for (act, f) in cases {
+        let want: Vec<f32> = xs.iter().map(|&x| f(x as f64) as f32).collect();
+        // Held elsewhere too (a copy) and alone (in place).
+        let got = values(both_ownerships(tensor(&xs, [xs.len()], DType::F32), |t| {
+            Flex::fused_activation(t, act)
+        }));
+        // Absolute error against f64, relative to max(|y|, 1): near zero crossings the
+        // results are tiny and the rounding of `x` itself dominates.
+        for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
+            let err = (g as f64 - w as f64).abs() / (w.abs() as f64).max(1.0);
+            assert!(err < 2e-6, "{act:?} at {x}: {g} vs {w}");
+        }
+        check(
+            &format!("{act:?} vs Burn"),
+            &got,
+            &values(plain::activation(tensor(&xs, [xs.len()], DType::F32), act)),
+            TOL_F32,
+        );
+    }
+    let big: Vec<f32> = data(300_000, 0.3, 4.0, 0.0);
+    let got = values(Flex::fused_activation(
+        tensor(&big, [300_000], DType::F32),
+        Activation::Gelu,
+    ));
+    let want = values(plain::activation(
+        tensor(&big, [300_000], DType::F32),
+        Activation::Gelu,
+    ));
+    check("gelu over several tasks", &got, &want, TOL_F32);
+    // Half precision: cast around the kernel.
+    let got = values(Flex::fused_activation(
+        tensor(&xs, [xs.len()], DType::F16),
+        Activation::QuickGelu,
+    ));
+    let want = values(plain::activation(
+        tensor(&xs, [xs.len()], DType::F16),
+        Activation::QuickGelu,
+    ));
+    check("quick gelu f16", &got, &want, TOL_F16);
 }
 
 // ---------------------------------------------------------------------------------
