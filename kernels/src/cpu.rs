@@ -39,6 +39,14 @@ pub(crate) mod math;
 mod tests;
 
 impl FusedOps for Flex {
+    fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        // `scope` runs its body on a worker of the global pool (here already if called
+        // from one) and returns when it is done.
+        let mut out = None;
+        rayon::scope(|_| out = Some(f()));
+        out.expect("the scope ran its body")
+    }
+
     fn fused_group_norm(
         x: Tensor<Self, 3>,
         affine: Option<(Tensor<Self, 1>, Tensor<Self, 1>)>,

@@ -117,6 +117,14 @@ pub trait FusedOps: Backend {
         plain::linear(x, weight, bias)
     }
 
+    /// Runs `f`, which runs this backend's ops, where they run best: on the CPU backend
+    /// on a worker thread of its pool, so that the ops' parallel parts start there
+    /// instead of waking the pool and putting the calling thread to sleep for each op;
+    /// elsewhere on the calling thread.
+    fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Our flash-attention kernel alone (no autotuned choice), for tests and benchmarks;
     /// `None` on backends without it (the CPU).
     fn flash_attention(

@@ -314,32 +314,34 @@ impl<B: FusedOps> ClipTextModel<B> {
     /// When `L` exceeds `max_position_embeddings` (77); the tokenizer never produces
     /// longer sequences.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> ClipOutput<B> {
-        let tm = &self.text_model;
-        let mut x = tm.embeddings.forward(ids.clone());
-        // hidden_states[-2] is the embeddings when there is a single layer.
-        let mut penultimate = x.clone();
-        let n_layers = tm.encoder.layers.len();
-        for (i, layer) in tm.encoder.layers.iter().enumerate() {
-            x = layer.forward(x);
-            if i + 2 == n_layers {
-                penultimate = x.clone();
+        B::on_pool(|| {
+            let tm = &self.text_model;
+            let mut x = tm.embeddings.forward(ids.clone());
+            // hidden_states[-2] is the embeddings when there is a single layer.
+            let mut penultimate = x.clone();
+            let n_layers = tm.encoder.layers.len();
+            for (i, layer) in tm.encoder.layers.iter().enumerate() {
+                x = layer.forward(x);
+                if i + 2 == n_layers {
+                    penultimate = x.clone();
+                }
             }
-        }
-        let last = tm.final_layer_norm.forward(x);
-        let pooled = gather_rows(
-            last.clone(),
-            pooled_positions(ids, self.config.eos_token_id),
-        );
-        let text_embeds = self
-            .text_projection
-            .as_ref()
-            .map(|p| linear_forward(p, pooled.clone()));
-        ClipOutput {
-            penultimate,
-            last,
-            pooled,
-            text_embeds,
-        }
+            let last = tm.final_layer_norm.forward(x);
+            let pooled = gather_rows(
+                last.clone(),
+                pooled_positions(ids, self.config.eos_token_id),
+            );
+            let text_embeds = self
+                .text_projection
+                .as_ref()
+                .map(|p| linear_forward(p, pooled.clone()));
+            ClipOutput {
+                penultimate,
+                last,
+                pooled,
+                text_embeds,
+            }
+        })
     }
 }
 

@@ -154,69 +154,71 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
         text_embeds: Tensor<B, 2>,
         time_ids: &[f32],
     ) -> Result<Tensor<B, 4>> {
-        let [n, c, _, _] = sample.dims();
-        let r = &self.resolved;
-        let cfg = &r.config;
-        let dtype = self.dtype();
-        let device = sample.device();
-        if c != cfg.in_channels {
-            return Err(Error::invalid(
-                "sample",
-                format!("has {c} channels, the UNet takes {}", cfg.in_channels),
-            ));
-        }
-        if timesteps.len() != n || time_ids.len() != n * 6 {
-            return Err(Error::invalid(
-                "timesteps",
-                format!(
-                    "need one timestep and six time ids per batch row ({n} rows; got {} and {})",
-                    timesteps.len(),
-                    time_ids.len()
-                ),
-            ));
-        }
-        let [tn, td] = text_embeds.dims();
-        let want = r.add_embedding_in - 6 * r.addition_time_embed_dim;
-        if tn != n || td != want {
-            return Err(Error::invalid(
-                "text_embeds",
-                format!("shape [{tn}, {td}], the UNet takes [{n}, {want}]"),
-            ));
-        }
-        let [cn, _, cd] = context.dims();
-        if cn != n || cd != r.cross_attention_dim[0] {
-            return Err(Error::invalid(
-                "encoder_hidden_states",
-                format!(
-                    "shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]",
-                    r.cross_attention_dim[0]
-                ),
-            ));
-        }
-        let sample = sample.cast(dtype);
-        let context = context.cast(dtype);
-        let ch0 = cfg.block_out_channels[0];
+        B::on_pool(|| {
+            let [n, c, _, _] = sample.dims();
+            let r = &self.resolved;
+            let cfg = &r.config;
+            let dtype = self.dtype();
+            let device = sample.device();
+            if c != cfg.in_channels {
+                return Err(Error::invalid(
+                    "sample",
+                    format!("has {c} channels, the UNet takes {}", cfg.in_channels),
+                ));
+            }
+            if timesteps.len() != n || time_ids.len() != n * 6 {
+                return Err(Error::invalid(
+                    "timesteps",
+                    format!(
+                        "need one timestep and six time ids per batch row ({n} rows; got {} and {})",
+                        timesteps.len(),
+                        time_ids.len()
+                    ),
+                ));
+            }
+            let [tn, td] = text_embeds.dims();
+            let want = r.add_embedding_in - 6 * r.addition_time_embed_dim;
+            if tn != n || td != want {
+                return Err(Error::invalid(
+                    "text_embeds",
+                    format!("shape [{tn}, {td}], the UNet takes [{n}, {want}]"),
+                ));
+            }
+            let [cn, _, cd] = context.dims();
+            if cn != n || cd != r.cross_attention_dim[0] {
+                return Err(Error::invalid(
+                    "encoder_hidden_states",
+                    format!(
+                        "shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]",
+                        r.cross_attention_dim[0]
+                    ),
+                ));
+            }
+            let sample = sample.cast(dtype);
+            let context = context.cast(dtype);
+            let ch0 = cfg.block_out_channels[0];
 
-        let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
-        let t_emb = host_tensor::<B>(t_emb, n, ch0, dtype, &device);
-        let mut emb = self.time_embedding.forward(t_emb);
+            let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
+            let t_emb = host_tensor::<B>(t_emb, n, ch0, dtype, &device);
+            let mut emb = self.time_embedding.forward(t_emb);
 
-        let ad = r.addition_time_embed_dim;
-        let time_emb = sinusoidal(time_ids, ad, cfg.flip_sin_to_cos, cfg.freq_shift);
-        let time_emb = host_tensor::<B>(time_emb, n, 6 * ad, dtype, &device);
-        let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
-        emb = emb + self.add_embedding.forward(add_in);
+            let ad = r.addition_time_embed_dim;
+            let time_emb = sinusoidal(time_ids, ad, cfg.flip_sin_to_cos, cfg.freq_shift);
+            let time_emb = host_tensor::<B>(time_emb, n, 6 * ad, dtype, &device);
+            let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
+            emb = emb + self.add_embedding.forward(add_in);
 
-        let mut x = conv2d_forward(&self.conv_in, sample);
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            x = block.forward(x, &emb, &context, &mut skips);
-        }
-        x = self.mid_block.forward(x, &emb, &context);
-        for block in &self.up_blocks {
-            x = block.forward(x, &emb, &context, &mut skips);
-        }
-        let x = group_norm_silu(&self.conv_norm_out, x);
-        Ok(conv2d_forward(&self.conv_out, x))
+            let mut x = conv2d_forward(&self.conv_in, sample);
+            let mut skips = vec![x.clone()];
+            for block in &self.down_blocks {
+                x = block.forward(x, &emb, &context, &mut skips);
+            }
+            x = self.mid_block.forward(x, &emb, &context);
+            for block in &self.up_blocks {
+                x = block.forward(x, &emb, &context, &mut skips);
+            }
+            let x = group_norm_silu(&self.conv_norm_out, x);
+            Ok(conv2d_forward(&self.conv_out, x))
+        })
     }
 }

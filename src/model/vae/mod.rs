@@ -464,18 +464,20 @@ impl<B: FusedOps> AutoencoderKL<B> {
     /// with `shift_factor` added back) → image `[N, out_channels, 8h, 8w]` for SDXL, in
     /// the [-1, 1] scale and not clamped. Computed in the parameters' dtype.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let z = latents.cast(self.dtype());
-        let z = match &self.post_quant_conv {
-            Some(c) => conv2d_forward(c, z),
-            None => z,
-        };
-        self.decoder.forward(z)
+        B::on_pool(|| {
+            let z = latents.cast(self.dtype());
+            let z = match &self.post_quant_conv {
+                Some(c) => conv2d_forward(c, z),
+                None => z,
+            };
+            self.decoder.forward(z)
+        })
     }
 
     /// Image `[N, in_channels, H, W]` in the [-1, 1] scale → the latent distribution
     /// (unscaled: multiply a sample by `scaling_factor` for the UNet).
     pub fn encode(&self, image: Tensor<B, 4>) -> LatentDist<B> {
-        let h = self.encoder.forward(image.cast(self.dtype()));
+        let h = B::on_pool(|| self.encoder.forward(image.cast(self.dtype())));
         let moments = match &self.quant_conv {
             Some(c) => conv2d_forward(c, h),
             None => h,
