@@ -147,16 +147,8 @@ impl FusedOps for Flex {
         if !KernelSet::current().activation || !half_or_f32(x.dtype()) {
             return plain::activation(x, act);
         }
-        let (dims, dtype) = (x.dims(), x.dtype());
-        let mut x = contiguous_f32(x);
-        // In place when nothing else holds the input (a linear layer's output).
-        if let Some(values) = x.try_storage_mut::<f32>() {
-            activation::activation_in_place(values, act);
-            return wrap(x, dtype);
-        }
-        let mut values = x.storage::<f32>().to_vec();
-        activation::activation_in_place(&mut values, act);
-        wrap(from_vec(values, dims.to_vec()), dtype)
+        // In place as a rule: the input is a linear layer's output.
+        map_values(x, |values| activation::activation_in_place(values, act))
     }
 
     fn fused_conv2d(
@@ -221,8 +213,8 @@ impl FusedOps for Flex {
             return plain::layer_norm(x, weight, bias, eps);
         }
         let (weight, bias) = (contiguous_f32(weight), contiguous_f32(bias));
-        let mut x = contiguous_f32(x);
-        let run = |values: &mut [f32]| {
+        // Usually a copy: the residual stream is cloned.
+        map_values(x, |values| {
             layer_norm::layer_norm_in_place(
                 values,
                 dim,
@@ -230,16 +222,7 @@ impl FusedOps for Flex {
                 bias.storage::<f32>(),
                 eps,
             )
-        };
-        // In place when nothing else holds the input (the residual stream is cloned,
-        // so usually a copy).
-        if let Some(values) = x.try_storage_mut::<f32>() {
-            run(values);
-            return wrap(x, dtype);
-        }
-        let mut values = x.storage::<f32>().to_vec();
-        run(&mut values);
-        wrap(from_vec(values, dims.to_vec()), dtype)
+        })
     }
 
     fn fused_linear<const D: usize>(
@@ -285,6 +268,20 @@ impl FusedOps for Flex {
         shape[D - 1] = output;
         wrap(from_vec(out, shape), dtype)
     }
+}
+
+/// `x` (f32, f16 or bf16) with `f` applied to its values as one contiguous f32 slice: in
+/// place when nothing else holds the input, else on a copy; the result in `x`'s dtype.
+fn map_values<const D: usize>(x: Tensor<Flex, D>, f: impl FnOnce(&mut [f32])) -> Tensor<Flex, D> {
+    let (dims, dtype) = (x.dims(), x.dtype());
+    let mut x = contiguous_f32(x);
+    if let Some(values) = x.try_storage_mut::<f32>() {
+        f(values);
+        return wrap(x, dtype);
+    }
+    let mut values = x.storage::<f32>().to_vec();
+    f(&mut values);
+    wrap(from_vec(values, dims.to_vec()), dtype)
 }
 
 /// Our attention kernel (`causal` or not) where it applies, else `plain`.
