@@ -19,6 +19,8 @@
 //!   then the first half of each row, a strided view. Attention's result is the
 //!   `[N, H, L, D]` view of an `[N, L, H, D]` buffer, so merging heads next is free.
 
+use std::sync::OnceLock;
+
 use burn::backend::Flex;
 use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::{FlexTensor, Layout};
@@ -40,11 +42,22 @@ mod tests;
 
 impl FusedOps for Flex {
     fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        // `scope` runs its body on a worker of the global pool (here already if called
-        // from one) and returns when it is done.
-        let mut out = None;
-        rayon::scope(|_| out = Some(f()));
-        out.expect("the scope ran its body")
+        // A pool of the models' own, as large as the global one: a thread waiting in a
+        // join runs other tasks of its pool, and tasks the application's threads put in
+        // the global pool (image decoding, adapter loading) must not run inside a
+        // model's ops.
+        static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+        let pool = POOL.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .thread_name(|i| format!("hypergen-cpu-{i}"))
+                .build()
+                .ok()
+        });
+        match pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
     }
 
     fn fused_group_norm(

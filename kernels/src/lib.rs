@@ -118,9 +118,9 @@ pub trait FusedOps: Backend {
     }
 
     /// Runs `f`, which runs this backend's ops, where they run best: on the CPU backend
-    /// on a worker thread of its pool, so that the ops' parallel parts start there
-    /// instead of waking the pool and putting the calling thread to sleep for each op;
-    /// elsewhere on the calling thread.
+    /// on a worker of a thread pool kept for the models (as many threads as the global
+    /// pool), so that each op's parallel part starts there instead of waking a pool and
+    /// putting the calling thread to sleep for every op; elsewhere on the calling thread.
     fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         f()
     }

@@ -179,11 +179,13 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: Params)
         if p.pointwise() {
             run(x_img.as_ptr().wrapping_add(r0 * wo), (h * w) as isize);
         } else {
-            COL.with_borrow_mut(|col| {
-                col.resize(k * pixels, 0.0);
-                im2col(x_img, &mut col[..k * pixels], p, [r0, r1], wo, pixels);
-                run(col.as_ptr(), pixels as isize);
-            });
+            // Taken out, not borrowed: a GEMM that splits itself lets this thread run
+            // other pool tasks meanwhile, and they may convolve too.
+            let mut col = COL.take();
+            col.resize(k * pixels, 0.0);
+            im2col(x_img, &mut col[..k * pixels], p, [r0, r1], wo, pixels);
+            run(col.as_ptr(), pixels as isize);
+            COL.set(col);
         }
         if let Some(bias) = bias {
             for (c, &b) in bias.iter().enumerate() {
@@ -221,14 +223,15 @@ fn batched(
     let (k, plane) = (p.k(), ho * wo);
     let cols = n * plane;
     let mut prod = vec![0.0; co * cols];
-    COL.with_borrow_mut(|col| {
-        col.resize(k * cols, 0.0);
-        for img in 0..n {
-            let x_img = &x[img * ci * h * w..(img + 1) * ci * h * w];
-            im2col(x_img, &mut col[img * plane..k * cols], p, [0, ho], wo, cols);
-        }
-        gemm_batched(col, weight, &mut prod, [cols, co, k]);
-    });
+    // Taken out, not borrowed, across the parallel GEMM (as above).
+    let mut col = COL.take();
+    col.resize(k * cols, 0.0);
+    for img in 0..n {
+        let x_img = &x[img * ci * h * w..(img + 1) * ci * h * w];
+        im2col(x_img, &mut col[img * plane..k * cols], p, [0, ho], wo, cols);
+    }
+    gemm_batched(&col, weight, &mut prod, [cols, co, k]);
+    COL.set(col);
     for img in 0..n {
         for (c, row) in prod.chunks_exact(cols).enumerate() {
             let b = bias.map_or(0.0, |b| b[c]);
