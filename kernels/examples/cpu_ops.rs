@@ -287,5 +287,79 @@ fn main() {
             plain: None,
         });
     }
+
+    // Linear layers (rows = batch·positions) and
+    // convolutions where the UNet spends most of its step at 512²: the transformer
+    // projections at 16² and 32² latents, the text projections (154 rows), and the
+    // 3×3 convolutions of each level.
+    for [rows_, k, n] in [
+        [512, 1280, 10240],
+        [512, 5120, 1280],
+        [512, 1280, 1280],
+        [2048, 640, 5120],
+        [2048, 2560, 640],
+        [2048, 640, 640],
+        [154, 2048, 1280],
+    ] {
+        let op = format!("linear [{rows_},{k}]x[{k},{n}]");
+        if !wanted(&op) {
+            continue;
+        }
+        let x = tensor([rows_, k], 0.8, 0.0);
+        // Contiguous `[in, out]`, as the loaders store Burn's `Linear` weights.
+        let w = tensor([k, n], 0.9, 0.0).mul_scalar(0.05);
+        let b = tensor([n], 1.0, 0.0);
+        let run = |fused: bool| {
+            time(iters, || {
+                let (x, w, b) = (x.clone(), w.clone(), Some(b.clone()));
+                if fused {
+                    B::fused_linear(x, w, b)
+                } else {
+                    plain::linear(x, w, b)
+                }
+            })
+        };
+        rows.push(Row {
+            op,
+            unit: "GFLOP/s",
+            work: 2.0 * (rows_ * k * n) as f64 / 1e9,
+            fused: run(true),
+            plain: with_plain.then(|| run(false)),
+        });
+    }
+    for [n, ci, hw, co, kk] in [
+        [2, 1280, 16, 1280, 3],
+        [2, 640, 32, 640, 3],
+        [2, 320, 64, 320, 3],
+        [2, 2560, 16, 1280, 3],
+        [2, 640, 64, 320, 3],
+        [2, 640, 64, 320, 1],
+    ] {
+        let op = format!("conv{kk}x{kk} [{n},{ci},{hw},{hw}] -> {co}");
+        if !wanted(&op) {
+            continue;
+        }
+        let x = tensor([n, ci, hw, hw], 1.1, 0.0);
+        let w = tensor([co, ci, kk, kk], 1.2, 0.0).mul_scalar(0.02);
+        let b = tensor([co], 1.3, 0.0);
+        let pad = kk / 2;
+        let run = |fused: bool| {
+            time(iters, || {
+                let (x, w, b) = (x.clone(), w.clone(), Some(b.clone()));
+                if fused {
+                    B::fused_conv2d(x, w, b, 1, pad)
+                } else {
+                    plain::conv2d(x, w, b, 1, pad)
+                }
+            })
+        };
+        rows.push(Row {
+            op,
+            unit: "GFLOP/s",
+            work: 2.0 * (n * co * ci * kk * kk * hw * hw) as f64 / 1e9,
+            fused: run(true),
+            plain: with_plain.then(|| run(false)),
+        });
+    }
     print(&rows);
 }

@@ -171,41 +171,20 @@ impl FusedOps for Flex {
         stride: usize,
         padding: usize,
     ) -> Tensor<Self, 4> {
-        let [n, ci, h, w] = x.dims();
-        let [co, wci, kh, kw] = weight.dims();
-        let params = conv::Params {
-            input: [n, ci, h, w],
-            out_channels: co,
-            kernel: [kh, kw],
-            stride,
-            padding,
-        };
-        let dtype = x.dtype();
-        // Half precision stays with Burn's convolution: casting both ways around ours
-        // would cost more than it saves at the dtypes the CPU is not run in by default.
-        let Some([ho, wo]) = params.output_size() else {
-            return plain::conv2d(x, weight, bias, stride, padding);
-        };
-        if !KernelSet::current().conv
-            || dtype != DType::F32
-            || weight.dtype() != dtype
-            || bias
-                .as_ref()
-                .is_some_and(|b| b.dtype() != dtype || b.dims() != [co])
-            || wci != ci
-            || n * co * ho * wo == 0
-        {
-            return plain::conv2d(x, weight, bias, stride, padding);
-        }
-        let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
-        let bias = bias.map(contiguous_f32);
-        let out = conv::conv2d(
-            x.storage::<f32>(),
-            weight.storage::<f32>(),
-            bias.as_ref().map(|b| b.storage::<f32>()),
-            params,
-        );
-        wrap(from_vec(out, vec![n, co, ho, wo]), dtype)
+        conv2d(x, weight, bias, stride, padding, 1, |x, weight, bias| {
+            plain::conv2d(x, weight, bias, stride, padding)
+        })
+    }
+
+    fn fused_upsample_conv2d(
+        x: Tensor<Self, 4>,
+        weight: Tensor<Self, 4>,
+        bias: Option<Tensor<Self, 1>>,
+        padding: usize,
+    ) -> Tensor<Self, 4> {
+        conv2d(x, weight, bias, 1, padding, 2, |x, weight, bias| {
+            plain::conv2d(plain::upsample_nearest2x(x), weight, bias, 1, padding)
+        })
     }
 
     fn fused_layer_norm<const D: usize>(
@@ -281,6 +260,55 @@ impl FusedOps for Flex {
         shape[D - 1] = output;
         wrap(from_vec(out, shape), dtype)
     }
+}
+
+/// Our convolution of `x` upsampled `upsample`× (nearest), or `fallback` (the same
+/// through Burn's ops) for what it does not take: half precision (casting both ways
+/// around ours would cost more than it saves at dtypes the CPU is not run in by
+/// default), mismatched shapes, an empty output, or the kernel switched off.
+fn conv2d(
+    x: Tensor<Flex, 4>,
+    weight: Tensor<Flex, 4>,
+    bias: Option<Tensor<Flex, 1>>,
+    stride: usize,
+    padding: usize,
+    upsample: usize,
+    fallback: impl FnOnce(Tensor<Flex, 4>, Tensor<Flex, 4>, Option<Tensor<Flex, 1>>) -> Tensor<Flex, 4>,
+) -> Tensor<Flex, 4> {
+    let [n, ci, h, w] = x.dims();
+    let [co, wci, kh, kw] = weight.dims();
+    let params = conv::Params {
+        input: [n, ci, h, w],
+        out_channels: co,
+        kernel: [kh, kw],
+        stride,
+        padding,
+        upsample,
+    };
+    let dtype = x.dtype();
+    let Some([ho, wo]) = params.output_size() else {
+        return fallback(x, weight, bias);
+    };
+    if !KernelSet::current().conv
+        || dtype != DType::F32
+        || weight.dtype() != dtype
+        || bias
+            .as_ref()
+            .is_some_and(|b| b.dtype() != dtype || b.dims() != [co])
+        || wci != ci
+        || n * co * ho * wo == 0
+    {
+        return fallback(x, weight, bias);
+    }
+    let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
+    let bias = bias.map(contiguous_f32);
+    let out = conv::conv2d(
+        x.storage::<f32>(),
+        weight.storage::<f32>(),
+        bias.as_ref().map(|b| b.storage::<f32>()),
+        params,
+    );
+    wrap(from_vec(out, vec![n, co, ho, wo]), dtype)
 }
 
 /// `x` (f32, f16 or bf16) with `f` applied to its values as one contiguous f32 slice: in

@@ -95,6 +95,19 @@ pub trait FusedOps: Backend {
         plain::conv2d(x, weight, bias, stride, padding)
     }
 
+    /// `nn.Upsample(scale_factor=2, mode="nearest")` on `x` `[N, Ci, H, W]`, then
+    /// [`fused_conv2d`](Self::fused_conv2d) with stride 1 (the decoders' `Upsample2D`).
+    /// The CPU backend reads the upsampled image through its im2col and never stores it;
+    /// others upsample, then convolve.
+    fn fused_upsample_conv2d(
+        x: Tensor<Self, 4>,
+        weight: Tensor<Self, 4>,
+        bias: Option<Tensor<Self, 1>>,
+        padding: usize,
+    ) -> Tensor<Self, 4> {
+        Self::fused_conv2d(plain::upsample_nearest2x(x), weight, bias, 1, padding)
+    }
+
     /// LayerNorm over the last dim of `x` with float32 statistics (biased variance), then
     /// `weight`, `bias` (`[dim]`); output in `x`'s dtype.
     fn fused_layer_norm<const D: usize>(

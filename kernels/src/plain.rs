@@ -95,6 +95,15 @@ pub fn linear<B: Backend, const D: usize>(
     burn_linear(x, weight, bias)
 }
 
+/// `nn.Upsample(scale_factor=2, mode="nearest")` on `[N, C, H, W]`, written as a
+/// broadcast so it is exact on every backend.
+pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h, 1, w, 1])
+        .expand([n, c, h, 2, w, 2])
+        .reshape([n, c, h * 2, w * 2])
+}
+
 /// Softmax attention through Burn's `attention` op in one call: the reference.
 pub fn attention_full<B: Backend>(
     q: Tensor<B, 4>,

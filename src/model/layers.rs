@@ -1,6 +1,7 @@
 //! Constructors for the Burn layers every component uses, with PyTorch's layouts and
 //! defaults, so model code reads like its diffusers counterpart.
 
+use crate::kernels::plain;
 use crate::FusedOps;
 use burn::module::Module;
 use burn::module::{Initializer, Param};
@@ -52,19 +53,38 @@ pub fn linear_forward<B: FusedOps, const D: usize>(
 /// the layers it takes: one stride and one explicit padding for every side, no dilation,
 /// one group (every convolution [`conv2d`] builds); Burn's own forward for others.
 pub fn conv2d_forward<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match fused_conv_padding(conv) {
+        Some(padding) => {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            B::fused_conv2d(x, conv.weight.val(), bias, conv.stride[0], padding)
+        }
+        None => conv.forward(x),
+    }
+}
+
+/// `Conv2d` forward on `x` upsampled 2× (nearest), through
+/// [`FusedOps::fused_upsample_conv2d`] (on the CPU the upsampled image is never stored)
+/// for stride-1 layers [`conv2d_forward`] takes; upsampling, then the layer, for others.
+pub fn upsample2x_conv2d_forward<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match fused_conv_padding(conv) {
+        Some(padding) if conv.stride == [1, 1] => {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            B::fused_upsample_conv2d(x, conv.weight.val(), bias, padding)
+        }
+        _ => conv2d_forward(conv, plain::upsample_nearest2x(x)),
+    }
+}
+
+/// The padding of every side when the fused convolutions take `conv`: one stride and one
+/// explicit padding for both axes, no dilation, one group.
+fn fused_conv_padding<B: FusedOps>(conv: &Conv2d<B>) -> Option<usize> {
     let padding = match conv.padding {
-        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => Some(t),
-        PaddingConfig2d::Valid => Some(0),
-        _ => None,
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
     };
     let [sh, sw] = conv.stride;
-    match padding {
-        Some(padding) if sh == sw && conv.dilation == [1, 1] && conv.groups == 1 => {
-            let bias = conv.bias.as_ref().map(|b| b.val());
-            B::fused_conv2d(x, conv.weight.val(), bias, sh, padding)
-        }
-        _ => conv.forward(x),
-    }
+    (sh == sw && conv.dilation == [1, 1] && conv.groups == 1).then_some(padding)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
@@ -140,15 +160,6 @@ pub fn layer_norm<B: FusedOps>(dim: usize, eps: f64, device: &B::Device) -> Laye
         bias: Initializer::Zeros.init([dim], device),
         eps,
     }
-}
-
-/// `nn.Upsample(scale_factor=2, mode="nearest")` on `[N, C, H, W]`, written as a
-/// broadcast so it is exact on every backend.
-pub fn upsample_nearest2x<B: FusedOps>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [n, c, h, w] = x.dims();
-    x.reshape([n, c, h, 1, w, 1])
-        .expand([n, c, h, 2, w, 2])
-        .reshape([n, c, h * 2, w * 2])
 }
 
 /// A `[N, C]` tensor viewed as `[N, C, 1, 1]` to broadcast over an image.

@@ -6,7 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::layers::{conv2d, conv2d_forward, upsample_nearest2x};
+use crate::model::layers::{conv2d, conv2d_forward, upsample2x_conv2d_forward};
 use crate::FusedOps;
 
 /// `Downsample2D`: a 3×3 convolution with stride 2.
@@ -59,11 +59,12 @@ impl<B: FusedOps> Upsample2D<B> {
     /// its overall downsampling factor).
     pub fn forward(&self, x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
-        let up = match size {
-            Some(size) if size != [h * 2, w * 2] => resize_nearest(x, size),
-            _ => upsample_nearest2x(x),
-        };
-        conv2d_forward(&self.conv, up)
+        match size {
+            Some(size) if size != [h * 2, w * 2] => {
+                conv2d_forward(&self.conv, resize_nearest(x, size))
+            }
+            _ => upsample2x_conv2d_forward(&self.conv, x),
+        }
     }
 }
 

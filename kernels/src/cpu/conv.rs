@@ -16,6 +16,10 @@
 //!   micro-kernel wants), then the bias is added while the block is in cache.
 //! - 1×1 convolutions with stride 1 and no padding skip im2col: the input is the GEMM's
 //!   operand as it lies.
+//! - A nearest-neighbour upsampling before the convolution (the decoders' `Upsample2D`)
+//!   is read through in im2col, each source value written to two columns: the upsampled
+//!   image, four times the input, is never stored (512 MiB at the VAE's last level of a
+//!   1024² decode).
 
 use std::cell::RefCell;
 
@@ -49,18 +53,27 @@ pub(crate) struct Params {
     pub stride: usize,
     /// Zero padding (both axes, both sides).
     pub padding: usize,
+    /// Nearest-neighbour upsampling factor applied to the input before the convolution
+    /// (1: none); `input` holds the size before it.
+    pub upsample: usize,
 }
 
 impl Params {
     /// Output height and width, `None` when the kernel does not fit the padded input.
     pub(crate) fn output_size(&self) -> Option<[usize; 2]> {
-        let [_, _, h, w] = self.input;
+        let [h, w] = self.upsampled();
         let [kh, kw] = self.kernel;
         let (ph, pw) = (h + 2 * self.padding, w + 2 * self.padding);
-        if self.stride == 0 || kh == 0 || kw == 0 || kh > ph || kw > pw {
+        if self.stride == 0 || self.upsample == 0 || kh == 0 || kw == 0 || kh > ph || kw > pw {
             return None;
         }
         Some([(ph - kh) / self.stride + 1, (pw - kw) / self.stride + 1])
+    }
+
+    /// Height and width of the image the kernel slides over: the input after upsampling.
+    fn upsampled(&self) -> [usize; 2] {
+        let [_, _, h, w] = self.input;
+        [h * self.upsample, w * self.upsample]
     }
 
     fn k(&self) -> usize {
@@ -68,7 +81,7 @@ impl Params {
     }
 
     fn pointwise(&self) -> bool {
-        self.kernel == [1, 1] && self.stride == 1 && self.padding == 0
+        self.kernel == [1, 1] && self.stride == 1 && self.padding == 0 && self.upsample == 1
     }
 }
 
@@ -78,8 +91,8 @@ thread_local! {
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `x` `[N, Ci, H, W]` convolved with `weight` `[Co, Ci, Kh, Kw]` (+ `bias` `[Co]`), all
-/// contiguous f32: `[N, Co, Ho, Wo]` contiguous.
+/// `x` `[N, Ci, H, W]`, upsampled `p.upsample`× (nearest), convolved with `weight`
+/// `[Co, Ci, Kh, Kw]` (+ `bias` `[Co]`), all contiguous f32: `[N, Co, Ho, Wo]` contiguous.
 ///
 /// # Panics
 /// If the slices' lengths do not match `p`, or the kernel does not fit the input.
@@ -271,13 +284,16 @@ fn im2col(
     wo: usize,
     row_stride: usize,
 ) {
-    let [_, ci, h, w] = p.input;
+    let [_, ci, src_h, src_w] = p.input;
+    // Taps index the upsampled image; `u` maps them back to the stored one.
+    let [h, w] = p.upsampled();
+    let (u, src_plane) = (p.upsample, src_h * src_w);
     let [kh, kw] = p.kernel;
     let (s, pad) = (p.stride, p.padding);
     let pixels = (r1 - r0) * wo;
     let mut rows = col.chunks_mut(row_stride).map(|row| &mut row[..pixels]);
     for c in 0..ci {
-        let x_c = &x[c * h * w..(c + 1) * h * w];
+        let x_c = &x[c * src_plane..(c + 1) * src_plane];
         for ky in 0..kh {
             for kx in 0..kw {
                 let dst = rows.next().expect("one col row per tap");
@@ -294,19 +310,42 @@ fn im2col(
                         seg.fill(0.0);
                         continue;
                     }
-                    let src = &x_c[ih * w..(ih + 1) * w];
+                    let src_row = ih / u;
+                    let src = &x_c[src_row * src_w..(src_row + 1) * src_w];
                     seg[..lo].fill(0.0);
                     seg[hi..].fill(0.0);
                     let first = lo * s + kx - pad;
-                    if s == 1 {
-                        seg[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
-                    } else {
-                        for (d, v) in seg[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
-                            *d = *v;
+                    match (s, u) {
+                        (1, 1) => seg[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]),
+                        (1, 2) => fill_doubled(&mut seg[lo..hi], src, first),
+                        _ => {
+                            for (j, d) in seg[lo..hi].iter_mut().enumerate() {
+                                *d = src[(first + j * s) / u];
+                            }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// `dst[j] = src[(first + j) / 2]`: a row of the 2× upsampled image from `first` on.
+fn fill_doubled(dst: &mut [f32], src: &[f32], first: usize) {
+    let (head, src) = if first % 2 == 1 && !dst.is_empty() {
+        dst[0] = src[first / 2];
+        (1, &src[first / 2 + 1..])
+    } else {
+        (0, &src[first / 2..])
+    };
+    let dst = &mut dst[head..];
+    let last_src = dst.len().saturating_sub(1) / 2;
+    let mut pairs = dst.chunks_exact_mut(2);
+    for (pair, &v) in (&mut pairs).zip(src) {
+        pair[0] = v;
+        pair[1] = v;
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = src[last_src];
     }
 }

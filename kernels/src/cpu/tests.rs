@@ -1012,6 +1012,76 @@ fn conv_row_blocks() {
     }
 }
 
+/// `[N, C, H, W]` host values upsampled 2× (nearest): `[N, C, 2H, 2W]`.
+fn upsample2x_host(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(4 * x.len());
+    for plane in x.chunks_exact(h * w).take(n * c) {
+        for oy in 0..2 * h {
+            out.extend((0..2 * w).map(|ox| plane[(oy / 2) * w + ox / 2]));
+        }
+    }
+    out
+}
+
+/// The convolution of a 2× upsampled input, read through im2col, against the f64
+/// reference on the upsampled values and against Burn's upsampling then convolution:
+/// odd and even sizes (taps starting on either copy of a source column), padding wider
+/// than one, one GEMM over a small batch, several row blocks per image, and half
+/// precision (Burn's ops).
+#[test]
+fn upsample_conv() {
+    kernels_on();
+    for (input, co, k, padding) in [
+        ([1, 5, 7, 9], 6, 3, 1),
+        ([2, 3, 4, 5], 4, 3, 1),
+        ([1, 4, 5, 6], 3, 5, 2),
+        ([1, 2, 3, 3], 2, 3, 0),
+        ([2, 8, 6, 5], 24, 3, 1),
+        ([2, 16, 36, 20], 24, 3, 1),
+    ] {
+        let ci = input[1];
+        let xv = data(input.iter().product(), 0.7, 1.0, 0.1);
+        let wv = data(co * ci * k * k, 1.3, 0.2, 0.0);
+        let bv = data(co, 2.1, 0.5, 0.2);
+        let x = tensor(&xv, input, DType::F32);
+        let w = tensor(&wv, [co, ci, k, k], DType::F32);
+        let b = tensor(&bv, [co], DType::F32);
+        let what = format!("upsample 2× + conv {input:?} → {co}, {k}×{k}, padding {padding}");
+        let got = Flex::fused_upsample_conv2d(x.clone(), w.clone(), Some(b.clone()), padding);
+        let burn = plain::conv2d(
+            plain::upsample_nearest2x(x.clone()),
+            w.clone(),
+            Some(b.clone()),
+            1,
+            padding,
+        );
+        assert_eq!(got.dims(), burn.dims(), "{what}: shape");
+        let got = values(got);
+        let [n, _, h, wd] = input;
+        let want = conv2d_f64(
+            &upsample2x_host(&xv, input),
+            &wv,
+            Some(&bv),
+            [n, ci, 2 * h, 2 * wd],
+            [co, k, k],
+            1,
+            padding,
+        );
+        check(&format!("{what} vs f64"), &got, &want, TOL_F32);
+        check(&format!("{what} vs Burn"), &got, &values(burn), TOL_F32);
+    }
+    let x = tensor(
+        &data(2 * 3 * 4 * 5, 0.5, 1.0, 0.0),
+        [2, 3, 4, 5],
+        DType::F16,
+    );
+    let w = tensor(&data(4 * 3 * 9, 1.1, 0.2, 0.0), [4, 3, 3, 3], DType::F16);
+    let got = Flex::fused_upsample_conv2d(x.clone(), w.clone(), None, 1);
+    assert_eq!(got.dtype(), DType::F16);
+    let want = plain::conv2d(plain::upsample_nearest2x(x), w, None, 1, 1);
+    assert_eq!(values(got), values(want), "half precision runs Burn's ops");
+}
+
 /// A strided view as input (the kernel makes it contiguous) and half precision (Burn's
 /// convolution) give what Burn gives.
 #[test]
