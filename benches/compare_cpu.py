@@ -23,11 +23,16 @@ hypergen side: ``hypergen bench MODEL --device cpu --dtype float32 --threads N .
 as few invocations as the rows allow (one per model where the sizes need the same
 components), read back from the JSON report (per-measurement median and peak RSS).
 
+``--rounds N`` repeats all of it N times, diffusers first in odd rounds and hypergen first
+in even ones, and reports the median of the rounds' medians: on a shared machine whose
+speed drifts over a run, neither side then gets only the quiet or only the busy half.
+
 Prints one table (row, medians, ratio hypergen/diffusers, peak MiB of each side), writes
 ``--json`` with every number and the machine (CPU model and flags, cores, versions, date)
 and draws ``--chart`` (PNG, matplotlib Agg).
 
     python benches/compare_cpu.py --json cpu.json --chart cpu.png
+    python benches/compare_cpu.py --rounds 2 --json cpu.json          # each side first once
     python benches/compare_cpu.py --rows fixture --iters 3            # fixture rows only
     python benches/compare_cpu.py --rows full/unet-256 --iters 1      # one full-size row
     python benches/compare_cpu.py --list-rows
@@ -116,6 +121,9 @@ def parse_args(argv=None):
                    help="CPU threads of both sides [torch's default: the core count]")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row [1]")
     p.add_argument("--iters", type=int, default=3, help="timed runs per row; the median is reported [3]")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every row this many times, each side first in every other round; the "
+                        "table shows the median of the rounds' medians [1]")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--diffusers-load", choices=["pipeline", "component"], default="pipeline",
                    help="what each diffusers row holds in memory: the whole pipeline, as hypergen does "
@@ -131,8 +139,8 @@ def parse_args(argv=None):
     p.add_argument("--chart", default=None, metavar="OUT.png", help="draw the table as a bar chart here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup < 0 or args.iters < 1:
-        p.error("--warmup must be ≥ 0 and --iters ≥ 1")
+    if args.warmup < 0 or args.iters < 1 or args.rounds < 1:
+        p.error("--warmup must be ≥ 0, --iters and --rounds ≥ 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be ≥ 1")
     return args
@@ -542,6 +550,39 @@ def hypergen_row_result(row, reports):
     return {"error": "; ".join(errors) or "not in hypergen's report"}
 
 
+def measured_as(args):
+    """How each figure was taken, for the table's and the chart's titles."""
+    each = f"median of {args.iters} after {args.warmup} warm-up"
+    if args.rounds == 1:
+        return each
+    return f"median over {args.rounds} rounds (sides alternating first) of the {each}"
+
+
+def pool_rounds(results):
+    """One side's measurements of one row over the rounds as one: the median of the
+    rounds' medians, the extremes of their runs, the highest peak memory; each round's
+    median and peak stay under "rounds". A row that failed in every round keeps the
+    first error; failed rounds are otherwise left out."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    if len(results) == 1:
+        return ok[0]
+    pooled = dict(ok[0])
+    pooled.update({
+        "median_s": statistics.median(r["median_s"] for r in ok),
+        "min_s": min(r["min_s"] for r in ok),
+        "max_s": max(r["max_s"] for r in ok),
+        "mean_s": statistics.fmean(r["mean_s"] for r in ok),
+        "peak_rss_bytes": max((r.get("peak_rss_bytes") or 0) for r in ok) or None,
+        "rounds": [{"median_s": r.get("median_s"), "peak_rss_bytes": r.get("peak_rss_bytes"),
+                    "error": r.get("error")} for r in results],
+    })
+    if all("times_s" in r for r in ok):
+        pooled["times_s"] = [t for r in ok for t in r["times_s"]]
+    return pooled
+
+
 # --------------------------------------------------------------------------------- machine
 
 
@@ -642,7 +683,7 @@ def render_table(rows, machine, args):
     widths = [max(len(x[i]) for x in lines + [header]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
     out = [f"hypergen vs diffusers on the CPU ({machine.get('cpu_model')}, {machine['threads']} threads, float32), "
-           f"{machine['date']}; median of {args.iters} after {args.warmup} warm-up",
+           f"{machine['date']}; {measured_as(args)}",
            f"ratio = hypergen / diffusers time (below 1: hypergen faster); MiB = peak resident set during the row"
            + ("" if args.diffusers_load == "pipeline" else " (diffusers holds only the timed component)"),
            f"torch {machine.get('torch')}, diffusers {machine.get('diffusers')}, transformers "
@@ -722,7 +763,7 @@ def draw_chart(rows, machine, args, path):
     fig.suptitle(f"hypergen vs diffusers, CPU float32: {machine.get('cpu_model')}, {machine['threads']} threads, "
                  f"{machine['date']}{debug}", fontsize=11)
     ax_t.set_title(f"torch {machine.get('torch')}, diffusers {machine.get('diffusers')}; "
-                   f"{machine.get('hypergen') or ''}; median of {args.iters}", fontsize=9)
+                   f"{machine.get('hypergen') or ''}; {measured_as(args)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -769,33 +810,45 @@ def main(argv=None):
     reports = []
     for group in groups:
         grows = [r for r in rows if r.group == group]
-        if not args.skip_diffusers:
-            for r in grows:
-                log(f"diffusers {r.id} ...")
-                res = run_diffusers_row(r, args, threads)
-                r.result["diffusers"] = res
-                if "error" in res:
-                    log(f"diffusers {r.id} FAILED ({res['wall_s']:.0f} s): {res['error']}")
-                else:
-                    log(f"diffusers {r.id}: {fmt_s(res['median_s'])}, peak {fmt_mib(res['peak_rss_bytes'])} MiB "
-                        f"(built in {res['build_s']:.1f} s, {res['wall_s']:.0f} s in all)")
-        if not args.skip_hypergen:
-            model = os.path.abspath(args.fixture) if group == "fixture" else args.hypergen_full_model
-            greps = []
-            for guidance in sorted({r.guidance for r in grows}):
-                for plan in plan_hypergen([r for r in grows if r.guidance == guidance]):
-                    rep = run_hypergen(binary, model, plan, guidance, args, threads)
-                    rep["group"] = group
-                    greps.append(rep)
-                    if "error" in rep:
-                        log(f"hypergen {group} FAILED: {rep['error']}")
-            reports += greps
-            for r in grows:
-                r.result["hypergen"] = hypergen_row_result(r, [g for g in greps])
-                h = r.result["hypergen"]
-                if "error" not in h:
-                    log(f"hypergen {r.id}: {fmt_s(h['median_s'])}, peak {fmt_mib(h['peak_rss_bytes'])} MiB")
+        measured = {r.id: {"diffusers": [], "hypergen": []} for r in grows}
+        for rnd in range(args.rounds):
+            # Each side goes first in every other round: drift in the machine's speed over
+            # the run (other tenants, thermals) then weighs on both alike.
+            sides = ("diffusers", "hypergen") if rnd % 2 == 0 else ("hypergen", "diffusers")
+            if args.rounds > 1:
+                log(f"{group}: round {rnd + 1} of {args.rounds} ({' first, then '.join(sides)})")
+            for side in sides:
+                if side == "diffusers" and not args.skip_diffusers:
+                    for r in grows:
+                        log(f"diffusers {r.id} ...")
+                        res = run_diffusers_row(r, args, threads)
+                        measured[r.id]["diffusers"].append(res)
+                        if "error" in res:
+                            log(f"diffusers {r.id} FAILED ({res['wall_s']:.0f} s): {res['error']}")
+                        else:
+                            log(f"diffusers {r.id}: {fmt_s(res['median_s'])}, peak {fmt_mib(res['peak_rss_bytes'])} "
+                                f"MiB (built in {res['build_s']:.1f} s, {res['wall_s']:.0f} s in all)")
+                if side == "hypergen" and not args.skip_hypergen:
+                    model = os.path.abspath(args.fixture) if group == "fixture" else args.hypergen_full_model
+                    greps = []
+                    for guidance in sorted({r.guidance for r in grows}):
+                        for plan in plan_hypergen([r for r in grows if r.guidance == guidance]):
+                            rep = run_hypergen(binary, model, plan, guidance, args, threads)
+                            rep["group"] = group
+                            rep["round"] = rnd + 1
+                            greps.append(rep)
+                            if "error" in rep:
+                                log(f"hypergen {group} FAILED: {rep['error']}")
+                    reports += greps
+                    for r in grows:
+                        h = hypergen_row_result(r, greps)
+                        measured[r.id]["hypergen"].append(h)
+                        if "error" not in h:
+                            log(f"hypergen {r.id}: {fmt_s(h['median_s'])}, peak {fmt_mib(h['peak_rss_bytes'])} MiB")
         for r in grows:
+            for side, results in measured[r.id].items():
+                if results:
+                    r.result[side] = pool_rounds(results)
             d, h = r.result.get("diffusers") or {}, r.result.get("hypergen") or {}
             r.result["ratio"] = ratio(h.get("median_s"), d.get("median_s"))
             r.result["memory_ratio"] = ratio(h.get("peak_rss_bytes"), d.get("peak_rss_bytes"))
