@@ -195,6 +195,32 @@ impl<B: FusedOps> ClipEncoderLayer<B> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
+
+    /// [`forward`](Self::forward)'s output at position `at[i]` of each sequence `i`,
+    /// `[N, C]`, computing only what it depends on: keys and values of positions
+    /// `0..=at[i]` (the attention is causal), the query, MLP and residuals at `at[i]`.
+    pub fn forward_at(&self, x: Tensor<B, 3>, at: &[usize]) -> Tensor<B, 2> {
+        let [n, _, c] = x.dims();
+        assert_eq!(at.len(), n, "one position per sequence");
+        let attn = &self.self_attn;
+        let rows = at
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                // Positions up to the pooled one, all that it attends to.
+                let seen = x.clone().slice([i..i + 1, 0..p + 1]);
+                let h = self.layer_norm1.forward(seen.clone());
+                let q = linear_forward(&attn.q_proj, h.clone().slice([0..1, p..p + 1]));
+                let k = linear_forward(&attn.k_proj, h.clone());
+                let v = linear_forward(&attn.v_proj, h);
+                // One query after every key it sees: no mask needed.
+                let attended = linear_forward(&attn.out_proj, sdpa(q, k, v, attn.heads, false));
+                let y = seen.slice([0..1, p..p + 1]) + attended;
+                y.clone() + self.mlp.forward(self.layer_norm2.forward(y))
+            })
+            .collect();
+        Tensor::cat(rows, 0).reshape([n, c])
+    }
 }
 
 /// `text_model.encoder`.
@@ -225,6 +251,17 @@ pub struct ClipTextModel<B: FusedOps> {
     pub text_projection: Option<Linear<B>>,
     #[module(skip)]
     pub(crate) config: ClipTextConfig,
+}
+
+/// What SDXL conditions on ([`ClipTextModel::forward_conditioning`]).
+#[derive(Debug, Clone)]
+pub struct ClipConditioning<B: FusedOps> {
+    /// `hidden_states[-2]`, as in [`ClipOutput::penultimate`].
+    pub penultimate: Tensor<B, 3>,
+    /// [`ClipOutput::pooled`], when asked for.
+    pub pooled: Option<Tensor<B, 2>>,
+    /// [`ClipOutput::text_embeds`], when asked for and the model has the projection.
+    pub text_embeds: Option<Tensor<B, 2>>,
 }
 
 /// What one forward pass gives SDXL.
@@ -339,6 +376,69 @@ impl<B: FusedOps> ClipTextModel<B> {
                 penultimate,
                 last,
                 pooled,
+                text_embeds,
+            }
+        })
+    }
+
+    /// [`forward`](Self::forward)'s `penultimate` and, when `pooled`, its `pooled` and
+    /// `text_embeds`, without the work SDXL throws away (diffusers runs every layer in
+    /// full): the last layer runs only for the pooled positions
+    /// ([`ClipEncoderLayer::forward_at`]), and not at all without `pooled` (SDXL's first
+    /// encoder). The same values up to float rounding.
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward).
+    pub fn forward_conditioning(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pooled: bool,
+    ) -> ClipConditioning<B> {
+        B::on_pool(|| {
+            let tm = &self.text_model;
+            let mut x = tm.embeddings.forward(ids.clone());
+            let layers = &tm.encoder.layers;
+            let (last, before) = match layers.split_last() {
+                Some((last, before)) => (Some(last), before),
+                None => (None, &layers[..]),
+            };
+            for layer in before {
+                x = layer.forward(x);
+            }
+            if !pooled {
+                return ClipConditioning {
+                    penultimate: x,
+                    pooled: None,
+                    text_embeds: None,
+                };
+            }
+            let at: Vec<usize> = pooled_positions(ids, self.config.eos_token_id)
+                .into_data()
+                .iter::<i64>()
+                .map(|p| p as usize)
+                .collect();
+            let at_pooled = match last {
+                Some(layer) => layer.forward_at(x.clone(), &at),
+                // No layers: the embeddings are both `penultimate` and the last output.
+                None => {
+                    let picked = at
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &p)| x.clone().slice([i..i + 1, p..p + 1]))
+                        .collect();
+                    let [n, _, c] = x.dims();
+                    Tensor::cat(picked, 0).reshape([n, c])
+                }
+            };
+            let pooled = tm.final_layer_norm.forward(at_pooled);
+            let text_embeds = self
+                .text_projection
+                .as_ref()
+                .map(|p| linear_forward(p, pooled.clone()));
+            ClipConditioning {
+                penultimate: x,
+                pooled: Some(pooled),
                 text_embeds,
             }
         })

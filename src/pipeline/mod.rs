@@ -274,8 +274,14 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 "prompt is longer than the text encoders take; the end is cut off"
             );
         }
-        let o1 = c.text_encoder.forward(self.token_tensor(&t1.ids));
-        let o2 = c.text_encoder_2.forward(self.token_tensor(&t2.ids));
+        // SDXL reads the first encoder's penultimate layer only, the second's too and its
+        // projected pooled output.
+        let o1 = c
+            .text_encoder
+            .forward_conditioning(self.token_tensor(&t1.ids), false);
+        let o2 = c
+            .text_encoder_2
+            .forward_conditioning(self.token_tensor(&t2.ids), true);
         let pooled = o2.text_embeds.ok_or_else(|| Error::Unsupported {
             path: c.info.component_path("text_encoder_2"),
             message:

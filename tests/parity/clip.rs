@@ -49,6 +49,25 @@ fn text_encoder_1<B: FusedOps>(device: &B::Device) {
         let name = format!("te1.prompt{i}.last");
         assert_matches(&name, row(&out.last, i), &name, TOL_F32);
     }
+    // What the pipeline runs: the last layer skipped, or run at the pooled positions only
+    // (the prompts end at different positions).
+    let cond = model.forward_conditioning(ids::<B>(|c| &c.tokenizer, device), false);
+    assert!(cond.pooled.is_none() && cond.text_embeds.is_none());
+    for i in 0..PROMPTS {
+        let name = format!("te1.prompt{i}.penultimate");
+        assert_matches(&name, row(&cond.penultimate, i), &name, TOL_F32);
+    }
+    let cond = model.forward_conditioning(ids::<B>(|c| &c.tokenizer, device), true);
+    let pooled = cond.pooled.expect("pooled was asked for");
+    let (got, want) = (
+        crate::common::values(pooled),
+        crate::common::values(out.pooled),
+    );
+    let err = crate::common::rel_error(&got, &want);
+    assert!(
+        err <= TOL_F32,
+        "te1 pooled at the pooled positions only: relative error {err:.3e} against forward's"
+    );
 }
 
 fn text_encoder_2<B: FusedOps>(device: &B::Device) {
@@ -58,6 +77,14 @@ fn text_encoder_2<B: FusedOps>(device: &B::Device) {
     for i in 0..PROMPTS {
         let name = format!("te2.prompt{i}.penultimate");
         assert_matches(&name, row(&out.penultimate, i), &name, TOL_F32);
+        let name = format!("te2.prompt{i}.text_embeds");
+        assert_matches(&name, row(&embeds, i), &name, TOL_F32);
+    }
+    let cond = model.forward_conditioning(ids::<B>(|c| &c.tokenizer_2, device), true);
+    let embeds = cond.text_embeds.expect("text_encoder_2 has a projection");
+    for i in 0..PROMPTS {
+        let name = format!("te2.prompt{i}.penultimate");
+        assert_matches(&name, row(&cond.penultimate, i), &name, TOL_F32);
         let name = format!("te2.prompt{i}.text_embeds");
         assert_matches(&name, row(&embeds, i), &name, TOL_F32);
     }

@@ -18,7 +18,7 @@
 //!   operand as it lies.
 //! - A nearest-neighbour upsampling before the convolution (the decoders' `Upsample2D`)
 //!   is read through in im2col, each source value written to two columns: the upsampled
-//!   image, four times the input, is never stored (512 MiB at the VAE's last level of a
+//!   image, four times the input, is never stored (1 GiB at the VAE's last upsampling in a
 //!   1024² decode).
 
 use std::cell::RefCell;
