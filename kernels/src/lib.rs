@@ -120,14 +120,14 @@ pub trait FusedOps: Backend {
     }
 
     /// `x·weight + bias` over the last dim of `x` `[.., in]`, `weight` `[in, out]` (Burn's
-    /// `Linear` layout), `bias` `[out]`. The CPU backend runs every row of `x` through one
-    /// GEMM; others run Burn's `linear`.
+    /// `Linear` layout), `bias` `[out]`. Every row of `x` goes through one matrix product:
+    /// our GEMM kernel on the CPU backend, [`plain::linear_rows`] on others.
     fn fused_linear<const D: usize>(
         x: Tensor<Self, D>,
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        plain::linear(x, weight, bias)
+        plain::linear_rows(x, weight, bias)
     }
 
     /// Runs `f`, which runs this backend's ops, where they run best: on the CPU backend

@@ -86,6 +86,31 @@ pub fn layer_norm<B: Backend, const D: usize>(
     out.cast(dtype)
 }
 
+/// `x·weight + bias` (`weight` `[in, out]`) with every row of `x` in one matrix product
+/// `[rows, in]·[in, out]`: the default of [`FusedOps::fused_linear`](crate::FusedOps).
+/// Burn's `linear` broadcasts the weight over `x`'s batch dims instead, and on wgpu
+/// (Burn 0.21) that batched product gave wrong rows past the first for a `[N, 1, C]`
+/// operand made by fused ops (`tests/parity/kernels.rs`, `fused_linear_rows`).
+pub fn linear_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    if D < 2 {
+        return burn_linear(x, weight, bias);
+    }
+    let mut shape = x.dims();
+    let [k, out] = weight.dims();
+    let rows = shape[..D - 1].iter().product();
+    let y = x.reshape([rows, k]).matmul(weight);
+    let y = match bias {
+        Some(bias) => y + bias.unsqueeze(),
+        None => y,
+    };
+    shape[D - 1] = out;
+    y.reshape(shape)
+}
+
 /// Burn's `linear`: `x·weight + bias` with `weight` `[in, out]`.
 pub fn linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,

@@ -262,6 +262,48 @@ fn attention<B: FusedOps>(device: &B::Device) {
 }
 crate::on_backends!(fused_attention, attention);
 
+/// A linear layer on `[N, 1, C]` rows made by fused ops (one position picked per sequence,
+/// plus a residual), as CLIP's last layer at the pooled positions makes them: Burn 0.21's
+/// `linear` (the weight broadcast over the batch) gave wrong rows past the first here on
+/// wgpu; `fused_linear` multiplies all rows as one matrix.
+fn linear_picked_rows<B: FusedOps>(device: &B::Device) {
+    kernels_on::<B>();
+    let (n, l, c, o) = (3, 20, 64, 128);
+    let at = [5, 9, 13];
+    let (xv, av) = (data(n * l * c, 0.3, 1.0, 0.0), data(n * c, 0.5, 1.0, 0.1));
+    let (wv, bv) = (data(c * o, 0.7, 0.2, 0.0), data(o, 0.9, 0.5, 0.0));
+    let picked = |x: Tensor<B, 3>, a: Tensor<B, 3>| {
+        let rows = at
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| x.clone().slice([i..i + 1, p..p + 1]))
+            .collect();
+        Tensor::cat(rows, 0) + a
+    };
+    let got = B::fused_linear(
+        picked(
+            tensor::<B, 3>(&xv, [n, l, c], DType::F32, device),
+            tensor::<B, 3>(&av, [n, 1, c], DType::F32, device),
+        ),
+        tensor::<B, 2>(&wv, [c, o], DType::F32, device),
+        Some(tensor::<B, 1>(&bv, [o], DType::F32, device)),
+    );
+    // The same rows copied out on the host, through Burn's linear on the CPU.
+    let rows: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let row = &xv[(i * l + at[i]) * c..(i * l + at[i] + 1) * c];
+            row.iter()
+                .zip(&av[i * c..(i + 1) * c])
+                .map(|(x, a)| x + a)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want = plain::linear(cpu(&rows, [n, 1, c]), cpu(&wv, [c, o]), Some(cpu(&bv, [o])));
+    assert_eq!(got.dims(), [n, 1, o]);
+    check("linear on picked rows", values(got), values(want), TOL_F32);
+}
+crate::on_backends!(fused_linear_rows, linear_picked_rows);
+
 /// The chunked plain attention (the CPU path at large sizes) equals one-shot attention.
 #[test]
 fn chunked_attention_equals_full() {
