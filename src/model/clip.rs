@@ -413,23 +413,18 @@ impl<B: FusedOps> ClipTextModel<B> {
                     text_embeds: None,
                 };
             }
-            let at: Vec<usize> = pooled_positions(ids, self.config.eos_token_id)
-                .into_data()
-                .iter::<i64>()
-                .map(|p| p as usize)
-                .collect();
+            let positions = pooled_positions(ids, self.config.eos_token_id);
             let at_pooled = match last {
-                Some(layer) => layer.forward_at(x.clone(), &at),
-                // No layers: the embeddings are both `penultimate` and the last output.
-                None => {
-                    let picked = at
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &p)| x.clone().slice([i..i + 1, p..p + 1]))
+                Some(layer) => {
+                    let at: Vec<usize> = positions
+                        .into_data()
+                        .iter::<i64>()
+                        .map(|p| p as usize)
                         .collect();
-                    let [n, _, c] = x.dims();
-                    Tensor::cat(picked, 0).reshape([n, c])
+                    layer.forward_at(x.clone(), &at)
                 }
+                // No layers: the embeddings are both `penultimate` and the last output.
+                None => gather_rows(x.clone(), positions),
             };
             let pooled = tm.final_layer_norm.forward(at_pooled);
             let text_embeds = self
