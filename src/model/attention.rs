@@ -96,16 +96,44 @@ pub fn sdpa<B: FusedOps>(
     merge_heads(out)
 }
 
+/// One attention's keys and values, projected from its context ahead of the queries:
+/// the UNet's cross-attention reads the same text at every denoising step, so the
+/// pipeline projects it once per generation ([`Attention::project_kv`]).
+#[derive(Debug, Clone)]
+pub struct CrossKv<B: FusedOps> {
+    /// `[N, S, H*D]` keys.
+    pub key: Tensor<B, 3>,
+    /// `[N, S, H*D]` values.
+    pub value: Tensor<B, 3>,
+}
+
 impl<B: FusedOps> Attention<B> {
     /// Sequence attention: `x` `[N, L, C]`, `context` `[N, S, C_ctx]` (self-attention
     /// when `None`). Returns `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let ctx = context.unwrap_or_else(|| x.clone());
+        let kv = self.project_kv(context.unwrap_or_else(|| x.clone()));
+        self.forward_kv(x, &kv)
+    }
+
+    /// Projects `context` `[N, S, C_ctx]` to this attention's keys and values.
+    pub fn project_kv(&self, context: Tensor<B, 3>) -> CrossKv<B> {
+        CrossKv {
+            key: linear_forward(&self.to_k, context.clone()),
+            value: linear_forward(&self.to_v, context),
+        }
+    }
+
+    /// Attention of `x` `[N, L, C]` over keys and values projected ahead
+    /// ([`project_kv`](Self::project_kv)). Returns `[N, L, C]`.
+    pub fn forward_kv(&self, x: Tensor<B, 3>, kv: &CrossKv<B>) -> Tensor<B, 3> {
         let q = linear_forward(&self.to_q, x);
-        let k = linear_forward(&self.to_k, ctx.clone());
-        let v = linear_forward(&self.to_v, ctx);
-        let out = sdpa(q, k, v, self.heads, false);
+        let out = sdpa(q, kv.key.clone(), kv.value.clone(), self.heads, false);
         linear_forward(&self.to_out[0], out)
+    }
+
+    /// Width of the keys and values ([`CrossKv`]'s last dim).
+    pub fn inner_dim(&self) -> usize {
+        self.to_k.weight.dims()[1]
     }
 
     /// Spatial self-attention with residual, as the VAE's mid block uses it:

@@ -21,6 +21,7 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::model::unet::UNetContext;
 use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
@@ -469,7 +470,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
     /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
     /// the UNet runs on `[latents; latents]` against `[negative; positive]` conditioning
     /// and the branches are combined with `guidance_scale`, or on `latents` alone
-    /// without guidance.
+    /// without guidance. `text` is the context prepared once for the whole loop
+    /// ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)),
+    /// `pooled` the second encoder's pooled projection.
     #[allow(clippy::too_many_arguments)]
     pub fn predict_noise(
         &self,
@@ -477,7 +480,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
         latents: Tensor<B, 4>,
         i: usize,
         t: f64,
-        embeds: &PromptEmbeds<B>,
+        text: &UNetContext<B>,
+        pooled: &Tensor<B, 2>,
         time_ids: &[f32],
         guidance_scale: Option<f64>,
     ) -> Result<Tensor<B, 4>> {
@@ -488,11 +492,11 @@ impl<B: FusedOps> SdxlPipeline<B> {
         };
         let rows = input.dims()[0];
         let input = scheduler.scale_model_input(input, i);
-        let eps = self.components.unet.forward(
+        let eps = self.components.unet.forward_prepared(
             input,
             &vec![t as f32; rows],
-            embeds.context.clone(),
-            embeds.pooled.clone(),
+            text,
+            pooled.clone(),
             time_ids,
         )?;
         let eps = eps.cast(dtype);
@@ -646,6 +650,11 @@ impl<B: FusedOps> SdxlPipeline<B> {
         }
         let embeds = self.batch_embeds(reqs, guidance.is_some())?;
         let rows = embeds.context.dims()[0];
+        // The text is the same at every step: its cross-attention keys and values once.
+        let text = self
+            .components
+            .unet
+            .prepare_context(embeds.context.clone())?;
         let time_ids: Vec<f32> = (0..rows).flat_map(|_| first.add_time_ids()).collect();
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
@@ -667,7 +676,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 latents,
                 i,
                 t,
-                &embeds,
+                &text,
+                &embeds.pooled,
                 &time_ids,
                 guidance,
             )?;

@@ -15,23 +15,40 @@ fn unet_matches_reference<B: FusedOps>(device: &B::Device) {
     let text_embeds = ref_tensor::<B, 2>("unet.text_embeds", device);
     let time_ids = reference("unet.time_ids").data;
     let n = sample.dims()[0];
+    // The denoising loop's way: the text projected once, reused at every timestep.
+    let text = unet.prepare_context(context.clone()).expect("context");
     for t in [999u32, 421, 1] {
+        let timesteps = vec![t as f32; n];
         let out = unet
             .forward(
                 sample.clone(),
-                &vec![t as f32; n],
+                &timesteps,
                 context.clone(),
                 text_embeds.clone(),
                 &time_ids,
             )
             .expect("forward");
-        assert_matches(
-            &format!("unet t={t}"),
-            out,
-            &format!("unet.t{t}.out"),
-            TOL_F32,
-        );
+        let reference = format!("unet.t{t}.out");
+        assert_matches(&format!("unet t={t}"), out, &reference, TOL_F32);
+        let out = unet
+            .forward_prepared(
+                sample.clone(),
+                &timesteps,
+                &text,
+                text_embeds.clone(),
+                &time_ids,
+            )
+            .expect("forward_prepared");
+        assert_matches(&format!("unet prepared t={t}"), out, &reference, TOL_F32);
     }
+    // A context prepared for other rows is refused, not broadcast.
+    let one_row = unet
+        .prepare_context(context.narrow(0, 0, 1))
+        .expect("context of one row");
+    let err = unet
+        .forward_prepared(sample, &vec![1.0; n], &one_row, text_embeds, &time_ids)
+        .expect_err("rows differ");
+    assert!(err.to_string().contains("rows"), "{err}");
 }
 
 crate::on_backends!(unet_parity, unet_matches_reference);

