@@ -22,6 +22,10 @@ which is the core count). Every row runs in a fresh Python subprocess that loads
 hypergen side: ``hypergen bench MODEL --device cpu --dtype float32 --threads N ... --json``,
 as few invocations as the rows allow (one per model where the sizes need the same
 components), read back from the JSON report (per-measurement median and peak RSS).
+hypergen's UNet row is a step as its denoising loop runs it: the text's cross-attention
+keys and values are projected once per generation (``prepare_context``), before the
+timed calls; diffusers' ``unet(...)`` projects them in every call, as its loop does. The
+pipeline rows time whole generations on both sides, that projection included.
 
 ``--rounds N`` repeats all of it N times, diffusers first in odd rounds and hypergen first
 in even ones, and reports the median of the rounds' medians: on a shared machine whose
