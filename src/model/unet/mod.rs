@@ -39,13 +39,6 @@ pub struct UNetContext<B: FusedOps> {
     up: Vec<BlockText<B>>,
 }
 
-impl<B: FusedOps> UNetContext<B> {
-    /// Batch rows the context was projected for.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-}
-
 /// The SDXL denoising UNet.
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel<B: FusedOps> {
@@ -267,13 +260,18 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
             if text.rows != n {
                 return Err(Error::invalid(
                     "encoder_hidden_states",
-                    format!("has {} rows, the sample {n}", text.rows),
+                    format!(
+                        "was prepared for {} rows, the sample has {n}: prepare it from the \
+                         sample's rows",
+                        text.rows
+                    ),
                 ));
             }
             if !self.fits(text) {
                 return Err(Error::invalid(
                     "encoder_hidden_states",
-                    "was prepared by a UNet of another layout",
+                    "was prepared by a UNet of another layout: prepare it with this \
+                     UNet's prepare_context",
                 ));
             }
             let sample = sample.cast(dtype);
