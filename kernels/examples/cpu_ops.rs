@@ -334,6 +334,11 @@ fn main() {
         [2, 2560, 16, 1280, 3],
         [2, 640, 64, 320, 3],
         [2, 640, 64, 320, 1],
+        // The tiny fixture's UNet (256², guidance) and VAE (256² decode) layers.
+        [2, 32, 32, 32, 3],
+        [2, 64, 32, 64, 3],
+        [1, 64, 128, 64, 3],
+        [1, 32, 256, 32, 3],
     ] {
         let op = format!("conv{kk}x{kk} [{n},{ci},{hw},{hw}] -> {co}");
         if !wanted(&op) {

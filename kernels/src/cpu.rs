@@ -36,6 +36,7 @@ mod group_norm;
 mod layer_norm;
 mod linear;
 pub(crate) mod math;
+mod winograd;
 
 #[cfg(test)]
 mod tests;
@@ -302,7 +303,12 @@ fn conv2d(
     }
     let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
     let bias = bias.map(contiguous_f32);
-    let out = conv::conv2d(
+    let conv = if KernelSet::current().winograd && winograd::applies(&params) {
+        winograd::conv2d
+    } else {
+        conv::conv2d
+    };
+    let out = conv(
         x.storage::<f32>(),
         weight.storage::<f32>(),
         bias.as_ref().map(|b| b.storage::<f32>()),

@@ -181,7 +181,7 @@ pub struct DeviceMemory {
 }
 
 /// Which of our kernels run, from `HYPERGEN_KERNELS`: `all` (default), `none`, or a comma
-/// list of `group_norm`, `geglu`, `attention`, `conv`, `linear`, `layer_norm`,
+/// list of `group_norm`, `geglu`, `attention`, `conv`, `winograd`, `linear`, `layer_norm`,
 /// `activation`. Off means the plain Burn ops of [`plain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSet {
@@ -193,6 +193,9 @@ pub struct KernelSet {
     pub attention: bool,
     /// Convolution (the CPU backend's; GPUs always run Burn's).
     pub conv: bool,
+    /// 3×3 convolutions by Winograd's F(2×2, 3×3) inside `conv` (the CPU backend's):
+    /// 2.25× fewer products than the direct convolution.
+    pub winograd: bool,
     /// Linear layers (the CPU backend's; GPUs always run Burn's).
     pub linear: bool,
     /// LayerNorm (the CPU backend's; GPUs run the plain composition under fusion).
@@ -208,6 +211,7 @@ impl KernelSet {
         geglu: true,
         attention: true,
         conv: true,
+        winograd: true,
         linear: true,
         layer_norm: true,
         activation: true,
@@ -218,6 +222,7 @@ impl KernelSet {
         geglu: false,
         attention: false,
         conv: false,
+        winograd: false,
         linear: false,
         layer_norm: false,
         activation: false,
@@ -238,13 +243,14 @@ impl KernelSet {
                 "geglu" => set.geglu = true,
                 "attention" => set.attention = true,
                 "conv" => set.conv = true,
+                "winograd" => set.winograd = true,
                 "linear" => set.linear = true,
                 "layer_norm" => set.layer_norm = true,
                 "activation" => set.activation = true,
                 other => {
                     return Err(format!(
                         "unknown kernel `{other}` in HYPERGEN_KERNELS (expected all, none, or a \
-                         comma list of group_norm, geglu, attention, conv, linear, layer_norm, activation)"
+                         comma list of group_norm, geglu, attention, conv, winograd, linear, layer_norm, activation)"
                     ))
                 }
             }
@@ -273,6 +279,7 @@ impl std::fmt::Display for KernelSet {
             (self.geglu, "geglu"),
             (self.attention, "attention"),
             (self.conv, "conv"),
+            (self.winograd, "winograd"),
             (self.linear, "linear"),
             (self.layer_norm, "layer_norm"),
             (self.activation, "activation"),

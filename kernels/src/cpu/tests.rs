@@ -1082,6 +1082,120 @@ fn upsample_conv() {
     assert_eq!(values(got), values(want), "half precision runs Burn's ops");
 }
 
+/// Winograd's F(2×2, 3×3) against the f64 direct convolution and the direct kernel:
+/// odd sizes (a last tile half outside the image), channel counts off the vector width,
+/// no bias, upsampling read through, several blocks per image (their seams), and an
+/// image too small to give each thread a block (one block split inside).
+#[test]
+fn winograd_conv() {
+    use super::{conv, winograd};
+    for (input, co, upsample, bias) in [
+        ([2, 32, 9, 11], 40, 1, true),
+        ([1, 33, 1, 1], 35, 1, true),
+        ([2, 8, 7, 5], 3, 2, false),
+        ([1, 32, 70, 34], 36, 1, true),
+        ([1, 40, 35, 17], 32, 2, true),
+        ([2, 64, 4, 4], 48, 1, true),
+    ] {
+        let ci = input[1];
+        let p = conv::Params {
+            input,
+            out_channels: co,
+            kernel: [3, 3],
+            stride: 1,
+            padding: 1,
+            upsample,
+        };
+        let xv = data(input.iter().product(), 0.9, 1.0, 0.1);
+        let wv = data(co * ci * 9, 1.9, 0.2, 0.0);
+        let bv = data(co, 2.3, 0.5, 0.2);
+        let b = bias.then_some(&bv[..]);
+        let what = format!("winograd {input:?} → {co}, upsample {upsample}, bias {bias}");
+        let got = winograd::conv2d(&xv, &wv, b, p);
+        let [n, _, h, w] = input;
+        let up = [n, ci, h * upsample, w * upsample];
+        let xu = if upsample == 2 {
+            upsample2x_host(&xv, input)
+        } else {
+            xv.clone()
+        };
+        let want = conv2d_f64(&xu, &wv, b, up, [co, 3, 3], 1, 1);
+        check(&format!("{what} vs f64"), &got, &want, TOL_F32);
+        let direct = conv::conv2d(&xv, &wv, b, p);
+        check(&format!("{what} vs direct"), &got, &direct, TOL_F32);
+    }
+}
+
+/// Which convolutions go through Winograd: SDXL's 3×3 layers with guidance's two rows
+/// from the 32² level up (and the VAE's), not the 16² level, nor few channels, nor other
+/// kernels, strides, paddings or upsamplings; and the dispatch gives its result.
+#[test]
+fn winograd_dispatch() {
+    use super::{conv, winograd};
+    let p = |input, out_channels| conv::Params {
+        input,
+        out_channels,
+        kernel: [3, 3],
+        stride: 1,
+        padding: 1,
+        upsample: 1,
+    };
+    let unet_32 = p([2, 640, 32, 32], 640);
+    assert!(winograd::applies(&unet_32));
+    assert!(winograd::applies(&p([2, 320, 64, 64], 320)));
+    assert!(winograd::applies(&conv::Params {
+        upsample: 2,
+        ..p([2, 1280, 16, 16], 1280)
+    }));
+    assert!(winograd::applies(&p([1, 512, 64, 64], 512)));
+    assert!(!winograd::applies(&p([2, 1280, 16, 16], 1280)));
+    assert!(!winograd::applies(&p([1, 4, 64, 64], 512)));
+    assert!(!winograd::applies(&p([1, 320, 64, 64], 4)));
+    for other in [
+        conv::Params {
+            stride: 2,
+            ..unet_32
+        },
+        conv::Params {
+            padding: 0,
+            ..unet_32
+        },
+        conv::Params {
+            kernel: [1, 1],
+            ..unet_32
+        },
+        conv::Params {
+            upsample: 3,
+            ..unet_32
+        },
+    ] {
+        assert!(
+            !winograd::fits(&other) && !winograd::applies(&other),
+            "{other:?}"
+        );
+    }
+    // Through `fused_conv2d`: a layer the dispatch sends to Winograd, against f64.
+    kernels_on();
+    let (input, co) = ([1, 32, 48, 44], 32);
+    assert!(winograd::applies(&p(input, co)));
+    let xv = data(input.iter().product(), 0.4, 1.0, 0.0);
+    let wv = data(co * 32 * 9, 1.4, 0.2, 0.0);
+    let got = Flex::fused_conv2d(
+        tensor(&xv, input, DType::F32),
+        tensor(&wv, [co, 32, 3, 3], DType::F32),
+        None,
+        1,
+        1,
+    );
+    let want = conv2d_f64(&xv, &wv, None, input, [co, 3, 3], 1, 1);
+    check(
+        "fused_conv2d through Winograd vs f64",
+        &values(got),
+        &want,
+        TOL_F32,
+    );
+}
+
 /// A strided view as input (the kernel makes it contiguous) and half precision (Burn's
 /// convolution) give what Burn gives.
 #[test]
