@@ -38,8 +38,8 @@ const MIN_CHANNELS: usize = 32;
 /// Fewest output tiles over the batch taken. The weight's transform reads the weight,
 /// writes 16/9 of it and the GEMMs read that back, all from memory in a model's step,
 /// while the products saved grow with the tiles: in the full-size UNet's 512² step
-/// (guidance's two rows) the 16² level (128 tiles) ran 0.7–1.7× the direct
-/// convolution's time, the 32² level (512 tiles) 0.53–0.81× and the 64² level 0.59–0.70×.
+/// (guidance's two rows) the 16² level (128 tiles) ran 0.9–1.7× the direct
+/// convolution's time, the 32² level (512 tiles) 0.48–0.81× and the 64² level 0.53–0.70×.
 const MIN_TILES_TOTAL: usize = 512;
 
 /// Target bytes of one block's transformed input and GEMM result (`V` and `M`): large
