@@ -71,7 +71,7 @@ impl Params {
     }
 
     /// Height and width of the image the kernel slides over: the input after upsampling.
-    fn upsampled(&self) -> [usize; 2] {
+    pub(super) fn upsampled(&self) -> [usize; 2] {
         let [_, _, h, w] = self.input;
         [h * self.upsample, w * self.upsample]
     }
@@ -331,7 +331,7 @@ fn im2col(
 }
 
 /// `dst[j] = src[(first + j) / 2]`: a row of the 2× upsampled image from `first` on.
-fn fill_doubled(dst: &mut [f32], src: &[f32], first: usize) {
+pub(super) fn fill_doubled(dst: &mut [f32], src: &[f32], first: usize) {
     let (head, src) = if first % 2 == 1 && !dst.is_empty() {
         dst[0] = src[first / 2];
         (1, &src[first / 2 + 1..])

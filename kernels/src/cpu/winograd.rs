@@ -28,7 +28,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::conv::Params;
+use super::conv::{fill_doubled, Params};
 use super::SharedPtr;
 
 /// Fewest input and output channels taken. Below it in SDXL are only the 4-channel
@@ -75,8 +75,8 @@ pub(crate) fn fits(p: &Params) -> bool {
 /// Whether [`conv2d`] is worth it over the direct convolution (see [`MIN_CHANNELS`] and
 /// [`MIN_TILES_TOTAL`]).
 pub(crate) fn applies(p: &Params) -> bool {
-    let [n, ci, h, w] = p.input;
-    let tiles = n * (h * p.upsample).div_ceil(2) * (w * p.upsample).div_ceil(2);
+    let ([n, ci, _, _], [h, w]) = (p.input, p.upsampled());
+    let tiles = n * h.div_ceil(2) * w.div_ceil(2);
     fits(p) && ci >= MIN_CHANNELS && p.out_channels >= MIN_CHANNELS && tiles >= MIN_TILES_TOTAL
 }
 
@@ -96,7 +96,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: Params)
     assert_eq!(x.len(), n * ci * h * w, "input length");
     assert_eq!(weight.len(), co * ci * 9, "weight length");
     assert!(bias.is_none_or(|b| b.len() == co), "bias length");
-    let [ho, wo] = [h * p.upsample, w * p.upsample];
+    let [ho, wo] = p.upsampled();
     let len = n * co * ho * wo;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     if len == 0 {
@@ -301,9 +301,7 @@ unsafe fn input_tiles(x: &[f32], geo: &Geometry, c: usize, [g0, g1]: [usize; 2],
                 if up == 1 {
                     dst.copy_from_slice(src);
                 } else {
-                    for (pair, &s) in dst.chunks_exact_mut(2).zip(src) {
-                        pair.fill(s);
-                    }
+                    fill_doubled(dst, src, 0);
                 }
             }
         }
@@ -360,10 +358,7 @@ unsafe fn output_tiles(
     out: *mut f32,
 ) {
     let co = geo.p.out_channels;
-    let [h, w] = [
-        geo.p.input[2] * geo.p.upsample,
-        geo.p.input[3] * geo.p.upsample,
-    ];
+    let [h, w] = geo.p.upsampled();
     let [th, tw] = geo.tiles;
     let t = (g1 - g0) * tw;
     // Column-transformed tiles: `s[a][j][tx]`, then one output row's two phases.
