@@ -291,7 +291,7 @@ fn main() {
     // Linear layers (rows = batch·positions) and
     // convolutions where the UNet spends most of its step at 512²: the transformer
     // projections at 16² and 32² latents, the text projections (154 rows), and the
-    // 3×3 convolutions of each level.
+    // 3×3 convolutions of each level; then the tiny fixture's projections.
     for [rows_, k, n] in [
         [512, 1280, 10240],
         [512, 5120, 1280],
@@ -300,6 +300,15 @@ fn main() {
         [2048, 2560, 640],
         [2048, 640, 640],
         [154, 2048, 1280],
+        // The tiny fixture's at 256² (213 calls per UNet step, most time per FLOP).
+        [512, 64, 64],
+        [512, 64, 512],
+        [512, 256, 64],
+        [128, 128, 128],
+        [128, 128, 1024],
+        [128, 512, 128],
+        [154, 96, 64],
+        [154, 96, 128],
     ] {
         let op = format!("linear [{rows_},{k}]x[{k},{n}]");
         if !wanted(&op) {

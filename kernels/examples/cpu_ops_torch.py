@@ -46,6 +46,14 @@ def data(shape, seed, shift=0.0):
     return x.to(torch.float32).reshape(shape)
 
 
+LINEAR_SHAPES = [
+    (512, 1280, 10240), (512, 5120, 1280), (512, 1280, 1280), (2048, 640, 5120),
+    (2048, 2560, 640), (2048, 640, 640), (154, 2048, 1280),
+    (512, 64, 64), (512, 64, 512), (512, 256, 64), (128, 128, 128), (128, 128, 1024),
+    (128, 512, 128), (154, 96, 64), (154, 96, 128),
+]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5)
@@ -89,6 +97,16 @@ def main():
             wall, cpu = timed(args.iters, args.threads, geglu)
             gb = (n * l * w + n * l * w // 2) * 4 / 1e9
             rows.append((f"geglu [{n},{l},{w}]", wall, cpu, gb / (wall / 1e3), "GB/s"))
+
+        # The linear rows of cpu_ops.rs: full-size projections, then the tiny fixture's
+        # at 256² (widths 64 and 128, cross-attention on 96-wide text).
+        for rows_, k, n in LINEAR_SHAPES:
+            x = data([rows_, k], 0.8)
+            w = data([n, k], 0.9) * 0.05
+            b = data([n], 1.0)
+            wall, cpu = timed(args.iters, args.threads, lambda: F.linear(x, w, b))
+            gflop = 2.0 * rows_ * k * n / 1e9
+            rows.append((f"linear [{rows_},{k}]x[{k},{n}]", wall, cpu, gflop / (wall / 1e3), "GFLOP/s"))
 
         for n, c, l in [(2, 320, 4096), (1, 512, 65536)]:
             x = data([n, c, l], 0.5, 0.3)

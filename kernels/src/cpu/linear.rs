@@ -8,7 +8,14 @@
 //! through its strides as it lies (no copy, whichever way it was loaded), and the bias
 //! fills the output before GEMM accumulates into it.
 
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
 use super::gemm_split;
+
+/// Output values per task of the bias fill: 256 KiB, as the element-wise kernels.
+const FILL_TASK: usize = 1 << 16;
 
 /// A 2-d f32 matrix inside a buffer: element `(i, j)` at `start + i·rs + j·cs`.
 pub(crate) struct Matrix<'a> {
@@ -58,7 +65,11 @@ pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f
     let len = rows * output;
     let mut out = Vec::with_capacity(len);
     match bias {
-        Some(b) => (0..rows).for_each(|_| out.extend_from_slice(b)),
+        Some(b) => {
+            fill_rows(&mut out.spare_capacity_mut()[..len], b);
+            // SAFETY: `fill_rows` wrote all `len` values.
+            unsafe { out.set_len(len) };
+        }
         None if input == 0 => out.resize(len, 0.0),
         None => {}
     }
@@ -82,4 +93,28 @@ pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f
         out.set_len(len);
     }
     out
+}
+
+/// Writes `bias` into every row of `out` (rows of `bias.len()` values), in parallel
+/// for large outputs: the UNet's feed-forward projection writes 42–168 MB at SDXL's 512²,
+/// and filled by one thread (page faults included) its wall time was 15 ms above its CPU
+/// time per thread at `[2048, 640] × [640, 5120]` (`cpu_ops`: 70–78 ms), 7–9 ms after.
+fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
+    let width = bias.len();
+    let fill = |rows: &mut [MaybeUninit<f32>]| {
+        for row in rows.chunks_exact_mut(width) {
+            for (o, &b) in row.iter_mut().zip(bias) {
+                o.write(b);
+            }
+        }
+    };
+    if width == 0 {
+        return;
+    }
+    if out.len() < 2 * FILL_TASK {
+        fill(out);
+    } else {
+        let rows_per_task = (FILL_TASK / width).max(1);
+        out.par_chunks_mut(rows_per_task * width).for_each(fill);
+    }
 }

@@ -1263,6 +1263,9 @@ fn linear_shapes() {
         ([3, 2], 40, 130, 70, false),
         // Enough work to split the columns across threads, the last block narrower.
         ([2, 2], 50, 100, 300, true),
+        // An output large enough for the bias to be filled by parallel tasks, whose
+        // rows do not divide the task size (the last task shorter).
+        ([2, 1], 700, 8, 97, true),
     ] {
         let n = batch[0] * batch[1] * rows;
         let xv = data(n * i, 0.4, 1.0, 0.1);
