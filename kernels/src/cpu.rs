@@ -393,6 +393,11 @@ fn row_strides(layout: &Layout) -> Option<[isize; 2]> {
     }
 }
 
+/// Values per rayon task of the element-wise passes (activations, GEGLU's output, the
+/// linear kernel's bias fill): 256 KiB of f32, enough to amortise a task, small enough
+/// to balance across cores.
+const ELEMENTWISE_TASK: usize = 1 << 16;
+
 /// A pointer the rayon tasks of one kernel share: each task reads the inputs and writes
 /// its own disjoint part of the output, all of which outlive the tasks (rayon joins
 /// before the kernel returns).

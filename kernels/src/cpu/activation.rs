@@ -5,10 +5,8 @@
 use rayon::prelude::*;
 
 use super::math::{exp, gelu, madd, multiversion, silu};
+use super::ELEMENTWISE_TASK as TASK;
 use crate::Activation;
-
-/// Values per rayon task: 256 KiB, enough to amortise a task, small enough to balance.
-const TASK: usize = 1 << 16;
 
 /// `x = act(x)` in place.
 pub(crate) fn activation_in_place(x: &mut [f32], act: Activation) {

@@ -6,10 +6,8 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::math::{gelu, multiversion};
-
-/// Output values per rayon task: 256 KiB of output, 512 KiB of input; enough work to
-/// amortise a task, small enough to balance across cores.
-const TASK: usize = 1 << 16;
+// Output values per task (the input is twice as many).
+use super::ELEMENTWISE_TASK as TASK;
 
 /// GEGLU of `x` (`rows` rows of `2·half` contiguous values) into `out` (`rows` rows of
 /// `half`): `out = x[.., :half] · gelu(x[.., half..])`.

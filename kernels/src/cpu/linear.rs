@@ -12,10 +12,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::gemm_split;
-
-/// Output values per task of the bias fill: 256 KiB, as the element-wise kernels.
-const FILL_TASK: usize = 1 << 16;
+use super::{gemm_split, ELEMENTWISE_TASK};
 
 /// A 2-d f32 matrix inside a buffer: element `(i, j)` at `start + i·rs + j·cs`.
 pub(crate) struct Matrix<'a> {
@@ -111,10 +108,10 @@ fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
     if width == 0 {
         return;
     }
-    if out.len() < 2 * FILL_TASK {
+    if out.len() <= ELEMENTWISE_TASK {
         fill(out);
     } else {
-        let rows_per_task = (FILL_TASK / width).max(1);
+        let rows_per_task = (ELEMENTWISE_TASK / width).max(1);
         out.par_chunks_mut(rows_per_task * width).for_each(fill);
     }
 }
