@@ -60,7 +60,8 @@ fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 }
 
 /// `c [m, n] += x [m, k] · w [k, n]` by the `gemm` crate, two column halves in parallel
-/// (as `gemm_split` runs it).
+/// (`gemm_split` cuts four column blocks for two threads, as did the throwaway runs in
+/// BENCHMARKS.md; this keeps both ways split alike).
 fn with_gemm(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], c: &mut [f32]) {
     let half = n / 2;
     let (x, w, c) = (
