@@ -29,6 +29,7 @@ use crate::{plain, Activation, FusedOps, KernelSet};
 
 mod activation;
 mod attention;
+mod awake;
 mod conv;
 mod geglu;
 mod gemm_split;
@@ -36,6 +37,7 @@ mod group_norm;
 mod layer_norm;
 mod linear;
 pub(crate) mod math;
+mod panels;
 mod winograd;
 
 #[cfg(test)]
@@ -56,7 +58,7 @@ impl FusedOps for Flex {
                 .ok()
         });
         match pool {
-            Some(pool) => pool.install(f),
+            Some(pool) => pool.install(|| awake::with_workers_awake(f)),
             None => f(),
         }
     }
@@ -255,6 +257,56 @@ impl FusedOps for Flex {
         let out = linear::linear(
             &matrix(&x, [rows, input], [x_rs, x_cs]),
             &matrix(&weight, [input, output], [w_strides[0], w_strides[1]]),
+            bias.as_ref().map(|b| b.storage::<f32>()),
+        );
+        let mut shape = dims.to_vec();
+        shape[D - 1] = output;
+        wrap(from_vec(out, shape), dtype)
+    }
+
+    fn linear_panels(dtype: DType) -> bool {
+        dtype == DType::F32 && KernelSet::current().linear && panels::available()
+    }
+
+    fn fused_linear_panels<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, D> {
+        let dims = x.dims();
+        let [input, output] = weight.dims();
+        let dtype = x.dtype();
+        // Whatever `KernelSet` says now: the weight is in panels and only this kernel or
+        // the fallback (the layout restored) reads it.
+        if !panels::available()
+            || D == 0
+            || dtype != DType::F32
+            || weight.dtype() != dtype
+            || bias
+                .as_ref()
+                .is_some_and(|b| b.dtype() != dtype || b.dims() != [output])
+            || dims[D - 1] != input
+        {
+            return Self::fused_linear(x, plain::from_panels(weight), bias);
+        }
+        let rows: usize = dims[..D - 1].iter().product();
+        let x = x.into_primitive().tensor();
+        // The rows of `x` through their stride when its columns are adjacent; a
+        // contiguous copy otherwise.
+        let (x, [x_rs, _]) = match row_strides(x.layout()) {
+            Some([rs, 1]) if rs >= 0 => (x, [rs, 1]),
+            _ => {
+                let x = x.to_contiguous();
+                let strides = row_strides(x.layout()).expect("a contiguous layout merges");
+                (x, strides)
+            }
+        };
+        let bias = bias.map(contiguous_f32);
+        let weight = contiguous_f32(weight);
+        let out = panels::linear(
+            &matrix(&x, [rows, input], [x_rs, 1]),
+            weight.storage::<f32>(),
+            output,
             bias.as_ref().map(|b| b.storage::<f32>()),
         );
         let mut shape = dims.to_vec();

@@ -27,6 +27,9 @@ pub mod cube;
 /// Widest attention head our flash kernel takes; wider heads use other kernels.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Columns per panel of a weight laid out by [`plain::to_panels`]: four AVX-512 vectors.
+pub const PANEL_WIDTH: usize = 64;
+
 /// Backends the SDXL model runs on: Burn's [`Backend`] plus hypergen's fused ops.
 ///
 /// Every method has a plain-Burn default, so a backend opts in to kernels by overriding.
@@ -128,6 +131,28 @@ pub trait FusedOps: Backend {
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
         plain::linear_rows(x, weight, bias)
+    }
+
+    /// Whether [`fused_linear_panels`](Self::fused_linear_panels) is faster than
+    /// [`fused_linear`](Self::fused_linear) for weights of `dtype`, so that models
+    /// whose linear layers run on few rows (the text encoders) should lay their weights
+    /// out by [`plain::to_panels`] once loaded: on the CPU backend in f32 with AVX-512
+    /// and the `linear` kernel on; nowhere else.
+    fn linear_panels(dtype: burn::tensor::DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// [`fused_linear`](Self::fused_linear) with `weight` holding its `[in, out]`
+    /// values in panel order ([`plain::to_panels`]). The CPU backend streams each panel
+    /// once into its own micro-kernel (no packing per call); others restore the layout
+    /// ([`plain::from_panels`]) and run [`fused_linear`](Self::fused_linear).
+    fn fused_linear_panels<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, D> {
+        Self::fused_linear(x, plain::from_panels(weight), bias)
     }
 
     /// Runs `f`, which runs this backend's ops, where they run best: on the CPU backend

@@ -8,7 +8,7 @@ use burn::tensor::module::{attention, conv2d as burn_conv2d, linear as burn_line
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use burn::tensor::{DType, Tensor};
 
-use crate::Activation;
+use crate::{Activation, PANEL_WIDTH};
 
 /// Most attention scores (`N·H·rows·S`) held at once by [`attention_chunked`]: 2²⁴ floats
 /// (64 MiB in f32). SDXL at 1024² would otherwise hold 4096² scores per head in the
@@ -109,6 +109,58 @@ pub fn linear_rows<B: Backend, const D: usize>(
     };
     shape[D - 1] = out;
     y.reshape(shape)
+}
+
+/// A `[k, n]` weight with its values in panel order, the same shape: first
+/// `n / PANEL_WIDTH` panels of [`PANEL_WIDTH`](crate::PANEL_WIDTH) columns, each its `k`
+/// rows in turn, then the remaining columns as one narrower panel. A permutation, so
+/// exact on every backend; [`from_panels`] undoes it.
+pub fn to_panels<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [k, n] = weight.dims();
+    let full = n / PANEL_WIDTH * PANEL_WIDTH;
+    // One panel, or one row: the panel order is the weight's own.
+    if full == 0 || k <= 1 || n == PANEL_WIDTH {
+        return weight;
+    }
+    let mut parts = Vec::with_capacity(2);
+    if full > 0 {
+        parts.push(
+            weight
+                .clone()
+                .slice([0..k, 0..full])
+                .reshape([k, full / PANEL_WIDTH, PANEL_WIDTH])
+                .swap_dims(0, 1)
+                .reshape([k * full]),
+        );
+    }
+    if full < n {
+        parts.push(weight.slice([0..k, full..n]).reshape([k * (n - full)]));
+    }
+    Tensor::cat(parts, 0).reshape([k, n])
+}
+
+/// The `[k, n]` weight whose values [`to_panels`] put in panel order, in its own order.
+pub fn from_panels<B: Backend>(panels: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [k, n] = panels.dims();
+    let full = n / PANEL_WIDTH * PANEL_WIDTH;
+    if full == 0 || k <= 1 || n == PANEL_WIDTH {
+        return panels;
+    }
+    let flat = panels.reshape([k * n]);
+    let mut parts = Vec::with_capacity(2);
+    if full > 0 {
+        parts.push(
+            flat.clone()
+                .slice(0..k * full)
+                .reshape([full / PANEL_WIDTH, k, PANEL_WIDTH])
+                .swap_dims(0, 1)
+                .reshape([k, full]),
+        );
+    }
+    if full < n {
+        parts.push(flat.slice(k * full..k * n).reshape([k, n - full]));
+    }
+    Tensor::cat(parts, 1)
 }
 
 /// Burn's `linear`: `x·weight + bias` with `weight` `[in, out]`.

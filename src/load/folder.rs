@@ -26,12 +26,12 @@ use crate::model::clip::{
     ClipEmbeddings, ClipEncoder, ClipTextConfig, ClipTextModel, ClipTransformer,
 };
 use crate::model::layers::LayerNorm;
+use crate::model::linear::Linear;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::{ModelIndex, ModelInfo, SdxlComponents};
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use burn::nn::Linear;
 
 /// Reads a JSON file into `T`. A missing required key is reported with the file's path
 /// and the key's name (serde's message names it).

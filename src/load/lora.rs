@@ -21,6 +21,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use crate::error::{Error, Result};
+use crate::kernels::plain;
 use crate::load::params::{list_params, read_params, write_params, LayerKind, ParamInfo};
 use crate::load::sgm::UnetLayout;
 use crate::pipeline::SdxlComponents;
@@ -594,6 +595,12 @@ pub fn apply_loras<B: FusedOps>(
     }
     remove_loras(components);
     for (part, weights) in plan {
+        // Text encoders may hold their linear weights in panel order: so do the deltas.
+        let panels = match part {
+            LoraPart::TextEncoder => components.text_encoder.panels(),
+            LoraPart::TextEncoder2 => components.text_encoder_2.panels(),
+            LoraPart::Unet => false,
+        };
         let paths: Vec<String> = weights.keys().cloned().collect();
         let originals = match part {
             LoraPart::TextEncoder => read_params(&components.text_encoder, &paths),
@@ -606,8 +613,8 @@ pub fn apply_loras<B: FusedOps>(
                 continue;
             };
             let value = match info.shape.len() {
-                2 => merge_weight::<B, 2>(base.clone(), info, contributions),
-                4 => merge_weight::<B, 4>(base.clone(), info, contributions),
+                2 => merge_weight::<B, 2>(base.clone(), info, contributions, panels),
+                4 => merge_weight::<B, 4>(base.clone(), info, contributions, false),
                 n => {
                     return Err(Error::Backend(format!(
                         "{}.{path}: a rank-{n} weight cannot take a LoRA",
@@ -644,11 +651,13 @@ pub fn apply_loras<B: FusedOps>(
     Ok(())
 }
 
-/// `W + Σ factor · up · down` in float32, back in `W`'s dtype, in Burn's layout.
+/// `W + Σ factor · up · down` in float32, back in `W`'s dtype, in Burn's layout (linear
+/// weights in panel order when `panels`: [`crate::model::linear::Linear::into_panels`]).
 fn merge_weight<B: FusedOps, const D: usize>(
     base: TensorPrimitive<B>,
     info: &ParamInfo,
     contributions: &[Contribution<'_>],
+    panels: bool,
 ) -> TensorPrimitive<B> {
     let w: Tensor<B, D> = Tensor::from_primitive(base);
     let device = w.device();
@@ -673,7 +682,15 @@ fn merge_weight<B: FusedOps, const D: usize>(
         let delta: Tensor<B, D> = match info.kind {
             // Burn stores linear weights as [in, out]: (up·down)ᵀ = downᵀ·upᵀ, so the
             // product comes out in that layout without transposing the large matrix.
-            LayerKind::Linear => down.transpose().matmul(up.transpose()).reshape(acc.shape()),
+            LayerKind::Linear => {
+                let delta: Tensor<B, 2> = down.transpose().matmul(up.transpose());
+                let delta = if panels {
+                    plain::to_panels(delta)
+                } else {
+                    delta
+                };
+                delta.reshape(acc.shape())
+            }
             // [out, in·kh·kw] in PyTorch's layout, which convolutions share.
             _ => up.matmul(down).reshape(acc.shape()),
         };

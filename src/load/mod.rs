@@ -80,6 +80,21 @@ pub fn load_components<B: FusedOps>(
     options: &LoadOptions,
     device: &B::Device,
 ) -> Result<SdxlComponents<B>> {
+    let mut c = load_source(model, dtype, options, device)?;
+    // The text encoders' GEMMs run on 77 rows a prompt, where packing the weight per
+    // call costs a quarter of the time: lay it out once where the backend gains.
+    c.text_encoder = c.text_encoder.into_panels();
+    c.text_encoder_2 = c.text_encoder_2.into_panels();
+    Ok(c)
+}
+
+/// [`load_components`]' components as the source gives them.
+fn load_source<B: FusedOps>(
+    model: &str,
+    dtype: DType,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<SdxlComponents<B>> {
     let variant = options.effective_variant(dtype);
     let vae: Option<PathBuf> = options
         .vae

@@ -8,13 +8,14 @@ use crate::kernels::Activation;
 use crate::FusedOps;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{Int, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::attention::sdpa;
-use crate::model::layers::{layer_norm, linear, linear_forward, LayerNorm};
+use crate::model::layers::{layer_norm, LayerNorm};
+use crate::model::linear::Linear;
 
 /// `config.json` of a CLIP text encoder folder: transformers' `CLIPTextConfig` keys,
 /// with transformers' defaults for absent ones.
@@ -148,10 +149,10 @@ pub struct ClipAttention<B: FusedOps> {
 impl<B: FusedOps> ClipAttention<B> {
     /// `[N, L, C]` → `[N, L, C]`, each position attending to itself and earlier ones.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = linear_forward(&self.q_proj, x.clone());
-        let k = linear_forward(&self.k_proj, x.clone());
-        let v = linear_forward(&self.v_proj, x);
-        linear_forward(&self.out_proj, sdpa(q, k, v, self.heads, true))
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.out_proj.forward(sdpa(q, k, v, self.heads, true))
     }
 }
 
@@ -169,10 +170,8 @@ pub struct ClipMlp<B: FusedOps> {
 impl<B: FusedOps> ClipMlp<B> {
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_forward(
-            &self.fc2,
-            B::fused_activation(linear_forward(&self.fc1, x), self.act),
-        )
+        self.fc2
+            .forward(B::fused_activation(self.fc1.forward(x), self.act))
     }
 }
 
@@ -190,6 +189,19 @@ pub struct ClipEncoderLayer<B: FusedOps> {
 }
 
 impl<B: FusedOps> ClipEncoderLayer<B> {
+    /// The layer's linear layers: attention's four projections, then the MLP's two.
+    fn linears_mut(&mut self) -> [&mut Linear<B>; 6] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.out_proj,
+            &mut m.fc1,
+            &mut m.fc2,
+        ]
+    }
+
     /// `[N, L, C]` → `[N, L, C]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
@@ -210,11 +222,11 @@ impl<B: FusedOps> ClipEncoderLayer<B> {
                 // Positions up to the pooled one, all that it attends to.
                 let seen = x.clone().slice([i..i + 1, 0..p + 1]);
                 let h = self.layer_norm1.forward(seen.clone());
-                let q = linear_forward(&attn.q_proj, h.clone().slice([0..1, p..p + 1]));
-                let k = linear_forward(&attn.k_proj, h.clone());
-                let v = linear_forward(&attn.v_proj, h);
+                let q = attn.q_proj.forward(h.clone().slice([0..1, p..p + 1]));
+                let k = attn.k_proj.forward(h.clone());
+                let v = attn.v_proj.forward(h);
                 // One query after every key it sees: no mask needed.
-                let attended = linear_forward(&attn.out_proj, sdpa(q, k, v, attn.heads, false));
+                let attended = attn.out_proj.forward(sdpa(q, k, v, attn.heads, false));
                 let y = seen.slice([0..1, p..p + 1]) + attended;
                 y.clone() + self.mlp.forward(self.layer_norm2.forward(y))
             })
@@ -307,16 +319,16 @@ impl ClipTextConfig {
         let layers = (0..self.num_hidden_layers)
             .map(|_| ClipEncoderLayer {
                 self_attn: ClipAttention {
-                    q_proj: linear(c, c, true, device),
-                    k_proj: linear(c, c, true, device),
-                    v_proj: linear(c, c, true, device),
-                    out_proj: linear(c, c, true, device),
+                    q_proj: Linear::new(c, c, true, device),
+                    k_proj: Linear::new(c, c, true, device),
+                    v_proj: Linear::new(c, c, true, device),
+                    out_proj: Linear::new(c, c, true, device),
                     heads,
                 },
                 layer_norm1: layer_norm(c, eps, device),
                 mlp: ClipMlp {
-                    fc1: linear(c, self.intermediate_size, true, device),
-                    fc2: linear(self.intermediate_size, c, true, device),
+                    fc1: Linear::new(c, self.intermediate_size, true, device),
+                    fc2: Linear::new(self.intermediate_size, c, true, device),
                     act,
                 },
                 layer_norm2: layer_norm(c, eps, device),
@@ -332,7 +344,8 @@ impl ClipTextConfig {
                 encoder: ClipEncoder { layers },
                 final_layer_norm: layer_norm(c, eps, device),
             },
-            text_projection: with_projection.then(|| linear(c, self.projection_dim, false, device)),
+            text_projection: with_projection
+                .then(|| Linear::new(c, self.projection_dim, false, device)),
             config: self.clone(),
         })
     }
@@ -342,6 +355,33 @@ impl<B: FusedOps> ClipTextModel<B> {
     /// The config the model was built from.
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
+    }
+
+    /// The model with every linear layer's weight in panel order where the backend runs
+    /// that faster ([`Linear::into_panels`]: on the CPU in float32, GEMMs on 77 rows
+    /// without packing the weight per call). Call once the weights are loaded.
+    pub fn into_panels(mut self) -> Self {
+        for layer in &mut self.text_model.encoder.layers {
+            for l in layer.linears_mut() {
+                *l = l.clone().into_panels();
+            }
+        }
+        self.text_projection = self.text_projection.map(Linear::into_panels);
+        self
+    }
+
+    /// Whether the linear layers' weights are in panel order ([`into_panels`]
+    /// lays out all of them or none), so that changes to them (adapters) are made in
+    /// that order too.
+    ///
+    /// [`into_panels`]: Self::into_panels
+    pub fn panels(&self) -> bool {
+        let layers = &self.text_model.encoder.layers;
+        match (layers.first(), &self.text_projection) {
+            (Some(layer), _) => layer.self_attn.q_proj.panels(),
+            (None, Some(p)) => p.panels(),
+            (None, None) => false,
+        }
     }
 
     /// Encodes `ids` `[N, L]`.
@@ -371,7 +411,7 @@ impl<B: FusedOps> ClipTextModel<B> {
             let text_embeds = self
                 .text_projection
                 .as_ref()
-                .map(|p| linear_forward(p, pooled.clone()));
+                .map(|p| p.forward(pooled.clone()));
             ClipOutput {
                 penultimate,
                 last,
@@ -430,7 +470,7 @@ impl<B: FusedOps> ClipTextModel<B> {
             let text_embeds = self
                 .text_projection
                 .as_ref()
-                .map(|p| linear_forward(p, pooled.clone()));
+                .map(|p| p.forward(pooled.clone()));
             ClipConditioning {
                 penultimate: x,
                 pooled: Some(pooled),

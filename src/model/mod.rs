@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod clip;
 pub mod layers;
+pub mod linear;
 pub mod resnet;
 pub mod sampling;
 pub mod tokenizer;

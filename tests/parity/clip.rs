@@ -39,15 +39,45 @@ fn row<B: FusedOps, const D: usize>(t: &Tensor<B, D>, i: usize) -> Tensor<B, D> 
     t.clone().slice(i..i + 1)
 }
 
+/// Both encoders in both weight layouts: Burn's, and panel order where the backend runs
+/// it (the CPU in float32, as `load_components` lays them out).
 fn text_encoder_1<B: FusedOps>(device: &B::Device) {
     let model = load::<B>("text_encoder", device);
+    check_text_encoder_1(&model, device);
+    let model = model.into_panels();
+    if model.panels() {
+        check_text_encoder_1(&model, device);
+    }
+}
+
+fn text_encoder_2<B: FusedOps>(device: &B::Device) {
+    let model = load::<B>("text_encoder_2", device);
+    check_text_encoder_2(&model, device);
+    let model = model.into_panels();
+    if model.panels() {
+        check_text_encoder_2(&model, device);
+    }
+}
+
+fn check_text_encoder_1<B: FusedOps>(model: &ClipTextModel<B>, device: &B::Device) {
+    let layout = layout(model);
     let out = model.forward(ids::<B>(|c| &c.tokenizer, device));
     assert!(out.text_embeds.is_none(), "text_encoder has no projection");
     for i in 0..PROMPTS {
         let name = format!("te1.prompt{i}.penultimate");
-        assert_matches(&name, row(&out.penultimate, i), &name, TOL_F32);
+        assert_matches(
+            &format!("{name}{layout}"),
+            row(&out.penultimate, i),
+            &name,
+            TOL_F32,
+        );
         let name = format!("te1.prompt{i}.last");
-        assert_matches(&name, row(&out.last, i), &name, TOL_F32);
+        assert_matches(
+            &format!("{name}{layout}"),
+            row(&out.last, i),
+            &name,
+            TOL_F32,
+        );
     }
     // What the pipeline runs: the last layer skipped, or run at the pooled positions only
     // (the prompts end at different positions).
@@ -55,7 +85,12 @@ fn text_encoder_1<B: FusedOps>(device: &B::Device) {
     assert!(cond.pooled.is_none() && cond.text_embeds.is_none());
     for i in 0..PROMPTS {
         let name = format!("te1.prompt{i}.penultimate");
-        assert_matches(&name, row(&cond.penultimate, i), &name, TOL_F32);
+        assert_matches(
+            &format!("{name}{layout}"),
+            row(&cond.penultimate, i),
+            &name,
+            TOL_F32,
+        );
     }
     let cond = model.forward_conditioning(ids::<B>(|c| &c.tokenizer, device), true);
     let pooled = cond.pooled.expect("pooled was asked for");
@@ -66,27 +101,46 @@ fn text_encoder_1<B: FusedOps>(device: &B::Device) {
     let err = crate::common::rel_error(&got, &want);
     assert!(
         err <= TOL_F32,
-        "te1 pooled at the pooled positions only: relative error {err:.3e} against forward's"
+        "te1{layout} pooled at the pooled positions only: relative error {err:.3e} against forward's"
     );
 }
 
-fn text_encoder_2<B: FusedOps>(device: &B::Device) {
-    let model = load::<B>("text_encoder_2", device);
+fn check_text_encoder_2<B: FusedOps>(model: &ClipTextModel<B>, device: &B::Device) {
+    let layout = layout(model);
     let out = model.forward(ids::<B>(|c| &c.tokenizer_2, device));
     let embeds = out.text_embeds.expect("text_encoder_2 has a projection");
     for i in 0..PROMPTS {
         let name = format!("te2.prompt{i}.penultimate");
-        assert_matches(&name, row(&out.penultimate, i), &name, TOL_F32);
+        assert_matches(
+            &format!("{name}{layout}"),
+            row(&out.penultimate, i),
+            &name,
+            TOL_F32,
+        );
         let name = format!("te2.prompt{i}.text_embeds");
-        assert_matches(&name, row(&embeds, i), &name, TOL_F32);
+        assert_matches(&format!("{name}{layout}"), row(&embeds, i), &name, TOL_F32);
     }
     let cond = model.forward_conditioning(ids::<B>(|c| &c.tokenizer_2, device), true);
     let embeds = cond.text_embeds.expect("text_encoder_2 has a projection");
     for i in 0..PROMPTS {
         let name = format!("te2.prompt{i}.penultimate");
-        assert_matches(&name, row(&cond.penultimate, i), &name, TOL_F32);
+        assert_matches(
+            &format!("{name}{layout}"),
+            row(&cond.penultimate, i),
+            &name,
+            TOL_F32,
+        );
         let name = format!("te2.prompt{i}.text_embeds");
-        assert_matches(&name, row(&embeds, i), &name, TOL_F32);
+        assert_matches(&format!("{name}{layout}"), row(&embeds, i), &name, TOL_F32);
+    }
+}
+
+/// How a test names the weight layout in its messages.
+fn layout<B: FusedOps>(model: &ClipTextModel<B>) -> &'static str {
+    if model.panels() {
+        " (weights in panels)"
+    } else {
+        ""
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) struct Matrix<'a> {
 
 impl Matrix<'_> {
     /// Checks that every element lies inside the buffer.
-    fn in_bounds(&self) -> bool {
+    pub(super) fn in_bounds(&self) -> bool {
         let [r, c] = self.dims;
         if r == 0 || c == 0 {
             return true;
@@ -96,7 +96,7 @@ pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f
 /// for large outputs: the UNet's feed-forward projection writes 42–168 MB at SDXL's 512²,
 /// and filled by one thread (page faults included) its wall time was 15 ms above its CPU
 /// time per thread at `[2048, 640] × [640, 5120]` (`cpu_ops`: 70–78 ms), 7–9 ms after.
-fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
+pub(super) fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
     let width = bias.len();
     let fill = |rows: &mut [MaybeUninit<f32>]| {
         for row in rows.chunks_exact_mut(width) {

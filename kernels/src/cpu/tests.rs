@@ -5,6 +5,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::math::{self, erf, exp};
+use super::panels;
 use crate::{plain, Activation, FusedOps, KernelSet};
 
 /// Relative error allowed in f32: well inside the project's parity bound (1e-4).
@@ -1319,6 +1320,88 @@ fn linear_shapes() {
     );
 }
 
+#[test]
+fn panel_layout() {
+    // Element (i, j) of the weight lands where the kernel reads it: panel j / 64 holds
+    // its i rows of 64 in turn, the last (narrower) panel rows of the remaining columns.
+    for (k, n) in [
+        (3usize, 200usize),
+        (5, 64),
+        (2, 40),
+        (130, 128),
+        (1, 90),
+        (4, 0),
+    ] {
+        let wv: Vec<f32> = (0..k * n).map(|v| v as f32).collect();
+        let packed = values(plain::to_panels(tensor(&wv, [k, n], DType::F32)));
+        let full = n / 64 * 64;
+        for i in 0..k {
+            for j in 0..n {
+                let at = if j < full {
+                    (j / 64) * k * 64 + i * 64 + j % 64
+                } else {
+                    full * k + i * (n - full) + (j - full)
+                };
+                assert_eq!(packed[at], wv[i * n + j], "[{k}, {n}] ({i}, {j})");
+            }
+        }
+        let back = plain::from_panels(tensor(&packed, [k, n], DType::F32));
+        assert_eq!(values(back), wv, "[{k}, {n}] back");
+    }
+}
+
+#[test]
+fn linear_panels_shapes() {
+    kernels_on();
+    assert!(
+        Flex::linear_panels(DType::F32) == panels::available(),
+        "panels on this CPU exactly when the kernel runs"
+    );
+    assert!(!Flex::linear_panels(DType::F16), "no panels in f16");
+    // Full panels, a narrower last one, only a narrow one; row counts that leave every
+    // partial tile (1–5 rows); `k` past one block of 128 panel rows and not a multiple
+    // of it; enough work to split the panels across threads with a short last run.
+    for (batch, i, o, bias) in [
+        ([1usize, 77usize], 96usize, 200usize, true),
+        ([2, 3], 7, 64, false),
+        ([1, 1], 300, 130, true),
+        ([2, 5], 33, 32, true),
+        ([1, 4], 129, 64, false),
+        ([2, 77], 257, 1000, true),
+        ([1, 2], 64, 1, true),
+    ] {
+        let n = batch[0] * batch[1];
+        let xv = data(n * i, 0.4, 1.0, 0.1);
+        let wv = data(i * o, 1.3, 0.2, 0.0);
+        let bv = data(o, 2.1, 0.5, 0.0);
+        let want = linear_f64(&xv, &wv, bias.then_some(&bv[..]), n, [i, o]);
+        let x = tensor(&xv, [batch[0], batch[1], i], DType::F32);
+        let b = bias.then(|| tensor(&bv, [o], DType::F32));
+        let w = plain::to_panels(tensor(&wv, [i, o], DType::F32));
+        let what = format!("panel linear {batch:?}×{i} → {o}");
+        let got = Flex::fused_linear_panels(x.clone(), w.clone(), b.clone());
+        assert_eq!(got.dims(), [batch[0], batch[1], o], "{what}: shape");
+        check(&what, &values(got), &want, TOL_F32);
+        // The fallback every other backend runs.
+        let plain = plain::linear_rows(x, plain::from_panels(w), b);
+        check(&format!("{what}, plain"), &values(plain), &want, TOL_F32);
+    }
+    // Rows through a stride (GEGLU's half rows) and a transposed view (copied first).
+    let w = plain::to_panels(tensor(&data(4 * 70, 1.2, 0.3, 0.0), [4, 70], DType::F32));
+    let x = tensor(&data(2 * 3 * 8, 0.6, 1.0, 0.0), [2, 3, 8], DType::F32).narrow(2, 0, 4);
+    let xt = tensor(&data(4 * 6, 0.9, 1.0, 0.0), [1, 4, 6], DType::F32).swap_dims(1, 2);
+    for (what, x) in [("half rows", x), ("transposed view", xt)] {
+        let got = Flex::fused_linear_panels(x.clone(), w.clone(), None);
+        let want = plain::linear(x, plain::from_panels(w.clone()), None);
+        check(
+            &format!("panel linear of {what}"),
+            &values(got),
+            &values(want),
+            TOL_F32,
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // layer norm
 
@@ -1370,4 +1453,56 @@ fn layer_norm_shapes_and_dtypes() {
             check(&format!("{what} vs plain"), &got, &plain, tolerance(dtype));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// the model pool
+
+#[test]
+fn on_pool_passes_from_many_threads() {
+    // Passes from several threads at once (as parallel tests make them), each with
+    // nested parallel work: all finish, with the right results, whichever of them has
+    // the spinning workers and wherever their tasks run.
+    let sums: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                s.spawn(move || {
+                    (0..40u64)
+                        .map(|i| {
+                            Flex::on_pool(|| {
+                                use rayon::prelude::*;
+                                (0..20_000u64)
+                                    .into_par_iter()
+                                    .map(|v| {
+                                        let (a, b) = rayon::join(|| v * t, || v + i);
+                                        a + b
+                                    })
+                                    .sum::<u64>()
+                            })
+                        })
+                        .sum()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let n = 20_000u64;
+    for (t, got) in sums.iter().enumerate() {
+        let want: u64 = (0..40u64)
+            .map(|i| (t as u64) * n * (n - 1) / 2 + n * (n - 1) / 2 + n * i)
+            .sum();
+        assert_eq!(*got, want, "thread {t}");
+    }
+}
+
+#[test]
+fn on_pool_survives_a_panicking_pass() {
+    // The spinning workers stop when the pass unwinds, and the next pass gets them.
+    let caught = std::panic::catch_unwind(|| Flex::on_pool(|| -> u32 { panic!("pass fails") }));
+    assert!(caught.is_err(), "the panic reaches the caller");
+    let got = Flex::on_pool(|| {
+        use rayon::prelude::*;
+        (0..1000u32).into_par_iter().sum::<u32>()
+    });
+    assert_eq!(got, 999 * 1000 / 2);
 }
