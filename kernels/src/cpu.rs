@@ -225,20 +225,11 @@ impl FusedOps for Flex {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        let dims = x.dims();
-        let [input, output] = weight.dims();
-        let dtype = x.dtype();
-        if !KernelSet::current().linear
-            || D == 0
-            || dtype != DType::F32
-            || weight.dtype() != dtype
-            || bias
-                .as_ref()
-                .is_some_and(|b| b.dtype() != dtype || b.dims() != [output])
-            || dims[D - 1] != input
-        {
+        if !KernelSet::current().linear || !linear_operands(&x, &weight, bias.as_ref()) {
             return plain::linear(x, weight, bias);
         }
+        let dims = x.dims();
+        let [input, output] = weight.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x = x.into_primitive().tensor();
         // The rows of `x` as one matrix through its strides when its leading dims merge
@@ -259,9 +250,7 @@ impl FusedOps for Flex {
             &matrix(&weight, [input, output], [w_strides[0], w_strides[1]]),
             bias.as_ref().map(|b| b.storage::<f32>()),
         );
-        let mut shape = dims.to_vec();
-        shape[D - 1] = output;
-        wrap(from_vec(out, shape), dtype)
+        linear_output(out, dims, output)
     }
 
     fn linear_panels(dtype: DType) -> bool {
@@ -273,22 +262,13 @@ impl FusedOps for Flex {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        let dims = x.dims();
-        let [input, output] = weight.dims();
-        let dtype = x.dtype();
         // Whatever `KernelSet` says now: the weight is in panels and only this kernel or
         // the fallback (the layout restored) reads it.
-        if !panels::available()
-            || D == 0
-            || dtype != DType::F32
-            || weight.dtype() != dtype
-            || bias
-                .as_ref()
-                .is_some_and(|b| b.dtype() != dtype || b.dims() != [output])
-            || dims[D - 1] != input
-        {
+        if !panels::available() || !linear_operands(&x, &weight, bias.as_ref()) {
             return Self::fused_linear(x, plain::from_panels(weight), bias);
         }
+        let dims = x.dims();
+        let [input, output] = weight.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x = x.into_primitive().tensor();
         // The rows of `x` through their stride when its columns are adjacent; a
@@ -309,10 +289,35 @@ impl FusedOps for Flex {
             output,
             bias.as_ref().map(|b| b.storage::<f32>()),
         );
-        let mut shape = dims.to_vec();
-        shape[D - 1] = output;
-        wrap(from_vec(out, shape), dtype)
+        linear_output(out, dims, output)
     }
+}
+
+/// Whether our linear kernels take these operands: f32 throughout, `x`'s last dim the
+/// weight's rows, a bias as long as its columns.
+fn linear_operands<const D: usize>(
+    x: &Tensor<Flex, D>,
+    weight: &Tensor<Flex, 2>,
+    bias: Option<&Tensor<Flex, 1>>,
+) -> bool {
+    let [input, output] = weight.dims();
+    D > 0
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32 && b.dims() == [output])
+        && x.dims()[D - 1] == input
+}
+
+/// A linear kernel's `[rows, output]` result as the tensor of `x`'s shape `dims` with
+/// its last dim `output`.
+fn linear_output<const D: usize>(
+    out: Vec<f32>,
+    dims: [usize; D],
+    output: usize,
+) -> Tensor<Flex, D> {
+    let mut shape = dims.to_vec();
+    shape[D - 1] = output;
+    wrap(from_vec(out, shape), DType::F32)
 }
 
 /// Our convolution of `x` upsampled `upsample`× (nearest), or `fallback` (the same
