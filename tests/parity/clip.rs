@@ -42,20 +42,23 @@ fn row<B: FusedOps, const D: usize>(t: &Tensor<B, D>, i: usize) -> Tensor<B, D> 
 /// Both encoders in both weight layouts: Burn's, and panel order where the backend runs
 /// it (the CPU in float32, as `load_components` lays them out).
 fn text_encoder_1<B: FusedOps>(device: &B::Device) {
-    let model = load::<B>("text_encoder", device);
-    check_text_encoder_1(&model, device);
-    let model = model.into_panels();
-    if model.panels() {
-        check_text_encoder_1(&model, device);
-    }
+    in_both_layouts("text_encoder", device, check_text_encoder_1::<B>);
 }
 
 fn text_encoder_2<B: FusedOps>(device: &B::Device) {
-    let model = load::<B>("text_encoder_2", device);
-    check_text_encoder_2(&model, device);
+    in_both_layouts("text_encoder_2", device, check_text_encoder_2::<B>);
+}
+
+fn in_both_layouts<B: FusedOps>(
+    folder: &str,
+    device: &B::Device,
+    check: fn(&ClipTextModel<B>, &B::Device),
+) {
+    let model = load::<B>(folder, device);
+    check(&model, device);
     let model = model.into_panels();
     if model.panels() {
-        check_text_encoder_2(&model, device);
+        check(&model, device);
     }
 }
 

@@ -60,16 +60,11 @@ pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f
     assert!(weight.in_bounds(), "weight view outside its buffer");
     assert!(bias.is_none_or(|b| b.len() == output), "bias length");
     let len = rows * output;
-    let mut out = Vec::with_capacity(len);
-    match bias {
-        Some(b) => {
-            fill_rows(&mut out.spare_capacity_mut()[..len], b);
-            // SAFETY: `fill_rows` wrote all `len` values.
-            unsafe { out.set_len(len) };
-        }
-        None if input == 0 => out.resize(len, 0.0),
-        None => {}
-    }
+    let mut out = match bias {
+        Some(b) => bias_rows(len, b),
+        None if input == 0 => vec![0.0; len],
+        None => Vec::with_capacity(len),
+    };
     if len == 0 || input == 0 {
         return out;
     }
@@ -92,11 +87,20 @@ pub(crate) fn linear(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Vec<f
     out
 }
 
+/// `len` values (whole rows): `bias` repeated, written by [`fill_rows`].
+pub(super) fn bias_rows(len: usize, bias: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    fill_rows(&mut out.spare_capacity_mut()[..len], bias);
+    // SAFETY: `fill_rows` wrote all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Writes `bias` into every row of `out` (rows of `bias.len()` values), in parallel
 /// for large outputs: the UNet's feed-forward projection writes 42–168 MB at SDXL's 512²,
 /// and filled by one thread (page faults included) its wall time was 15 ms above its CPU
 /// time per thread at `[2048, 640] × [640, 5120]` (`cpu_ops`: 70–78 ms), 7–9 ms after.
-pub(super) fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
+fn fill_rows(out: &mut [MaybeUninit<f32>], bias: &[f32]) {
     let width = bias.len();
     let fill = |rows: &mut [MaybeUninit<f32>]| {
         for row in rows.chunks_exact_mut(width) {

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::{fill_rows, Matrix};
+use super::linear::{bias_rows, Matrix};
 use super::SharedPtr;
 use crate::PANEL_WIDTH;
 
@@ -48,15 +48,10 @@ pub(crate) fn linear(x: &Matrix, panels: &[f32], n: usize, bias: Option<&[f32]>)
     assert_eq!(panels.len(), k * n, "weight size");
     assert!(bias.is_none_or(|b| b.len() == n), "bias length");
     let len = rows * n;
-    let mut out = Vec::with_capacity(len);
-    match bias {
-        Some(b) => {
-            fill_rows(&mut out.spare_capacity_mut()[..len], b);
-            // SAFETY: `fill_rows` wrote all `len` values.
-            unsafe { out.set_len(len) };
-        }
-        None => out.resize(len, 0.0),
-    }
+    let mut out = match bias {
+        Some(b) => bias_rows(len, b),
+        None => vec![0.0; len],
+    };
     if len == 0 || k == 0 {
         return out;
     }
@@ -142,15 +137,11 @@ mod avx512 {
         }
     }
 
-    /// One `R × width` tile over `kl` panel rows (`width` apart from `w`), accumulated
-    /// into `c`; with `pf`, one line per panel row from `pf` on is prefetched into L2.
-    ///
-    /// # Safety
-    /// AVX-512 F; `x` `R` rows `x_rs` apart of `kl` values, `w` `kl` rows of `width`
-    /// (64 when `FULL`), `c` `R` rows `c_rs` apart of `width`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const FULL: bool>(
+    /// The operands of one tile: `kl` panel rows of `w` (`width` apart), the matching
+    /// `kl` values of each row of `x` (`x_rs` apart), output rows of `c` (`c_rs` apart);
+    /// with `pf`, one line per panel row from `pf` on is prefetched into L2.
+    #[derive(Clone, Copy)]
+    struct Tile {
         kl: usize,
         x: *const f32,
         x_rs: usize,
@@ -159,7 +150,25 @@ mod avx512 {
         c: *mut f32,
         c_rs: usize,
         pf: Option<*const f32>,
-    ) {
+    }
+
+    /// One `R × width` tile, accumulated into `c`.
+    ///
+    /// # Safety
+    /// AVX-512 F; `x` holds `R` rows of `kl` values, `w` `kl` rows of `width` (64 when
+    /// `FULL`), `c` `R` rows of `width`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const FULL: bool>(t: Tile) {
+        let Tile {
+            kl,
+            x,
+            x_rs,
+            w,
+            width,
+            c,
+            c_rs,
+            pf,
+        } = t;
         // SAFETY (all accesses): inside the regions the caller names.
         unsafe {
             let mut acc: [[__m512; 4]; R] = std::array::from_fn(|r| {
@@ -190,34 +199,23 @@ mod avx512 {
     ///
     /// # Safety
     /// As [`tile`].
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_rows(
-        rows: usize,
-        kl: usize,
-        x: *const f32,
-        x_rs: usize,
-        w: *const f32,
-        width: usize,
-        c: *mut f32,
-        c_rs: usize,
-        pf: Option<*const f32>,
-    ) {
+    unsafe fn tile_rows(rows: usize, t: Tile) {
         macro_rules! by_rows {
             ($full:literal) => {
                 match rows {
-                    6 => tile::<6, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
-                    5 => tile::<5, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
-                    4 => tile::<4, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
-                    3 => tile::<3, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
-                    2 => tile::<2, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
-                    _ => tile::<1, $full>(kl, x, x_rs, w, width, c, c_rs, pf),
+                    6 => tile::<6, $full>(t),
+                    5 => tile::<5, $full>(t),
+                    4 => tile::<4, $full>(t),
+                    3 => tile::<3, $full>(t),
+                    2 => tile::<2, $full>(t),
+                    _ => tile::<1, $full>(t),
                 }
             };
         }
         // SAFETY: the caller's.
         unsafe {
-            if width == PANEL_WIDTH {
+            if t.width == PANEL_WIDTH {
                 by_rows!(true)
             } else {
                 by_rows!(false)
@@ -264,14 +262,16 @@ mod avx512 {
                     unsafe {
                         tile_rows(
                             rows,
-                            kl,
-                            x.add(r0 * x_rs + k0),
-                            x_rs,
-                            block,
-                            width,
-                            c.add(r0 * n + s * PANEL_WIDTH),
-                            n,
-                            pf,
+                            Tile {
+                                kl,
+                                x: x.add(r0 * x_rs + k0),
+                                x_rs,
+                                w: block,
+                                width,
+                                c: c.add(r0 * n + s * PANEL_WIDTH),
+                                c_rs: n,
+                                pf,
+                            },
                         )
                     };
                     r0 += rows;
