@@ -169,13 +169,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
 
     /// Pixels per latent cell (8 for SDXL).
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self
-            .components
-            .vae
-            .config()
-            .block_out_channels
-            .len()
-            .saturating_sub(1)
+        self.components.vae.config().scale_factor()
     }
 
     /// Refuses requests the pipeline cannot run, and batches whose requests cannot

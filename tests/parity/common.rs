@@ -5,7 +5,8 @@
 
 use hypergen::FusedOps;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use burn::tensor::{Tensor, TensorData};
@@ -209,5 +210,51 @@ pub fn tool_present(test: &str, missing: Result<(), String>) -> bool {
             eprintln!("SKIPPED {test}: {what}");
             false
         }
+    }
+}
+
+/// Where `scripts/test` installs the tests' outside tools: `HYPERGEN_TOOLS`, else
+/// `~/.cache/hypergen/tools` (a Python virtual environment in `venv/`, Node packages in
+/// `node/`).
+pub fn tools() -> PathBuf {
+    std::env::var_os("HYPERGEN_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            Path::new(&home).join(".cache/hypergen/tools")
+        })
+}
+
+/// The tools' Python interpreter, never whatever `python3` a machine has: every module
+/// the suite's Python imports is installed in that environment by `scripts/test` (which
+/// refuses a test that spawns `python3` itself). The environment's `bin/` leads the
+/// child's `PATH`, so the commands it installs (`kubernetes-validate`, `hadolint`) are
+/// found too.
+pub fn python() -> Command {
+    let bin = tools().join("venv/bin");
+    let mut cmd = Command::new(bin.join("python"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let paths = std::iter::once(bin).chain(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(paths) {
+        cmd.env("PATH", joined);
+    }
+    cmd
+}
+
+/// `Ok(())` when the tools' Python imports every module of `modules`, else what is
+/// missing and how to install it (for [`tool_present`]).
+pub fn python_modules(modules: &[&str]) -> Result<(), String> {
+    let imports = format!("import {}", modules.join(", "));
+    match python().args(["-c", &imports]).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "the Python modules {modules:?} are missing from {} ({}): run scripts/test, which installs them",
+            tools().join("venv").display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "no Python at {} ({e}): run scripts/test, which makes it",
+            tools().join("venv/bin/python").display()
+        )),
     }
 }

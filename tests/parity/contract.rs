@@ -5,7 +5,7 @@
 //! `$HYPERGEN_TOOLS` (default `~/.cache/hypergen/tools`), installed by `scripts/test`;
 //! without them these tests fail under CI and are skipped elsewhere.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::DType;
@@ -14,19 +14,9 @@ use hypergen::app::server::{Server, ServerConfig};
 use hypergen::device::{DTypeChoice, DeviceSpec};
 use serde_json::{json, Value};
 
-use crate::common::fixture_dir;
+use crate::common::{fixture_dir, tools};
 
 const KEY: &str = "sk-contract-0123456789";
-
-/// Where scripts/test installs the generators and schemathesis.
-fn tools() -> PathBuf {
-    std::env::var_os("HYPERGEN_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            Path::new(&home).join(".cache/hypergen/tools")
-        })
-}
 
 /// Whether `tool` (relative to [`tools`]) is installed; under CI its absence fails.
 fn has_tool(test: &str, tool: &str) -> bool {
@@ -88,7 +78,7 @@ async fn contract_generated_sdks() {
     let server = cheap_server(&[]).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = tempfile::tempdir().expect("scratch folder");
-    let mut cmd = std::process::Command::new(tools().join("venv/bin/python"));
+    let mut cmd = crate::common::python();
     cmd.arg(root.join("tests/sdk/run_sdks.py"))
         .arg(root.join("openapi/openapi.json"))
         .arg(server.url())

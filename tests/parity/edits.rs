@@ -326,14 +326,14 @@ async fn server_output_formats() {
             let path =
                 std::env::temp_dir().join(format!("hypergen-params-{}.png", std::process::id()));
             std::fs::write(&path, &bytes).expect("write");
-            let out = std::process::Command::new("python3")
+            let out = crate::common::python()
                 .args([
                     "-c",
                     "import sys; from PIL import Image; im = Image.open(sys.argv[1]); im.load(); print(im.info['parameters'])",
                 ])
                 .arg(&path)
                 .output()
-                .expect("python3");
+                .expect("the tools' Python (scripts/test makes it)");
             let _ = std::fs::remove_file(&path);
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(

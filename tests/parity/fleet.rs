@@ -912,7 +912,7 @@ fn fleet_haproxy_rolling_restart() {
 #[test]
 fn fleet_deploy_files_validate() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/check.py");
-    let out = Command::new("python3")
+    let out = crate::common::python()
         .arg(&script)
         .output()
         .expect("run deploy/check.py");

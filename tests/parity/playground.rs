@@ -136,21 +136,13 @@ fn browser_tools() -> Result<(), String> {
             missing.push(tool);
         }
     }
-    let selenium = std::process::Command::new("python3")
-        .args(["-c", "import selenium"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !selenium {
-        missing.push("python3 -m pip install selenium");
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
+    if !missing.is_empty() {
+        return Err(format!(
             "missing {} (apt-get install chromium chromium-driver; scripts/test installs them)",
             missing.join(", ")
-        ))
+        ));
     }
+    crate::common::python_modules(&["selenium"])
 }
 
 /// Where the screenshots go: under the target directory, kept after the run.
@@ -176,7 +168,7 @@ async fn playground_in_chromium() {
     let base = server.url();
     let dir = shots.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        crate::common::python()
             .arg(&script)
             .arg(&base)
             .arg(KEY)

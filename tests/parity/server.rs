@@ -1097,16 +1097,7 @@ fn server_refuses_missing_model() {
 /// prints a skip notice elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_openai_python_client() {
-    let has_openai = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let found = match has_openai {
-        true => Ok(()),
-        false => {
-            Err("the `openai` Python module is missing (python3 -m pip install openai)".into())
-        }
-    };
+    let found = crate::common::python_modules(&["openai"]);
     if !crate::common::tool_present("server_openai_python_client", found) {
         return;
     }
@@ -1130,7 +1121,7 @@ async fn server_openai_python_client() {
     })
     .to_string();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        crate::common::python()
             .arg(&script)
             .args([&base, KEY, &edit])
             .output()

@@ -2,7 +2,10 @@
 //! diffusers skips it, identical to the plain decode when one tile covers the latents,
 //! and, with small tiles on the fixture VAE, equal to an assembly written out here from
 //! diffusers' formulas (each tile decoded by the plain decoder, blended and cropped on
-//! the host), so wrong blending, cropping or tile placement fails.
+//! the host), so wrong blending, cropping or tile placement fails. Where diffusers'
+//! seams are misplaced (a stride that is not `tile - blend` pixels) the assembly keeps
+//! each tile up to where the next starts, as the library does (see
+//! `hypergen::model::vae::tiling`), so every image has the size asked for.
 
 use hypergen::FusedOps;
 use std::ops::ControlFlow;
@@ -74,15 +77,16 @@ impl Host {
 }
 
 /// diffusers' `blend_v` (`vertical`) / `blend_h`, in place on `b`, in f32 with each
-/// weight rounded once from f64 as PyTorch rounds a Python scalar.
-fn blend_by_hand(a: &Host, b: &mut Host, extent: usize, vertical: bool) {
+/// weight rounded once from f64 as PyTorch rounds a Python scalar; `a`'s rows (columns)
+/// are read from `offset`, where `b` starts inside `a`.
+fn blend_by_hand(a: &Host, b: &mut Host, offset: usize, extent: usize, vertical: bool) {
     let d = if vertical { 2 } else { 3 };
-    let extent = extent.min(a.dims[d]).min(b.dims[d]);
+    let extent = extent.min(a.dims[d].saturating_sub(offset)).min(b.dims[d]);
     let [ns, cs, hs, ws] = b.dims;
     for k in 0..extent {
         let t = k as f64 / extent as f64;
         let (wa, wb) = ((1.0 - t) as f32, t as f32);
-        let ka = a.dims[d] - extent + k;
+        let ka = offset + k;
         for n in 0..ns {
             for c in 0..cs {
                 let span = if vertical { ws } else { hs };
@@ -100,9 +104,11 @@ fn blend_by_hand(a: &Host, b: &mut Host, extent: usize, vertical: bool) {
 }
 
 /// The tiled decode written out from diffusers' `tiled_decode`: tiles of `tile` latent
-/// cells every `int(tile * 0.75)`, each decoded by the plain decoder; blended (in place,
-/// so later tiles blend with already-blended ones) over `int(tile_px * 0.25)` pixels;
-/// cropped to `tile_px - blend` and placed row by row.
+/// cells every `stride = int(tile * 0.75)`, each decoded by the plain decoder; blended
+/// (in place, so later tiles blend with already-blended ones) over `int(tile_px * 0.25)`
+/// pixels from where the tile starts in its neighbour (`stride * f`: diffusers' `tile_px -
+/// blend` whenever that is whole); each tile but the last of a row or column cropped
+/// there, and placed row by row.
 fn assemble_by_hand<B: FusedOps>(
     vae: &AutoencoderKL<B>,
     latents: &Host,
@@ -112,7 +118,7 @@ fn assemble_by_hand<B: FusedOps>(
     let tile_px = tile * factor(vae);
     let stride = (tile as f64 * 0.75) as usize;
     let blend = (tile_px as f64 * 0.25) as usize;
-    let keep = tile_px - blend;
+    let offset = stride * factor(vae);
     let [_, _, h, w] = latents.dims;
     let mut rows: Vec<Vec<Host>> = Vec::new();
     for i in (0..h).step_by(stride) {
@@ -121,20 +127,27 @@ fn assemble_by_hand<B: FusedOps>(
             let z = latents.window(i, (i + tile).min(h), j, (j + tile).min(w));
             let mut decoded = Host::of(vae.decode(z.tensor::<B>(device)));
             if let Some(above) = rows.last() {
-                blend_by_hand(&above[row.len()], &mut decoded, blend, true);
+                blend_by_hand(&above[row.len()], &mut decoded, offset, blend, true);
             }
             if let Some(left) = row.last() {
-                blend_by_hand(left, &mut decoded, blend, false);
+                blend_by_hand(left, &mut decoded, offset, blend, false);
             }
             row.push(decoded);
         }
         rows.push(row);
     }
+    let (last_row, last_col) = (rows.len() - 1, rows[0].len() - 1);
     let cropped: Vec<Vec<Host>> = rows
         .iter()
-        .map(|row| {
+        .enumerate()
+        .map(|(r, row)| {
             row.iter()
-                .map(|t| t.window(0, t.dims[2].min(keep), 0, t.dims[3].min(keep)))
+                .enumerate()
+                .map(|(c, t)| {
+                    let keep_h = if r == last_row { t.dims[2] } else { offset };
+                    let keep_w = if c == last_col { t.dims[3] } else { offset };
+                    t.window(0, keep_h, 0, keep_w)
+                })
                 .collect()
         })
         .collect();
@@ -204,17 +217,18 @@ fn skipped_when_latents_fit<B: FusedOps>(device: &B::Device) {
 }
 crate::on_backends!(vae_tiling_skipped, skipped_when_latents_fit);
 
-/// Tiling forced on latents inside one tile's stride (tile 32 cells: stride 24 ≥ 16):
-/// one tile, nothing blended or cropped, identical numbers. (A forced tile of exactly
-/// the latents' size is *not* one tile in diffusers: see the assembly test.)
+/// Tiling forced on latents inside one tile's stride (a tile of ⌈4/3 · side⌉ + 1 cells,
+/// whose stride covers the latents' larger side): one tile, nothing blended or cropped,
+/// identical numbers. (A forced tile of exactly the latents' size is *not* one tile in
+/// diffusers: see the assembly test.)
 fn forced_single_tile_is_plain<B: FusedOps>(device: &B::Device) {
     let vae = load_fixture::<B>(device);
     let z = ref_tensor::<B, 4>("vae.decode.in", device);
+    let [_, _, h, w] = z.dims();
+    let tiling = VaeTiling::latent((h.max(w) * 4).div_ceil(3) + 1, factor(&vae));
+    assert!(tiling.stride() >= h.max(w), "{tiling:?} is one tile");
     let plain = Host::of(vae.decode(z.clone()));
-    let tiled = Host::of(
-        vae.tiled_decode(z, &VaeTiling::latent(32, factor(&vae)))
-            .expect("tiled_decode"),
-    );
+    let tiled = Host::of(vae.tiled_decode(z, &tiling).expect("tiled_decode"));
     assert_eq!(plain.dims, tiled.dims);
     assert_eq!(plain.data, tiled.data, "one tile must be the plain decode");
 }
@@ -223,14 +237,29 @@ crate::on_backends!(vae_tiling_forced_single_tile, forced_single_tile_is_plain);
 /// Small tiles against the assembly by hand: the reference latents in 3×3 tiles of 8
 /// cells (trailing tiles of 4), a batch of two non-square latents (12×20: 2×3 tiles,
 /// trailing ones narrower than the blend band), and tiling forced at exactly the
-/// latents' size (a second, 4-cell row and column wholly inside the blend band).
+/// latents' size (a second, 4-cell row and column wholly inside the blend band) — all
+/// three where diffusers' seams are aligned, so this is diffusers' formula itself — and
+/// tiles whose stride is not whole (9 cells: stride 6, not 6.75; 10 cells on 12×20, the
+/// size that came out 8 and 4 pixels too large) and a tile cut by the edge before the
+/// last (8 cells on 19 rows: the tile at 12 ends at the edge, one at 18 follows).
 fn matches_assembly_by_hand<B: FusedOps>(device: &B::Device) {
     let vae = load_fixture::<B>(device);
     let reference = Host::of(ref_tensor::<B, 4>("vae.decode.in", device));
     let cases = [
         ("reference 16x16, tile 8", reference.clone(), 8),
         ("batch 2, 12x20, tile 8", noise(7, [2, 4, 12, 20]), 8),
-        ("reference 16x16, forced tile 16", reference, 16),
+        ("reference 16x16, forced tile 16", reference.clone(), 16),
+        ("reference 16x16, tile 9 (stride 6 of 6.75)", reference, 9),
+        (
+            "12x20, tile 10 (stride 7 of 7.5)",
+            noise(11, [1, 4, 12, 20]),
+            10,
+        ),
+        (
+            "19x14, tile 8, cut before the last",
+            noise(5, [1, 4, 19, 14]),
+            8,
+        ),
     ];
     for (what, latents, tile) in cases {
         let tiling = VaeTiling::latent(tile, factor(&vae));
@@ -273,10 +302,15 @@ fn vae_tiling_parameters() {
     .expect("config parses");
     let t = VaeTiling::new(&sdxl, VaeTileSize::Config).expect("default tiling");
     assert_eq!((t.tile_latent, t.tile_sample), (128, 1024));
-    assert_eq!(
-        (t.stride(), t.blend_extent(), t.row_limit()),
-        (96, 256, 768)
-    );
+    assert_eq!((t.stride(), t.blend_extent()), (96, 256));
+    // 160 cells (1280 px): tiles at 0 and 96, the first kept for 96 cells (diffusers'
+    // row limit of 768 px), the last whole.
+    let spans: Vec<_> = t
+        .axis(160, 8)
+        .iter()
+        .map(|s| (s.start, s.cells, s.keep))
+        .collect();
+    assert_eq!(spans, [(0, 128, 768), (96, 64, 512)]);
     assert!(
         !t.applies(128, 128),
         "1024² is not tiled by default, as in diffusers"

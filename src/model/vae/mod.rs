@@ -124,6 +124,11 @@ fn default_true() -> bool {
 }
 
 impl VaeConfig {
+    /// Pixels per latent cell on each axis: `2^(levels - 1)` (8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     /// Refuses ([`Error::UnsupportedConfig`]) configurations this implementation would
     /// build wrongly or that would make Burn panic while building layers.
     pub fn validate(&self) -> Result<()> {
