@@ -9,7 +9,6 @@
 
 mod components;
 mod image;
-pub mod noise;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
@@ -23,9 +22,9 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use crate::error::{Error, Result};
 use crate::model::unet::UNetContext;
 use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
+use crate::noise::Generator;
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
-use noise::Generator;
 
 /// How a loaded model runs (as opposed to how it is loaded: [`crate::load::LoadOptions`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

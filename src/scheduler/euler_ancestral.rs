@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use super::config::{Prediction, SchedulerConfig};
 use super::euler::Euler;
 use crate::error::Result;
-use crate::pipeline::noise::Generator;
+use crate::noise::Generator;
 
 /// The ancestral Euler scheduler: the σ tables of [`Euler`] without its options.
 #[derive(Debug, Clone)]

@@ -33,7 +33,7 @@ use burn::tensor::Tensor;
 pub use config::{parse_python_json, SchedulerConfig};
 
 use crate::error::{Error, Result};
-use crate::pipeline::noise::Generator;
+use crate::noise::Generator;
 use ddim::Ddim;
 use dpm_solver::DpmSolver;
 use euler::Euler;
@@ -286,7 +286,7 @@ impl Scheduler {
 
     /// One denoising step from `sample` at `step_index`, given the model's output there.
     /// The result has the sample's dtype. Euler ancestral draws its noise from `rng` in
-    /// float32 (see [`crate::pipeline::noise`]) on the sample's device; the others ignore `rng`.
+    /// float32 (see [`crate::noise`]) on the sample's device; the others ignore `rng`.
     ///
     /// # Panics
     /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).

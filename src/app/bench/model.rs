@@ -12,7 +12,7 @@ use super::flops::{self, ModelFlops};
 use super::memory::{self, MemorySample};
 use super::{measure, sync, Component, Timing};
 use crate::error::{Error, Result};
-use crate::pipeline::noise::Generator;
+use crate::noise::Generator;
 use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
