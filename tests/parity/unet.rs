@@ -63,7 +63,7 @@ fn resize_nearest_matches_pytorch_indexing() {
         TensorData::new((0..15).map(|v| v as f32).collect::<Vec<_>>(), [1, 1, 3, 5]),
         &device,
     );
-    let y = hypergen::model::sampling::resize_nearest(x, [5, 9]);
+    let y = hypergen::model::upsampling::resize_nearest(x, [5, 9]);
     let rows = [0, 0, 1, 1, 2]; // floor(i * 3 / 5)
     let cols = [0, 0, 1, 1, 2, 2, 3, 3, 4]; // floor(i * 5 / 9)
     let want: Vec<f32> = rows

@@ -6,9 +6,10 @@ use burn::tensor::Tensor;
 
 use super::transformer::Transformer2DModel;
 use crate::model::attention::CrossKv;
+use crate::model::downsampling::Downsample2D;
 use crate::model::layers::conv2d_forward;
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::model::sampling::{Downsample2D, Upsample2D};
+use crate::model::upsampling::Upsample2D;
 
 /// The text as one block's transformers read it: per transformer, per transformer
 /// block, the cross-attention's keys and values ([`Transformer2DModel::project_context`]).
