@@ -632,9 +632,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
             Some(init) => Scheduler::start_step(first.num_inference_steps, init.strength)?,
             None => 0,
         };
+        // The schedule is built once for the batch (its requests share the scheduler and
+        // the steps); each request steps its own copy, with its own multistep history.
+        let schedule = self.prepare_scheduler(first)?;
         let mut jobs = Vec::with_capacity(reqs.len());
         for req in reqs {
-            let scheduler = self.prepare_scheduler(req)?;
+            let scheduler = schedule.clone();
             let mut rng = Generator::new(req.seed);
             let (latents, inpaint) = match &req.init_image {
                 Some(init) => self.prepare_image_latents(req, init, &scheduler, start, &mut rng)?,
