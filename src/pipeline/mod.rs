@@ -21,7 +21,7 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::model::unet::UNetContext;
+use crate::model::unet::{UNetContext, UNetExtras};
 use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
 use crate::noise::Generator;
 use crate::scheduler::Scheduler;
@@ -489,7 +489,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
     /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
     /// the UNet runs on `[latents; latents]` against the `[negative; positive]`
     /// conditioning and the branches are combined with its guidance scale, or on `latents`
-    /// alone without guidance.
+    /// alone without guidance. `extras` is what adapters add to this step's UNet call
+    /// (ControlNet residuals, IP-Adapter tokens), for the UNet's rows (both branches).
     pub fn predict_noise(
         &self,
         scheduler: &Scheduler,
@@ -497,6 +498,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
         i: usize,
         t: f64,
         cond: &Conditioning<B>,
+        extras: &UNetExtras<B>,
     ) -> Result<Tensor<B, 4>> {
         let dtype = latents.dtype();
         let input = match cond.guidance_scale {
@@ -511,6 +513,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
             &cond.text,
             cond.pooled.clone(),
             &cond.time_ids,
+            extras,
         )?;
         let eps = eps.cast(dtype);
         let Some(scale) = cond.guidance_scale else {
@@ -685,6 +688,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
             });
         }
         let cond = self.encode_conditioning(reqs)?;
+        // No adapter yet: a ControlNet would fill the residuals at each step, an
+        // IP-Adapter the tokens once, here.
+        let extras = UNetExtras::default();
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -700,7 +706,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
             // The input scaling depends only on the step, the same for every request.
-            let eps = self.predict_noise(&jobs[0].scheduler, latents, i, t, &cond)?;
+            let eps = self.predict_noise(&jobs[0].scheduler, latents, i, t, &cond, &extras)?;
             let done = i + 1 - start;
             let previewing = preview_steps.get(next_preview) == Some(&done);
             let mut estimates = Vec::new();

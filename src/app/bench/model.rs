@@ -12,6 +12,7 @@ use super::flops::{self, ModelFlops};
 use super::memory::{self, MemorySample};
 use super::{measure, sync, Component, Timing};
 use crate::error::{Error, Result};
+use crate::model::unet::UNetExtras;
 use crate::noise::Generator;
 use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
 use crate::scheduler::Scheduler;
@@ -193,6 +194,7 @@ impl<B: FusedOps> Ctx<'_, B> {
                 &text,
                 embeds.pooled.clone(),
                 &time_ids,
+                &UNetExtras::default(),
             )
         })
     }

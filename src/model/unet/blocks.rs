@@ -39,6 +39,18 @@ fn text_at<B: FusedOps>(text: &BlockText<B>, j: usize) -> &[CrossKv<B>] {
     text.get(j).map_or(&[], Vec::as_slice)
 }
 
+/// Extra cross-attention tokens for one block (IP-Adapter's, laid out as [`BlockText`])
+/// and the scale of their attention.
+pub type BlockTokens<'a, B> = Option<(&'a BlockText<B>, f64)>;
+
+/// Transformer `j`'s share of the extra tokens, with their scale.
+fn tokens_at<'a, B: FusedOps>(
+    tokens: BlockTokens<'a, B>,
+    j: usize,
+) -> Option<(&'a [CrossKv<B>], f64)> {
+    tokens.map(|(t, scale)| (text_at(t, j), scale))
+}
+
 /// Shared settings for building blocks.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BlockSettings {
@@ -150,12 +162,13 @@ impl<B: FusedOps> DownBlock<B> {
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(x, Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, text_at(text, j));
+                x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             }
             skips.push(x.clone());
         }
@@ -206,10 +219,11 @@ impl<B: FusedOps> MidBlock<B> {
         x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
     ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, Some(temb.clone()));
         for (j, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
-            x = attn.forward(x, text_at(text, j));
+            x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             x = resnet.forward(x, Some(temb.clone()));
         }
         x
@@ -264,6 +278,7 @@ impl<B: FusedOps> UpBlock<B> {
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -273,7 +288,7 @@ impl<B: FusedOps> UpBlock<B> {
                 .expect("UNet skip stack matches the block layout");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, text_at(text, j));
+                x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             }
         }
         if let Some(up) = self.upsamplers.first() {
