@@ -7,6 +7,8 @@
 //!   configs (`XConfig::init(&device)`); they never see a file. Module paths follow
 //!   diffusers' weight names, so `down_blocks.1.attentions.0.…` lives in [`model::unet`].
 //! - [`scheduler`]: diffusers' samplers, built from `scheduler_config.json`.
+//! - [`noise`]: the seeded host generator that replays PyTorch's CPU noise, shared by
+//!   the pipeline's starting latents and the ancestral schedulers' step noise.
 //! - [`load`]: every model source (folder, Hub, built-in random model) turned into one
 //!   [`pipeline::SdxlComponents`] value.
 //! - [`pipeline`]: the stages of SDXL text-to-image, run over those components.
@@ -24,6 +26,7 @@ pub mod device;
 pub mod error;
 pub mod load;
 pub mod model;
+pub mod noise;
 pub mod pipeline;
 pub mod scheduler;
 

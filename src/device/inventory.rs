@@ -1,6 +1,7 @@
 //! What this machine and this build offer: the wgpu adapters, the CUDA devices, and which
 //! backends were compiled in. Plain data, so that device resolution can be tested with
-//! made-up machines.
+//! made-up machines; [`Inventory::probe`] (in `probe.rs`, beside the probes)
+//! fills it from the real one.
 
 use std::fmt;
 
@@ -142,17 +143,6 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Looks at this machine: lists wgpu adapters and asks the CUDA driver, if any.
-    /// Never panics and never initialises a Burn backend.
-    pub fn probe() -> Self {
-        Self {
-            wgpu_compiled: cfg!(feature = "wgpu"),
-            cuda_compiled: cfg!(feature = "cuda"),
-            adapters: super::wgpu_probe::adapters(),
-            cuda: super::cuda_probe::devices(),
-        }
-    }
-
     /// The CUDA devices found (none when the driver is missing).
     pub fn cuda_devices(&self) -> &[CudaDevice] {
         self.cuda.as_deref().unwrap_or(&[])

@@ -9,6 +9,7 @@
 mod cuda_probe;
 mod dtype;
 mod inventory;
+mod probe;
 mod report;
 mod resolve;
 mod wgpu_probe;

@@ -34,8 +34,8 @@ pub const LORA_FOLDER_FILE: &str = "pytorch_lora_weights.safetensors";
 const LIST_MAX: usize = 5;
 
 #[cfg(test)]
-#[path = "lora_fuzz.rs"]
-mod fuzz;
+#[path = "lora_properties.rs"]
+mod properties;
 
 /// The model part a LoRA layer changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -5,12 +5,12 @@
 
 pub mod builtin;
 pub mod folder;
-#[cfg(test)]
-pub(crate) mod fuzz;
 pub mod hub;
 pub mod lora;
 pub mod lora_dir;
 pub mod params;
+#[cfg(test)]
+pub(crate) mod properties;
 pub mod random_init;
 pub mod sgm;
 pub mod single_file;

@@ -126,8 +126,40 @@ impl<B: FusedOps> Attention<B> {
     /// Attention of `x` `[N, L, C]` over keys and values projected ahead
     /// ([`project_kv`](Self::project_kv)). Returns `[N, L, C]`.
     pub fn forward_kv(&self, x: Tensor<B, 3>, kv: &CrossKv<B>) -> Tensor<B, 3> {
+        self.forward_kv_extra(x, kv, None)
+    }
+
+    /// [`forward_kv`](Self::forward_kv) that also attends to `extra` tokens' keys and
+    /// values (`[N, S', H*D]`, projected by an adapter's own layers) and adds that
+    /// attention, times its scale, to the first before the output projection: IP-Adapter's
+    /// decoupled cross-attention. `None` is `forward_kv` exactly.
+    pub fn forward_kv_extra(
+        &self,
+        x: Tensor<B, 3>,
+        kv: &CrossKv<B>,
+        extra: Option<(&CrossKv<B>, f64)>,
+    ) -> Tensor<B, 3> {
         let q = linear_forward(&self.to_q, x);
-        let out = sdpa(q, kv.key.clone(), kv.value.clone(), self.heads, false);
+        let out = match extra {
+            None => sdpa(q, kv.key.clone(), kv.value.clone(), self.heads, false),
+            Some((tokens, scale)) => {
+                let text = sdpa(
+                    q.clone(),
+                    kv.key.clone(),
+                    kv.value.clone(),
+                    self.heads,
+                    false,
+                );
+                let tokens = sdpa(
+                    q,
+                    tokens.key.clone(),
+                    tokens.value.clone(),
+                    self.heads,
+                    false,
+                );
+                text + tokens.mul_scalar(scale)
+            }
+        };
         linear_forward(&self.to_out[0], out)
     }
 

@@ -5,10 +5,11 @@
 
 pub mod attention;
 pub mod clip;
+pub mod downsampling;
 pub mod layers;
 pub mod linear;
 pub mod resnet;
-pub mod sampling;
 pub mod tokenizer;
 pub mod unet;
+pub mod upsampling;
 pub mod vae;

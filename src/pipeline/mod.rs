@@ -1,15 +1,15 @@
 //! The SDXL text-to-image pipeline, as diffusers' `StableDiffusionXLPipeline` runs it,
 //! in its stages: [`check_inputs`](SdxlPipeline::check_inputs),
-//! [`encode_prompt`](SdxlPipeline::encode_prompt),
-//! [`prepare_latents`](SdxlPipeline::prepare_latents), the micro-conditioning
-//! ([`GenerationRequest::add_time_ids`]), the denoising loop
+//! [`encode_conditioning`](SdxlPipeline::encode_conditioning) (the prompts through
+//! [`encode_prompt`](SdxlPipeline::encode_prompt) and the micro-conditioning
+//! [`GenerationRequest::add_time_ids`], as one [`Conditioning`]),
+//! [`prepare_latents`](SdxlPipeline::prepare_latents), the denoising loop
 //! ([`denoise_batch`](SdxlPipeline::denoise_batch), one
 //! [`predict_noise`](SdxlPipeline::predict_noise) per step) and
 //! [`decode`](SdxlPipeline::decode). It knows nothing of HTTP or the command line.
 
 mod components;
 mod image;
-pub mod noise;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
@@ -21,11 +21,11 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::model::unet::UNetContext;
+use crate::model::unet::{UNetContext, UNetExtras};
 use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
+use crate::noise::Generator;
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
-use noise::Generator;
 
 /// How a loaded model runs (as opposed to how it is loaded: [`crate::load::LoadOptions`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,13 +60,32 @@ pub struct Preview {
     pub images: Vec<Vec<Image>>,
 }
 
-/// Text conditioning for one run, guidance branches stacked as `[negative; positive]`.
+/// The text encoders' output for some prompts ([`SdxlPipeline::encode_prompt`]), guidance
+/// branches stacked as `[negative; positive]`: what a [`Conditioning`] is made from.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds<B: FusedOps> {
     /// `[n or 2n, 77, D1 + D2]` penultimate states of both encoders.
     pub context: Tensor<B, 3>,
     /// `[n or 2n, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
+}
+
+/// What the UNet reads from the prompts at every step of a run, made once by the
+/// prompt-encoding stage ([`SdxlPipeline::encode_conditioning`]). Rows are in the UNet's
+/// batch order: with guidance every request's negative rows, then every request's
+/// positive rows; without, the positive rows alone. Prompt weighting, textual-inversion
+/// embeddings or another text encoder change how it is made, never the loop that reads it.
+#[derive(Debug, Clone)]
+pub struct Conditioning<B: FusedOps> {
+    /// The text states `[rows, 77, D1 + D2]` as every cross-attention reads them, projected
+    /// once ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)).
+    pub text: UNetContext<B>,
+    /// `[rows, D]` pooled projection of the second encoder.
+    pub pooled: Tensor<B, 2>,
+    /// SDXL's micro-conditioning ([`GenerationRequest::add_time_ids`]), six per row.
+    pub time_ids: Vec<f32>,
+    /// The guidance scale when the rows hold both branches, `None` without guidance.
+    pub guidance_scale: Option<f64>,
 }
 
 /// One request's state in the denoising loop: its own scheduler (a multistep
@@ -462,25 +481,21 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
-    /// the UNet runs on `[latents; latents]` against `[negative; positive]` conditioning
-    /// and the branches are combined with `guidance_scale`, or on `latents` alone
-    /// without guidance. `text` is the context prepared once for the whole loop
-    /// ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)),
-    /// `pooled` the second encoder's pooled projection.
-    #[allow(clippy::too_many_arguments)]
+    /// the UNet runs on `[latents; latents]` against the `[negative; positive]`
+    /// conditioning and the branches are combined with its guidance scale, or on `latents`
+    /// alone without guidance. `extras` is what adapters add to this step's UNet call
+    /// (ControlNet residuals, IP-Adapter tokens), for the UNet's rows (both branches).
     pub fn predict_noise(
         &self,
         scheduler: &Scheduler,
         latents: Tensor<B, 4>,
         i: usize,
         t: f64,
-        text: &UNetContext<B>,
-        pooled: &Tensor<B, 2>,
-        time_ids: &[f32],
-        guidance_scale: Option<f64>,
+        cond: &Conditioning<B>,
+        extras: &UNetExtras<B>,
     ) -> Result<Tensor<B, 4>> {
         let dtype = latents.dtype();
-        let input = match guidance_scale {
+        let input = match cond.guidance_scale {
             Some(_) => Tensor::cat(vec![latents.clone(), latents], 0),
             None => latents,
         };
@@ -489,12 +504,13 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let eps = self.components.unet.forward_prepared(
             input,
             &vec![t as f32; rows],
-            text,
-            pooled.clone(),
-            time_ids,
+            &cond.text,
+            cond.pooled.clone(),
+            &cond.time_ids,
+            extras,
         )?;
         let eps = eps.cast(dtype);
-        let Some(scale) = guidance_scale else {
+        let Some(scale) = cond.guidance_scale else {
             return Ok(eps);
         };
         let mut parts = eps.chunk(2, 0);
@@ -568,6 +584,29 @@ impl<B: FusedOps> SdxlPipeline<B> {
         })
     }
 
+    /// The prompt-encoding stage of a batch: both encoders on every request's prompts
+    /// ([`encode_prompt`](Self::encode_prompt)), the text projected for the UNet's
+    /// cross-attentions, and the micro-conditioning, as one [`Conditioning`].
+    pub fn encode_conditioning(&self, reqs: &[GenerationRequest]) -> Result<Conditioning<B>> {
+        let first = reqs
+            .first()
+            .ok_or_else(|| Error::invalid("batch", "no requests"))?;
+        let guidance_scale = first
+            .do_classifier_free_guidance()
+            .then_some(first.guidance_scale);
+        let embeds = self.batch_embeds(reqs, guidance_scale.is_some())?;
+        let rows = embeds.context.dims()[0];
+        // The text is the same at every step: its cross-attention keys and values once.
+        let text = self.components.unet.prepare_context(embeds.context)?;
+        let time_ids = (0..rows).flat_map(|_| first.add_time_ids()).collect();
+        Ok(Conditioning {
+            text,
+            pooled: embeds.pooled,
+            time_ids,
+            guidance_scale,
+        })
+    }
+
     /// The denoising loop for a batch (see [`generate_batch`](Self::generate_batch)):
     /// the final latents of each request, in order.
     pub fn denoise_batch(
@@ -619,17 +658,17 @@ impl<B: FusedOps> SdxlPipeline<B> {
     ) -> Result<Vec<Tensor<B, 4>>> {
         self.check_inputs(reqs)?;
         let first = &reqs[0];
-        let guidance = first
-            .do_classifier_free_guidance()
-            .then_some(first.guidance_scale);
         // Requests in a batch share the strength, hence the first step.
         let start = match &first.init_image {
             Some(init) => Scheduler::start_step(first.num_inference_steps, init.strength)?,
             None => 0,
         };
+        // The schedule is built once for the batch (its requests share the scheduler and
+        // the steps); each request steps its own copy, with its own multistep history.
+        let schedule = self.prepare_scheduler(first)?;
         let mut jobs = Vec::with_capacity(reqs.len());
         for req in reqs {
-            let scheduler = self.prepare_scheduler(req)?;
+            let scheduler = schedule.clone();
             let mut rng = Generator::new(req.seed);
             let (latents, inpaint) = match &req.init_image {
                 Some(init) => self.prepare_image_latents(req, init, &scheduler, start, &mut rng)?,
@@ -642,14 +681,10 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 inpaint,
             });
         }
-        let embeds = self.batch_embeds(reqs, guidance.is_some())?;
-        let rows = embeds.context.dims()[0];
-        // The text is the same at every step: its cross-attention keys and values once.
-        let text = self
-            .components
-            .unet
-            .prepare_context(embeds.context.clone())?;
-        let time_ids: Vec<f32> = (0..rows).flat_map(|_| first.add_time_ids()).collect();
+        let cond = self.encode_conditioning(reqs)?;
+        // No adapter yet: a ControlNet would fill the residuals at each step, an
+        // IP-Adapter the tokens once, here.
+        let extras = UNetExtras::default();
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -665,16 +700,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
             // The input scaling depends only on the step, the same for every request.
-            let eps = self.predict_noise(
-                &jobs[0].scheduler,
-                latents,
-                i,
-                t,
-                &text,
-                &embeds.pooled,
-                &time_ids,
-                guidance,
-            )?;
+            let eps = self.predict_noise(&jobs[0].scheduler, latents, i, t, &cond, &extras)?;
             let done = i + 1 - start;
             let previewing = preview_steps.get(next_preview) == Some(&done);
             let mut estimates = Vec::new();

@@ -52,7 +52,7 @@ pub struct GenerationRequest {
     pub height: usize,
     /// Images to make from this prompt.
     pub num_images: usize,
-    /// Seed of the host noise generator ([`super::noise::Generator`]): the same seed
+    /// Seed of the host noise generator ([`crate::noise::Generator`]): the same seed
     /// gives the same starting noise on every backend and machine.
     pub seed: u64,
     /// Scheduler to use instead of the one in the model folder.

@@ -5,8 +5,10 @@ use crate::FusedOps;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::sampler::Sampler;
 use super::tables::{self, round_even};
 use crate::error::{Error, Result};
+use crate::noise::Generator;
 
 /// The DDIM scheduler's configuration and current schedule.
 #[derive(Debug, Clone)]
@@ -21,7 +23,7 @@ pub(crate) struct Ddim {
     /// ᾱ "before" the first training timestep: 1, or ᾱ₀ without `set_alpha_to_one`.
     final_alpha_cumprod: f64,
     steps: usize,
-    pub(crate) timesteps: Vec<f64>,
+    timesteps: Vec<f64>,
 }
 
 impl Ddim {
@@ -48,7 +50,20 @@ impl Ddim {
         })
     }
 
-    pub(crate) fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+    /// `(√ᾱ_t, √(1 − ᾱ_t))` at the timestep of `step_index`, in float32 as diffusers'
+    /// `add_noise` computes them.
+    fn noise_coefficients(&self, step_index: usize) -> (f64, f64) {
+        let t = self.timesteps[step_index] as usize;
+        let a = self.alphas_cumprod[t];
+        (
+            tables::f32r(a.sqrt()),
+            tables::f32r(tables::f32r(1.0 - a).sqrt()),
+        )
+    }
+}
+
+impl Sampler for Ddim {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         tables::check_steps(steps, self.n_train)?;
         let timesteps: Vec<f64> =
             tables::spaced_timesteps(self.spacing, self.n_train, steps, self.steps_offset)
@@ -74,19 +89,8 @@ impl Ddim {
         Ok(())
     }
 
-    /// `(√ᾱ_t, √(1 − ᾱ_t))` at the timestep of `step_index`, in float32 as diffusers'
-    /// `add_noise` computes them.
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f64, f64) {
-        let t = self.timesteps[step_index] as usize;
-        let a = self.alphas_cumprod[t];
-        (
-            tables::f32r(a.sqrt()),
-            tables::f32r(tables::f32r(1.0 - a).sqrt()),
-        )
-    }
-
     /// The clean-sample estimate x̂₀ at `step_index` (clipped as the step clips it).
-    pub(crate) fn denoised<B: FusedOps>(
+    fn denoised<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -110,11 +114,12 @@ impl Ddim {
         }
     }
 
-    pub(crate) fn step<B: FusedOps>(
-        &self,
+    fn step<B: FusedOps>(
+        &mut self,
         model_output: Tensor<B, 4>,
         step_index: usize,
         sample: Tensor<B, 4>,
+        _rng: &mut Generator,
     ) -> Tensor<B, 4> {
         assert!(
             step_index < self.timesteps.len(),
@@ -151,5 +156,20 @@ impl Ddim {
             None => x0,
         };
         x0.mul_scalar(alpha_prev.sqrt()) + eps.mul_scalar((1.0 - alpha_prev).sqrt())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// `√ᾱ_t·x + √(1 − ᾱ_t)·noise` at the step's timestep.
+    fn add_noise<B: FusedOps>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        let (a, b) = self.noise_coefficients(step_index);
+        original.mul_scalar(a) + noise.mul_scalar(b)
     }
 }

@@ -12,8 +12,10 @@ use std::any::Any;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::sampler::Sampler;
 use super::tables::{self, f32r, round_even};
 use crate::error::Result;
+use crate::noise::Generator;
 
 /// The multistep DPM-Solver++ scheduler's configuration, schedule and history.
 #[derive(Debug)]
@@ -34,8 +36,8 @@ pub(crate) struct DpmSolver {
     last_timestep: usize,
     train_sigmas: Vec<f64>,
     log_sigmas: Vec<f64>,
-    pub(crate) timesteps: Vec<f64>,
-    pub(crate) sigmas: Vec<f64>,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
     /// The previous step's x̂₀ (a `Tensor<B, 4>` of the backend in use).
     previous: Option<Box<dyn Any + Send + Sync>>,
     /// How many steps have run since the schedule was set, up to `order`.
@@ -150,8 +152,10 @@ impl DpmSolver {
             lower_order_nums: 0,
         })
     }
+}
 
-    pub(crate) fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+impl Sampler for DpmSolver {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         tables::check_steps(steps, self.n_train)?;
         let last = self.last_timestep;
         // DPM-Solver spaces steps + 1 points and drops the final one (t = 0).
@@ -210,7 +214,7 @@ impl DpmSolver {
     }
 
     /// The clean-sample estimate x̂₀ at `step_index`, as the step computes it.
-    pub(crate) fn denoised<B: FusedOps>(
+    fn denoised<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -224,11 +228,12 @@ impl DpmSolver {
         }
     }
 
-    pub(crate) fn step<B: FusedOps>(
+    fn step<B: FusedOps>(
         &mut self,
         model_output: Tensor<B, 4>,
         step_index: usize,
         sample: Tensor<B, 4>,
+        _rng: &mut Generator,
     ) -> Tensor<B, 4> {
         let n = self.timesteps.len();
         assert!(
@@ -290,5 +295,27 @@ impl DpmSolver {
             self.lower_order_nums += 1;
         }
         prev_sample
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    /// `α_t·x + σ_t·noise` with α_t = 1/√(σ²+1), σ_t = σ·α_t.
+    fn add_noise<B: FusedOps>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        let sigma = self.sigmas[step_index];
+        // diffusers' `_sigma_to_alpha_sigma_t`, in float32 like its tensors.
+        let alpha_t = f32r(1.0 / f32r(sigma * sigma + 1.0).sqrt());
+        let sigma_t = f32r(sigma * alpha_t);
+        original.mul_scalar(alpha_t) + noise.mul_scalar(sigma_t)
     }
 }

@@ -6,8 +6,10 @@ use crate::FusedOps;
 use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::sampler::Sampler;
 use super::tables::{self, f32r};
 use crate::error::Result;
+use crate::noise::Generator;
 
 /// The Euler scheduler's configuration and current schedule.
 #[derive(Debug, Clone)]
@@ -23,8 +25,8 @@ pub(crate) struct Euler {
     continuous_v: bool,
     train_sigmas: Vec<f64>,
     log_sigmas: Vec<f64>,
-    pub(crate) timesteps: Vec<f64>,
-    pub(crate) sigmas: Vec<f64>,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
 }
 
 impl Euler {
@@ -76,7 +78,36 @@ impl Euler {
         })
     }
 
-    pub(crate) fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+    /// σ at `step_index` and at the next step.
+    pub(crate) fn sigma_pair(&self, step_index: usize) -> (f64, f64) {
+        assert!(
+            step_index + 1 < self.sigmas.len(),
+            "scheduler step {step_index} is past the {} steps set by set_timesteps",
+            self.sigmas.len().saturating_sub(1)
+        );
+        (self.sigmas[step_index], self.sigmas[step_index + 1])
+    }
+
+    /// The clean-sample estimate x̂₀ from the model output at noise level σ.
+    pub(crate) fn estimate_x0<B: FusedOps>(
+        prediction: Prediction,
+        model_output: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+        sigma: f64,
+    ) -> Tensor<B, 4> {
+        match prediction {
+            Prediction::Epsilon => sample - model_output.mul_scalar(sigma),
+            Prediction::Sample => model_output,
+            Prediction::Velocity => {
+                let s2 = sigma * sigma + 1.0;
+                model_output.mul_scalar(-sigma / s2.sqrt()) + sample.div_scalar(s2)
+            }
+        }
+    }
+}
+
+impl Sampler for Euler {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         tables::check_steps(steps, self.n_train)?;
         // The spaced timesteps are float32 in diffusers before σ is read off the table.
         let mut timesteps: Vec<f64> =
@@ -116,7 +147,7 @@ impl Euler {
 
     /// σ_max (or √(σ_max² + 1) under `leading` spacing, where σ_max is not the top of the
     /// training range), from the current schedule or, before one is set, the training one.
-    pub(crate) fn init_noise_sigma(&self) -> f64 {
+    fn init_noise_sigma(&self) -> f64 {
         let max = if self.sigmas.is_empty() {
             &self.train_sigmas
         } else {
@@ -130,18 +161,8 @@ impl Euler {
         }
     }
 
-    /// σ at `step_index` and at the next step.
-    pub(crate) fn sigma_pair(&self, step_index: usize) -> (f64, f64) {
-        assert!(
-            step_index + 1 < self.sigmas.len(),
-            "scheduler step {step_index} is past the {} steps set by set_timesteps",
-            self.sigmas.len().saturating_sub(1)
-        );
-        (self.sigmas[step_index], self.sigmas[step_index + 1])
-    }
-
     /// `x / √(σ² + 1)`: the UNet sees unit-variance input.
-    pub(crate) fn scale_model_input<B: FusedOps>(
+    fn scale_model_input<B: FusedOps>(
         &self,
         sample: Tensor<B, 4>,
         step_index: usize,
@@ -150,32 +171,48 @@ impl Euler {
         sample.div_scalar((sigma * sigma + 1.0).sqrt())
     }
 
-    /// The clean-sample estimate x̂₀ from the model output at noise level σ.
-    pub(crate) fn denoised<B: FusedOps>(
-        prediction: Prediction,
+    fn step<B: FusedOps>(
+        &mut self,
         model_output: Tensor<B, 4>,
+        step_index: usize,
         sample: Tensor<B, 4>,
-        sigma: f64,
+        _rng: &mut Generator,
     ) -> Tensor<B, 4> {
-        match prediction {
-            Prediction::Epsilon => sample - model_output.mul_scalar(sigma),
-            Prediction::Sample => model_output,
-            Prediction::Velocity => {
-                let s2 = sigma * sigma + 1.0;
-                model_output.mul_scalar(-sigma / s2.sqrt()) + sample.div_scalar(s2)
-            }
-        }
+        let (sigma, next) = self.sigma_pair(step_index);
+        let x0 = Self::estimate_x0(self.prediction, model_output, sample.clone(), sigma);
+        let derivative = (sample.clone() - x0).div_scalar(sigma);
+        sample + derivative.mul_scalar(next - sigma)
     }
 
-    pub(crate) fn step<B: FusedOps>(
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    fn denoised<B: FusedOps>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
         sample: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        let (sigma, next) = self.sigma_pair(step_index);
-        let x0 = Self::denoised(self.prediction, model_output, sample.clone(), sigma);
-        let derivative = (sample.clone() - x0).div_scalar(sigma);
-        sample + derivative.mul_scalar(next - sigma)
+        Self::estimate_x0(
+            self.prediction,
+            model_output,
+            sample,
+            self.sigmas[step_index],
+        )
+    }
+
+    /// `x + σ·noise`.
+    fn add_noise<B: FusedOps>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        original + noise.mul_scalar(self.sigmas[step_index])
     }
 }

@@ -7,13 +7,14 @@ use burn::tensor::Tensor;
 
 use super::config::{Prediction, SchedulerConfig};
 use super::euler::Euler;
+use super::sampler::Sampler;
 use crate::error::Result;
-use crate::pipeline::noise::Generator;
+use crate::noise::Generator;
 
 /// The ancestral Euler scheduler: the σ tables of [`Euler`] without its options.
 #[derive(Debug, Clone)]
 pub(crate) struct EulerAncestral {
-    pub(crate) tables: Euler,
+    tables: Euler,
 }
 
 impl EulerAncestral {
@@ -31,11 +32,37 @@ impl EulerAncestral {
             tables: Euler::base(config, prediction, true)?,
         })
     }
+}
+
+impl Sampler for EulerAncestral {
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        self.tables.set_timesteps(num_inference_steps)
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        self.tables.timesteps()
+    }
+
+    fn sigmas(&self) -> &[f64] {
+        self.tables.sigmas()
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.tables.init_noise_sigma()
+    }
+
+    fn scale_model_input<B: FusedOps>(
+        &self,
+        sample: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        self.tables.scale_model_input(sample, step_index)
+    }
 
     /// One ancestral step. Noise is drawn from `rng` even on the last step (where σ_up is
     /// 0) so that the generator advances exactly as diffusers' does.
-    pub(crate) fn step<B: FusedOps>(
-        &self,
+    fn step<B: FusedOps>(
+        &mut self,
         model_output: Tensor<B, 4>,
         step_index: usize,
         sample: Tensor<B, 4>,
@@ -44,10 +71,28 @@ impl EulerAncestral {
         let (sigma, next) = self.tables.sigma_pair(step_index);
         let sigma_up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
         let sigma_down = (next * next - sigma_up * sigma_up).max(0.0).sqrt();
-        let x0 = Euler::denoised(self.tables.prediction, model_output, sample.clone(), sigma);
+        let x0 = Euler::estimate_x0(self.tables.prediction, model_output, sample.clone(), sigma);
         let derivative = (sample.clone() - x0).div_scalar(sigma);
         let prev = sample.clone() + derivative.mul_scalar(sigma_down - sigma);
         let noise = rng.randn_tensor::<B, 4>(sample.dims(), &sample.device(), sample.dtype());
         prev + noise.mul_scalar(sigma_up)
+    }
+
+    fn denoised<B: FusedOps>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        self.tables.denoised(model_output, step_index, sample)
+    }
+
+    fn add_noise<B: FusedOps>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        step_index: usize,
+    ) -> Tensor<B, 4> {
+        self.tables.add_noise(original, noise, step_index)
     }
 }

@@ -2,9 +2,14 @@
 //! DPM-Solver++ 2M (plain and Karras), built from a `scheduler_config.json` as
 //! `Cls.from_config(pipe.scheduler.config)` builds them.
 //!
-//! Tables (timesteps, σ) are computed on the host in f64, rounding to float32 wherever
-//! diffusers stores float32, so they agree with diffusers to float32 precision.
-//! [`Scheduler::step`] does its tensor arithmetic in the sample's dtype with host scalars.
+//! Each class is one file implementing the `Sampler` trait (`sampler.rs`): its training
+//! tables (ᾱ, σ) are built once with the scheduler, its run's schedule (timesteps, σ) once
+//! by [`Scheduler::set_timesteps`], and its per-step methods only read them.
+//! [`Scheduler`] holds one of them, picked by [`SchedulerKind`].
+//!
+//! Tables are computed on the host in f64, rounding to float32 wherever diffusers stores
+//! float32, so they agree with diffusers to float32 precision. [`Scheduler::step`] does
+//! its tensor arithmetic in the sample's dtype with host scalars.
 //!
 //! The denoising loop is
 //! ```text
@@ -21,6 +26,7 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod sampler;
 mod tables;
 
 use crate::FusedOps;
@@ -33,11 +39,12 @@ use burn::tensor::Tensor;
 pub use config::{parse_python_json, SchedulerConfig};
 
 use crate::error::{Error, Result};
-use crate::pipeline::noise::Generator;
+use crate::noise::Generator;
 use ddim::Ddim;
 use dpm_solver::DpmSolver;
 use euler::Euler;
 use euler_ancestral::EulerAncestral;
+use sampler::Sampler;
 
 /// The samplers hypergen implements, by the names users pick them with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,13 +158,27 @@ impl FromStr for SchedulerKind {
     }
 }
 
-/// The per-class state.
+/// The sampler of each class, each a [`Sampler`]. A new class adds a variant here and a
+/// line in `with_sampler!`.
 #[derive(Debug, Clone)]
 enum Inner {
     Euler(Euler),
     EulerAncestral(EulerAncestral),
     Ddim(Ddim),
     Dpm(DpmSolver),
+}
+
+/// Runs `$body` with `$s` bound to whichever [`Sampler`] `$inner` holds (the trait has
+/// generic methods, so it is dispatched here rather than through `dyn`).
+macro_rules! with_sampler {
+    ($inner:expr, $s:ident => $body:expr) => {
+        match $inner {
+            Inner::Euler($s) => $body,
+            Inner::EulerAncestral($s) => $body,
+            Inner::Ddim($s) => $body,
+            Inner::Dpm($s) => $body,
+        }
+    };
 }
 
 /// A configured scheduler: the noise schedule of one sampling run and its update rule.
@@ -230,42 +251,23 @@ impl Scheduler {
     /// Computes the schedule for `num_inference_steps` steps (and clears any multistep
     /// history). 0, or more than the training timesteps, is [`Error::InvalidArgument`].
     pub fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        match &mut self.inner {
-            Inner::Euler(s) => s.set_timesteps(num_inference_steps),
-            Inner::EulerAncestral(s) => s.tables.set_timesteps(num_inference_steps),
-            Inner::Ddim(s) => s.set_timesteps(num_inference_steps),
-            Inner::Dpm(s) => s.set_timesteps(num_inference_steps),
-        }
+        with_sampler!(&mut self.inner, s => s.set_timesteps(num_inference_steps))
     }
 
     /// The timestep the UNet receives at each step (fractional for Euler Karras).
     pub fn timesteps(&self) -> &[f64] {
-        match &self.inner {
-            Inner::Euler(s) => &s.timesteps,
-            Inner::EulerAncestral(s) => &s.tables.timesteps,
-            Inner::Ddim(s) => &s.timesteps,
-            Inner::Dpm(s) => &s.timesteps,
-        }
+        with_sampler!(&self.inner, s => s.timesteps())
     }
 
     /// σ at each step plus the final σ (one more than [`timesteps`](Self::timesteps));
     /// empty for DDIM, which has none.
     pub fn sigmas(&self) -> &[f64] {
-        match &self.inner {
-            Inner::Euler(s) => &s.sigmas,
-            Inner::EulerAncestral(s) => &s.tables.sigmas,
-            Inner::Ddim(_) => &[],
-            Inner::Dpm(s) => &s.sigmas,
-        }
+        with_sampler!(&self.inner, s => s.sigmas())
     }
 
     /// The standard deviation to scale unit initial noise by.
     pub fn init_noise_sigma(&self) -> f64 {
-        match &self.inner {
-            Inner::Euler(s) => s.init_noise_sigma(),
-            Inner::EulerAncestral(s) => s.tables.init_noise_sigma(),
-            Inner::Ddim(_) | Inner::Dpm(_) => 1.0,
-        }
+        with_sampler!(&self.inner, s => s.init_noise_sigma())
     }
 
     /// The UNet input at `step_index`: `x / √(σ² + 1)` for the Euler kinds, `x` otherwise.
@@ -277,16 +279,12 @@ impl Scheduler {
         sample: Tensor<B, 4>,
         step_index: usize,
     ) -> Tensor<B, 4> {
-        match &self.inner {
-            Inner::Euler(s) => s.scale_model_input(sample, step_index),
-            Inner::EulerAncestral(s) => s.tables.scale_model_input(sample, step_index),
-            Inner::Ddim(_) | Inner::Dpm(_) => sample,
-        }
+        with_sampler!(&self.inner, s => s.scale_model_input(sample, step_index))
     }
 
     /// One denoising step from `sample` at `step_index`, given the model's output there.
     /// The result has the sample's dtype. Euler ancestral draws its noise from `rng` in
-    /// float32 (see [`crate::pipeline::noise`]) on the sample's device; the others ignore `rng`.
+    /// float32 (see [`crate::noise`]) on the sample's device; the others ignore `rng`.
     ///
     /// # Panics
     /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
@@ -297,12 +295,7 @@ impl Scheduler {
         sample: Tensor<B, 4>,
         rng: &mut Generator,
     ) -> Tensor<B, 4> {
-        match &mut self.inner {
-            Inner::Euler(s) => s.step(model_output, step_index, sample),
-            Inner::EulerAncestral(s) => s.step(model_output, step_index, sample, rng),
-            Inner::Ddim(s) => s.step(model_output, step_index, sample),
-            Inner::Dpm(s) => s.step(model_output, step_index, sample),
-        }
+        with_sampler!(&mut self.inner, s => s.step(model_output, step_index, sample, rng))
     }
 
     /// The current estimate of the clean sample x̂₀ at `step_index`, given the model's
@@ -318,18 +311,7 @@ impl Scheduler {
         step_index: usize,
         sample: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        match &self.inner {
-            Inner::Euler(s) => {
-                let sigma = s.sigmas[step_index];
-                euler::Euler::denoised(s.prediction, model_output, sample, sigma)
-            }
-            Inner::EulerAncestral(s) => {
-                let sigma = s.tables.sigmas[step_index];
-                euler::Euler::denoised(s.tables.prediction, model_output, sample, sigma)
-            }
-            Inner::Ddim(s) => s.denoised(model_output, step_index, sample),
-            Inner::Dpm(s) => s.denoised(model_output, step_index, sample),
-        }
+        with_sampler!(&self.inner, s => s.denoised(model_output, step_index, sample))
     }
 
     /// diffusers' `add_noise`: `original` noised to the level of step `step_index` of
@@ -352,21 +334,7 @@ impl Scheduler {
             "add_noise at step {step_index} is past the {n} steps set by set_timesteps"
         );
         let noise = noise.cast(original.dtype());
-        match &self.inner {
-            Inner::Euler(s) => original + noise.mul_scalar(s.sigmas[step_index]),
-            Inner::EulerAncestral(s) => original + noise.mul_scalar(s.tables.sigmas[step_index]),
-            Inner::Dpm(s) => {
-                let sigma = s.sigmas[step_index];
-                // diffusers' `_sigma_to_alpha_sigma_t`, in float32 like its tensors.
-                let alpha_t = tables::f32r(1.0 / tables::f32r(sigma * sigma + 1.0).sqrt());
-                let sigma_t = tables::f32r(sigma * alpha_t);
-                original.mul_scalar(alpha_t) + noise.mul_scalar(sigma_t)
-            }
-            Inner::Ddim(s) => {
-                let (a, b) = s.noise_coefficients(step_index);
-                original.mul_scalar(a) + noise.mul_scalar(b)
-            }
-        }
+        with_sampler!(&self.inner, s => s.add_noise(original, noise, step_index))
     }
 
     /// diffusers' `get_timesteps` for image-to-image and inpainting: the first step of

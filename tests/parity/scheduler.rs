@@ -4,7 +4,7 @@
 use hypergen::FusedOps;
 use std::path::PathBuf;
 
-use hypergen::pipeline::noise::Generator;
+use hypergen::noise::Generator;
 use hypergen::scheduler::{parse_python_json, Scheduler, SchedulerConfig, SchedulerKind};
 use hypergen::Error;
 use serde_json::Value;

@@ -15,7 +15,7 @@ use clap::Parser;
 use hypergen::app::cli::{Cli, Command};
 use hypergen::model::vae::tiling::{VaeTileSize, VaeTiling};
 use hypergen::model::vae::{AutoencoderKL, VaeConfig};
-use hypergen::pipeline::noise::Generator;
+use hypergen::noise::Generator;
 use hypergen::pipeline::{RunOptions, SdxlPipeline};
 use hypergen::Error;
 

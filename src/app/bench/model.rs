@@ -12,7 +12,8 @@ use super::flops::{self, ModelFlops};
 use super::memory::{self, MemorySample};
 use super::{measure, sync, Component, Timing};
 use crate::error::{Error, Result};
-use crate::pipeline::noise::Generator;
+use crate::model::unet::UNetExtras;
+use crate::noise::Generator;
 use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
@@ -193,6 +194,7 @@ impl<B: FusedOps> Ctx<'_, B> {
                 &text,
                 embeds.pooled.clone(),
                 &time_ids,
+                &UNetExtras::default(),
             )
         })
     }

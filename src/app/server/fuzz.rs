@@ -16,7 +16,7 @@ use super::request::{
     check, parse_body, parse_output_format, parse_size, Checked, SizeLimits, MAX_GUIDANCE,
 };
 use super::types::ImageGenerationRequest;
-use crate::load::fuzz::config;
+use crate::load::properties::config;
 
 /// The fields of a generation request, the edit form's own, and near misses.
 const FIELDS: &[&str] = &[

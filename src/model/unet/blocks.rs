@@ -6,9 +6,10 @@ use burn::tensor::Tensor;
 
 use super::transformer::Transformer2DModel;
 use crate::model::attention::CrossKv;
+use crate::model::downsampling::Downsample2D;
 use crate::model::layers::conv2d_forward;
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::model::sampling::{Downsample2D, Upsample2D};
+use crate::model::upsampling::Upsample2D;
 
 /// The text as one block's transformers read it: per transformer, per transformer
 /// block, the cross-attention's keys and values ([`Transformer2DModel::project_context`]).
@@ -36,6 +37,18 @@ pub(crate) fn text_fits<B: FusedOps>(
 /// Transformer `j`'s share of `text` (checked to fit before the forward pass).
 fn text_at<B: FusedOps>(text: &BlockText<B>, j: usize) -> &[CrossKv<B>] {
     text.get(j).map_or(&[], Vec::as_slice)
+}
+
+/// Extra cross-attention tokens for one block (IP-Adapter's, laid out as [`BlockText`])
+/// and the scale of their attention.
+pub type BlockTokens<'a, B> = Option<(&'a BlockText<B>, f64)>;
+
+/// Transformer `j`'s share of the extra tokens, with their scale.
+fn tokens_at<'a, B: FusedOps>(
+    tokens: BlockTokens<'a, B>,
+    j: usize,
+) -> Option<(&'a [CrossKv<B>], f64)> {
+    tokens.map(|(t, scale)| (text_at(t, j), scale))
 }
 
 /// Shared settings for building blocks.
@@ -149,12 +162,13 @@ impl<B: FusedOps> DownBlock<B> {
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(x, Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, text_at(text, j));
+                x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             }
             skips.push(x.clone());
         }
@@ -205,10 +219,11 @@ impl<B: FusedOps> MidBlock<B> {
         x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
     ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, Some(temb.clone()));
         for (j, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
-            x = attn.forward(x, text_at(text, j));
+            x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             x = resnet.forward(x, Some(temb.clone()));
         }
         x
@@ -263,6 +278,7 @@ impl<B: FusedOps> UpBlock<B> {
         mut x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         text: &BlockText<B>,
+        tokens: BlockTokens<'_, B>,
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -272,7 +288,7 @@ impl<B: FusedOps> UpBlock<B> {
                 .expect("UNet skip stack matches the block layout");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, text_at(text, j));
+                x = attn.forward(x, text_at(text, j), tokens_at(tokens, j));
             }
         }
         if let Some(up) = self.upsamplers.first() {

@@ -4,6 +4,7 @@
 mod blocks;
 mod config;
 mod embeddings;
+mod extras;
 mod transformer;
 
 use crate::FusedOps;
@@ -13,9 +14,10 @@ use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
 use burn::tensor::{DType, Tensor};
 
-pub use blocks::{BlockText, DownBlock, MidBlock, UpBlock};
+pub use blocks::{BlockText, BlockTokens, DownBlock, MidBlock, UpBlock};
 pub use config::{PerBlock, ResolvedUNet, UNetConfig};
 pub use embeddings::{sinusoidal, TimestepEmbedding};
+pub use extras::{ExtraTokens, UNetExtras};
 pub use transformer::{
     BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel,
 };
@@ -37,6 +39,31 @@ pub struct UNetContext<B: FusedOps> {
     down: Vec<BlockText<B>>,
     mid: BlockText<B>,
     up: Vec<BlockText<B>>,
+}
+
+impl<B: FusedOps> UNetContext<B> {
+    /// Keys and values projected elsewhere (an adapter's own layers), laid out as
+    /// [`prepare_context`](UNet2DConditionModel::prepare_context) lays them: per down
+    /// block, the mid block, per up block; in each, per transformer, per transformer
+    /// block. `rows` is their batch size. The UNet checks the layout when it reads them.
+    pub fn from_blocks(
+        rows: usize,
+        down: Vec<BlockText<B>>,
+        mid: BlockText<B>,
+        up: Vec<BlockText<B>>,
+    ) -> Self {
+        Self {
+            rows,
+            down,
+            mid,
+            up,
+        }
+    }
+
+    /// The batch rows it was prepared for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
 }
 
 /// The SDXL denoising UNet.
@@ -172,7 +199,14 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
         time_ids: &[f32],
     ) -> Result<Tensor<B, 4>> {
         let text = self.prepare_context(context)?;
-        self.forward_prepared(sample, timesteps, &text, text_embeds, time_ids)
+        self.forward_prepared(
+            sample,
+            timesteps,
+            &text,
+            text_embeds,
+            time_ids,
+            &UNetExtras::default(),
+        )
     }
 
     /// Projects the text states `context` `[N, S, cross_attention_dim]` to every
@@ -218,7 +252,9 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
     }
 
     /// Predicts noise as [`forward`](Self::forward) does, with the text prepared ahead
-    /// by [`prepare_context`](Self::prepare_context) (for as many rows as `sample` has).
+    /// by [`prepare_context`](Self::prepare_context) (for as many rows as `sample` has)
+    /// and what adapters add to this call ([`UNetExtras`]; `UNetExtras::default()` for
+    /// none).
     pub fn forward_prepared(
         &self,
         sample: Tensor<B, 4>,
@@ -226,6 +262,7 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
         text: &UNetContext<B>,
         text_embeds: Tensor<B, 2>,
         time_ids: &[f32],
+        extras: &UNetExtras<B>,
     ) -> Result<Tensor<B, 4>> {
         B::on_pool(|| {
             let [n, c, _, _] = sample.dims();
@@ -274,6 +311,19 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
                      UNet's prepare_context",
                 ));
             }
+            let tokens = extras.tokens.as_ref();
+            if let Some(tokens) = tokens {
+                if tokens.kv.rows != n || !self.fits(&tokens.kv) {
+                    return Err(Error::invalid(
+                        "image_tokens",
+                        format!(
+                            "were projected for {} rows or another layout; the UNet needs one \
+                             key and value per cross-attention, as wide as its own, for {n} rows",
+                            tokens.kv.rows
+                        ),
+                    ));
+                }
+            }
             let sample = sample.cast(dtype);
             let ch0 = cfg.block_out_channels[0];
 
@@ -289,15 +339,77 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
 
             let mut x = conv2d_forward(&self.conv_in, sample);
             let mut skips = vec![x.clone()];
-            for (block, text) in self.down_blocks.iter().zip(&text.down) {
-                x = block.forward(x, &emb, text, &mut skips);
+            for (i, (block, text)) in self.down_blocks.iter().zip(&text.down).enumerate() {
+                let tokens = tokens.map(|t| (&t.kv.down[i], t.scale));
+                x = block.forward(x, &emb, text, tokens, &mut skips);
             }
-            x = self.mid_block.forward(x, &emb, &text.mid);
-            for (block, text) in self.up_blocks.iter().zip(&text.up) {
-                x = block.forward(x, &emb, text, &mut skips);
+            if let Some(residuals) = &extras.down_residuals {
+                skips = add_residuals(skips, residuals, dtype)?;
+            }
+            let mid_tokens = tokens.map(|t| (&t.kv.mid, t.scale));
+            x = self.mid_block.forward(x, &emb, &text.mid, mid_tokens);
+            if let Some(residual) = &extras.mid_residual {
+                x = add_residual(
+                    x,
+                    residual,
+                    dtype,
+                    "mid_block_additional_residual",
+                    "the residual",
+                )?;
+            }
+            for (i, (block, text)) in self.up_blocks.iter().zip(&text.up).enumerate() {
+                let tokens = tokens.map(|t| (&t.kv.up[i], t.scale));
+                x = block.forward(x, &emb, text, tokens, &mut skips);
             }
             let x = group_norm_silu(&self.conv_norm_out, x);
             Ok(conv2d_forward(&self.conv_out, x))
         })
     }
+}
+
+/// `x + residual` (in the model's dtype), refusing a residual of another shape; `what`
+/// names it in the error.
+fn add_residual<B: FusedOps>(
+    x: Tensor<B, 4>,
+    residual: &Tensor<B, 4>,
+    dtype: DType,
+    name: &'static str,
+    what: &str,
+) -> Result<Tensor<B, 4>> {
+    if residual.dims() != x.dims() {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{what} has shape {:?}, the UNet adds it to a tensor of shape {:?}",
+                residual.dims(),
+                x.dims()
+            ),
+        ));
+    }
+    Ok(x + residual.clone().cast(dtype))
+}
+
+/// Every skip plus its residual (ControlNet's `down_block_additional_residuals`).
+fn add_residuals<B: FusedOps>(
+    skips: Vec<Tensor<B, 4>>,
+    residuals: &[Tensor<B, 4>],
+    dtype: DType,
+) -> Result<Vec<Tensor<B, 4>>> {
+    const NAME: &str = "down_block_additional_residuals";
+    if residuals.len() != skips.len() {
+        return Err(Error::invalid(
+            NAME,
+            format!(
+                "{} residuals, the UNet saves {} skip connections (one residual each)",
+                residuals.len(),
+                skips.len()
+            ),
+        ));
+    }
+    skips
+        .into_iter()
+        .zip(residuals)
+        .enumerate()
+        .map(|(k, (skip, r))| add_residual(skip, r, dtype, NAME, &format!("residual {k}")))
+        .collect()
 }

@@ -109,10 +109,19 @@ impl<B: FusedOps> BasicTransformerBlock<B> {
     }
 
     /// `x` `[N, L, C]` with the text's keys and values for `attn2`
-    /// ([`Attention::project_kv`] of the context).
-    fn forward(&self, x: Tensor<B, 3>, text: &CrossKv<B>) -> Tensor<B, 3> {
+    /// ([`Attention::project_kv`] of the context), and extra tokens' with their scale
+    /// ([`Attention::forward_kv_extra`]).
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        text: &CrossKv<B>,
+        extra: Option<(&CrossKv<B>, f64)>,
+    ) -> Tensor<B, 3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward_kv(self.norm2.forward(x.clone()), text) + x;
+        let x = self
+            .attn2
+            .forward_kv_extra(self.norm2.forward(x.clone()), text, extra)
+            + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }
@@ -173,14 +182,21 @@ impl<B: FusedOps> Transformer2DModel<B> {
     }
 
     /// `x` `[N, C, H, W]` with the text projected for its blocks
-    /// ([`project_context`](Self::project_context)) → `[N, C, H, W]`.
-    pub fn forward(&self, x: Tensor<B, 4>, text: &[CrossKv<B>]) -> Tensor<B, 4> {
+    /// ([`project_context`](Self::project_context)) and, when given, extra tokens
+    /// projected for them with their scale (IP-Adapter) → `[N, C, H, W]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        text: &[CrossKv<B>],
+        extra: Option<(&[CrossKv<B>], f64)>,
+    ) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let residual = x.clone();
         let x = group_norm_forward(&self.norm, x);
         let mut seq = linear_forward(&self.proj_in, x.reshape([n, c, h * w]).swap_dims(1, 2));
-        for (block, kv) in self.transformer_blocks.iter().zip(text) {
-            seq = block.forward(seq, kv);
+        for (j, (block, kv)) in self.transformer_blocks.iter().zip(text).enumerate() {
+            let extra = extra.and_then(|(kvs, scale)| kvs.get(j).map(|kv| (kv, scale)));
+            seq = block.forward(seq, kv, extra);
         }
         let out = linear_forward(&self.proj_out, seq);
         out.swap_dims(1, 2).reshape([n, c, h, w]) + residual

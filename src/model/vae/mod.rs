@@ -17,9 +17,10 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::attention::{Attention, AttentionConfig};
+use crate::model::downsampling::Downsample2D;
 use crate::model::layers::{conv2d, conv2d_forward, group_norm, group_norm_silu};
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::model::sampling::{Downsample2D, Upsample2D};
+use crate::model::upsampling::Upsample2D;
 
 /// Epsilon of every GroupNorm inside the VAE (diffusers hard-codes it for the VAE).
 const VAE_EPS: f64 = 1e-6;

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 use super::{classify, normalize_layer, split_key, LoraAdapter, Role};
-use crate::load::fuzz::{config, scratch_file, zero_safetensors};
+use crate::load::properties::{config, scratch_file, zero_safetensors};
 
 /// Key prefixes every supported format uses, and near misses.
 const PREFIXES: &[&str] = &[

@@ -1,7 +1,7 @@
 //! Property-based fuzzing of what the loaders parse from files: safetensors headers
 //! (through [`inspect_safetensors`], which every folder load runs first) and the SGM
 //! names single-file checkpoints and kohya LoRAs use. Every input must give a value or
-//! an error, never a panic. (The LoRA key parsers are fuzzed in `lora_fuzz.rs`.)
+//! an error, never a panic. (The LoRA key parsers have theirs in `lora_properties.rs`.)
 
 use std::io::Write;
 use std::path::PathBuf;
