@@ -230,14 +230,12 @@ fn cli_generate_builtin_offline() {
 /// says the weights are random.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_builtin_labels_random_weights() {
-    use hypergen::app::server::{Server, ServerConfig};
+    use hypergen::app::server::ServerConfig;
     use hypergen::device::DeviceSpec;
 
     let mut config = ServerConfig::new("tiny-sdxl-random", DeviceSpec::Cpu);
     config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
-    let server = Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts");
+    let server = crate::common::start_server(config).await;
     let client = reqwest::Client::new();
     let models: serde_json::Value = client
         .get(format!("{}/v1/models", server.url()))

@@ -258,3 +258,88 @@ pub fn python_modules(modules: &[&str]) -> Result<(), String> {
         )),
     }
 }
+
+/// A progress callback that never cancels.
+pub fn no_progress(_: hypergen::pipeline::Progress) -> std::ops::ControlFlow<()> {
+    std::ops::ControlFlow::Continue(())
+}
+
+/// The fixture VAE in f32, checking that every tensor in its file was used and every
+/// parameter was filled.
+pub fn fixture_vae<B: FusedOps>(device: &B::Device) -> hypergen::model::vae::AutoencoderKL<B> {
+    use hypergen::load::folder::{inspect_safetensors, weight_files};
+    let dir = fixture_dir().join("vae");
+    let (vae, report) =
+        hypergen::load::folder::load_vae::<B>(&dir, None, burn::tensor::DType::F32, device)
+            .unwrap_or_else(|e| panic!("loading the fixture VAE: {e}"));
+    assert!(report.missing.is_empty(), "missing: {:?}", report.missing);
+    assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
+    let files = weight_files(&dir, "diffusion_pytorch_model", None).expect("weight files");
+    let in_files: usize = files
+        .iter()
+        .map(|f| inspect_safetensors(f).expect("weights parse").len())
+        .sum();
+    assert_eq!(
+        report.applied, in_files,
+        "tensors applied vs tensors in the file"
+    );
+    vae
+}
+
+/// The server config every server test starts from: the fixture on the CPU in float32.
+pub fn fixture_server_config() -> hypergen::app::server::ServerConfig {
+    let mut config =
+        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
+    config.worker.dtype = hypergen::device::DTypeChoice::Exact(burn::tensor::DType::F32);
+    config
+}
+
+/// Starts a server with `config` on a free loopback port.
+pub async fn start_server(
+    config: hypergen::app::server::ServerConfig,
+) -> hypergen::app::server::Server {
+    hypergen::app::server::Server::start(config, "127.0.0.1:0")
+        .await
+        .expect("server starts")
+}
+
+/// Bytes from base64 (an image in an Images API answer or an event).
+pub fn b64_bytes(b64: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64")
+}
+
+/// The bytes of the first image of an Images API answer (`data[0].b64_json`).
+pub fn first_image(body: &serde_json::Value) -> Vec<u8> {
+    let b64 = body["data"][0]["b64_json"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no data[0].b64_json in {body}"));
+    b64_bytes(b64)
+}
+
+/// The PNG file and its pixels from a successful generation's answer.
+pub async fn image_of(resp: reqwest::Response) -> (Vec<u8>, Vec<u8>) {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(status, 200, "{body}");
+    let png = first_image(&body);
+    let rgb = image::load_from_memory(&png)
+        .expect("PNG decodes")
+        .to_rgb8()
+        .into_raw();
+    (png, rgb)
+}
+
+/// Asserts every channel of every pixel is within 1/255 of the reference image `want`.
+pub fn assert_image_close(what: &str, rgb: &[u8], want: &RefTensor) {
+    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
+    let worst = rgb
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: max channel difference {worst}/255");
+    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
+}

@@ -8,13 +8,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::DType;
 use hypergen::app::server::request::SizeLimits;
-use hypergen::app::server::{Server, ServerConfig};
-use hypergen::device::{DTypeChoice, DeviceSpec};
+use hypergen::app::server::Server;
 use serde_json::{json, Value};
 
-use crate::common::{fixture_dir, tools};
+use crate::common::tools;
 
 const KEY: &str = "sk-contract-0123456789";
 
@@ -35,8 +33,7 @@ fn has_tool(test: &str, tool: &str) -> bool {
 /// A server with a key whose valid generations stay cheap: 64x64 only, at most 4 steps
 /// and 2 images.
 async fn cheap_server(cors: &[&str]) -> Server {
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
+    let mut config = crate::common::fixture_server_config();
     config.api_key = Some(KEY.parse().expect("key"));
     config.limits = SizeLimits {
         min: 64,
@@ -45,9 +42,7 @@ async fn cheap_server(cors: &[&str]) -> Server {
         max_images: 2,
     };
     config.cors_origins = cors.iter().map(|o| o.to_string()).collect();
-    Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts")
+    crate::common::start_server(config).await
 }
 
 /// Runs `cmd` off the async runtime; returns its success and its output.

@@ -5,13 +5,14 @@
 
 use hypergen::FusedOps;
 use std::io::Cursor;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use burn::tensor::DType;
-use hypergen::pipeline::{GenerationRequest, Image, InitImage, Mask, Progress};
+use hypergen::pipeline::{GenerationRequest, Image, InitImage, Mask};
 
-use crate::common::{fixture_dir, fixture_pipeline, rel_error, values, RefTensor, TOL_F32};
+use crate::common::{
+    fixture_dir, fixture_pipeline, no_progress, rel_error, values, RefTensor, TOL_F32,
+};
 
 /// `reference/extras/`.
 pub fn extras_dir() -> PathBuf {
@@ -138,19 +139,7 @@ fn request(case: &EditCase, rgba_mask: bool) -> GenerationRequest {
 
 /// Asserts every channel is within 1/255 of the case's reference image.
 pub fn assert_case_image(what: &str, case: &EditCase, rgb: &[u8]) {
-    let want = extra_tensor(&format!("{}.image_u8", case.name));
-    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
-    let worst = rgb
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (*a as f32 - b).abs())
-        .fold(0f32, f32::max);
-    eprintln!("{what}: max channel difference {worst}/255");
-    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
-}
-
-fn no_progress(_: Progress) -> ControlFlow<()> {
-    ControlFlow::Continue(())
+    crate::common::assert_image_close(what, rgb, &extra_tensor(&format!("{}.image_u8", case.name)));
 }
 
 fn all_cases<B: FusedOps>(device: &B::Device) {
@@ -273,14 +262,9 @@ fn edits_validation() {
 /// `parameters` chunk that PIL reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_output_formats() {
-    use base64::Engine as _;
     use serde_json::{json, Value};
-    let mut config =
-        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
-    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
-    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts");
+    let config = crate::common::fixture_server_config();
+    let server = crate::common::start_server(config).await;
     let base = format!("http://{}", server.local_addr());
     let client = reqwest::Client::new();
     let (w, h) = (64u32, 72u32);
@@ -304,9 +288,7 @@ async fn server_output_formats() {
         ("png", image::ImageFormat::Png),
     ] {
         let body = post(req(format, "b64_json")).await;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
-            .expect("base64");
+        let bytes = crate::common::first_image(&body);
         assert_eq!(image::guess_format(&bytes).expect("known format"), want);
         let img = image::load_from_memory_with_format(&bytes, want).expect("decodes");
         assert_eq!((img.width(), img.height()), (w, h), "{format}");
@@ -364,13 +346,9 @@ async fn server_output_formats() {
     server.shutdown().await.expect("shutdown");
 
     // With the chunk turned off (`--no-png-parameters`), the PNG has no text chunk.
-    let mut config =
-        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
-    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
+    let mut config = crate::common::fixture_server_config();
     config.worker.png_parameters = false;
-    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts");
+    let server = crate::common::start_server(config).await;
     let body: Value = client
         .post(format!(
             "http://{}/v1/images/generations",
@@ -383,9 +361,7 @@ async fn server_output_formats() {
         .json()
         .await
         .expect("json");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
-        .expect("base64");
+    let bytes = crate::common::first_image(&body);
     let has = |kind: &[u8]| bytes.windows(4).any(|w| w == kind);
     assert!(!has(b"tEXt") && !has(b"iTXt"), "a text chunk was written");
     image::load_from_memory(&bytes).expect("still a PNG");
@@ -436,15 +412,10 @@ fn crc32(bytes: &[u8]) -> u32 {
 /// keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_edits_match_diffusers() {
-    use base64::Engine as _;
     use serde_json::Value;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut config =
-        hypergen::app::server::ServerConfig::new(fixture_dir(), hypergen::device::DeviceSpec::Cpu);
-    config.worker.dtype = hypergen::device::DTypeChoice::Exact(DType::F32);
-    let server = hypergen::app::server::Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts");
+    let config = crate::common::fixture_server_config();
+    let server = crate::common::start_server(config).await;
     let base = format!("http://{}", server.local_addr());
     let client = reqwest::Client::new();
     let post = |parts: Vec<(&'static str, Option<&'static str>, Vec<u8>)>| {
@@ -571,9 +542,7 @@ async fn server_edits_match_diffusers() {
             }
             let (status, body) = post(parts).await;
             assert_eq!(status, 200, "{}: {body}", case.name);
-            let png = base64::engine::general_purpose::STANDARD
-                .decode(body["data"][0]["b64_json"].as_str().expect("b64"))
-                .expect("base64");
+            let png = crate::common::first_image(&body);
             let img = image::load_from_memory(&png).expect("png").to_rgb8();
             assert_case_image(
                 &format!("server {} {mask:?}", case.name),

@@ -11,10 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burn::tensor::DType;
 use hypergen::app::server::worker::WarmUp;
-use hypergen::app::server::{Server, ServerConfig};
-use hypergen::device::{DTypeChoice, DeviceSpec};
 use serde_json::{json, Value};
 
 use crate::common::fixture_dir;
@@ -44,8 +41,7 @@ const GEN_200: &str = r#"hypergen_requests_total{route="/v1/images/generations",
 /// reason, queue and step histograms, request ids, and `--metrics-auth`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_metrics_and_request_ids() {
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
+    let mut config = crate::common::fixture_server_config();
     config.api_key = Some(KEY.parse().expect("key"));
     config.metrics_auth = true;
     // A warm-up runs, and is no request: the counts below do not include it.
@@ -55,9 +51,7 @@ async fn fleet_metrics_and_request_ids() {
         steps: 3,
         gpu_only: false,
     });
-    let server = Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts");
+    let server = crate::common::start_server(config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let gen = format!("{base}/v1/images/generations");

@@ -4,16 +4,17 @@
 //! merged against a by-hand computation; bad adapters refused without changing the model.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Tensor};
 use hypergen::load::lora::{apply_loras, remove_loras, same_weights, LoraAdapter};
 use hypergen::load::params::{list_params, read_params, LayerKind};
-use hypergen::pipeline::{GenerationRequest, Progress, SdxlPipeline};
+use hypergen::pipeline::{GenerationRequest, SdxlPipeline};
 use hypergen::{Error, FusedOps};
 
-use crate::common::{assert_matches, fixture_dir, reference_dir, values, Cpu, RefTensor, TOL_F32};
+use crate::common::{
+    assert_matches, fixture_dir, no_progress, reference_dir, values, Cpu, RefTensor, TOL_F32,
+};
 
 /// One `lora.*` case of `extras.json`: its adapters (fixture-relative path, scale).
 #[derive(Debug, Clone)]
@@ -102,22 +103,6 @@ pub fn case_request(case: &LoraCase) -> GenerationRequest {
     }
 }
 
-fn no_progress(_: Progress) -> ControlFlow<()> {
-    ControlFlow::Continue(())
-}
-
-/// Asserts every channel is within 1/255 of `want`.
-pub fn assert_image_close(what: &str, rgb: &[u8], want: &RefTensor) {
-    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
-    let worst = rgb
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (*a as f32 - b).abs())
-        .fold(0f32, f32::max);
-    eprintln!("{what}: max channel difference {worst}/255");
-    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
-}
-
 fn assert_latents(what: &str, got: Tensor<impl FusedOps, 4>, want: &RefTensor) {
     assert_eq!(got.dims().to_vec(), want.shape, "{what}: shape");
     let got = values(got);
@@ -150,7 +135,7 @@ fn all_cases<B: FusedOps>(device: &B::Device) {
             out.latents,
             &extras_reference(&format!("{}.latents", case.name)),
         );
-        assert_image_close(
+        crate::common::assert_image_close(
             &format!("{} image", case.name),
             &out.images[0].rgb,
             &extras_reference(&format!("{}.image_u8", case.name)),
@@ -212,7 +197,7 @@ fn lora_cli_generate() {
         let status = cmd.status().expect("run hypergen");
         assert!(status.success(), "{}: hypergen generate failed", case.name);
         let png = image::open(&out).expect("PNG written").to_rgb8();
-        assert_image_close(
+        crate::common::assert_image_close(
             &format!("cli {}", case.name),
             png.as_raw(),
             &extras_reference(&format!("{}.image_u8", case.name)),

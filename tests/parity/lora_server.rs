@@ -6,10 +6,7 @@
 
 use std::path::Path;
 
-use base64::Engine as _;
 use burn::tensor::DType;
-use hypergen::app::server::{Server, ServerConfig};
-use hypergen::device::{DTypeChoice, DeviceSpec};
 use hypergen::load::lora::{apply_loras, LoraAdapter};
 use hypergen::pipeline::{GenerationRequest, Progress};
 use serde_json::{json, Value};
@@ -78,21 +75,6 @@ async fn list_loras(client: &reqwest::Client, base: &str) -> Value {
         .json()
         .await
         .expect("json")
-}
-
-/// The PNG file and its pixels from a successful generation.
-async fn image_of(resp: reqwest::Response) -> (Vec<u8>, Vec<u8>) {
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("json");
-    assert_eq!(status, 200, "{body}");
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(body["data"][0]["b64_json"].as_str().expect("b64_json"))
-        .expect("base64");
-    let rgb = image::load_from_memory(&png)
-        .expect("PNG decodes")
-        .to_rgb8()
-        .into_raw();
-    (png, rgb)
 }
 
 /// Asserts a 400 naming `param` whose message contains `needle`.
@@ -210,10 +192,9 @@ async fn lora_per_request_server() {
     let kohya = fixture.join("loras/kohya-sgm.safetensors");
     let peft = fixture.join("loras/diffusers-peft/pytorch_lora_weights.safetensors");
 
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
+    let mut config = crate::common::fixture_server_config();
     config.lora_dir = Some(dir.clone());
-    let server = Server::start(config, "127.0.0.1:0").await.expect("starts");
+    let server = crate::common::start_server(config).await;
     let base = server.url();
     let client = reqwest::Client::new();
 
@@ -239,11 +220,11 @@ async fn lora_per_request_server() {
     );
 
     let (base_png, base_rgb) =
-        image_of(post_generation(&client, &base, &request(json!({}))).await).await;
+        crate::common::image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_close("no LoRA vs library", &base_rgb, &library_image(&[]));
 
     // kohya at 1.0 (the extension may be left off), then none, then kohya 0.6.
-    let (_, rgb) = image_of(
+    let (_, rgb) = crate::common::image_of(
         post_generation(
             &client,
             &base,
@@ -255,10 +236,11 @@ async fn lora_per_request_server() {
     assert_close("kohya 1.0", &rgb, &library_image(&[(&kohya, 1.0)]));
     assert_ne!(rgb, base_rgb, "the adapter changes the image");
 
-    let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
+    let (png, _) =
+        crate::common::image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_eq!(png, base_png, "base image after removal, bit for bit");
 
-    let (_, rgb) = image_of(
+    let (_, rgb) = crate::common::image_of(
         post_generation(
             &client,
             &base,
@@ -270,11 +252,12 @@ async fn lora_per_request_server() {
     assert_close("kohya 0.6", &rgb, &library_image(&[(&kohya, 0.6)]));
 
     // A folder, then two adapters at once through `loras`.
-    let (_, rgb) =
-        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
-            .await;
+    let (_, rgb) = crate::common::image_of(
+        post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await,
+    )
+    .await;
     assert_close("peft 1.0", &rgb, &library_image(&[(&peft, 1.0)]));
-    let (_, rgb) = image_of(
+    let (_, rgb) = crate::common::image_of(
         post_generation(
             &client,
             &base,
@@ -333,13 +316,16 @@ async fn lora_per_request_server() {
     ] {
         let resp = post_generation(&client, &base, &request(json!({"lora_path": name}))).await;
         assert_refused(resp, "lora_path", needle).await;
-        let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
+        let (png, _) =
+            crate::common::image_of(post_generation(&client, &base, &request(json!({}))).await)
+                .await;
         assert_eq!(png, base_png, "base image after refusing {name}");
     }
     // Also while another adapter is merged: the refused one leaves it as it was.
-    let (_, merged) =
-        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
-            .await;
+    let (_, merged) = crate::common::image_of(
+        post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await,
+    )
+    .await;
     let resp = post_generation(
         &client,
         &base,
@@ -347,9 +333,10 @@ async fn lora_per_request_server() {
     )
     .await;
     assert_refused(resp, "lora_path", "attn1.to_q").await;
-    let (_, again) =
-        image_of(post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await)
-            .await;
+    let (_, again) = crate::common::image_of(
+        post_generation(&client, &base, &request(json!({"lora_path": "peft"}))).await,
+    )
+    .await;
     assert_eq!(again, merged, "merged adapter kept after a refused one");
 
     // A streamed request with an adapter ends with the same image.
@@ -367,16 +354,15 @@ async fn lora_per_request_server() {
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .find(|e| e["type"] == "image_generation.completed")
         .unwrap_or_else(|| panic!("no completed event in {text}"));
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(completed["b64_json"].as_str().expect("b64_json"))
-        .expect("base64");
+    let png = crate::common::b64_bytes(completed["b64_json"].as_str().expect("b64_json"));
     let rgb = image::load_from_memory(&png)
         .expect("PNG")
         .to_rgb8()
         .into_raw();
     assert_eq!(rgb, merged, "streamed image with the adapter");
 
-    let (png, _) = image_of(post_generation(&client, &base, &request(json!({}))).await).await;
+    let (png, _) =
+        crate::common::image_of(post_generation(&client, &base, &request(json!({}))).await).await;
     assert_eq!(png, base_png, "base image at the end");
     server.shutdown().await.expect("shuts down");
 }
@@ -385,9 +371,8 @@ async fn lora_per_request_server() {
 /// listing says adapters are off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_per_request_off_by_default() {
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
-    let server = Server::start(config, "127.0.0.1:0").await.expect("starts");
+    let config = crate::common::fixture_server_config();
+    let server = crate::common::start_server(config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let resp = post_generation(

@@ -9,7 +9,9 @@ use hypergen::pipeline::{GenerationRequest, Progress, SdxlPipeline};
 use hypergen::scheduler::SchedulerConfig;
 use hypergen::Error;
 
-use crate::common::{assert_matches, fixture_dir, reference, reference_dir, values, Cpu, TOL_F32};
+use crate::common::{
+    assert_matches, fixture_dir, no_progress, reference, reference_dir, values, Cpu, TOL_F32,
+};
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 const NEGATIVE: &str =
@@ -37,21 +39,9 @@ fn request(prompt: &str, negative: Option<&str>, steps: usize, guidance: f64) ->
     }
 }
 
-fn no_progress(_: Progress) -> ControlFlow<()> {
-    ControlFlow::Continue(())
-}
-
 /// Asserts every channel of every pixel is within 1/255 of the reference image.
 fn assert_image_matches(what: &str, rgb: &[u8], name: &str) {
-    let want = reference(name);
-    assert_eq!(rgb.len(), want.data.len(), "{what}: size");
-    let worst = rgb
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (*a as f32 - b).abs())
-        .fold(0f32, f32::max);
-    eprintln!("{what}: max channel difference {worst}/255");
-    assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
+    crate::common::assert_image_close(what, rgb, &reference(name));
 }
 
 fn cfg5_euler4<B: FusedOps>(device: &B::Device) {

@@ -5,10 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::tensor::DType;
 use hypergen::app::server::playground;
-use hypergen::app::server::{Server, ServerConfig};
-use hypergen::device::{DTypeChoice, DeviceSpec};
+use hypergen::app::server::Server;
 
 use crate::common::fixture_dir;
 
@@ -26,13 +24,10 @@ async fn start_with_key(loras: &Path) -> Server {
         loras.join("kohya.safetensors"),
     )
     .expect("copy the fixture LoRA");
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
+    let mut config = crate::common::fixture_server_config();
     config.api_key = Some(KEY.parse().expect("key"));
     config.lora_dir = Some(loras.to_path_buf());
-    Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts")
+    crate::common::start_server(config).await
 }
 
 /// `/` and `/playground` serve the page, and every file it names, without a key; the API

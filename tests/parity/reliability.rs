@@ -12,10 +12,8 @@ use hypergen::app::server::worker::{FaultPoint, WorkerHooks};
 use hypergen::Error;
 use serde_json::{json, Value};
 
-use crate::common::fixture_dir;
-use crate::server::{
-    assert_error, config, decode_png, eventually, health, post_generation, small, start,
-};
+use crate::common::{fixture_dir, fixture_server_config, start_server};
+use crate::server::{assert_error, eventually, health, post_generation, small};
 
 /// Memory the simulated out-of-memory takes before failing, and a flag its drop sets:
 /// what the failed job took must be given back.
@@ -100,12 +98,6 @@ async fn health_of(client: &reqwest::Client, base: &str) -> (u16, Value, std::ti
     )
 }
 
-async fn image_of(resp: reqwest::Response) -> Vec<u8> {
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.expect("json");
-    decode_png(body["data"][0]["b64_json"].as_str().expect("b64")).into_raw()
-}
-
 /// A panic inside a job fails that request alone (500, OpenAI's error object) and the
 /// next request is served with the same result as before the panic; a simulated device
 /// out-of-memory fails its request with advice, frees what it took, and a smaller
@@ -114,9 +106,9 @@ async fn image_of(resp: reqwest::Response) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_survives_faults() {
     let faults = Faults::default();
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.hooks = faults.hooks();
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let healthy = || async {
@@ -127,7 +119,9 @@ async fn server_survives_faults() {
         }
     };
 
-    let before = image_of(post_generation(&client, &base, &small("a cat", 1)).await).await;
+    let before = crate::common::image_of(post_generation(&client, &base, &small("a cat", 1)).await)
+        .await
+        .1;
 
     // A panic fails its request alone: the one queued behind it is served, with the
     // image it had before the panic (the model is unchanged).
@@ -139,7 +133,11 @@ async fn server_survives_faults() {
     eventually("the panicking job to start", || server.stats().started == 2).await;
     let queued = tokio::spawn({
         let (client, base) = (client.clone(), base.clone());
-        async move { image_of(post_generation(&client, &base, &small("a cat", 1)).await).await }
+        async move {
+            crate::common::image_of(post_generation(&client, &base, &small("a cat", 1)).await)
+                .await
+                .1
+        }
     });
     eventually("the next job to queue", || server.stats().accepted == 3).await;
     faults.hold.store(false, Ordering::SeqCst);
@@ -204,7 +202,10 @@ async fn server_survives_faults() {
     );
     let (code, h, _) = health_of(&client, &base).await;
     assert_eq!((code, &h["status"]), (503, &json!("unhealthy")), "{h}");
-    let recovered = image_of(post_generation(&client, &base, &small("a cat", 1)).await).await;
+    let recovered =
+        crate::common::image_of(post_generation(&client, &base, &small("a cat", 1)).await)
+            .await
+            .1;
     assert!(recovered == before);
     let (h, _) = health(&client, &base).await;
     assert_eq!(h["status"], "healthy", "{h}");
@@ -261,13 +262,13 @@ async fn server_idle_and_slow_clients() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.timeouts = ConnTimeouts {
         keep_alive: Duration::from_secs(3),
         head: Duration::from_secs(1),
         body: Duration::from_secs(1),
     };
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let addr = server.local_addr();
     let base = server.url();
     let client = reqwest::Client::new();
@@ -409,9 +410,9 @@ async fn generate_honouring_retry_after(
 async fn server_overload_with_retry_after() {
     const QUEUE: usize = 1;
     const CLIENTS: usize = 10 * QUEUE;
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.max_queue_size = QUEUE;
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let started = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
@@ -436,8 +437,7 @@ async fn server_overload_with_retry_after() {
         assert_eq!(data.len(), 1, "client {i}: {body}");
         assert_eq!(data[0]["revised_prompt"], prompt.as_str());
         let b64 = data[0]["b64_json"].as_str().expect("b64");
-        let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
-            .expect("base64");
+        let png = crate::common::b64_bytes(b64);
         let needle = format!("Seed: {seed},");
         assert!(
             png.windows(needle.len()).any(|w| w == needle.as_bytes()),

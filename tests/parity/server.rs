@@ -7,31 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use burn::tensor::DType;
 use hypergen::app::server::worker::WorkerHooks;
-use hypergen::app::server::{Server, ServerConfig};
-use hypergen::device::DTypeChoice;
-use hypergen::device::DeviceSpec;
+use hypergen::app::server::Server;
 use hypergen::pipeline::GenerationRequest;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{fixture_dir, Cpu};
+use crate::common::{fixture_dir, fixture_server_config, start_server, Cpu};
 
 const KEY: &str = "sk-test-0123456789";
-
-pub(crate) fn config() -> ServerConfig {
-    let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
-    config.worker.dtype = DTypeChoice::Exact(DType::F32);
-    config
-}
-
-pub(crate) async fn start(config: ServerConfig) -> Server {
-    Server::start(config, "127.0.0.1:0")
-        .await
-        .expect("server starts")
-}
 
 /// A small, fast request (64x64, 2 steps).
 pub(crate) fn small(prompt: &str, seed: u64) -> Value {
@@ -144,9 +129,7 @@ pub(crate) async fn assert_error(
 }
 
 pub(crate) fn decode_png(b64: &str) -> image::RgbImage {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .expect("base64");
+    let bytes = crate::common::b64_bytes(b64);
     assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
     image::load_from_memory(&bytes)
         .expect("PNG decodes")
@@ -165,7 +148,7 @@ fn max_diff(a: &[u8], b: &[u8]) -> u8 {
 /// Health, models, schema, docs, unknown routes, generation as b64_json and as url.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_routes() {
-    let server = start(config()).await;
+    let server = start_server(fixture_server_config()).await;
     let base = server.url();
     let client = reqwest::Client::new();
 
@@ -387,9 +370,9 @@ async fn server_routes() {
 /// With an API key, everything but /health, /docs and /openapi.json needs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_auth() {
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.api_key = Some(KEY.parse().expect("key"));
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
 
@@ -503,7 +486,7 @@ async fn server_auth() {
 /// Every invalid input gets 400 (413 when too large) with the field in `param`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_validation_errors() {
-    let server = start(config()).await;
+    let server = start_server(fixture_server_config()).await;
     let url = format!("{}/v1/images/generations", server.url());
     let client = reqwest::Client::new();
     let with = |k: &str, v: Value| {
@@ -613,10 +596,10 @@ async fn server_validation_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_queue_full() {
     let gate = Gate::default();
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.max_queue_size = 2;
     cfg.worker.hooks = gate.hooks();
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let generate = |seed: u64| {
@@ -699,9 +682,9 @@ async fn send_raw(addr: std::net::SocketAddr, body: &Value) -> tokio::net::TcpSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_disconnects() {
     let gate = Gate::default();
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.hooks = gate.hooks();
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let first = {
@@ -776,10 +759,10 @@ async fn server_disconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_batches_compatible_jobs() {
     let gate = Gate::default();
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.max_batch_size = 3;
     cfg.worker.hooks = gate.hooks();
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/images/generations", server.url());
     let generate = |body: Value| {
@@ -1101,9 +1084,9 @@ async fn server_openai_python_client() {
     if !crate::common::tool_present("server_openai_python_client", found) {
         return;
     }
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.api_key = Some(KEY.parse().expect("key"));
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let base = server.url();
     // An inpainting case of the fixture, with OpenAI's transparent mask.
@@ -1146,14 +1129,14 @@ async fn server_openai_python_client() {
 /// `serve --lora`: adapters merged at start are listed by `/health` and `/v1/models`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_start_loras_are_listed() {
-    let mut config = config();
+    let mut config = fixture_server_config();
     let case = &crate::lora::lora_cases()[0];
     let spec = hypergen::load::lora::LoraSpec {
         path: case.adapters[0].0.clone(),
         scale: 0.5,
     };
     config.worker.loras = vec![spec.clone()];
-    let server = start(config).await;
+    let server = start_server(config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let (h, _) = health(&client, &base).await;
@@ -1173,7 +1156,7 @@ async fn server_start_loras_are_listed() {
 /// A bad `--lora` stops the server at start with the adapter's error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_bad_start_lora_fails() {
-    let mut config = config();
+    let mut config = fixture_server_config();
     config.worker.loras = vec![hypergen::load::lora::LoraSpec {
         path: fixture_dir().join("no-such-lora.safetensors"),
         scale: 1.0,
@@ -1231,7 +1214,7 @@ fn kinds(events: &[(String, Value)]) -> Vec<&str> {
 /// to the non-streamed one, progress only when asked, edits too, and range checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stream_events() {
-    let server = start(config()).await;
+    let server = start_server(fixture_server_config()).await;
     let base = server.url();
     let client = reqwest::Client::new();
 
@@ -1362,7 +1345,7 @@ async fn server_stream_events() {
 /// A streaming client that goes away mid-run stops its job within a step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stream_disconnect_cancels() {
-    let server = start(config()).await;
+    let server = start_server(fixture_server_config()).await;
     let slow = json!({"prompt": "a slow cat", "size": "64x64", "num_inference_steps": 150,
                       "seed": 3, "stream": true, "partial_images": 1});
     let leaver = send_raw(server.local_addr(), &slow).await;
@@ -1387,9 +1370,9 @@ async fn server_stream_disconnect_cancels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stream_queue_position() {
     let gate = Gate::default();
-    let mut cfg = config();
+    let mut cfg = fixture_server_config();
     cfg.worker.hooks = gate.hooks();
-    let server = start(cfg).await;
+    let server = start_server(cfg).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let first = {

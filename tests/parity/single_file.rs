@@ -74,7 +74,7 @@ fn single_file_cfg5_euler4<B: FusedOps>(device: &B::Device) {
         "pipe.cfg5.euler4.latents",
         TOL_F32,
     );
-    crate::lora::assert_image_close(
+    crate::common::assert_image_close(
         "single-file cfg5 euler4 image",
         &out.images[0].rgb,
         &reference("pipe.cfg5.euler4.image_u8"),
@@ -128,7 +128,7 @@ fn single_file_cli_generate() {
         .expect("run hypergen");
     assert!(status.success(), "hypergen generate failed: {status}");
     let png = image::open(&out).expect("PNG written").to_rgb8();
-    crate::lora::assert_image_close(
+    crate::common::assert_image_close(
         "single-file cli",
         png.as_raw(),
         &reference("pipe.cfg5.euler4.image_u8"),

@@ -5,45 +5,26 @@ use hypergen::FusedOps;
 use std::path::Path;
 
 use burn::tensor::DType;
-use hypergen::load::folder::{inspect_safetensors, weight_files};
-use hypergen::model::vae::AutoencoderKL;
+use hypergen::load::folder::weight_files;
 use hypergen::Error;
 
-use crate::common::{assert_matches, fixture_dir, ref_tensor, rel_error, values, TOL_F32};
+use crate::common::{
+    assert_matches, fixture_dir, fixture_vae, ref_tensor, rel_error, values, TOL_F32,
+};
 
 /// Relative error allowed when the VAE runs with f16 parameters (see
 /// `decode_casts_input_to_param_dtype`): far below what an overflow gives.
 const TOL_F16: f64 = 5e-2;
 
-/// Loads the fixture VAE in f32, checking that every tensor in the file was used and
-/// every parameter was filled.
-fn load_fixture<B: FusedOps>(device: &B::Device) -> AutoencoderKL<B> {
-    let dir = fixture_dir().join("vae");
-    let (vae, report) = hypergen::load::folder::load_vae::<B>(&dir, None, DType::F32, device)
-        .unwrap_or_else(|e| panic!("loading the fixture VAE: {e}"));
-    assert!(report.missing.is_empty(), "missing: {:?}", report.missing);
-    assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
-    let files = weight_files(&dir, "diffusion_pytorch_model", None).expect("weight files");
-    let in_files: usize = files
-        .iter()
-        .map(|f| inspect_safetensors(f).expect("weights parse").len())
-        .sum();
-    assert_eq!(
-        report.applied, in_files,
-        "tensors applied vs tensors in the file"
-    );
-    vae
-}
-
 fn decode_matches<B: FusedOps>(device: &B::Device) {
-    let vae = load_fixture::<B>(device);
+    let vae = fixture_vae::<B>(device);
     let out = vae.decode(ref_tensor::<B, 4>("vae.decode.in", device));
     assert_matches("vae.decode", out, "vae.decode.out", TOL_F32);
 }
 crate::on_backends!(vae_decode, decode_matches);
 
 fn encode_matches<B: FusedOps>(device: &B::Device) {
-    let vae = load_fixture::<B>(device);
+    let vae = fixture_vae::<B>(device);
     let dist = vae.encode(ref_tensor::<B, 4>("vae.encode.in", device));
     // logvar is consistent with std by construction; check it once, loosely, so a
     // mix-up of the two halves or of the clamp cannot pass.

@@ -19,17 +19,11 @@ use hypergen::noise::Generator;
 use hypergen::pipeline::{RunOptions, SdxlPipeline};
 use hypergen::Error;
 
-use crate::common::{fixture_dir, ref_tensor, rel_error, values, Cpu, TOL_F32};
+use crate::common::{fixture_vae, ref_tensor, rel_error, values, Cpu, TOL_F32};
 
 /// Pixels per latent cell of a VAE: 2^(levels − 1), from its config.
 fn factor<B: FusedOps>(vae: &AutoencoderKL<B>) -> usize {
     1 << (vae.config().block_out_channels.len() - 1)
-}
-
-fn load_fixture<B: FusedOps>(device: &B::Device) -> AutoencoderKL<B> {
-    hypergen::load::folder::load_vae::<B>(&fixture_dir().join("vae"), None, DType::F32, device)
-        .map(|(m, _)| m)
-        .unwrap_or_else(|e| panic!("loading the fixture VAE: {e}"))
 }
 
 /// A host copy of a `[N, C, H, W]` tensor.
@@ -192,7 +186,7 @@ fn noise(seed: u64, dims: [usize; 4]) -> Host {
 /// cells, overlap 0.25), and tiles that hold the whole latents leave the decode the
 /// plain one, value for value.
 fn skipped_when_latents_fit<B: FusedOps>(device: &B::Device) {
-    let vae = load_fixture::<B>(device);
+    let vae = fixture_vae::<B>(device);
     let f = factor(&vae);
     let sample = vae.config().sample_size;
     let tiling = VaeTiling::new(vae.config(), VaeTileSize::Config).expect("default tiling");
@@ -222,7 +216,7 @@ crate::on_backends!(vae_tiling_skipped, skipped_when_latents_fit);
 /// identical numbers. (A forced tile of exactly the latents' size is *not* one tile in
 /// diffusers: see the assembly test.)
 fn forced_single_tile_is_plain<B: FusedOps>(device: &B::Device) {
-    let vae = load_fixture::<B>(device);
+    let vae = fixture_vae::<B>(device);
     let z = ref_tensor::<B, 4>("vae.decode.in", device);
     let [_, _, h, w] = z.dims();
     let tiling = VaeTiling::latent((h.max(w) * 4).div_ceil(3) + 1, factor(&vae));
@@ -243,7 +237,7 @@ crate::on_backends!(vae_tiling_forced_single_tile, forced_single_tile_is_plain);
 /// size that came out 8 and 4 pixels too large) and a tile cut by the edge before the
 /// last (8 cells on 19 rows: the tile at 12 ends at the edge, one at 18 follows).
 fn matches_assembly_by_hand<B: FusedOps>(device: &B::Device) {
-    let vae = load_fixture::<B>(device);
+    let vae = fixture_vae::<B>(device);
     let reference = Host::of(ref_tensor::<B, 4>("vae.decode.in", device));
     let cases = [
         ("reference 16x16, tile 8", reference.clone(), 8),
