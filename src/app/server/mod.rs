@@ -25,7 +25,7 @@ pub mod conn;
 pub mod edit;
 pub mod error;
 #[cfg(test)]
-mod fuzz;
+mod properties;
 pub mod images;
 pub mod loras;
 pub mod metrics;
