@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::logging::{self, LogFormat};
 use crate::app::server::auth::ApiKey;
-use crate::app::server::request::SizeLimits;
+use crate::app::server::limits::SizeLimits;
 use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
@@ -241,10 +241,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048)]
     pub max_size: usize,
     /// Most denoising steps a request may ask for (at most 150).
-    #[arg(long, default_value_t = crate::app::server::request::MAX_STEPS)]
+    #[arg(long, default_value_t = crate::app::server::limits::MAX_STEPS)]
     pub max_steps: u64,
     /// Most images one request may ask for (`n`, at most 10).
-    #[arg(long, default_value_t = crate::app::server::request::MAX_IMAGES)]
+    #[arg(long, default_value_t = crate::app::server::limits::MAX_IMAGES)]
     pub max_images: u64,
     /// Base of the image URLs the server hands out (default: http:// + the request's Host).
     #[arg(long)]
@@ -339,7 +339,7 @@ impl ServeArgs {
         worker.max_queue_size = self.max_queue_size;
         worker.max_batch_size = self.max_batch_size;
         config.api_key = self.api_key.clone();
-        use crate::app::server::request::{MAX_IMAGES, MAX_STEPS};
+        use crate::app::server::limits::{MAX_IMAGES, MAX_STEPS};
         if !(1..=MAX_STEPS).contains(&self.max_steps) {
             bail!("--max-steps must be between 1 and {MAX_STEPS}");
         }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::DType;
-use hypergen::app::server::request::SizeLimits;
+use hypergen::app::server::limits::SizeLimits;
 use hypergen::app::server::{Server, ServerConfig};
 use hypergen::device::{DTypeChoice, DeviceSpec};
 use serde_json::{json, Value};

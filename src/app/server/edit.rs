@@ -11,16 +11,10 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::request::{self, Checked, Fields, FromFields, SizeLimits};
+use super::limits::{SizeLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS};
+use super::request::{self, Checked, Fields, FromFields};
 use super::types::{ImageEditRequest, ImageGenerationRequest};
 use crate::pipeline::{Image, InitImage, Mask};
-
-/// Largest edit form the server reads, in bytes (an image, a mask and the fields);
-/// larger ones get 413.
-pub const MAX_EDIT_BODY_BYTES: usize = 32 << 20;
-/// Most pixels an input image or mask may have, read from its header before decoding
-/// (decompression bombs are refused without being decoded).
-pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
 
 /// OpenAI's edit fields hypergen accepts and ignores.
 pub const IGNORED_FIELDS: [&str; 3] = ["background", "input_fidelity", "moderation"];

@@ -2,13 +2,13 @@
 //! a thin typed layer (poem + poem-openapi) over [`crate::pipeline`].
 //!
 //! - [`api`]: the routes; [`types`]: every body in the schema; [`request`]: body
-//!   parsing and checks; [`error`]: OpenAI's error object for every failure;
-//!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
-//!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
-//!   clients that went away; [`access`]: request ids and the access log;
-//!   [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request LoRA adapters;
-//!   [`playground`]: the browser page at `/`; [`schema`]: the OpenAPI document as
-//!   generators need it.
+//!   parsing and checks; [`limits`]: what a request may ask for; [`error`]: OpenAI's
+//!   error object for every failure; [`auth`]: the API key; [`worker`]: the thread that
+//!   owns the model and its queue; [`images`]: the store behind `response_format:
+//!   "url"`; [`conn`]: noticing clients that went away; [`access`]: request ids and the
+//!   access log; [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request
+//!   LoRA adapters; [`playground`]: the browser page at `/`; [`schema`]: the OpenAPI
+//!   document as generators need it.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -27,6 +27,7 @@ pub mod error;
 #[cfg(test)]
 mod properties;
 pub mod images;
+pub mod limits;
 pub mod loras;
 pub mod metrics;
 pub mod playground;
@@ -54,7 +55,7 @@ use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
 use loras::LoraLibrary;
 use metrics::Metrics;
-use request::SizeLimits;
+use limits::SizeLimits;
 use worker::{Worker, WorkerOptions, WorkerStats};
 
 /// Memory for parsed per-request LoRA adapters unless configured (`--lora-cache-mb`).

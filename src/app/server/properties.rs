@@ -12,9 +12,8 @@ use serde_json::{Map, Number, Value};
 
 use super::edit::{check_edit, decode_upload, EditForm};
 use super::error::ApiError;
-use super::request::{
-    check, parse_body, parse_output_format, parse_size, Checked, SizeLimits, MAX_GUIDANCE,
-};
+use super::limits::{SizeLimits, MAX_GUIDANCE};
+use super::request::{check, parse_body, parse_output_format, parse_size, Checked};
 use super::types::ImageGenerationRequest;
 use crate::load::fuzz::config;
 

@@ -21,9 +21,10 @@ use serde_json::{json, Map, Value};
 
 use super::api::{self, EditResult, GenerateResult, ImageFileResult};
 use super::auth::{self, ApiKey, SCHEME_NAME};
-use super::edit::{self, EditForm, MAX_EDIT_BODY_BYTES};
+use super::edit::{self, EditForm};
 use super::error::ApiError;
-use super::request::{self, SizeLimits, MAX_BODY_BYTES};
+use super::limits::{SizeLimits, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES};
+use super::request;
 use super::types::{self, ImageGenerationRequest};
 use super::ServerConfig;
 use crate::device::DeviceSpec;
