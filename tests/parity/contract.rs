@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::DType;
-use hypergen::app::server::limits::SizeLimits;
+use hypergen::app::server::limits::RequestLimits;
 use hypergen::app::server::{Server, ServerConfig};
 use hypergen::device::{DTypeChoice, DeviceSpec};
 use serde_json::{json, Value};
@@ -48,9 +48,9 @@ async fn cheap_server(cors: &[&str]) -> Server {
     let mut config = ServerConfig::new(fixture_dir(), DeviceSpec::Cpu);
     config.worker.dtype = DTypeChoice::Exact(DType::F32);
     config.api_key = Some(KEY.parse().expect("key"));
-    config.limits = SizeLimits {
-        min: 64,
-        max: 64,
+    config.limits = RequestLimits {
+        min_size: 64,
+        max_size: 64,
         max_steps: 4,
         max_images: 2,
     };

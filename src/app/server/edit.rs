@@ -11,7 +11,7 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::limits::{SizeLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS};
+use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS, MAX_STRENGTH};
 use super::request::{self, Checked, Fields, FromFields};
 use super::types::{ImageEditRequest, ImageGenerationRequest};
 use crate::pipeline::{Image, InitImage, Mask};
@@ -189,7 +189,7 @@ pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, A
 /// An edit form checked and turned into a pipeline request (see the route's docs).
 pub fn check_edit(
     form: EditForm,
-    limits: &SizeLimits,
+    limits: &RequestLimits,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
@@ -249,11 +249,11 @@ pub fn check_edit(
         req.size = format!("{}x{}", img.width() / 8 * 8, img.height() / 8 * 8);
     }
     let strength = match strength {
-        Some(s) if (0.0..=1.0).contains(&s) => s,
+        Some(s) if (0.0..=MAX_STRENGTH).contains(&s) => s,
         Some(s) => {
             return Err(ApiError::invalid_value(
                 "strength",
-                format!("`strength` must be between 0 and 1, got {s}"),
+                format!("`strength` must be between 0 and {MAX_STRENGTH}, got {s}"),
             ))
         }
         None => InitImage::default_strength(mask.is_some()),

@@ -24,13 +24,13 @@ pub mod auth;
 pub mod conn;
 pub mod edit;
 pub mod error;
-#[cfg(test)]
-mod properties;
 pub mod images;
 pub mod limits;
 pub mod loras;
 pub mod metrics;
 pub mod playground;
+#[cfg(test)]
+mod properties;
 pub mod request;
 pub mod schema;
 pub mod types;
@@ -53,10 +53,13 @@ use crate::pipeline::ModelInfo;
 use auth::ApiKey;
 use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
+use limits::RequestLimits;
 use loras::LoraLibrary;
 use metrics::Metrics;
-use limits::SizeLimits;
 use worker::{Worker, WorkerOptions, WorkerStats};
+
+/// The port `hypergen serve` listens on unless configured (`--port`).
+pub const DEFAULT_PORT: u16 = 8000;
 
 /// Memory for parsed per-request LoRA adapters unless configured (`--lora-cache-mb`).
 pub const DEFAULT_LORA_CACHE_MB: usize = 1024;
@@ -68,8 +71,8 @@ pub struct ServerConfig {
     pub worker: WorkerOptions,
     /// The API key, if the server requires one.
     pub api_key: Option<ApiKey>,
-    /// Image sizes requests may ask for.
-    pub limits: SizeLimits,
+    /// The sizes, steps and image counts requests may ask for.
+    pub limits: RequestLimits,
     /// Base of image URLs; `None`: `http://` + the request's `Host`.
     pub public_url: Option<String>,
     /// How long image URLs stay valid.
@@ -105,10 +108,10 @@ impl ServerConfig {
         Self {
             worker: WorkerOptions::new(model.as_ref().display().to_string(), device),
             api_key: None,
-            limits: SizeLimits::default(),
+            limits: RequestLimits::DEFAULT,
             public_url: None,
             url_ttl: images::DEFAULT_TTL,
-            url_store_bytes: 512 << 20,
+            url_store_bytes: images::DEFAULT_STORE_MB << 20,
             lora_dir: None,
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
             timeouts: ConnTimeouts::default(),

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::limits::{
-    SizeLimits, MAX_BODY_BYTES, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE, MAX_PARTIAL_IMAGES,
-    MAX_REQUEST_LORAS, MAX_STEPS,
+    RequestLimits, MAX_BODY_BYTES, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE,
+    MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName};
 use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
@@ -312,7 +312,9 @@ impl FromFields for ImageGenerationRequest {
                 Some(s) => Some(parse_output_format(&s)?),
             },
             output_compression: match f.unsigned("output_compression")? {
-                Some(c) => Some(in_range("output_compression", c, 0, 100)? as u8),
+                Some(c) => {
+                    Some(in_range("output_compression", c, 0, MAX_OUTPUT_COMPRESSION)? as u8)
+                }
                 None => None,
             },
             negative_prompt: f.string("negative_prompt")?,
@@ -362,11 +364,11 @@ pub fn parse_output_format(s: &str) -> Result<OutputFormatName, ApiError> {
 }
 
 /// The encoding a request asks for: its format, and `output_compression` as the JPEG
-/// quality (default 100).
+/// quality (default the best).
 pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> Encoding {
     Encoding {
         format: format.map(OutputFormat::from).unwrap_or_default(),
-        quality: compression.unwrap_or(100),
+        quality: compression.unwrap_or(Encoding::BEST_QUALITY),
         parameters: None,
     }
 }
@@ -374,7 +376,7 @@ pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> En
 /// Parses `WIDTHxHEIGHT` (or `auto`, 1024x1024) within `limits`. Exactly that form:
 /// decimal sides without sign or leading zeros, a lowercase `x`, nothing around them,
 /// so that the schema's pattern ([`super::schema::size_pattern`]) can say what is taken.
-pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), ApiError> {
+pub fn parse_size(size: &str, limits: &RequestLimits) -> Result<(usize, usize), ApiError> {
     let auto = types::default_size();
     let size = if size == "auto" { auto.as_str() } else { size };
     let bad = || {
@@ -392,12 +394,12 @@ pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), Api
     let (w, h) = size.split_once('x').ok_or_else(bad)?;
     let (w, h) = (side(w).ok_or_else(bad)?, side(h).ok_or_else(bad)?);
     for (what, v) in [("width", w), ("height", h)] {
-        if v < limits.min || v > limits.max || !v.is_multiple_of(8) {
+        if v < limits.min_size || v > limits.max_size || !v.is_multiple_of(8) {
             return Err(ApiError::invalid_value(
                 "size",
                 format!(
                     "the {what} {v} must be a multiple of 8 between {} and {}",
-                    limits.min, limits.max
+                    limits.min_size, limits.max_size
                 ),
             ));
         }
@@ -482,7 +484,7 @@ pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora
 /// pipeline request; `seed` fills in an absent seed.
 pub fn check(
     req: &ImageGenerationRequest,
-    limits: &SizeLimits,
+    limits: &RequestLimits,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     if is_blank(&req.prompt) {

@@ -23,14 +23,16 @@ use super::api::{self, EditResult, GenerateResult, ImageFileResult};
 use super::auth::{self, ApiKey, SCHEME_NAME};
 use super::edit::{self, EditForm};
 use super::error::ApiError;
-use super::limits::{SizeLimits, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES};
+use super::limits::{RequestLimits, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES};
 use super::request;
 use super::types::{self, ImageGenerationRequest};
 use super::ServerConfig;
 use crate::device::DeviceSpec;
 
 /// Where `hypergen serve` listens by default, for the committed document's `servers`.
-pub const DEFAULT_BASE_URL: &str = "http://localhost:8000";
+pub fn default_base_url() -> String {
+    format!("http://localhost:{}", super::DEFAULT_PORT)
+}
 
 /// What the document says about the server it describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +40,8 @@ pub struct ServerFacts {
     /// `Some(true)`: every `/v1` route needs the key; `Some(false)`: none does; `None`
     /// (the committed document): either, so clients may send a key or not.
     pub key: Option<bool>,
-    /// The image sizes requests may ask for.
-    pub limits: SizeLimits,
+    /// The sizes, steps and image counts requests may ask for.
+    pub limits: RequestLimits,
     /// Accepted requests that may wait (the 503 example names it).
     pub max_queue_size: usize,
     /// The base URL clients reach the server at.
@@ -50,7 +52,7 @@ impl ServerFacts {
     /// The facts of the committed document: the defaults of `hypergen serve`, with or
     /// without a key.
     pub fn committed() -> Self {
-        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), DEFAULT_BASE_URL).with_key(None)
+        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), &default_base_url()).with_key(None)
     }
 
     /// The facts of a server configured as `config`, reached at `base_url`.
@@ -271,7 +273,7 @@ const PROMPT_PATTERN: &str = "[^ \\t\\n\\r\\x0b\\x0c]";
 
 /// The JSON request: unknown fields are refused, `null` counts as absent, `prompt`,
 /// `size`, `n` and steps as the server checks them.
-fn generation_request(schema: &mut Value, limits: &SizeLimits) {
+fn generation_request(schema: &mut Value, limits: &RequestLimits) {
     schema["additionalProperties"] = json!(false);
     let required: Vec<String> = schema["required"]
         .as_array()
@@ -324,7 +326,7 @@ fn generation_request(schema: &mut Value, limits: &SizeLimits) {
 
 /// The edit form: `prompt`, `size`, `n` and steps as the server checks them (an absent,
 /// empty or `auto` size is the image's own).
-fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
+fn edit_form(schema: &mut Value, generation: &Value, limits: &RequestLimits) {
     // The form is read with the generation request's reader (plus `strength`, the files
     // and OpenAI's fields it ignores), which refuses any other field: it takes the
     // generation's scalar fields too.
@@ -372,8 +374,8 @@ fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
 /// A regular expression matching exactly the `size` values [`request::parse_size`]
 /// takes: `WIDTHxHEIGHT`, each a multiple of 8 within `limits` written without leading
 /// zeros, or `auto` when `auto` is allowed (and the empty string when `empty` is).
-pub fn size_pattern(limits: &SizeLimits, auto: bool, empty: bool) -> String {
-    let sides: Vec<String> = (limits.min..=limits.max)
+pub fn size_pattern(limits: &RequestLimits, auto: bool, empty: bool) -> String {
+    let sides: Vec<String> = (limits.min_size..=limits.max_size)
         .filter(|v| *v > 0 && v.is_multiple_of(8))
         .map(|v| v.to_string())
         .collect();
@@ -535,10 +537,10 @@ mod tests {
 
     #[test]
     fn size_patterns_list_the_sides() {
-        let limits = SizeLimits {
-            min: 60,
-            max: 80,
-            ..SizeLimits::default()
+        let limits = RequestLimits {
+            min_size: 60,
+            max_size: 80,
+            ..RequestLimits::default()
         };
         assert_eq!(
             size_pattern(&limits, false, false),
@@ -550,10 +552,10 @@ mod tests {
         );
         assert_eq!(
             size_pattern(
-                &SizeLimits {
-                    min: 9,
-                    max: 15,
-                    ..SizeLimits::default()
+                &RequestLimits {
+                    min_size: 9,
+                    max_size: 15,
+                    ..RequestLimits::default()
                 },
                 false,
                 false
