@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::io::Cursor;
 
+use bytes::Bytes;
 use poem::{Request, RequestBody};
-use poem_openapi::payload::{ParsePayload, Payload};
-use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
-use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use poem_openapi::payload::Payload;
+use poem_openapi::registry::{MetaSchemaRef, Registry};
 use serde_json::{Map, Value};
 
+use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS, MAX_STRENGTH};
 use super::request::{self, Checked, Fields, FromFields};
@@ -42,12 +43,9 @@ pub struct EditForm {
     pub mask: Option<Vec<u8>>,
 }
 
-impl Payload for EditForm {
+impl BodyFormat for EditForm {
     const CONTENT_TYPE: &'static str = "multipart/form-data";
-
-    fn check_content_type(content_type: &str) -> bool {
-        content_type.starts_with("multipart/form-data")
-    }
+    const MAX_BYTES: usize = MAX_EDIT_BODY_BYTES;
 
     fn schema_ref() -> MetaSchemaRef {
         <ImageEditRequest as Payload>::schema_ref()
@@ -56,33 +54,8 @@ impl Payload for EditForm {
     fn register(registry: &mut Registry) {
         <ImageEditRequest as Payload>::register(registry);
     }
-}
 
-impl ParsePayload for EditForm {
-    const IS_REQUIRED: bool = true;
-
-    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        let too_long = request
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > MAX_EDIT_BODY_BYTES);
-        if too_long {
-            return Err(ApiError::too_large(MAX_EDIT_BODY_BYTES).into());
-        }
-        // Read with the limit first, so that a form without a length cannot grow past it.
-        let timeout = super::conn::body_timeout(request);
-        let read = body.take()?.into_bytes_limit(MAX_EDIT_BODY_BYTES);
-        let bytes = tokio::time::timeout(timeout, read)
-            .await
-            .map_err(|_| ApiError::request_timeout(timeout))?
-            .map_err(|e| match e {
-                poem::error::ReadBodyError::PayloadTooLarge => {
-                    ApiError::too_large(MAX_EDIT_BODY_BYTES)
-                }
-                other => {
-                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
-                }
-            })?;
+    async fn parse(request: &Request, bytes: Bytes) -> Result<Self, ApiError> {
         let mut inner = RequestBody::new(poem::Body::from(bytes));
         let bad_form = |e: String| {
             ApiError::bad_request(
@@ -119,35 +92,6 @@ impl ParsePayload for EditForm {
             }
         }
         Ok(form)
-    }
-}
-
-impl<'a> ApiExtractor<'a> for EditForm {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        <Self as Payload>::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: <Self as Payload>::CONTENT_TYPE,
-                schema: <Self as Payload>::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        <Self as ParsePayload>::from_request(request, body).await
     }
 }
 

@@ -1,14 +1,14 @@
 //! `hypergen serve`: an HTTP service compatible with HyperGen and OpenAI's Images API,
 //! a thin typed layer (poem + poem-openapi) over [`crate::pipeline`].
 //!
-//! - [`api`]: the routes; [`types`]: every body in the schema; [`request`]: body
-//!   parsing and checks; [`limits`]: what a request may ask for; [`error`]: OpenAI's
-//!   error object for every failure; [`auth`]: the API key; [`worker`]: the thread that
-//!   owns the model and its queue; [`images`]: the store behind `response_format:
-//!   "url"`; [`conn`]: noticing clients that went away; [`access`]: request ids and the
-//!   access log; [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request
-//!   LoRA adapters; [`playground`]: the browser page at `/`; [`schema`]: the OpenAPI
-//!   document as generators need it.
+//! - [`api`]: the routes; [`types`]: every body in the schema; [`body`]: reading
+//!   bodies; [`request`]: body parsing and checks; [`limits`]: what a request may ask
+//!   for; [`error`]: OpenAI's error object for every failure; [`auth`]: the API key;
+//!   [`worker`]: the thread that owns the model and its queue; [`images`]: the store
+//!   behind `response_format: "url"`; [`conn`]: noticing clients that went away;
+//!   [`access`]: request ids and the access log; [`metrics`]: `GET /metrics` for
+//!   Prometheus; [`loras`]: per-request LoRA adapters; [`playground`]: the browser page
+//!   at `/`; [`schema`]: the OpenAPI document as generators need it.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -21,6 +21,7 @@
 pub mod access;
 pub mod api;
 pub mod auth;
+pub mod body;
 pub mod conn;
 pub mod edit;
 pub mod error;

@@ -2,13 +2,13 @@
 //! refusal names its field in `param` (the framework's own JSON payload reports neither
 //! the field nor OpenAI's error shape), and then turned into a pipeline request.
 
-use poem::{Request, RequestBody};
-use poem_openapi::payload::{ParsePayload, Payload};
-use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
+use bytes::Bytes;
+use poem::Request;
+use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::Type;
-use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::{Map, Value};
 
+use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
     RequestLimits, MAX_BODY_BYTES, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE,
@@ -24,51 +24,23 @@ pub trait FromFields: Sized {
     fn from_fields(fields: &mut Fields) -> Result<Self, ApiError>;
 }
 
-/// A JSON request body of type `T`: documented as `T` in the schema, parsed with
-/// [`FromFields`], limited to [`MAX_BODY_BYTES`]. Any content type is read as JSON, so
-/// that `curl -d` without a header works.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JsonBody<T>(pub T);
-
-impl<T: Type + Send> Payload for JsonBody<T> {
+/// Every schema type read with [`FromFields`] is a JSON body: documented as itself,
+/// limited to [`MAX_BODY_BYTES`]. Any content type is read as JSON, so that `curl -d`
+/// without a header works.
+impl<T: Type + FromFields + Send> BodyFormat for T {
     const CONTENT_TYPE: &'static str = "application/json";
-
-    fn check_content_type(_content_type: &str) -> bool {
-        true
-    }
+    const MAX_BYTES: usize = MAX_BODY_BYTES;
 
     fn schema_ref() -> MetaSchemaRef {
-        T::schema_ref()
+        <T as Type>::schema_ref()
     }
 
     fn register(registry: &mut Registry) {
-        T::register(registry);
+        <T as Type>::register(registry);
     }
-}
 
-impl<T: FromFields + Send> ParsePayload for JsonBody<T> {
-    const IS_REQUIRED: bool = true;
-
-    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        let too_long = request
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > MAX_BODY_BYTES);
-        if too_long {
-            return Err(ApiError::too_large(MAX_BODY_BYTES).into());
-        }
-        let timeout = super::conn::body_timeout(request);
-        let read = body.take()?.into_bytes_limit(MAX_BODY_BYTES);
-        let bytes = tokio::time::timeout(timeout, read)
-            .await
-            .map_err(|_| ApiError::request_timeout(timeout))?
-            .map_err(|e| match e {
-                poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(MAX_BODY_BYTES),
-                other => {
-                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
-                }
-            })?;
-        Ok(Self(parse_body(&bytes)?))
+    async fn parse(_request: &Request, bytes: Bytes) -> Result<Self, ApiError> {
+        parse_body(&bytes)
     }
 }
 
@@ -93,35 +65,6 @@ pub fn parse_body<T: FromFields>(bytes: &[u8]) -> Result<T, ApiError> {
     let out = T::from_fields(&mut fields)?;
     fields.finish()?;
     Ok(out)
-}
-
-impl<'a, T: Type + FromFields + Send> ApiExtractor<'a> for JsonBody<T> {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        <Self as Payload>::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: <Self as Payload>::CONTENT_TYPE,
-                schema: <Self as Payload>::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        <Self as ParsePayload>::from_request(request, body).await
-    }
 }
 
 /// The fields of a JSON object, taken one by one with typed accessors that name the
