@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use poem::{Request, RequestBody};
@@ -20,17 +21,27 @@ use crate::pipeline::{Image, InitImage, Mask};
 /// OpenAI's edit fields hypergen accepts and ignores.
 pub const IGNORED_FIELDS: [&str; 3] = ["background", "input_fidelity", "moderation"];
 
-/// Fields whose text is read as a JSON number or boolean; every other field is text.
-const NUMERIC: [&str; 8] = [
-    "n",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "output_compression",
-    "strength",
-    "partial_images",
-    "lora_scale",
-];
+/// Whether the text of field `name` is read as a JSON number or boolean: whether the
+/// form's schema ([`ImageEditRequest`], the one list of its fields) types it so. Every
+/// other field is text.
+fn is_scalar(name: &str) -> bool {
+    static SCALARS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    SCALARS
+        .get_or_init(|| {
+            let MetaSchemaRef::Inline(form) = <ImageEditRequest as Payload>::schema_ref() else {
+                return Vec::new();
+            };
+            form.properties
+                .iter()
+                .filter(|(_, field)| match field {
+                    MetaSchemaRef::Inline(s) => matches!(s.ty, "integer" | "number" | "boolean"),
+                    MetaSchemaRef::Reference(_) => false,
+                })
+                .map(|(name, _)| *name)
+                .collect()
+        })
+        .contains(&name)
+}
 
 /// A `multipart/form-data` edit form: its text fields and its files, unchecked.
 #[derive(Debug, Default)]
@@ -142,7 +153,7 @@ pub fn check_edit(
             // JSON text in a form; text that is not JSON stays text, and the field
             // reader names it.
             serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::String(text))
-        } else if NUMERIC.contains(&name.as_str()) || name.starts_with("stream") {
+        } else if is_scalar(&name) {
             // Form fields are text; a number that does not parse stays text, and the
             // field reader then names it.
             serde_json::from_str::<Value>(text.trim())
