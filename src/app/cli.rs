@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::logging::{self, LogFormat};
 use crate::app::server::auth::ApiKey;
-use crate::app::server::request::SizeLimits;
+use crate::app::server::limits::{self, RequestLimits};
 use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
@@ -220,7 +220,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
     /// Port to listen on (0: any free port).
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = crate::app::server::DEFAULT_PORT)]
     pub port: u16,
     /// Device, dtype and loading.
     #[command(flatten)]
@@ -229,28 +229,28 @@ pub struct ServeArgs {
     #[arg(long, env = "HYPERGEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
     /// Accepted requests that may wait; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_QUEUE_SIZE)]
     pub max_queue_size: usize,
     /// Most queued requests with the same settings run as one batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_BATCH_SIZE)]
     pub max_batch_size: usize,
     /// Smallest image side a request may ask for, in pixels.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = RequestLimits::DEFAULT.min_size)]
     pub min_size: usize,
     /// Largest image side a request may ask for, in pixels.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = RequestLimits::DEFAULT.max_size)]
     pub max_size: usize,
     /// Most denoising steps a request may ask for (at most 150).
-    #[arg(long, default_value_t = crate::app::server::request::MAX_STEPS)]
+    #[arg(long, default_value_t = RequestLimits::DEFAULT.max_steps)]
     pub max_steps: u64,
     /// Most images one request may ask for (`n`, at most 10).
-    #[arg(long, default_value_t = crate::app::server::request::MAX_IMAGES)]
+    #[arg(long, default_value_t = RequestLimits::DEFAULT.max_images)]
     pub max_images: u64,
     /// Base of the image URLs the server hands out (default: http:// + the request's Host).
     #[arg(long)]
     pub public_url: Option<String>,
     /// Memory for images served by URL, in MiB (the oldest are evicted first).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = crate::app::server::images::DEFAULT_STORE_MB)]
     pub url_store_mb: usize,
     /// Do not write the generation parameters (prompt, steps, sampler, seed…) into PNGs
     /// as an A1111-style `parameters` text chunk.
@@ -339,16 +339,16 @@ impl ServeArgs {
         worker.max_queue_size = self.max_queue_size;
         worker.max_batch_size = self.max_batch_size;
         config.api_key = self.api_key.clone();
-        use crate::app::server::request::{MAX_IMAGES, MAX_STEPS};
+        use limits::{MAX_IMAGES, MAX_STEPS};
         if !(1..=MAX_STEPS).contains(&self.max_steps) {
             bail!("--max-steps must be between 1 and {MAX_STEPS}");
         }
         if !(1..=MAX_IMAGES).contains(&self.max_images) {
             bail!("--max-images must be between 1 and {MAX_IMAGES}");
         }
-        config.limits = SizeLimits {
-            min: self.min_size,
-            max: self.max_size,
+        config.limits = RequestLimits {
+            min_size: self.min_size,
+            max_size: self.max_size,
             max_steps: self.max_steps,
             max_images: self.max_images,
         };
@@ -361,7 +361,7 @@ impl ServeArgs {
         config.log_prompts = self.log_prompts;
         config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);
         let steps = self.warmup_steps;
-        let defaults = RequestDefaults::HYPERGEN_API;
+        let defaults = RequestDefaults::SERVER;
         config.worker.warmup = match self.warmup_size {
             _ if steps == 0 => None,
             WarmupSize::Off => None,
@@ -454,11 +454,16 @@ pub struct BenchArgs {
 pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::app::bench::BenchOptions> {
     use crate::app::bench::{self, Mode, ModelBench, OpBench};
     let turbo = args.model.to_ascii_lowercase().contains("turbo");
+    let defaults = RequestDefaults::LIBRARY;
     let sizes = match (&args.size, args.width, args.height) {
         (Some(s), _, _) => bench::parse_sizes(s)?,
         (None, Some(w), h) => vec![(w, h.unwrap_or(w))],
         (None, None, Some(h)) => vec![(h, h)],
-        (None, None, None) => vec![if turbo { (512, 512) } else { (1024, 1024) }],
+        (None, None, None) => vec![if turbo {
+            (512, 512)
+        } else {
+            (defaults.width, defaults.height)
+        }],
     };
     let batches = bench::parse_counts("batch", &args.batch)?;
     let dtype = args.load.dtype;
@@ -472,7 +477,7 @@ pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::app::bench::Benc
             filter: args.filter.clone(),
         })
     } else {
-        let default_steps = if turbo { "1" } else { "30" };
+        let default_steps = if turbo { 1 } else { defaults.steps }.to_string();
         Mode::Model {
             model: args.model.clone(),
             load: Box::new(args.load.load_options()),
@@ -481,10 +486,14 @@ pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::app::bench::Benc
                 sizes,
                 steps: bench::parse_counts(
                     "steps",
-                    args.steps.as_deref().unwrap_or(default_steps),
+                    args.steps.as_deref().unwrap_or(&default_steps),
                 )?,
                 batches,
-                guidance: args.guidance.unwrap_or(if turbo { 0.0 } else { 5.0 }),
+                guidance: args.guidance.unwrap_or(if turbo {
+                    0.0
+                } else {
+                    defaults.guidance_scale
+                }),
                 components: bench::parse_components(&args.components)?,
                 prompt: args.prompt.clone(),
                 peak_tflops: args.peak_tflops,

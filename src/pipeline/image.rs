@@ -241,11 +241,16 @@ pub struct Encoding {
     pub parameters: Option<String>,
 }
 
+impl Encoding {
+    /// The JPEG encoder's best quality, and the default.
+    pub const BEST_QUALITY: u8 = 100;
+}
+
 impl Default for Encoding {
     fn default() -> Self {
         Self {
             format: OutputFormat::Png,
-            quality: 100,
+            quality: Self::BEST_QUALITY,
             parameters: None,
         }
     }
@@ -267,7 +272,7 @@ impl Image {
             OutputFormat::Jpeg => {
                 let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(
                     &mut out,
-                    encoding.quality.clamp(1, 100),
+                    encoding.quality.clamp(1, Encoding::BEST_QUALITY),
                 );
                 image::ImageEncoder::write_image(
                     encoder,

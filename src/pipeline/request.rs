@@ -25,13 +25,16 @@ impl RequestDefaults {
         width: 1024,
         height: 1024,
     };
-    /// The HTTP API's, as HyperGen's server has them: 50 steps, guidance 7.5, 1024².
-    pub const HYPERGEN_API: Self = Self {
+    /// The HTTP server's (`hypergen serve`), as HyperGen's server has them: 50 steps,
+    /// guidance 7.5, 1024².
+    pub const SERVER: Self = Self {
         steps: 50,
         guidance_scale: 7.5,
         width: 1024,
         height: 1024,
     };
+    /// The former name of [`Self::SERVER`], until the server's worker reads that.
+    pub const HYPERGEN_API: Self = Self::SERVER;
 }
 
 /// One text-to-image request.

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hypergen::app::server::request::SizeLimits;
+use hypergen::app::server::limits::RequestLimits;
 use hypergen::app::server::Server;
 use serde_json::{json, Value};
 
@@ -35,9 +35,9 @@ fn has_tool(test: &str, tool: &str) -> bool {
 async fn cheap_server(cors: &[&str]) -> Server {
     let mut config = crate::common::fixture_server_config();
     config.api_key = Some(KEY.parse().expect("key"));
-    config.limits = SizeLimits {
-        min: 64,
-        max: 64,
+    config.limits = RequestLimits {
+        min_size: 64,
+        max_size: 64,
         max_steps: 4,
         max_images: 2,
     };

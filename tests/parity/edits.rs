@@ -505,7 +505,7 @@ async fn server_edits_match_diffusers() {
         .expect("connect");
     let head = format!(
         "POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n--b\r\n",
-        hypergen::app::server::edit::MAX_EDIT_BODY_BYTES + 1
+        hypergen::app::server::limits::MAX_EDIT_BODY_BYTES + 1
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     let mut answer = vec![0u8; 12];

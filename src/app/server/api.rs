@@ -18,10 +18,11 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use super::access;
 use super::auth::Authorized;
+use super::body::Body;
 use super::conn::Connection;
 use super::edit::{self, EditForm};
 use super::error::{ApiError, RETRY_AFTER_SECS};
-use super::request::{self, JsonBody};
+use super::request;
 use super::types::{
     ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest,
     ImageStreamEvent, ImagesResponse, LoraFile, LoraList, Model, ModelList, ResponseFormat,
@@ -339,7 +340,7 @@ impl Api {
         state: Data<&Arc<AppState>>,
         request: &Request,
         /// The prompt and settings.
-        body: JsonBody<ImageGenerationRequest>,
+        body: Body<ImageGenerationRequest>,
     ) -> GenerateResult {
         let checked = match request::check(&body.0, &state.config.limits, request::random_seed) {
             Ok(checked) => with_loras(&state, checked).await,
@@ -385,9 +386,9 @@ impl Api {
         state: Data<&Arc<AppState>>,
         request: &Request,
         /// The image, the mask, the prompt and settings.
-        form: EditForm,
+        form: Body<EditForm>,
     ) -> EditResult {
-        let checked = match edit::check_edit(form, &state.config.limits, request::random_seed) {
+        let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed) {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
         };

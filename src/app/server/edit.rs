@@ -3,39 +3,45 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::OnceLock;
 
+use bytes::Bytes;
 use poem::{Request, RequestBody};
-use poem_openapi::payload::{ParsePayload, Payload};
-use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
-use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use poem_openapi::payload::Payload;
+use poem_openapi::registry::{MetaSchemaRef, Registry};
 use serde_json::{Map, Value};
 
+use super::body::BodyFormat;
 use super::error::ApiError;
-use super::request::{self, Checked, Fields, FromFields, SizeLimits};
+use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS, MAX_STRENGTH};
+use super::request::{self, Checked, Fields, FromFields};
 use super::types::{ImageEditRequest, ImageGenerationRequest};
 use crate::pipeline::{Image, InitImage, Mask};
-
-/// Largest edit form the server reads, in bytes (an image, a mask and the fields);
-/// larger ones get 413.
-pub const MAX_EDIT_BODY_BYTES: usize = 32 << 20;
-/// Most pixels an input image or mask may have, read from its header before decoding
-/// (decompression bombs are refused without being decoded).
-pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
 
 /// OpenAI's edit fields hypergen accepts and ignores.
 pub const IGNORED_FIELDS: [&str; 3] = ["background", "input_fidelity", "moderation"];
 
-/// Fields whose text is read as a JSON number or boolean; every other field is text.
-const NUMERIC: [&str; 8] = [
-    "n",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "output_compression",
-    "strength",
-    "partial_images",
-    "lora_scale",
-];
+/// Whether the text of field `name` is read as a JSON number or boolean: whether the
+/// form's schema ([`ImageEditRequest`], the one list of its fields) types it so. Every
+/// other field is text.
+fn is_scalar(name: &str) -> bool {
+    static SCALARS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    SCALARS
+        .get_or_init(|| {
+            let MetaSchemaRef::Inline(form) = <ImageEditRequest as Payload>::schema_ref() else {
+                return Vec::new();
+            };
+            form.properties
+                .iter()
+                .filter(|(_, field)| match field {
+                    MetaSchemaRef::Inline(s) => matches!(s.ty, "integer" | "number" | "boolean"),
+                    MetaSchemaRef::Reference(_) => false,
+                })
+                .map(|(name, _)| *name)
+                .collect()
+        })
+        .contains(&name)
+}
 
 /// A `multipart/form-data` edit form: its text fields and its files, unchecked.
 #[derive(Debug, Default)]
@@ -48,12 +54,9 @@ pub struct EditForm {
     pub mask: Option<Vec<u8>>,
 }
 
-impl Payload for EditForm {
+impl BodyFormat for EditForm {
     const CONTENT_TYPE: &'static str = "multipart/form-data";
-
-    fn check_content_type(content_type: &str) -> bool {
-        content_type.starts_with("multipart/form-data")
-    }
+    const MAX_BYTES: usize = MAX_EDIT_BODY_BYTES;
 
     fn schema_ref() -> MetaSchemaRef {
         <ImageEditRequest as Payload>::schema_ref()
@@ -62,33 +65,8 @@ impl Payload for EditForm {
     fn register(registry: &mut Registry) {
         <ImageEditRequest as Payload>::register(registry);
     }
-}
 
-impl ParsePayload for EditForm {
-    const IS_REQUIRED: bool = true;
-
-    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        let too_long = request
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > MAX_EDIT_BODY_BYTES);
-        if too_long {
-            return Err(ApiError::too_large(MAX_EDIT_BODY_BYTES).into());
-        }
-        // Read with the limit first, so that a form without a length cannot grow past it.
-        let timeout = super::conn::body_timeout(request);
-        let read = body.take()?.into_bytes_limit(MAX_EDIT_BODY_BYTES);
-        let bytes = tokio::time::timeout(timeout, read)
-            .await
-            .map_err(|_| ApiError::request_timeout(timeout))?
-            .map_err(|e| match e {
-                poem::error::ReadBodyError::PayloadTooLarge => {
-                    ApiError::too_large(MAX_EDIT_BODY_BYTES)
-                }
-                other => {
-                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
-                }
-            })?;
+    async fn parse(request: &Request, bytes: Bytes) -> Result<Self, ApiError> {
         let mut inner = RequestBody::new(poem::Body::from(bytes));
         let bad_form = |e: String| {
             ApiError::bad_request(
@@ -125,35 +103,6 @@ impl ParsePayload for EditForm {
             }
         }
         Ok(form)
-    }
-}
-
-impl<'a> ApiExtractor<'a> for EditForm {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        <Self as Payload>::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: <Self as Payload>::CONTENT_TYPE,
-                schema: <Self as Payload>::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        <Self as ParsePayload>::from_request(request, body).await
     }
 }
 
@@ -195,7 +144,7 @@ pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, A
 /// An edit form checked and turned into a pipeline request (see the route's docs).
 pub fn check_edit(
     form: EditForm,
-    limits: &SizeLimits,
+    limits: &RequestLimits,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
@@ -204,7 +153,7 @@ pub fn check_edit(
             // JSON text in a form; text that is not JSON stays text, and the field
             // reader names it.
             serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::String(text))
-        } else if NUMERIC.contains(&name.as_str()) || name.starts_with("stream") {
+        } else if is_scalar(&name) {
             // Form fields are text; a number that does not parse stays text, and the
             // field reader then names it.
             serde_json::from_str::<Value>(text.trim())
@@ -255,11 +204,11 @@ pub fn check_edit(
         req.size = format!("{}x{}", img.width() / 8 * 8, img.height() / 8 * 8);
     }
     let strength = match strength {
-        Some(s) if (0.0..=1.0).contains(&s) => s,
+        Some(s) if (0.0..=MAX_STRENGTH).contains(&s) => s,
         Some(s) => {
             return Err(ApiError::invalid_value(
                 "strength",
-                format!("`strength` must be between 0 and 1, got {s}"),
+                format!("`strength` must be between 0 and {MAX_STRENGTH}, got {s}"),
             ))
         }
         None => InitImage::default_strength(mask.is_some()),

@@ -199,7 +199,7 @@ impl ApiError {
                 "method_not_allowed",
                 "method not allowed on this route".into(),
             ),
-            StatusCode::PAYLOAD_TOO_LARGE => Self::too_large(super::request::MAX_BODY_BYTES),
+            StatusCode::PAYLOAD_TOO_LARGE => Self::too_large(super::limits::MAX_BODY_BYTES),
             // poem's CORS middleware, for an `Origin` that `--cors-origin` does not list.
             StatusCode::FORBIDDEN => Self::new(
                 status,

@@ -9,6 +9,8 @@ use crate::pipeline::OutputFormat;
 
 /// How long an image URL stays valid.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Memory for images served by URL unless configured (`--url-store-mb`), in MiB.
+pub const DEFAULT_STORE_MB: usize = 512;
 
 struct Entry {
     png: bytes::Bytes,

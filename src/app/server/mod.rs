@@ -1,14 +1,14 @@
 //! `hypergen serve`: an HTTP service compatible with HyperGen and OpenAI's Images API,
 //! a thin typed layer (poem + poem-openapi) over [`crate::pipeline`].
 //!
-//! - [`api`]: the routes; [`types`]: every body in the schema; [`request`]: body
-//!   parsing and checks; [`error`]: OpenAI's error object for every failure;
-//!   [`auth`]: the API key; [`worker`]: the thread that owns the model and its queue;
-//!   [`images`]: the store behind `response_format: "url"`; [`conn`]: noticing
-//!   clients that went away; [`access`]: request ids and the access log;
-//!   [`metrics`]: `GET /metrics` for Prometheus; [`loras`]: per-request LoRA adapters;
-//!   [`playground`]: the browser page at `/`; [`schema`]: the OpenAPI document as
-//!   generators need it.
+//! - [`api`]: the routes; [`types`]: every body in the schema; [`body`]: reading
+//!   bodies; [`request`]: body parsing and checks; [`limits`]: what a request may ask
+//!   for; [`error`]: OpenAI's error object for every failure; [`auth`]: the API key;
+//!   [`worker`]: the thread that owns the model and its queue; [`images`]: the store
+//!   behind `response_format: "url"`; [`conn`]: noticing clients that went away;
+//!   [`access`]: request ids and the access log; [`metrics`]: `GET /metrics` for
+//!   Prometheus; [`loras`]: per-request LoRA adapters; [`playground`]: the browser page
+//!   at `/`; [`schema`]: the OpenAPI document as generators need it.
 //! - Routes: `GET /health`, `GET /v1/models`, `POST /v1/images/generations`,
 //!   `GET /v1/images/files/{id}`, Swagger UI at `/docs`, the schema at `/openapi.json`
 //!   (committed as `openapi/openapi.json`; regenerate it with
@@ -21,15 +21,17 @@
 pub mod access;
 pub mod api;
 pub mod auth;
+pub mod body;
 pub mod conn;
 pub mod edit;
 pub mod error;
-#[cfg(test)]
-mod fuzz;
 pub mod images;
+pub mod limits;
 pub mod loras;
 pub mod metrics;
 pub mod playground;
+#[cfg(test)]
+mod properties;
 pub mod request;
 pub mod schema;
 pub mod types;
@@ -52,10 +54,13 @@ use crate::pipeline::ModelInfo;
 use auth::ApiKey;
 use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
+use limits::RequestLimits;
 use loras::LoraLibrary;
 use metrics::Metrics;
-use request::SizeLimits;
 use worker::{Worker, WorkerOptions, WorkerStats};
+
+/// The port `hypergen serve` listens on unless configured (`--port`).
+pub const DEFAULT_PORT: u16 = 8000;
 
 /// Memory for parsed per-request LoRA adapters unless configured (`--lora-cache-mb`).
 pub const DEFAULT_LORA_CACHE_MB: usize = 1024;
@@ -67,8 +72,8 @@ pub struct ServerConfig {
     pub worker: WorkerOptions,
     /// The API key, if the server requires one.
     pub api_key: Option<ApiKey>,
-    /// Image sizes requests may ask for.
-    pub limits: SizeLimits,
+    /// The sizes, steps and image counts requests may ask for.
+    pub limits: RequestLimits,
     /// Base of image URLs; `None`: `http://` + the request's `Host`.
     pub public_url: Option<String>,
     /// How long image URLs stay valid.
@@ -104,10 +109,10 @@ impl ServerConfig {
         Self {
             worker: WorkerOptions::new(model.as_ref().display().to_string(), device),
             api_key: None,
-            limits: SizeLimits::default(),
+            limits: RequestLimits::DEFAULT,
             public_url: None,
             url_ttl: images::DEFAULT_TTL,
-            url_store_bytes: 512 << 20,
+            url_store_bytes: images::DEFAULT_STORE_MB << 20,
             lora_dir: None,
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
             timeouts: ConnTimeouts::default(),

@@ -2,56 +2,21 @@
 //! refusal names its field in `param` (the framework's own JSON payload reports neither
 //! the field nor OpenAI's error shape), and then turned into a pipeline request.
 
-use poem::{Request, RequestBody};
-use poem_openapi::payload::{ParsePayload, Payload};
-use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
+use bytes::Bytes;
+use poem::Request;
+use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::Type;
-use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::{Map, Value};
 
+use super::body::BodyFormat;
 use super::error::ApiError;
+use super::limits::{
+    RequestLimits, MAX_BODY_BYTES, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE,
+    MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
+};
 use super::types::{self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName};
 use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
 use crate::scheduler::SchedulerKind;
-
-/// Largest request body the server reads, in bytes; larger ones get 413.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Most images one request may ask for.
-pub const MAX_IMAGES: u64 = 10;
-/// Most denoising steps one request may ask for.
-pub const MAX_STEPS: u64 = 150;
-/// Largest guidance scale accepted.
-pub const MAX_GUIDANCE: f64 = 20.0;
-/// Largest LoRA scale accepted.
-pub const MAX_LORA_SCALE: f64 = 2.0;
-/// Most LoRA adapters one request may name (`lora_path` and `loras` together).
-pub const MAX_REQUEST_LORAS: usize = 8;
-
-/// How large a request the server accepts: image sides (each a multiple of 8 in
-/// `min..=max`), denoising steps and images per request (at most [`MAX_STEPS`] and
-/// [`MAX_IMAGES`], lower on a server started with `--max-steps`/`--max-images`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeLimits {
-    /// Smallest side in pixels.
-    pub min: usize,
-    /// Largest side in pixels.
-    pub max: usize,
-    /// Most denoising steps a request may ask for.
-    pub max_steps: u64,
-    /// Most images a request may ask for.
-    pub max_images: u64,
-}
-
-impl Default for SizeLimits {
-    fn default() -> Self {
-        Self {
-            min: 64,
-            max: 2048,
-            max_steps: MAX_STEPS,
-            max_images: MAX_IMAGES,
-        }
-    }
-}
 
 /// A body type read field by field with [`Fields`].
 pub trait FromFields: Sized {
@@ -59,51 +24,23 @@ pub trait FromFields: Sized {
     fn from_fields(fields: &mut Fields) -> Result<Self, ApiError>;
 }
 
-/// A JSON request body of type `T`: documented as `T` in the schema, parsed with
-/// [`FromFields`], limited to [`MAX_BODY_BYTES`]. Any content type is read as JSON, so
-/// that `curl -d` without a header works.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JsonBody<T>(pub T);
-
-impl<T: Type + Send> Payload for JsonBody<T> {
+/// Every schema type read with [`FromFields`] is a JSON body: documented as itself,
+/// limited to [`MAX_BODY_BYTES`]. Any content type is read as JSON, so that `curl -d`
+/// without a header works.
+impl<T: Type + FromFields + Send> BodyFormat for T {
     const CONTENT_TYPE: &'static str = "application/json";
-
-    fn check_content_type(_content_type: &str) -> bool {
-        true
-    }
+    const MAX_BYTES: usize = MAX_BODY_BYTES;
 
     fn schema_ref() -> MetaSchemaRef {
-        T::schema_ref()
+        <T as Type>::schema_ref()
     }
 
     fn register(registry: &mut Registry) {
-        T::register(registry);
+        <T as Type>::register(registry);
     }
-}
 
-impl<T: FromFields + Send> ParsePayload for JsonBody<T> {
-    const IS_REQUIRED: bool = true;
-
-    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        let too_long = request
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > MAX_BODY_BYTES);
-        if too_long {
-            return Err(ApiError::too_large(MAX_BODY_BYTES).into());
-        }
-        let timeout = super::conn::body_timeout(request);
-        let read = body.take()?.into_bytes_limit(MAX_BODY_BYTES);
-        let bytes = tokio::time::timeout(timeout, read)
-            .await
-            .map_err(|_| ApiError::request_timeout(timeout))?
-            .map_err(|e| match e {
-                poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(MAX_BODY_BYTES),
-                other => {
-                    ApiError::bad_request("invalid_body", format!("reading the body: {other}"))
-                }
-            })?;
-        Ok(Self(parse_body(&bytes)?))
+    async fn parse(_request: &Request, bytes: Bytes) -> Result<Self, ApiError> {
+        parse_body(&bytes)
     }
 }
 
@@ -128,35 +65,6 @@ pub fn parse_body<T: FromFields>(bytes: &[u8]) -> Result<T, ApiError> {
     let out = T::from_fields(&mut fields)?;
     fields.finish()?;
     Ok(out)
-}
-
-impl<'a, T: Type + FromFields + Send> ApiExtractor<'a> for JsonBody<T> {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        <Self as Payload>::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: <Self as Payload>::CONTENT_TYPE,
-                schema: <Self as Payload>::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        <Self as ParsePayload>::from_request(request, body).await
-    }
 }
 
 /// The fields of a JSON object, taken one by one with typed accessors that name the
@@ -347,7 +255,9 @@ impl FromFields for ImageGenerationRequest {
                 Some(s) => Some(parse_output_format(&s)?),
             },
             output_compression: match f.unsigned("output_compression")? {
-                Some(c) => Some(in_range("output_compression", c, 0, 100)? as u8),
+                Some(c) => {
+                    Some(in_range("output_compression", c, 0, MAX_OUTPUT_COMPRESSION)? as u8)
+                }
                 None => None,
             },
             negative_prompt: f.string("negative_prompt")?,
@@ -397,11 +307,11 @@ pub fn parse_output_format(s: &str) -> Result<OutputFormatName, ApiError> {
 }
 
 /// The encoding a request asks for: its format, and `output_compression` as the JPEG
-/// quality (default 100).
+/// quality (default the best).
 pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> Encoding {
     Encoding {
         format: format.map(OutputFormat::from).unwrap_or_default(),
-        quality: compression.unwrap_or(100),
+        quality: compression.unwrap_or(Encoding::BEST_QUALITY),
         parameters: None,
     }
 }
@@ -409,7 +319,7 @@ pub fn encoding(format: Option<OutputFormatName>, compression: Option<u8>) -> En
 /// Parses `WIDTHxHEIGHT` (or `auto`, 1024x1024) within `limits`. Exactly that form:
 /// decimal sides without sign or leading zeros, a lowercase `x`, nothing around them,
 /// so that the schema's pattern ([`super::schema::size_pattern`]) can say what is taken.
-pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), ApiError> {
+pub fn parse_size(size: &str, limits: &RequestLimits) -> Result<(usize, usize), ApiError> {
     let auto = types::default_size();
     let size = if size == "auto" { auto.as_str() } else { size };
     let bad = || {
@@ -427,12 +337,12 @@ pub fn parse_size(size: &str, limits: &SizeLimits) -> Result<(usize, usize), Api
     let (w, h) = size.split_once('x').ok_or_else(bad)?;
     let (w, h) = (side(w).ok_or_else(bad)?, side(h).ok_or_else(bad)?);
     for (what, v) in [("width", w), ("height", h)] {
-        if v < limits.min || v > limits.max || !v.is_multiple_of(8) {
+        if v < limits.min_size || v > limits.max_size || !v.is_multiple_of(8) {
             return Err(ApiError::invalid_value(
                 "size",
                 format!(
                     "the {what} {v} must be a multiple of 8 between {} and {}",
-                    limits.min, limits.max
+                    limits.min_size, limits.max_size
                 ),
             ));
         }
@@ -447,9 +357,6 @@ pub fn is_blank(prompt: &str) -> bool {
         .chars()
         .all(|c| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'))
 }
-
-/// Most partial images a streamed request may ask for (OpenAI's limit).
-pub const MAX_PARTIAL_IMAGES: u64 = 3;
 
 /// How a streamed request is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -520,7 +427,7 @@ pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora
 /// pipeline request; `seed` fills in an absent seed.
 pub fn check(
     req: &ImageGenerationRequest,
-    limits: &SizeLimits,
+    limits: &RequestLimits,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     if is_blank(&req.prompt) {

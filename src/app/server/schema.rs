@@ -21,15 +21,18 @@ use serde_json::{json, Map, Value};
 
 use super::api::{self, EditResult, GenerateResult, ImageFileResult};
 use super::auth::{self, ApiKey, SCHEME_NAME};
-use super::edit::{self, EditForm, MAX_EDIT_BODY_BYTES};
+use super::edit::{self, EditForm};
 use super::error::ApiError;
-use super::request::{self, SizeLimits, MAX_BODY_BYTES};
+use super::limits::{RequestLimits, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES};
+use super::request;
 use super::types::{self, ImageGenerationRequest};
 use super::ServerConfig;
 use crate::device::DeviceSpec;
 
 /// Where `hypergen serve` listens by default, for the committed document's `servers`.
-pub const DEFAULT_BASE_URL: &str = "http://localhost:8000";
+pub fn default_base_url() -> String {
+    format!("http://localhost:{}", super::DEFAULT_PORT)
+}
 
 /// What the document says about the server it describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +40,8 @@ pub struct ServerFacts {
     /// `Some(true)`: every `/v1` route needs the key; `Some(false)`: none does; `None`
     /// (the committed document): either, so clients may send a key or not.
     pub key: Option<bool>,
-    /// The image sizes requests may ask for.
-    pub limits: SizeLimits,
+    /// The sizes, steps and image counts requests may ask for.
+    pub limits: RequestLimits,
     /// Accepted requests that may wait (the 503 example names it).
     pub max_queue_size: usize,
     /// The base URL clients reach the server at.
@@ -49,7 +52,7 @@ impl ServerFacts {
     /// The facts of the committed document: the defaults of `hypergen serve`, with or
     /// without a key.
     pub fn committed() -> Self {
-        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), DEFAULT_BASE_URL).with_key(None)
+        Self::of(&ServerConfig::new("", DeviceSpec::Cpu), &default_base_url()).with_key(None)
     }
 
     /// The facts of a server configured as `config`, reached at `base_url`.
@@ -270,7 +273,7 @@ const PROMPT_PATTERN: &str = "[^ \\t\\n\\r\\x0b\\x0c]";
 
 /// The JSON request: unknown fields are refused, `null` counts as absent, `prompt`,
 /// `size`, `n` and steps as the server checks them.
-fn generation_request(schema: &mut Value, limits: &SizeLimits) {
+fn generation_request(schema: &mut Value, limits: &RequestLimits) {
     schema["additionalProperties"] = json!(false);
     let required: Vec<String> = schema["required"]
         .as_array()
@@ -323,7 +326,7 @@ fn generation_request(schema: &mut Value, limits: &SizeLimits) {
 
 /// The edit form: `prompt`, `size`, `n` and steps as the server checks them (an absent,
 /// empty or `auto` size is the image's own).
-fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
+fn edit_form(schema: &mut Value, generation: &Value, limits: &RequestLimits) {
     // The form is read with the generation request's reader (plus `strength`, the files
     // and OpenAI's fields it ignores), which refuses any other field: it takes the
     // generation's scalar fields too.
@@ -371,8 +374,8 @@ fn edit_form(schema: &mut Value, generation: &Value, limits: &SizeLimits) {
 /// A regular expression matching exactly the `size` values [`request::parse_size`]
 /// takes: `WIDTHxHEIGHT`, each a multiple of 8 within `limits` written without leading
 /// zeros, or `auto` when `auto` is allowed (and the empty string when `empty` is).
-pub fn size_pattern(limits: &SizeLimits, auto: bool, empty: bool) -> String {
-    let sides: Vec<String> = (limits.min..=limits.max)
+pub fn size_pattern(limits: &RequestLimits, auto: bool, empty: bool) -> String {
+    let sides: Vec<String> = (limits.min_size..=limits.max_size)
         .filter(|v| *v > 0 && v.is_multiple_of(8))
         .map(|v| v.to_string())
         .collect();
@@ -531,13 +534,258 @@ fn segments(path: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::server::limits::{
+        MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES,
+        MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
+    };
+
+    /// The bounds the schema states, which the bounds test checks.
+    const BOUNDS: [&str; 3] = ["minimum", "maximum", "maxItems"];
+    /// Validator keywords the bounds test does not check: none may appear until it does.
+    const UNCHECKED: [&str; 7] = [
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "uniqueItems",
+    ];
+
+    /// Every bounded field of a request schema: its name, keyword, bound, and whether
+    /// it is an integer.
+    fn bounds(props: &Value) -> Vec<(String, &'static str, Value, bool)> {
+        let mut out = Vec::new();
+        for (name, prop) in props.as_object().expect("properties") {
+            for key in prop.as_object().expect("property").keys() {
+                let unchecked = UNCHECKED.contains(&key.as_str());
+                assert!(
+                    !unchecked,
+                    "`{name}` has a `{key}` the bounds test does not check"
+                );
+            }
+            for bound in BOUNDS {
+                if let Some(v) = prop.get(bound) {
+                    let integer = prop["type"] == "integer";
+                    out.push((name.clone(), bound, v.clone(), integer));
+                }
+            }
+        }
+        out
+    }
+
+    /// `bound` as JSON text, and the number just past it on its outer side.
+    fn probes(bound: &Value, keyword: &str, integer: bool) -> (String, String) {
+        if integer || keyword == "maxItems" {
+            // poem writes every bound as a float; the served document's `seed` bound
+            // is past what a float holds exactly.
+            let b = match (bound.as_u64(), bound.as_i64(), bound.as_f64()) {
+                (Some(u), _, _) => i128::from(u),
+                (_, Some(i), _) => i128::from(i),
+                (_, _, Some(f)) if f.fract() == 0.0 => f as i128,
+                _ => panic!("{keyword} {bound} is not an integer"),
+            };
+            let outer = if keyword == "minimum" { b - 1 } else { b + 1 };
+            (b.to_string(), outer.to_string())
+        } else {
+            let b = bound.as_f64().expect("a number bound");
+            let step = 1e-6 * (1.0 + b.abs());
+            let outer = if keyword == "minimum" {
+                b - step
+            } else {
+                b + step
+            };
+            (b.to_string(), outer.to_string())
+        }
+    }
+
+    /// A JSON generation request with `field` set to the JSON text `value` (for
+    /// `maxItems`, a list of that many adapters).
+    fn generation_with(
+        field: &str,
+        keyword: &str,
+        value: &str,
+    ) -> Result<request::Checked, ApiError> {
+        let value = match keyword {
+            "maxItems" => {
+                let n: usize = value.parse().expect("a count");
+                format!("[{}]", vec![r#"{"path": "a"}"#; n].join(","))
+            }
+            _ => value.to_string(),
+        };
+        let body = format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#);
+        let req = request::parse_body::<ImageGenerationRequest>(body.as_bytes())?;
+        request::check(&req, &RequestLimits::DEFAULT, || 0)
+    }
+
+    /// An edit of a 64x64 image with the form field `field` set to the text `value`.
+    fn edit_with(field: &str, value: &str) -> Result<request::Checked, ApiError> {
+        let mut png = Vec::new();
+        image::DynamicImage::new_rgb8(64, 64)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        let form = EditForm {
+            texts: [("prompt", "a cat"), (field, value)]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            image: Some(png),
+            mask: None,
+        };
+        edit::check_edit(form, &RequestLimits::DEFAULT, || 0)
+    }
+
+    /// Whether `result` refuses `field`.
+    fn refuses(result: &Result<request::Checked, ApiError>, field: &str) -> bool {
+        matches!(result, Err(e) if e.param.as_deref() == Some(field))
+    }
+
+    /// For each bounded field of `props`: `parse` takes the bound and refuses the value
+    /// just past it, unless `unreachable` names the bound (another rule refuses it).
+    fn check_bounds(
+        what: &str,
+        props: &Value,
+        parse: impl Fn(&str, &str, &str) -> Result<request::Checked, ApiError>,
+        refused_as: impl Fn(&str) -> String,
+        unreachable: &[(&str, &str)],
+    ) {
+        let found = bounds(props);
+        assert!(!found.is_empty(), "{what}: no bounds in {props}");
+        for (field, keyword, bound, integer) in &found {
+            let (at, outer) = probes(bound, keyword, *integer);
+            let param = refused_as(field);
+            if !unreachable.contains(&(field.as_str(), *keyword)) {
+                let r = parse(field, keyword, &at);
+                assert!(
+                    !refuses(&r, &param),
+                    "{what}: `{field}` {keyword} {at} is refused: {r:?}"
+                );
+            }
+            let r = parse(field, keyword, &outer);
+            assert!(
+                refuses(&r, &param),
+                "{what}: `{field}` {outer} past its {keyword} is taken"
+            );
+        }
+    }
+
+    /// The parsers' bounds are the schema's, for every bounded field of both request
+    /// bodies, in poem's document (the validator literals in `types.rs`) and in the
+    /// served one (reshaped with the server's limits). The validators must be literals,
+    /// so this is what keeps them equal to the constants the parsers check.
+    #[test]
+    fn schema_bounds_are_the_parsers() {
+        let poem: Value =
+            serde_json::from_str(&super::super::openapi_service().spec()).expect("spec");
+        let served = document(&ServerFacts::committed());
+        let edit_path = "/v1/images/edits";
+        for (what, doc) in [("poem's", &poem), ("served", &served)] {
+            let schemas = &doc["components"]["schemas"];
+            let form = &doc["paths"][edit_path]["post"]["requestBody"]["content"]
+                ["multipart/form-data"]["schema"]["properties"];
+            check_bounds(
+                what,
+                &schemas["ImageGenerationRequest"]["properties"],
+                generation_with,
+                str::to_string,
+                &[],
+            );
+            check_bounds(
+                what,
+                &schemas["LoraChoice"]["properties"],
+                |_, _, v| {
+                    generation_with("loras", "", &format!(r#"[{{"path": "a", "scale": {v}}}]"#))
+                },
+                |_| "loras".into(),
+                &[],
+            );
+            check_bounds(
+                what,
+                form,
+                |field, _, v| edit_with(field, v),
+                str::to_string,
+                // No step runs at strength 0: `steps × strength` must be at least 1.
+                &[("strength", "minimum")],
+            );
+        }
+        // The literals are the constants.
+        let json = &poem["components"]["schemas"]["ImageGenerationRequest"]["properties"];
+        let form = &poem["paths"][edit_path]["post"]["requestBody"]["content"]
+            ["multipart/form-data"]["schema"]["properties"];
+        let scale = &poem["components"]["schemas"]["LoraChoice"]["properties"]["scale"];
+        let cases = [
+            (&json["n"]["maximum"], MAX_IMAGES as f64),
+            (&json["num_inference_steps"]["maximum"], MAX_STEPS as f64),
+            (&json["guidance_scale"]["maximum"], MAX_GUIDANCE),
+            (&json["lora_scale"]["maximum"], MAX_LORA_SCALE),
+            (&json["loras"]["maxItems"], MAX_REQUEST_LORAS as f64),
+            (
+                &json["output_compression"]["maximum"],
+                MAX_OUTPUT_COMPRESSION as f64,
+            ),
+            (
+                &json["partial_images"]["maximum"],
+                MAX_PARTIAL_IMAGES as f64,
+            ),
+            (&scale["maximum"], MAX_LORA_SCALE),
+            (&form["n"]["maximum"], MAX_IMAGES as f64),
+            (&form["num_inference_steps"]["maximum"], MAX_STEPS as f64),
+            (&form["guidance_scale"]["maximum"], MAX_GUIDANCE),
+            (&form["lora_scale"]["maximum"], MAX_LORA_SCALE),
+            (
+                &form["output_compression"]["maximum"],
+                MAX_OUTPUT_COMPRESSION as f64,
+            ),
+            (
+                &form["partial_images"]["maximum"],
+                MAX_PARTIAL_IMAGES as f64,
+            ),
+            (&form["strength"]["maximum"], MAX_STRENGTH),
+        ];
+        for (i, (bound, constant)) in cases.iter().enumerate() {
+            assert_eq!(bound.as_f64(), Some(*constant), "case {i}");
+        }
+    }
+
+    /// Every field of the edit form's schema is one the form's reader takes (the
+    /// schema is the one list of its fields), and a field outside it is refused.
+    #[test]
+    fn edit_form_fields_are_the_readers() {
+        let doc = document(&ServerFacts::committed());
+        let form = &doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+            ["multipart/form-data"]["schema"]["properties"];
+        let form = form.as_object().expect("properties");
+        assert!(form.contains_key("strength"), "{form:?}");
+        for (name, prop) in form {
+            if name == "image" || name == "mask" {
+                continue;
+            }
+            // An enum's first value (enums are referenced types), else a value of the
+            // field's type.
+            let referenced = prop["$ref"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                .map(|t| &doc["components"]["schemas"][t]);
+            let value = match (referenced, prop["type"].as_str()) {
+                (Some(t), _) => t["enum"][0].as_str().expect("an enum").to_string(),
+                (None, Some("integer")) => "1".into(),
+                (None, Some("number")) => "0.5".into(),
+                (None, Some("boolean")) => "false".into(),
+                _ if name == "size" => "64x64".into(),
+                _ if name == "loras" => "[]".into(),
+                _ => "text".into(),
+            };
+            let r = edit_with(name, &value);
+            assert!(!refuses(&r, name), "`{name}` = {value}: {r:?}");
+        }
+        assert!(refuses(&edit_with("nonsense", "1"), "nonsense"));
+    }
 
     #[test]
     fn size_patterns_list_the_sides() {
-        let limits = SizeLimits {
-            min: 60,
-            max: 80,
-            ..SizeLimits::default()
+        let limits = RequestLimits {
+            min_size: 60,
+            max_size: 80,
+            ..RequestLimits::default()
         };
         assert_eq!(
             size_pattern(&limits, false, false),
@@ -549,10 +797,10 @@ mod tests {
         );
         assert_eq!(
             size_pattern(
-                &SizeLimits {
-                    min: 9,
-                    max: 15,
-                    ..SizeLimits::default()
+                &RequestLimits {
+                    min_size: 9,
+                    max_size: 15,
+                    ..RequestLimits::default()
                 },
                 false,
                 false

@@ -105,7 +105,7 @@ pub fn default_n() -> u32 {
 }
 /// Default of [`ImageGenerationRequest::size`].
 pub fn default_size() -> String {
-    let d = RequestDefaults::HYPERGEN_API;
+    let d = RequestDefaults::SERVER;
     format!("{}x{}", d.width, d.height)
 }
 /// Default of [`ImageGenerationRequest::response_format`].
@@ -114,11 +114,11 @@ pub fn default_response_format() -> ResponseFormat {
 }
 /// Default of [`ImageGenerationRequest::num_inference_steps`].
 pub fn default_steps() -> u32 {
-    RequestDefaults::HYPERGEN_API.steps as u32
+    RequestDefaults::SERVER.steps as u32
 }
 /// Default of [`ImageGenerationRequest::guidance_scale`].
 pub fn default_guidance() -> f64 {
-    RequestDefaults::HYPERGEN_API.guidance_scale
+    RequestDefaults::SERVER.guidance_scale
 }
 /// Default of [`ImageGenerationRequest::lora_scale`].
 pub fn default_lora_scale() -> f64 {

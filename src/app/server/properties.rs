@@ -12,9 +12,8 @@ use serde_json::{Map, Number, Value};
 
 use super::edit::{check_edit, decode_upload, EditForm};
 use super::error::ApiError;
-use super::request::{
-    check, parse_body, parse_output_format, parse_size, Checked, SizeLimits, MAX_GUIDANCE,
-};
+use super::limits::{RequestLimits, MAX_GUIDANCE};
+use super::request::{check, parse_body, parse_output_format, parse_size, Checked};
 use super::types::ImageGenerationRequest;
 use crate::load::properties::config;
 
@@ -122,12 +121,13 @@ fn body_bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// Size limits as `--min-size`/`--max-size` may set them, in any order.
-fn limits() -> impl Strategy<Value = SizeLimits> {
+/// Limits as `--min-size`/`--max-size`/`--max-steps`/`--max-images` may set them, in
+/// any order.
+fn limits() -> impl Strategy<Value = RequestLimits> {
     (0usize..4096, 0usize..4096, 0u64..200, 0u64..16).prop_map(
-        |(min, max, max_steps, max_images)| SizeLimits {
-            min,
-            max,
+        |(min_size, max_size, max_steps, max_images)| RequestLimits {
+            min_size,
+            max_size,
             max_steps,
             max_images,
         },
@@ -147,11 +147,11 @@ fn assert_refusal(e: &ApiError) -> Result<(), TestCaseError> {
 }
 
 /// What an accepted request must satisfy.
-fn assert_within(c: &Checked, limits: &SizeLimits) -> Result<(), TestCaseError> {
+fn assert_within(c: &Checked, limits: &RequestLimits) -> Result<(), TestCaseError> {
     let g = &c.generation;
     for side in [g.width, g.height] {
         prop_assert!(
-            side >= limits.min && side <= limits.max && side % 8 == 0,
+            side >= limits.min_size && side <= limits.max_size && side % 8 == 0,
             "{g:?}"
         );
     }
@@ -198,7 +198,7 @@ proptest! {
     /// Any body: a request within the limits, or a 400 naming what is wrong.
     #[test]
     fn request_bodies_never_panic(bytes in body_bytes()) {
-        let limits = SizeLimits::default();
+        let limits = RequestLimits::default();
         match parse_body::<ImageGenerationRequest>(&bytes) {
             Ok(req) => match check(&req, &limits, || 7) {
                 Ok(c) => assert_within(&c, &limits)?,
@@ -219,7 +219,7 @@ proptest! {
         match parse_size(&size, &limits) {
             Ok((w, h)) => {
                 for side in [w, h] {
-                    prop_assert!(side >= limits.min && side <= limits.max && side % 8 == 0);
+                    prop_assert!(side >= limits.min_size && side <= limits.max_size && side % 8 == 0);
                 }
             }
             Err(e) => {
@@ -245,7 +245,7 @@ proptest! {
         mask in image_bytes(),
     ) {
         // Small limits keep the resizing of accepted edits cheap.
-        let limits = SizeLimits { min: 8, max: 64, ..SizeLimits::default() };
+        let limits = RequestLimits { min_size: 8, max_size: 64, ..RequestLimits::default() };
         let form = EditForm { texts: texts.into_iter().collect::<HashMap<_, _>>(), image, mask };
         match check_edit(form, &limits, || 7) {
             Ok(c) => assert_within(&c, &limits)?,
