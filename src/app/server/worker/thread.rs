@@ -1,0 +1,341 @@
+//! The worker thread's life: load the model, merge the start-up LoRAs, warm up, then
+//! serve batches until the queue closes; the device check after a failure.
+
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use tokio::sync::mpsc;
+
+use super::batch::{panic_message, run_batch, switch_loras};
+use super::queue::{same_loras, Job};
+use super::{bump, Counters, FaultPoint, JobError, JobLora, Shared, WarmUp, Worker, WorkerOptions};
+use crate::device::{DTypeChoice, Placed, WithBackend};
+use crate::error::Error;
+use crate::load::load_pipeline;
+use crate::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
+use crate::pipeline::{GenerationRequest, SdxlPipeline};
+use crate::FusedOps;
+
+/// Clears `alive` when the worker thread ends, however it ends.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The [`WithBackend`] body that starts the worker on the chosen backend.
+pub(super) struct Spawn(pub(super) WorkerOptions);
+
+impl WithBackend for Spawn {
+    type Output = anyhow::Result<Worker>;
+
+    fn dtype(&self) -> Option<DTypeChoice> {
+        Some(self.0.dtype)
+    }
+
+    fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> anyhow::Result<Worker> {
+        let options = self.0;
+        let (tx, rx) = mpsc::channel(options.max_queue_size);
+        let dtype = placed.dtype;
+        let shared = Arc::new(Shared {
+            device: placed.label,
+            dtype: crate::device::dtype_name(dtype),
+            info: Mutex::new(None),
+            loras: Mutex::new(Vec::new()),
+            max_queue: options.max_queue_size,
+            queued: AtomicUsize::new(0),
+            waiting: Mutex::new(std::collections::BTreeSet::new()),
+            alive: AtomicBool::new(false),
+            device_ok: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        // The CPU backend's label (see `Placed::label`).
+        let on_cpu = shared.device == "cpu";
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("hypergen-worker".into())
+            .spawn(move || {
+                let loaded = catch_unwind(AssertUnwindSafe(|| {
+                    let mut p = load_pipeline::<B>(
+                        &options.model,
+                        dtype,
+                        &options.load,
+                        &options.run,
+                        &device,
+                    )?;
+                    let base = read_start_loras(&options.loras)?;
+                    if !base.is_empty() {
+                        let list: Vec<(&LoraAdapter, f32)> =
+                            base.iter().map(|l| (&*l.adapter, l.scale)).collect();
+                        apply_loras(p.components_mut(), &list)?;
+                    }
+                    match options.warmup {
+                        Some(w) if w.gpu_only && on_cpu => {}
+                        Some(w) => warm_up(&p, w)?,
+                        None => {}
+                    }
+                    Ok::<_, crate::Error>((p, base))
+                }));
+                let (pipeline, base) = match loaded {
+                    Ok(Ok((p, base))) => {
+                        let info = p.components().info.clone();
+                        *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        *thread_shared
+                            .loras
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            p.components().loras.active().to_vec();
+                        (p, base)
+                    }
+                    Ok(Err(e)) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::new(e)));
+                        return;
+                    }
+                    Err(panic) => {
+                        let _ = ready_tx.send(Err(anyhow!(
+                            "loading the model panicked: {}",
+                            panic_message(&panic)
+                        )));
+                        return;
+                    }
+                };
+                thread_shared.alive.store(true, Ordering::SeqCst);
+                let guard = AliveGuard(thread_shared);
+                let _ = ready_tx.send(Ok(()));
+                serve_jobs(pipeline, &base, &device, rx, &guard.0, &options);
+            })
+            .context("starting the worker thread")?;
+        let loaded = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow!("the worker thread stopped while loading the model")));
+        if let Err(e) = loaded {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Worker {
+            tx: Mutex::new(Some(tx)),
+            shared,
+            thread: Mutex::new(Some(thread)),
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// Reads the adapters merged at start (`--lora`).
+fn read_start_loras(specs: &[LoraSpec]) -> crate::Result<Vec<JobLora>> {
+    specs
+        .iter()
+        .map(|s| {
+            Ok(JobLora {
+                adapter: Arc::new(LoraAdapter::read(&s.path)?),
+                scale: s.scale,
+                param: "lora",
+            })
+        })
+        .collect()
+}
+
+/// Runs one generation of `warmup`'s size with the server's default guidance (so with
+/// the same batch shapes as a default request), outside the metrics and the queue.
+fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<(), Error> {
+    let request = GenerationRequest {
+        prompt: "warm-up".into(),
+        num_inference_steps: warmup.steps,
+        guidance_scale: crate::pipeline::RequestDefaults::HYPERGEN_API.guidance_scale,
+        width: warmup.width,
+        height: warmup.height,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    // The path requests take (run_batch), PNG encoding included, so that the same
+    // kernels are compiled and tuned.
+    let outputs = pipeline.generate_batch_with_previews(
+        &[request],
+        &mut |_| ControlFlow::Continue(()),
+        0,
+        &mut |_| ControlFlow::Continue(()),
+    )?;
+    for out in &outputs {
+        for image in &out.images {
+            image.to_png()?;
+        }
+    }
+    tracing::info!(
+        width = warmup.width,
+        height = warmup.height,
+        steps = warmup.steps,
+        seconds = start.elapsed().as_secs_f64(),
+        "warmed up"
+    );
+    Ok(())
+}
+
+/// The worker thread's loop: gather a batch, run it, repeat until the queue closes.
+/// `base` are the adapters merged at start; a batch's own adapters are merged beside
+/// them before it runs and stay merged until a batch wants another set.
+fn serve_jobs<B: FusedOps>(
+    mut pipeline: SdxlPipeline<B>,
+    base: &[JobLora],
+    device: &B::Device,
+    mut rx: mpsc::Receiver<Job>,
+    shared: &Shared,
+    options: &WorkerOptions,
+) {
+    // A job taken while gathering a batch that it cannot join waits here for the next.
+    let mut pending: Option<Job> = None;
+    // The per-job adapters merged now (beside `base`); `None`: unknown, merge again.
+    let mut merged: Option<Vec<JobLora>> = Some(Vec::new());
+    loop {
+        let job = match pending.take() {
+            Some(job) => job,
+            None => match rx.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let Some(job) = shared.admit(job) else {
+            continue;
+        };
+        let mut batch = vec![job];
+        while batch.len() < options.max_batch_size {
+            let Ok(next) = rx.try_recv() else {
+                break;
+            };
+            let Some(next) = shared.admit(next) else {
+                continue;
+            };
+            if batch[0].request.batch_compatible(&next.request)
+                && batch[0].partial_images() == next.partial_images()
+                && same_loras(&batch[0].loras, &next.loras)
+            {
+                batch.push(next);
+            } else {
+                pending = Some(next);
+                break;
+            }
+        }
+        shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        for job in &batch {
+            shared.leave_queue(job.id);
+        }
+        let observer = options.hooks.observer.as_deref();
+        let now = Instant::now();
+        let waits: Vec<Duration> = batch.iter().map(|j| now - j.queued_at).collect();
+        for (job, wait) in batch.iter().zip(&waits) {
+            let _ = job.timing.queue_wait.set(*wait);
+        }
+        if let Some(observer) = observer {
+            observer.batch_started(&waits);
+        }
+        if let Some(hook) = &options.hooks.before_batch {
+            hook(batch.len());
+        }
+        if !shared.device_ok.load(Ordering::SeqCst) && !device_check::<B>(device, shared, options) {
+            let message = "the device failed and has not recovered; the server cannot \
+                           generate until it does (or is restarted)";
+            bump(&shared.counters.failed, batch.len());
+            for job in batch {
+                let _ = job.reply.send(Err(JobError::Failed(message.into())));
+            }
+            continue;
+        }
+        if merged
+            .as_deref()
+            .is_none_or(|m| !same_loras(m, &batch[0].loras))
+        {
+            let switched = catch_unwind(AssertUnwindSafe(|| {
+                switch_loras(&mut pipeline, base, &batch[0].loras)
+            }));
+            let refusal = match switched {
+                Ok(Ok(())) => {
+                    merged = Some(batch[0].loras.clone());
+                    None
+                }
+                // Checked before anything changed: the model still holds `merged`.
+                Ok(Err(e)) => Some(JobError::Invalid {
+                    param: batch[0].loras.first().map_or("lora_path", |l| l.param),
+                    message: e.to_string(),
+                }),
+                Err(panic) => {
+                    // A part may be merged: put every kept base tensor back, and merge
+                    // again before the next batch whatever it wants.
+                    let _ =
+                        catch_unwind(AssertUnwindSafe(|| remove_loras(pipeline.components_mut())));
+                    merged = None;
+                    Some(JobError::Failed(format!(
+                        "merging LoRA adapters panicked: {}",
+                        panic_message(&panic)
+                    )))
+                }
+            };
+            if let Some(error) = refusal {
+                tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "LoRA adapters not merged");
+                bump(&shared.counters.started, batch.len());
+                bump(&shared.counters.failed, batch.len());
+                for job in batch {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+                continue;
+            }
+        }
+        if run_batch(&pipeline, batch, shared, options, observer) {
+            // Give back what the failed batch left in the device's memory pools, then
+            // make sure the device still computes before reporting healthy again.
+            shared.device_ok.store(false, Ordering::SeqCst);
+            device_check::<B>(device, shared, options);
+        }
+        if let Some(observer) = observer {
+            if let Some(memory) = B::device_memory(device) {
+                observer.device_memory(memory);
+            }
+        }
+    }
+    tracing::info!("worker stopped");
+}
+
+/// Frees cached device memory and runs a small computation on the device, read back;
+/// records (and returns) whether it worked. Never panics.
+fn device_check<B: FusedOps>(device: &B::Device, shared: &Shared, options: &WorkerOptions) -> bool {
+    let ok = catch_unwind(AssertUnwindSafe(|| {
+        B::memory_cleanup(device);
+        if let Some(hook) = &options.hooks.fault {
+            hook(FaultPoint::Probe)?;
+        }
+        let sum = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0, 3.0], device)
+            .sum()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default();
+        if sum == [6.0] {
+            Ok(())
+        } else {
+            Err(Error::Backend(format!("1 + 2 + 3 gave {sum:?}")))
+        }
+    }));
+    let ok = match ok {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the device check failed");
+            false
+        }
+        Err(panic) => {
+            tracing::error!(error = %panic_message(&panic), "the device check panicked");
+            false
+        }
+    };
+    if ok && !shared.device_ok.swap(true, Ordering::SeqCst) {
+        tracing::info!("the device passed its check; serving again");
+    }
+    ok
+}
