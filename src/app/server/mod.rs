@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod playground;
 pub mod request;
 pub mod schema;
+pub mod stream;
 pub mod types;
 pub mod worker;
 
