@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::queue::Job;
+use super::queue::QueuedJob;
 use super::{bump, FaultPoint, JobError, JobEvent, JobLora, Shared, WorkerObserver, WorkerOptions};
 use crate::error::Error;
 use crate::load::lora::{apply_loras, remove_loras, LoraAdapter};
@@ -60,13 +60,15 @@ fn is_out_of_memory(message: &str) -> bool {
 
 /// The client's message for a failed batch: an out-of-memory says what to change; any
 /// other failure its first line (backtraces stay in the log).
-fn failure_message(raw: &str, batch: &[Job]) -> String {
+fn failure_message(raw: &str, requests: &[GenerationRequest]) -> String {
     let first = raw.lines().next().unwrap_or(raw).trim();
     if !is_out_of_memory(raw) {
         return first.to_string();
     }
-    let r = &batch[0].request;
-    let images: usize = batch.iter().map(|j| j.request.num_images).sum();
+    let Some(r) = requests.first() else {
+        return first.to_string();
+    };
+    let images: usize = requests.iter().map(|r| r.num_images).sum();
     format!(
         "out of memory on the device for {images} image(s) of {}x{} ({first}); its memory \
          was freed: retry with a smaller size or fewer images",
@@ -78,7 +80,7 @@ fn failure_message(raw: &str, batch: &[Job]) -> String {
 /// have left the device in trouble (a panic, out of memory), to be checked.
 pub(super) fn run_batch<B: FusedOps>(
     pipeline: &SdxlPipeline<B>,
-    batch: Vec<Job>,
+    batch: Vec<QueuedJob>,
     shared: &Shared,
     options: &WorkerOptions,
     observer: Option<&dyn WorkerObserver>,
@@ -214,7 +216,7 @@ pub(super) fn run_batch<B: FusedOps>(
     };
     let (failure, panicked) = failure;
     tracing::error!(jobs = ?ids, error = %failure, "generation failed");
-    let message = failure_message(&failure, &batch);
+    let message = failure_message(&failure, &requests);
     bump(&c.failed, batch.len());
     for job in batch {
         let _ = job.reply.send(Err(JobError::Failed(message.clone())));

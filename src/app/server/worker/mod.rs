@@ -9,7 +9,7 @@ mod thread;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot};
@@ -20,10 +20,11 @@ use crate::load::lora::{ActiveLora, LoraAdapter, LoraSpec};
 use crate::load::LoadOptions;
 use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, RunOptions};
 
-use queue::Job;
+use queue::JobQueue;
 use thread::Spawn;
 
-/// PNG files of a finished job, or why there are none.
+/// The encoded images of a finished job (PNG, JPEG or WebP files, as its [`Encoding`]
+/// asked), or why there are none.
 pub type JobResult = Result<Vec<Vec<u8>>, JobError>;
 
 /// Why a job produced no images.
@@ -298,12 +299,38 @@ struct Shared {
     counters: Counters,
 }
 
+impl Shared {
+    /// The state of a worker on `device` running in `dtype`, with a queue of
+    /// `max_queue` jobs; not alive until its model is loaded.
+    fn new(device: String, dtype: &'static str, max_queue: usize) -> Self {
+        Self {
+            device,
+            dtype,
+            info: Mutex::new(None),
+            loras: Mutex::new(Vec::new()),
+            max_queue,
+            queued: AtomicUsize::new(0),
+            waiting: Mutex::new(std::collections::BTreeSet::new()),
+            alive: AtomicBool::new(false),
+            device_ok: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Whether a drain or shutdown has begun: no new jobs are taken.
+    fn is_closing(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst) || self.draining.load(Ordering::SeqCst)
+    }
+}
+
 /// The handle to a running worker; not generic over the backend.
 pub struct Worker {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    queue: JobQueue,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -362,55 +389,8 @@ impl Worker {
         stream: Option<StreamOptions>,
         timing: Arc<JobTiming>,
     ) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = guard.as_ref() else {
-            return Err(SubmitError::Closed);
-        };
-        if self.is_shutting_down() {
-            return Err(SubmitError::Closed);
-        }
-        let shared = &self.shared;
-        // Admission by count, so that jobs the worker has taken off the channel but
-        // not started still count against the limit.
-        if shared.queued.fetch_add(1, Ordering::SeqCst) >= shared.max_queue {
-            shared.queued.fetch_sub(1, Ordering::SeqCst);
-            bump(&shared.counters.refused, 1);
-            return Err(SubmitError::QueueFull);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Before sending, so that the worker never takes a job not yet on the books.
-        shared
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
-        let (reply, rx) = oneshot::channel();
-        match tx.try_send(Job {
-            id,
-            queued_at: Instant::now(),
-            timing,
-            request,
-            encoding,
-            stream,
-            loras,
-            reply,
-        }) {
-            Ok(()) => {
-                bump(&shared.counters.accepted, 1);
-                Ok((id, rx))
-            }
-            Err(e) => {
-                shared.queued.fetch_sub(1, Ordering::SeqCst);
-                shared.leave_queue(id);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        bump(&shared.counters.refused, 1);
-                        Err(SubmitError::QueueFull)
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(SubmitError::Closed),
-                }
-            }
-        }
+        self.queue
+            .submit(&self.shared, request, encoding, loras, stream, timing)
     }
 
     /// Accepted jobs not yet started.
@@ -446,8 +426,7 @@ impl Worker {
 
     /// Whether shutdown (or a drain) has begun: no new jobs are taken.
     pub fn is_shutting_down(&self) -> bool {
-        self.shared.shutting_down.load(Ordering::SeqCst)
-            || self.shared.draining.load(Ordering::SeqCst)
+        self.shared.is_closing()
     }
 
     /// Whether the worker thread has ended (after a drain or shutdown, once its queue
@@ -461,7 +440,7 @@ impl Worker {
     /// a drain short.
     pub fn begin_drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.queue.close();
     }
 
     /// Ends a drain that ran out of time: queued jobs are refused and the running batch
@@ -526,8 +505,7 @@ impl Worker {
     /// ([`JobError::ShuttingDown`]), and the thread ends once the queue is empty.
     pub fn begin_shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // Dropping the only sender lets the thread see the end of the queue.
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.queue.close();
     }
 
     /// Waits for the thread to end (after [`begin_shutdown`](Self::begin_shutdown)).

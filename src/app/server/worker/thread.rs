@@ -1,19 +1,19 @@
 //! The worker thread's life: load the model, merge the start-up LoRAs, warm up, then
 //! serve batches until the queue closes; the device check after a failure.
 
+use std::any::TypeId;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use tokio::sync::mpsc;
 
 use super::batch::{panic_message, run_batch, switch_loras};
-use super::queue::{same_loras, Job};
-use super::{bump, Counters, FaultPoint, JobError, JobLora, Shared, WarmUp, Worker, WorkerOptions};
-use crate::device::{DTypeChoice, Placed, WithBackend};
+use super::queue::{job_queue, same_loras, Batcher};
+use super::{bump, FaultPoint, JobError, JobLora, Shared, WarmUp, Worker, WorkerOptions};
+use crate::device::{CpuBackend, DTypeChoice, Placed, WithBackend};
 use crate::error::Error;
 use crate::load::load_pipeline;
 use crate::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
@@ -41,25 +41,14 @@ impl WithBackend for Spawn {
 
     fn run<B: FusedOps>(self, device: B::Device, placed: Placed) -> anyhow::Result<Worker> {
         let options = self.0;
-        let (tx, rx) = mpsc::channel(options.max_queue_size);
+        let (queue, batcher) = job_queue(options.max_queue_size, options.max_batch_size);
         let dtype = placed.dtype;
-        let shared = Arc::new(Shared {
-            device: placed.label,
-            dtype: crate::device::dtype_name(dtype),
-            info: Mutex::new(None),
-            loras: Mutex::new(Vec::new()),
-            max_queue: options.max_queue_size,
-            queued: AtomicUsize::new(0),
-            waiting: Mutex::new(std::collections::BTreeSet::new()),
-            alive: AtomicBool::new(false),
-            device_ok: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
-            aborting: AtomicBool::new(false),
-            counters: Counters::default(),
-        });
-        // The CPU backend's label (see `Placed::label`).
-        let on_cpu = shared.device == "cpu";
+        let shared = Arc::new(Shared::new(
+            placed.label,
+            crate::device::dtype_name(dtype),
+            options.max_queue_size,
+        ));
+        let on_cpu = TypeId::of::<B>() == TypeId::of::<CpuBackend>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -112,7 +101,7 @@ impl WithBackend for Spawn {
                 thread_shared.alive.store(true, Ordering::SeqCst);
                 let guard = AliveGuard(thread_shared);
                 let _ = ready_tx.send(Ok(()));
-                serve_jobs(pipeline, &base, &device, rx, &guard.0, &options);
+                serve_jobs(pipeline, &base, &device, batcher, &guard.0, &options);
             })
             .context("starting the worker thread")?;
         let loaded = ready_rx
@@ -123,10 +112,9 @@ impl WithBackend for Spawn {
             return Err(e);
         }
         Ok(Worker {
-            tx: Mutex::new(Some(tx)),
+            queue,
             shared,
             thread: Mutex::new(Some(thread)),
-            next_id: AtomicU64::new(1),
         })
     }
 }
@@ -151,7 +139,7 @@ fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<()
     let request = GenerationRequest {
         prompt: "warm-up".into(),
         num_inference_steps: warmup.steps,
-        guidance_scale: crate::pipeline::RequestDefaults::HYPERGEN_API.guidance_scale,
+        guidance_scale: crate::app::server::types::default_guidance(),
         width: warmup.width,
         height: warmup.height,
         ..Default::default()
@@ -187,47 +175,13 @@ fn serve_jobs<B: FusedOps>(
     mut pipeline: SdxlPipeline<B>,
     base: &[JobLora],
     device: &B::Device,
-    mut rx: mpsc::Receiver<Job>,
+    mut batcher: Batcher,
     shared: &Shared,
     options: &WorkerOptions,
 ) {
-    // A job taken while gathering a batch that it cannot join waits here for the next.
-    let mut pending: Option<Job> = None;
     // The per-job adapters merged now (beside `base`); `None`: unknown, merge again.
     let mut merged: Option<Vec<JobLora>> = Some(Vec::new());
-    loop {
-        let job = match pending.take() {
-            Some(job) => job,
-            None => match rx.blocking_recv() {
-                Some(job) => job,
-                None => break,
-            },
-        };
-        let Some(job) = shared.admit(job) else {
-            continue;
-        };
-        let mut batch = vec![job];
-        while batch.len() < options.max_batch_size {
-            let Ok(next) = rx.try_recv() else {
-                break;
-            };
-            let Some(next) = shared.admit(next) else {
-                continue;
-            };
-            if batch[0].request.batch_compatible(&next.request)
-                && batch[0].partial_images() == next.partial_images()
-                && same_loras(&batch[0].loras, &next.loras)
-            {
-                batch.push(next);
-            } else {
-                pending = Some(next);
-                break;
-            }
-        }
-        shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
-        for job in &batch {
-            shared.leave_queue(job.id);
-        }
+    while let Some(batch) = batcher.next_batch(shared) {
         let observer = options.hooks.observer.as_deref();
         let now = Instant::now();
         let waits: Vec<Duration> = batch.iter().map(|j| now - j.queued_at).collect();
