@@ -27,6 +27,11 @@ use crate::load::sgm::UnetLayout;
 use crate::pipeline::SdxlComponents;
 use crate::FusedOps;
 
+pub use crate::pipeline::lora::{
+    ActiveLora, LoraAdapter, LoraLayer, LoraPart, LoraSpec, LoraState,
+};
+use crate::pipeline::lora::{HostTensor, Target};
+
 /// The file a LoRA folder holds (diffusers' `save_lora_weights` name).
 pub const LORA_FOLDER_FILE: &str = "pytorch_lora_weights.safetensors";
 
@@ -36,79 +41,6 @@ const LIST_MAX: usize = 5;
 #[cfg(test)]
 #[path = "lora_fuzz.rs"]
 mod fuzz;
-
-/// The model part a LoRA layer changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LoraPart {
-    /// `text_encoder` (kohya `lora_te1_`).
-    TextEncoder,
-    /// `text_encoder_2` (kohya `lora_te2_`).
-    TextEncoder2,
-    /// `unet` (kohya `lora_unet_`).
-    Unet,
-}
-
-impl LoraPart {
-    /// The component's folder name.
-    pub fn name(self) -> &'static str {
-        match self {
-            LoraPart::TextEncoder => "text_encoder",
-            LoraPart::TextEncoder2 => "text_encoder_2",
-            LoraPart::Unet => "unet",
-        }
-    }
-}
-
-/// How a file names the layer a LoRA pair belongs to.
-#[derive(Debug, Clone)]
-enum Target {
-    /// A dotted module path (diffusers / PEFT).
-    Path(String),
-    /// kohya's flattened name, dots turned into underscores, in SGM or diffusers
-    /// numbering: resolved against the model's own layers.
-    Flat(String),
-}
-
-/// A float32 host tensor read from a LoRA file.
-#[derive(Debug, Clone)]
-struct HostTensor {
-    shape: Vec<usize>,
-    data: Vec<f32>,
-}
-
-/// One layer of an adapter: the low-rank pair and its alpha.
-#[derive(Debug, Clone)]
-pub struct LoraLayer {
-    /// The model part it changes.
-    pub part: LoraPart,
-    /// Its name in the file, without the `.lora_down.weight`-style suffix.
-    pub key: String,
-    target: Target,
-    down: HostTensor,
-    up: HostTensor,
-    alpha: Option<f32>,
-}
-
-impl LoraLayer {
-    /// The rank: rows of `down`.
-    pub fn rank(&self) -> usize {
-        self.down.shape.first().copied().unwrap_or(0)
-    }
-
-    /// `alpha / rank` (alpha defaults to the rank: factor 1, as PEFT files without alpha mean).
-    pub fn alpha_factor(&self) -> f32 {
-        let rank = self.rank().max(1) as f32;
-        self.alpha.unwrap_or(rank) / rank
-    }
-}
-
-/// A parsed LoRA file, in host memory as float32, ready to merge into any model it fits.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    name: String,
-    path: PathBuf,
-    layers: Vec<LoraLayer>,
-}
 
 /// The weight file of a LoRA named by `path`: the file itself, or
 /// `pytorch_lora_weights.safetensors` in a folder. Pickled formats are refused here,
@@ -375,77 +307,6 @@ impl LoraAdapter {
             path: file,
             layers,
         })
-    }
-
-    /// The name it is shown under (its path unless [`with_name`](Self::with_name)).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The same adapter shown under `name` (the server names adapters relative to
-    /// `--lora-dir`).
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// The weight file it was read from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Its layers.
-    pub fn layers(&self) -> &[LoraLayer] {
-        &self.layers
-    }
-
-    /// Host memory it holds, in bytes (for cache bounds).
-    pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| 4 * (l.down.data.len() + l.up.data.len()) + l.key.len())
-            .sum()
-    }
-}
-
-/// An adapter merged into the model: its name and scale.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActiveLora {
-    /// The name it was applied under.
-    pub name: String,
-    /// Its scale.
-    pub scale: f32,
-}
-
-/// Which adapters are merged into a model, and the base tensors they replaced.
-pub struct LoraState<B: FusedOps> {
-    active: Vec<ActiveLora>,
-    originals: BTreeMap<LoraPart, HashMap<String, TensorPrimitive<B>>>,
-}
-
-impl<B: FusedOps> Default for LoraState<B> {
-    fn default() -> Self {
-        Self {
-            active: Vec::new(),
-            originals: BTreeMap::new(),
-        }
-    }
-}
-
-impl<B: FusedOps> LoraState<B> {
-    /// The adapters merged now, in the order they were given.
-    pub fn active(&self) -> &[ActiveLora] {
-        &self.active
-    }
-
-    /// Whether the model holds its base weights.
-    pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
-    }
-
-    /// Number of base tensors kept for restoring.
-    pub fn replaced_tensors(&self) -> usize {
-        self.originals.values().map(HashMap::len).sum()
     }
 }
 
@@ -735,48 +596,6 @@ pub fn same_weights<B: FusedOps, M: Module<B>>(a: &M, b: &M) -> bool {
                     _ => false,
                 }
         })
-}
-
-/// An adapter as the command line names it: `PATH[:SCALE]` (scale 1 when absent).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraSpec {
-    /// The `.safetensors` file or LoRA folder.
-    pub path: PathBuf,
-    /// Its scale.
-    pub scale: f32,
-}
-
-impl std::str::FromStr for LoraSpec {
-    type Err = Error;
-
-    /// `PATH` or `PATH:SCALE`; a suffix after the last `:` that is not a number belongs
-    /// to the path (Windows drive letters).
-    fn from_str(s: &str) -> Result<Self> {
-        if s.is_empty() {
-            return Err(Error::invalid("lora", "an empty path"));
-        }
-        if let Some((path, scale)) = s.rsplit_once(':') {
-            if let Ok(scale) = scale.parse::<f32>() {
-                if !scale.is_finite() {
-                    return Err(Error::invalid(
-                        "lora",
-                        format!("scale {scale} is not finite"),
-                    ));
-                }
-                if path.is_empty() {
-                    return Err(Error::invalid("lora", "an empty path before the scale"));
-                }
-                return Ok(Self {
-                    path: PathBuf::from(path),
-                    scale,
-                });
-            }
-        }
-        Ok(Self {
-            path: PathBuf::from(s),
-            scale: 1.0,
-        })
-    }
 }
 
 /// Reads every adapter of `specs` and merges them all at once ([`apply_loras`]).

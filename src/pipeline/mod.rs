@@ -9,6 +9,7 @@
 
 mod components;
 mod image;
+pub mod lora;
 pub mod noise;
 mod request;
 
