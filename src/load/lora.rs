@@ -16,6 +16,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
@@ -28,7 +30,7 @@ use crate::pipeline::SdxlComponents;
 use crate::FusedOps;
 
 pub use crate::pipeline::lora::{
-    ActiveLora, LoraAdapter, LoraLayer, LoraPart, LoraSpec, LoraState,
+    same_loras, LoraAdapter, LoraLayer, LoraPart, LoraSpec, LoraState,
 };
 use crate::pipeline::lora::{HostTensor, Target};
 
@@ -408,18 +410,29 @@ fn check_fit(
     })
 }
 
-/// Merges `adapters` (each with its scale) into the model's weights, replacing any
-/// adapters merged before (the base weights are restored first). Everything is checked
-/// before anything changes: on an error (a layer the model lacks, a shape that does not
-/// fit) the model is left as it was.
+/// Makes the adapters merged into the model's weights exactly `wanted` (each at its
+/// scale), in place of any merged before: nothing to do when the model holds these
+/// very adapters at these scales already ([`same_loras`]); an empty list restores the
+/// base weights ([`remove_loras`]); otherwise the base weights are restored and
+/// `wanted` merged. Everything is checked before anything changes: on an error (a
+/// layer the model lacks, a shape that does not fit) the model is left as it was.
 pub fn apply_loras<B: FusedOps>(
     components: &mut SdxlComponents<B>,
-    adapters: &[(&LoraAdapter, f32)],
+    wanted: &[LoraSpec<Arc<LoraAdapter>>],
 ) -> Result<()> {
+    if same_loras(components.loras.active(), wanted) {
+        return Ok(());
+    }
+    if wanted.is_empty() {
+        remove_loras(components);
+        return Ok(());
+    }
+    let start = Instant::now();
     // Plan: every contribution to every weight, checked against the model.
     let mut plan: BTreeMap<LoraPart, PartPlan<'_>> = BTreeMap::new();
     let mut targets: BTreeMap<LoraPart, PartTargets> = BTreeMap::new();
-    for (adapter, scale) in adapters {
+    for spec in wanted {
+        let (adapter, scale) = (&*spec.source, spec.scale);
         if !scale.is_finite() {
             return Err(Error::invalid(
                 "lora_scale",
@@ -497,16 +510,11 @@ pub fn apply_loras<B: FusedOps>(
         }
         components.loras.originals.insert(part, originals);
     }
-    components.loras.active = adapters
-        .iter()
-        .map(|(a, scale)| ActiveLora {
-            name: a.name.clone(),
-            scale: *scale,
-        })
-        .collect();
+    components.loras.active = wanted.to_vec();
     tracing::info!(
-        adapters = ?components.loras.active,
+        adapters = ?names(wanted),
         tensors = components.loras.replaced_tensors(),
+        seconds = start.elapsed().as_secs_f64(),
         "merged LoRA adapters"
     );
     Ok(())
@@ -577,7 +585,7 @@ pub fn remove_loras<B: FusedOps>(components: &mut SdxlComponents<B>) {
         }
     }
     if !components.loras.active.is_empty() {
-        tracing::info!(adapters = ?components.loras.active, "removed LoRA adapters");
+        tracing::info!(adapters = ?names(&components.loras.active), "removed LoRA adapters");
     }
     components.loras.active.clear();
 }
@@ -598,22 +606,29 @@ pub fn same_weights<B: FusedOps, M: Module<B>>(a: &M, b: &M) -> bool {
         })
 }
 
-/// Reads every adapter of `specs` and merges them all at once ([`apply_loras`]).
+/// Adapters and scales for logs: `[("name", scale), …]`.
+fn names(specs: &[LoraSpec<Arc<LoraAdapter>>]) -> Vec<(&str, f32)> {
+    specs.iter().map(|s| (s.source.name(), s.scale)).collect()
+}
+
+/// Reads every adapter of `specs` (each named by its path).
+pub fn read_loras(specs: &[LoraSpec]) -> Result<Vec<LoraSpec<Arc<LoraAdapter>>>> {
+    specs
+        .iter()
+        .map(|s| {
+            Ok(LoraSpec::new(
+                Arc::new(LoraAdapter::read(&s.source)?),
+                s.scale,
+            ))
+        })
+        .collect()
+}
+
+/// Reads every adapter of `specs` and makes them the merged ones, all at once
+/// ([`apply_loras`]).
 pub fn apply_lora_specs<B: FusedOps>(
     components: &mut SdxlComponents<B>,
     specs: &[LoraSpec],
 ) -> Result<()> {
-    if specs.is_empty() {
-        return Ok(());
-    }
-    let adapters = specs
-        .iter()
-        .map(|s| LoraAdapter::read(&s.path))
-        .collect::<Result<Vec<_>>>()?;
-    let list: Vec<(&LoraAdapter, f32)> = adapters
-        .iter()
-        .zip(specs)
-        .map(|(a, s)| (a, s.scale))
-        .collect();
-    apply_loras(components, &list)
+    apply_loras(components, &read_loras(specs)?)
 }

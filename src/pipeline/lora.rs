@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::TensorPrimitive;
 
@@ -117,18 +118,37 @@ impl LoraAdapter {
     }
 }
 
-/// An adapter merged into the model: its name and scale.
+/// One LoRA adapter at a scale. What names the adapter depends on who asks: a path on
+/// the command line (`LoraSpec<PathBuf>`, the default), a name inside the server's LoRA
+/// directory (`LoraSpec<String>`), or the parsed adapter a job merges and a model holds
+/// (`LoraSpec<Arc<LoraAdapter>>`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ActiveLora {
-    /// The name it was applied under.
-    pub name: String,
+pub struct LoraSpec<S = PathBuf> {
+    /// The adapter: its path, its name, or the adapter itself.
+    pub source: S,
     /// Its scale.
     pub scale: f32,
 }
 
+impl<S> LoraSpec<S> {
+    /// `source` at `scale`.
+    pub fn new(source: S, scale: f32) -> Self {
+        Self { source, scale }
+    }
+}
+
+/// Whether two lists name the very same parsed adapters (not copies read again) at the
+/// same scales, in the same order: what a model holds need not be merged again.
+pub fn same_loras(a: &[LoraSpec<Arc<LoraAdapter>>], b: &[LoraSpec<Arc<LoraAdapter>>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| Arc::ptr_eq(&x.source, &y.source) && x.scale == y.scale)
+}
+
 /// Which adapters are merged into a model, and the base tensors they replaced.
 pub struct LoraState<B: FusedOps> {
-    pub(crate) active: Vec<ActiveLora>,
+    pub(crate) active: Vec<LoraSpec<Arc<LoraAdapter>>>,
     pub(crate) originals: BTreeMap<LoraPart, HashMap<String, TensorPrimitive<B>>>,
 }
 
@@ -142,8 +162,8 @@ impl<B: FusedOps> Default for LoraState<B> {
 }
 
 impl<B: FusedOps> LoraState<B> {
-    /// The adapters merged now, in the order they were given.
-    pub fn active(&self) -> &[ActiveLora] {
+    /// The adapters merged now, at their scales, in the order they were given.
+    pub fn active(&self) -> &[LoraSpec<Arc<LoraAdapter>>] {
         &self.active
     }
 
@@ -158,20 +178,12 @@ impl<B: FusedOps> LoraState<B> {
     }
 }
 
-/// An adapter as the command line names it: `PATH[:SCALE]` (scale 1 when absent).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraSpec {
-    /// The `.safetensors` file or LoRA folder.
-    pub path: PathBuf,
-    /// Its scale.
-    pub scale: f32,
-}
-
 impl std::str::FromStr for LoraSpec {
     type Err = Error;
 
-    /// `PATH` or `PATH:SCALE`; a suffix after the last `:` that is not a number belongs
-    /// to the path (Windows drive letters).
+    /// `PATH` or `PATH:SCALE` (scale 1 when absent), as the command line names an
+    /// adapter; a suffix after the last `:` that is not a number belongs to the path
+    /// (Windows drive letters).
     fn from_str(s: &str) -> Result<Self> {
         if s.is_empty() {
             return Err(Error::invalid("lora", "an empty path"));
@@ -187,15 +199,9 @@ impl std::str::FromStr for LoraSpec {
                 if path.is_empty() {
                     return Err(Error::invalid("lora", "an empty path before the scale"));
                 }
-                return Ok(Self {
-                    path: PathBuf::from(path),
-                    scale,
-                });
+                return Ok(Self::new(PathBuf::from(path), scale));
             }
         }
-        Ok(Self {
-            path: PathBuf::from(s),
-            scale: 1.0,
-        })
+        Ok(Self::new(PathBuf::from(s), 1.0))
     }
 }

@@ -4,42 +4,49 @@
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::queue::QueuedJob;
-use super::{bump, FaultPoint, JobError, JobEvent, JobLora, Shared, WorkerObserver, WorkerOptions};
+use super::{bump, FaultPoint, JobError, JobEvent, Shared, WorkerObserver, WorkerOptions};
 use crate::error::Error;
-use crate::load::lora::{apply_loras, remove_loras, LoraAdapter};
+use crate::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
 use crate::pipeline::{
     a1111_parameters, GenerationRequest, OutputFormat, Preview, Progress, SdxlPipeline,
 };
 use crate::scheduler::SchedulerKind;
 use crate::FusedOps;
 
-/// Merges `base` and `extra` in place of what is merged now; on an error (an adapter
-/// that does not fit) the model is left as it was.
+/// Makes the merged adapters those `job` runs with: `base` (merged at start), then its
+/// own ([`apply_loras`] does nothing when they are merged already). A batch shares its
+/// adapters, so its first job speaks for it. On an error the model holds what it held;
+/// after a panic it holds its base weights.
 pub(super) fn switch_loras<B: FusedOps>(
     pipeline: &mut SdxlPipeline<B>,
-    base: &[JobLora],
-    extra: &[JobLora],
-) -> crate::Result<()> {
-    let start = Instant::now();
-    let list: Vec<(&LoraAdapter, f32)> = base
-        .iter()
-        .chain(extra)
-        .map(|l| (&*l.adapter, l.scale))
-        .collect();
-    if list.is_empty() {
-        remove_loras(pipeline.components_mut());
-    } else {
-        apply_loras(pipeline.components_mut(), &list)?;
+    base: &[LoraSpec<Arc<LoraAdapter>>],
+    job: &QueuedJob,
+) -> Result<(), JobError> {
+    let wanted: Vec<_> = base.iter().chain(&job.loras).cloned().collect();
+    let switched = catch_unwind(AssertUnwindSafe(|| {
+        apply_loras(pipeline.components_mut(), &wanted)
+    }));
+    match switched {
+        Ok(Ok(())) => Ok(()),
+        // Checked before anything changed.
+        Ok(Err(e)) => Err(JobError::Invalid {
+            param: job.lora_param,
+            message: e.to_string(),
+        }),
+        Err(panic) => {
+            // A part may be merged: put every kept base tensor back, which leaves the
+            // model's state saying that nothing is merged.
+            let _ = catch_unwind(AssertUnwindSafe(|| remove_loras(pipeline.components_mut())));
+            Err(JobError::Failed(format!(
+                "merging LoRA adapters panicked: {}",
+                panic_message(&panic)
+            )))
+        }
     }
-    tracing::info!(
-        adapters = ?extra.iter().map(|l| (l.adapter.name(), l.scale)).collect::<Vec<_>>(),
-        seconds = start.elapsed().as_secs_f64(),
-        "switched per-request LoRA adapters"
-    );
-    Ok(())
 }
 
 /// Whether a failure's message is a device (or host) out-of-memory, as CubeCL, wgpu and

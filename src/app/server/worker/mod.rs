@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{dispatch, DTypeChoice, DeviceSpec};
 use crate::error::Error;
-use crate::load::lora::{ActiveLora, LoraAdapter, LoraSpec};
+use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::load::LoadOptions;
 use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, RunOptions};
 
@@ -44,16 +44,10 @@ pub enum JobError {
     },
 }
 
-/// A LoRA adapter a job runs with, beside those merged at start.
-#[derive(Debug, Clone)]
-pub struct JobLora {
-    /// The parsed adapter (shared with the server's cache).
-    pub adapter: Arc<LoraAdapter>,
-    /// Its scale.
-    pub scale: f32,
-    /// The request field that named it (`lora_path` or `loras`), for errors.
-    pub param: &'static str,
-}
+/// A LoRA adapter a job runs with, beside those merged at start: the request field
+/// that named it (`lora_path` or `loras`, for errors) and the parsed adapter (shared
+/// with the server's cache) at its scale.
+pub type JobLora = (&'static str, LoraSpec<Arc<LoraAdapter>>);
 
 /// Why a job was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +276,7 @@ struct Shared {
     /// What was loaded (set before the worker reports ready).
     info: Mutex<Option<ModelInfo>>,
     /// The adapters merged at start.
-    loras: Mutex<Vec<ActiveLora>>,
+    loras: Mutex<Vec<LoraSpec<Arc<LoraAdapter>>>>,
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
@@ -461,7 +455,7 @@ impl Worker {
     }
 
     /// The LoRA adapters merged at start (`--lora`), with their scales.
-    pub fn loras(&self) -> Vec<ActiveLora> {
+    pub fn loras(&self) -> Vec<LoraSpec<Arc<LoraAdapter>>> {
         self.shared
             .loras
             .lock()

@@ -8,15 +8,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{bump, JobError, JobLora, JobResult, JobTiming, Shared, StreamOptions, SubmitError};
+use crate::load::lora::{same_loras, LoraAdapter, LoraSpec};
 use crate::pipeline::{Encoding, GenerationRequest};
-
-/// Which adapters a job wants: the same adapter values at the same scales.
-pub(super) fn same_loras(a: &[JobLora], b: &[JobLora]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| Arc::ptr_eq(&x.adapter, &y.adapter) && x.scale == y.scale)
-}
 
 /// One accepted request.
 pub(super) struct QueuedJob {
@@ -29,8 +22,11 @@ pub(super) struct QueuedJob {
     pub(super) encoding: Encoding,
     /// Set for a streamed job.
     pub(super) stream: Option<StreamOptions>,
-    /// LoRA adapters for this job only.
-    pub(super) loras: Vec<JobLora>,
+    /// LoRA adapters for this job only, merged beside those merged at start.
+    pub(super) loras: Vec<LoraSpec<Arc<LoraAdapter>>>,
+    /// The request field that named the first of them (`lora_path` when none), which
+    /// an adapter that does not fit the model is blamed on.
+    pub(super) lora_param: &'static str,
     pub(super) reply: oneshot::Sender<JobResult>,
 }
 
@@ -110,6 +106,7 @@ impl JobQueue {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
         let (reply, rx) = oneshot::channel();
+        let lora_param = loras.first().map_or("lora_path", |(param, _)| *param);
         match tx.try_send(QueuedJob {
             id,
             queued_at: Instant::now(),
@@ -117,7 +114,8 @@ impl JobQueue {
             request,
             encoding,
             stream,
-            loras,
+            loras: loras.into_iter().map(|(_, spec)| spec).collect(),
+            lora_param,
             reply,
         }) {
             Ok(()) => {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 
 use super::batch::{panic_message, run_batch, switch_loras};
-use super::queue::{job_queue, same_loras, Batcher};
-use super::{bump, FaultPoint, JobError, JobLora, Shared, WarmUp, Worker, WorkerOptions};
+use super::queue::{job_queue, Batcher};
+use super::{bump, FaultPoint, JobError, Shared, WarmUp, Worker, WorkerOptions};
 use crate::device::{CpuBackend, DTypeChoice, Placed, WithBackend};
 use crate::error::Error;
 use crate::load::load_pipeline;
-use crate::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
+use crate::load::lora::{apply_lora_specs, LoraAdapter, LoraSpec};
 use crate::pipeline::{GenerationRequest, SdxlPipeline};
 use crate::FusedOps;
 
@@ -48,7 +48,6 @@ impl WithBackend for Spawn {
             crate::device::dtype_name(dtype),
             options.max_queue_size,
         ));
-        let on_cpu = TypeId::of::<B>() == TypeId::of::<CpuBackend>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -62,28 +61,22 @@ impl WithBackend for Spawn {
                         &options.run,
                         &device,
                     )?;
-                    let base = read_start_loras(&options.loras)?;
-                    if !base.is_empty() {
-                        let list: Vec<(&LoraAdapter, f32)> =
-                            base.iter().map(|l| (&*l.adapter, l.scale)).collect();
-                        apply_loras(p.components_mut(), &list)?;
-                    }
+                    apply_lora_specs(p.components_mut(), &options.loras)?;
                     match options.warmup {
-                        Some(w) if w.gpu_only && on_cpu => {}
-                        Some(w) => warm_up(&p, w)?,
-                        None => {}
+                        Some(w) if runs_warm_up::<B>(&w) => warm_up(&p, w)?,
+                        _ => {}
                     }
-                    Ok::<_, crate::Error>((p, base))
+                    Ok::<_, crate::Error>(p)
                 }));
                 let (pipeline, base) = match loaded {
-                    Ok(Ok((p, base))) => {
+                    Ok(Ok(p)) => {
                         let info = p.components().info.clone();
                         *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        let base = p.components().loras.active().to_vec();
                         *thread_shared
                             .loras
                             .lock()
-                            .unwrap_or_else(|p| p.into_inner()) =
-                            p.components().loras.active().to_vec();
+                            .unwrap_or_else(|p| p.into_inner()) = base.clone();
                         (p, base)
                     }
                     Ok(Err(e)) => {
@@ -119,18 +112,10 @@ impl WithBackend for Spawn {
     }
 }
 
-/// Reads the adapters merged at start (`--lora`).
-fn read_start_loras(specs: &[LoraSpec]) -> crate::Result<Vec<JobLora>> {
-    specs
-        .iter()
-        .map(|s| {
-            Ok(JobLora {
-                adapter: Arc::new(LoraAdapter::read(&s.path)?),
-                scale: s.scale,
-                param: "lora",
-            })
-        })
-        .collect()
+/// Whether `warmup` runs on backend `B`: one for GPUs only is skipped on the CPU
+/// backend (known by its type, not by the device's label).
+fn runs_warm_up<B: FusedOps>(warmup: &WarmUp) -> bool {
+    !(warmup.gpu_only && TypeId::of::<B>() == TypeId::of::<CpuBackend>())
 }
 
 /// Runs one generation of `warmup`'s size with the server's default guidance (so with
@@ -173,14 +158,12 @@ fn warm_up<B: FusedOps>(pipeline: &SdxlPipeline<B>, warmup: WarmUp) -> Result<()
 /// them before it runs and stay merged until a batch wants another set.
 fn serve_jobs<B: FusedOps>(
     mut pipeline: SdxlPipeline<B>,
-    base: &[JobLora],
+    base: &[LoraSpec<Arc<LoraAdapter>>],
     device: &B::Device,
     mut batcher: Batcher,
     shared: &Shared,
     options: &WorkerOptions,
 ) {
-    // The per-job adapters merged now (beside `base`); `None`: unknown, merge again.
-    let mut merged: Option<Vec<JobLora>> = Some(Vec::new());
     while let Some(batch) = batcher.next_batch(shared) {
         let observer = options.hooks.observer.as_deref();
         let now = Instant::now();
@@ -203,44 +186,14 @@ fn serve_jobs<B: FusedOps>(
             }
             continue;
         }
-        if merged
-            .as_deref()
-            .is_none_or(|m| !same_loras(m, &batch[0].loras))
-        {
-            let switched = catch_unwind(AssertUnwindSafe(|| {
-                switch_loras(&mut pipeline, base, &batch[0].loras)
-            }));
-            let refusal = match switched {
-                Ok(Ok(())) => {
-                    merged = Some(batch[0].loras.clone());
-                    None
-                }
-                // Checked before anything changed: the model still holds `merged`.
-                Ok(Err(e)) => Some(JobError::Invalid {
-                    param: batch[0].loras.first().map_or("lora_path", |l| l.param),
-                    message: e.to_string(),
-                }),
-                Err(panic) => {
-                    // A part may be merged: put every kept base tensor back, and merge
-                    // again before the next batch whatever it wants.
-                    let _ =
-                        catch_unwind(AssertUnwindSafe(|| remove_loras(pipeline.components_mut())));
-                    merged = None;
-                    Some(JobError::Failed(format!(
-                        "merging LoRA adapters panicked: {}",
-                        panic_message(&panic)
-                    )))
-                }
-            };
-            if let Some(error) = refusal {
-                tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "LoRA adapters not merged");
-                bump(&shared.counters.started, batch.len());
-                bump(&shared.counters.failed, batch.len());
-                for job in batch {
-                    let _ = job.reply.send(Err(error.clone()));
-                }
-                continue;
+        if let Err(error) = switch_loras(&mut pipeline, base, &batch[0]) {
+            tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "LoRA adapters not merged");
+            bump(&shared.counters.started, batch.len());
+            bump(&shared.counters.failed, batch.len());
+            for job in batch {
+                let _ = job.reply.send(Err(error.clone()));
             }
+            continue;
         }
         if run_batch(&pipeline, batch, shared, options, observer) {
             // Give back what the failed batch left in the device's memory pools, then
