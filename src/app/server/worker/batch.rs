@@ -250,3 +250,66 @@ pub(super) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_recognised_however_a_backend_words_it() {
+        for raw in [
+            "CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+            "Out of memory: can't allocate buffer of size 4294967296",
+            "Can't allocate buffer of size 4294967296",
+            "wgpu error: Validation Error\n\nCaused by:\n    Not enough memory left",
+            "Device(OutOfMemory)",
+            "allocation failed: out-of-memory on device 0",
+        ] {
+            assert!(is_out_of_memory(raw), "{raw}");
+        }
+        for raw in [
+            "shape mismatch: [2, 4, 8, 8] and [1, 4, 8, 8]",
+            "the generation panicked: index out of bounds: the len is 3 but the index is 7",
+            "memory access fault by GPU",
+            "the device was lost",
+        ] {
+            assert!(!is_out_of_memory(raw), "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_client_hears_what_to_change_after_out_of_memory_and_one_line_otherwise() {
+        let request = |num_images| GenerationRequest {
+            width: 1024,
+            height: 768,
+            num_images,
+            ..Default::default()
+        };
+        let batch = [request(2), request(1)];
+        assert_eq!(
+            failure_message(
+                "CUDA_ERROR_OUT_OF_MEMORY: out of memory\n   0: backtrace frame",
+                &batch
+            ),
+            "out of memory on the device for 3 image(s) of 1024x768 \
+             (CUDA_ERROR_OUT_OF_MEMORY: out of memory); its memory was freed: retry with \
+             a smaller size or fewer images"
+        );
+        assert_eq!(
+            failure_message("  a shape mismatch \nstack backtrace:\n   0: main", &batch),
+            "a shape mismatch"
+        );
+        assert_eq!(failure_message("out of memory", &[]), "out of memory");
+    }
+
+    #[test]
+    fn a_panic_is_told_by_its_message() {
+        let text = |f: fn()| panic_message(&std::panic::catch_unwind(f).unwrap_err());
+        let literal = text(|| panic!("a literal"));
+        let formatted = text(|| panic!("{} formatted", 2));
+        let other = text(|| std::panic::panic_any(7_u8));
+        assert_eq!(literal, "a literal");
+        assert_eq!(formatted, "2 formatted");
+        assert_eq!(other, "unknown panic");
+    }
+}

@@ -513,3 +513,60 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker whose thread never started: its queue, and the thread's side of it.
+    fn idle_worker(max_queue: usize) -> (Worker, queue::Batcher) {
+        let (queue, batcher) = queue::job_queue(max_queue, 1);
+        let shared = Arc::new(Shared::new("cpu".into(), "float32", max_queue));
+        shared.alive.store(true, Ordering::SeqCst);
+        let worker = Worker {
+            queue,
+            shared,
+            thread: Mutex::new(None),
+        };
+        (worker, batcher)
+    }
+
+    fn submit(worker: &Worker) -> Result<(u64, oneshot::Receiver<JobResult>), SubmitError> {
+        worker.submit(GenerationRequest::default(), Encoding::default())
+    }
+
+    #[test]
+    fn queue_positions_count_the_jobs_ahead() {
+        let (worker, mut batcher) = idle_worker(4);
+        let answers: Vec<_> = (0..3).map(|_| submit(&worker).expect("queued")).collect();
+        let positions = |w: &Worker| (1..=3).map(|id| w.queue_position(id)).collect::<Vec<_>>();
+        assert_eq!(positions(&worker), [Some(0), Some(1), Some(2)]);
+        assert_eq!(worker.queue_size(), 3);
+        let started = batcher.next_batch(&worker.shared).expect("a batch");
+        assert_eq!(positions(&worker), [None, Some(0), Some(1)]);
+        assert_eq!(worker.queue_size(), 2);
+        drop((started, answers));
+    }
+
+    #[test]
+    fn a_drain_closes_the_queue_and_turns_the_worker_unhealthy() {
+        let (worker, _batcher) = idle_worker(4);
+        assert!(worker.is_healthy());
+        let (_, _answer) = submit(&worker).expect("queued before the drain");
+        worker.begin_drain();
+        assert!(worker.is_shutting_down());
+        assert!(!worker.is_healthy());
+        assert_eq!(submit(&worker).unwrap_err(), SubmitError::Closed);
+        assert!(!worker.shared.aborting.load(Ordering::SeqCst));
+        worker.abort();
+        assert!(worker.shared.aborting.load(Ordering::SeqCst));
+        assert!(worker.shared.shutting_down.load(Ordering::SeqCst));
+        assert_eq!(
+            worker.stats(),
+            WorkerStats {
+                accepted: 1,
+                ..WorkerStats::default()
+            }
+        );
+    }
+}

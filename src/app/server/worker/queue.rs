@@ -223,3 +223,222 @@ impl Shared {
         Some(job)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A parsed adapter with no layers: enough for batching, which compares adapters by
+    /// identity and scale.
+    fn adapter(name: &str) -> Arc<LoraAdapter> {
+        Arc::new(LoraAdapter {
+            name: name.into(),
+            path: PathBuf::from(name),
+            layers: Vec::new(),
+        })
+    }
+
+    fn request(width: usize) -> GenerationRequest {
+        GenerationRequest {
+            prompt: "a lighthouse".into(),
+            width,
+            height: 64,
+            ..Default::default()
+        }
+    }
+
+    /// A job as the queue holds it (streamed when it wants partial images), and its
+    /// answer channel.
+    fn job(
+        request: GenerationRequest,
+        partial_images: usize,
+        loras: Vec<LoraSpec<Arc<LoraAdapter>>>,
+    ) -> (QueuedJob, oneshot::Receiver<JobResult>) {
+        let (reply, answer) = oneshot::channel();
+        let stream = (partial_images > 0).then(|| StreamOptions {
+            partial_images,
+            events: mpsc::unbounded_channel().0,
+        });
+        let job = QueuedJob {
+            id: 1,
+            queued_at: Instant::now(),
+            timing: Arc::default(),
+            request,
+            encoding: Encoding::default(),
+            stream,
+            loras,
+            lora_param: "lora_path",
+            reply,
+        };
+        (job, answer)
+    }
+
+    type Submitted = Result<(u64, oneshot::Receiver<JobResult>), SubmitError>;
+
+    fn submit(queue: &JobQueue, shared: &Shared, width: usize) -> Submitted {
+        let encoding = Encoding::default();
+        queue.submit(
+            shared,
+            request(width),
+            encoding,
+            Vec::new(),
+            None,
+            Arc::default(),
+        )
+    }
+
+    fn ids(batch: &[QueuedJob]) -> Vec<u64> {
+        batch.iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn jobs_count_against_the_queue_until_they_start() {
+        let shared = Shared::new("cpu".into(), "float32", 2);
+        let (queue, mut batcher) = job_queue(2, 1);
+        let (first, _first) = submit(&queue, &shared, 64).expect("first job");
+        let (second, _second) = submit(&queue, &shared, 64).expect("second job");
+        assert_eq!((first, second), (1, 2));
+        assert_eq!(
+            submit(&queue, &shared, 64).unwrap_err(),
+            SubmitError::QueueFull
+        );
+        // Taken off the channel but not started: still on the books.
+        let taken = batcher.rx.try_recv().expect("a queued job");
+        assert_eq!(
+            submit(&queue, &shared, 64).unwrap_err(),
+            SubmitError::QueueFull
+        );
+        batcher.pending = Some(taken);
+        let batch = batcher.next_batch(&shared).expect("a batch");
+        assert_eq!(ids(&batch), [1]);
+        assert_eq!(shared.queued.load(Ordering::SeqCst), 1);
+        let (third, _third) = submit(&queue, &shared, 64).expect("room again");
+        assert_eq!(third, 3, "refused jobs take no id");
+        let waiting: Vec<u64> = shared.waiting.lock().unwrap().iter().copied().collect();
+        assert_eq!(waiting, [2, 3]);
+        let c = &shared.counters;
+        assert_eq!(c.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(c.refused.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_closing_queue_takes_no_job() {
+        let refused = |close: &dyn Fn(&JobQueue, &Shared, &mut Option<Batcher>)| {
+            let shared = Shared::new("cpu".into(), "float32", 4);
+            let (queue, batcher) = job_queue(4, 1);
+            let mut batcher = Some(batcher);
+            close(&queue, &shared, &mut batcher);
+            let outcome = submit(&queue, &shared, 64).map(|(id, _)| id);
+            let books = (
+                shared.queued.load(Ordering::SeqCst),
+                shared.waiting.lock().unwrap().len(),
+                shared.counters.accepted.load(Ordering::SeqCst),
+            );
+            (outcome, books)
+        };
+        let closed = Err(SubmitError::Closed);
+        let draining = |_: &JobQueue, s: &Shared, _: &mut Option<Batcher>| {
+            s.draining.store(true, Ordering::SeqCst)
+        };
+        let shutting_down = |_: &JobQueue, s: &Shared, _: &mut Option<Batcher>| {
+            s.shutting_down.store(true, Ordering::SeqCst)
+        };
+        let queue_closed = |q: &JobQueue, _: &Shared, _: &mut Option<Batcher>| q.close();
+        let thread_gone = |_: &JobQueue, _: &Shared, b: &mut Option<Batcher>| drop(b.take());
+        assert_eq!(refused(&draining), (closed, (0, 0, 0)));
+        assert_eq!(refused(&shutting_down), (closed, (0, 0, 0)));
+        assert_eq!(refused(&queue_closed), (closed, (0, 0, 0)));
+        assert_eq!(refused(&thread_gone), (closed, (0, 0, 0)));
+        assert_eq!(refused(&|_, _, _| {}).0, Ok(1));
+    }
+
+    #[test]
+    fn queued_jobs_are_skipped_when_their_client_left_and_refused_when_shutting_down() {
+        let shared = Shared::new("cpu".into(), "float32", 4);
+        let (queue, mut batcher) = job_queue(4, 4);
+        let (_, gone) = submit(&queue, &shared, 64).expect("job 1");
+        drop(gone);
+        let (_, _kept) = submit(&queue, &shared, 64).expect("job 2");
+        let batch = batcher.next_batch(&shared).expect("a batch");
+        assert_eq!(ids(&batch), [2]);
+        assert_eq!(shared.counters.skipped.load(Ordering::SeqCst), 1);
+        let (_, mut late) = submit(&queue, &shared, 64).expect("job 3");
+        shared.shutting_down.store(true, Ordering::SeqCst);
+        queue.close();
+        assert!(batcher.next_batch(&shared).is_none());
+        assert_eq!(
+            late.try_recv().expect("answered"),
+            Err(JobError::ShuttingDown)
+        );
+        assert_eq!(shared.counters.shut_out.load(Ordering::SeqCst), 1);
+        assert_eq!(shared.queued.load(Ordering::SeqCst), 0);
+        assert!(shared.waiting.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn jobs_batch_together_only_with_the_same_shape_previews_and_adapters() {
+        let plain = |request| job(request, 0, Vec::new()).0;
+        assert!(plain(request(64)).batches_with(&plain(request(64))));
+        let other_prompt = GenerationRequest {
+            prompt: "a harbour".into(),
+            seed: 7,
+            ..request(64)
+        };
+        assert!(plain(request(64)).batches_with(&plain(other_prompt)));
+        assert!(!plain(request(64)).batches_with(&plain(request(128))));
+        let more_steps = GenerationRequest {
+            num_inference_steps: request(64).num_inference_steps + 1,
+            ..request(64)
+        };
+        assert!(!plain(request(64)).batches_with(&plain(more_steps)));
+        let more_guidance = GenerationRequest {
+            guidance_scale: request(64).guidance_scale + 1.0,
+            ..request(64)
+        };
+        assert!(!plain(request(64)).batches_with(&plain(more_guidance)));
+
+        let streamed = |partial| job(request(64), partial, Vec::new()).0;
+        assert!(streamed(2).batches_with(&streamed(2)));
+        assert!(!streamed(2).batches_with(&streamed(1)));
+        assert!(!streamed(2).batches_with(&plain(request(64))));
+
+        let a = adapter("a.safetensors");
+        let with = |loras: &[(&Arc<LoraAdapter>, f32)]| {
+            let loras = loras
+                .iter()
+                .map(|(adapter, scale)| LoraSpec::new(Arc::clone(adapter), *scale))
+                .collect();
+            job(request(64), 0, loras).0
+        };
+        assert!(with(&[(&a, 0.8)]).batches_with(&with(&[(&a, 0.8)])));
+        assert!(!with(&[(&a, 0.8)]).batches_with(&with(&[(&a, 1.0)])));
+        assert!(!with(&[(&a, 0.8)]).batches_with(&plain(request(64))));
+        // The same file read again is another adapter value: it may have changed.
+        let a_again = adapter("a.safetensors");
+        assert!(!with(&[(&a, 0.8)]).batches_with(&with(&[(&a_again, 0.8)])));
+        let b = adapter("b.safetensors");
+        assert!(!with(&[(&a, 1.0), (&b, 1.0)]).batches_with(&with(&[(&b, 1.0), (&a, 1.0)])));
+    }
+
+    #[test]
+    fn a_batch_gathers_the_compatible_jobs_queued_after_its_first_in_order() {
+        let shared = Shared::new("cpu".into(), "float32", 8);
+        let (queue, mut batcher) = job_queue(8, 3);
+        let answers: Vec<_> = [64, 64, 128, 64, 64, 64, 64]
+            .into_iter()
+            .map(|width| submit(&queue, &shared, width).expect("queued"))
+            .collect();
+        queue.close();
+        let mut batches = Vec::new();
+        while let Some(batch) = batcher.next_batch(&shared) {
+            batches.push(ids(&batch));
+        }
+        // The 128-wide job ends the first batch and starts the next; batches hold
+        // at most three.
+        assert_eq!(batches, [vec![1, 2], vec![3], vec![4, 5, 6], vec![7]]);
+        assert_eq!(shared.queued.load(Ordering::SeqCst), 0);
+        drop(answers);
+    }
+}

@@ -246,3 +246,47 @@ fn device_check<B: FusedOps>(device: &B::Device, shared: &Shared, options: &Work
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceSpec;
+
+    #[test]
+    fn a_warm_up_for_gpus_only_is_skipped_on_the_cpu_backend() {
+        let warmup = |gpu_only| WarmUp {
+            width: 64,
+            height: 64,
+            steps: 1,
+            gpu_only,
+        };
+        assert!(!runs_warm_up::<CpuBackend>(&warmup(true)));
+        assert!(runs_warm_up::<CpuBackend>(&warmup(false)));
+        #[cfg(feature = "wgpu")]
+        assert!(runs_warm_up::<crate::device::WgpuBackend>(&warmup(true)));
+    }
+
+    #[test]
+    fn the_device_check_computes_on_the_device_and_records_the_outcome() {
+        let device = Default::default();
+        let shared = Shared::new("cpu".into(), "float32", 1);
+        let mut options = WorkerOptions::new("tiny".into(), DeviceSpec::Cpu);
+        shared.device_ok.store(false, Ordering::SeqCst);
+        assert!(device_check::<CpuBackend>(&device, &shared, &options));
+        assert!(shared.device_ok.load(Ordering::SeqCst));
+
+        // A failing probe leaves the device marked as failed.
+        shared.device_ok.store(false, Ordering::SeqCst);
+        options.hooks.fault = Some(Arc::new(|point| match point {
+            FaultPoint::Probe => Err(Error::Backend("the device is lost".into())),
+            FaultPoint::Batch(_) => Ok(()),
+        }));
+        assert!(!device_check::<CpuBackend>(&device, &shared, &options));
+        assert!(!shared.device_ok.load(Ordering::SeqCst));
+
+        // So does a panicking one, without the panic escaping.
+        options.hooks.fault = Some(Arc::new(|_| panic!("the driver crashed")));
+        assert!(!device_check::<CpuBackend>(&device, &shared, &options));
+        assert!(!shared.device_ok.load(Ordering::SeqCst));
+    }
+}
