@@ -559,8 +559,8 @@ async fn run_checked(
         }
         None => answer.await,
     };
-    let pngs = match answer {
-        Ok(Ok(pngs)) => pngs,
+    let files = match answer {
+        Ok(Ok(files)) => files,
         Ok(Err(e)) => return Err(job_error(e)),
         // The worker dropped the job unanswered: it stopped.
         Err(_) => return Err(ApiError::shutting_down()),
@@ -570,15 +570,15 @@ async fn run_checked(
         ResponseFormat::B64Json => None,
     };
     let format = checked.encoding.format;
-    let mut data = Vec::with_capacity(pngs.len());
-    for png in pngs {
+    let mut data = Vec::with_capacity(files.len());
+    for file in files {
         let (b64_json, url) = match &base {
             None => (
-                Some(base64::engine::general_purpose::STANDARD.encode(&png)),
+                Some(base64::engine::general_purpose::STANDARD.encode(&file)),
                 None,
             ),
             Some(base) => {
-                let id = state.images.insert_as(png, format).ok_or_else(|| {
+                let id = state.images.insert_as(file, format).ok_or_else(|| {
                     ApiError::internal(
                         "the image is larger than the server's URL store; use b64_json",
                     )

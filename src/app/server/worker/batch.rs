@@ -182,9 +182,9 @@ pub(super) fn run_batch<B: FusedOps>(
                 if png_parameters && encoding.format == OutputFormat::Png {
                     encoding.parameters = Some(parameters_text(pipeline, &job.request));
                 }
-                let pngs: Result<Vec<Vec<u8>>, Error> =
+                let files: Result<Vec<Vec<u8>>, Error> =
                     out.images.iter().map(|img| img.encode(&encoding)).collect();
-                let answer = pngs.map_err(|e| JobError::Failed(e.to_string()));
+                let answer = files.map_err(|e| JobError::Failed(e.to_string()));
                 let failed = answer.is_err();
                 // Before answering: the receiver's side reads it as soon as it hears.
                 job.timing
