@@ -7,11 +7,12 @@
 //! # default: sdxl-base-1.0-random 32 3 (the full-size SDXL architecture, random weights)
 //! ```
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::DType;
 use hypergen::device::CpuBackend;
-use hypergen::load::lora::{apply_loras, remove_loras, LoraAdapter};
+use hypergen::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
 use hypergen::load::params::{list_params, LayerKind};
 use hypergen::load::{load_components, LoadOptions};
 
@@ -94,15 +95,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let t = Instant::now();
-    let adapter = LoraAdapter::read(&file)?;
+    let adapter = Arc::new(LoraAdapter::read(&file)?);
     println!("read and parse: {:.3} s", t.elapsed().as_secs_f64());
     // The first merge also materialises the lazily drawn base weights it touches.
-    apply_loras(&mut components, &[(&adapter, 1.0)])?;
+    apply_loras(&mut components, &[LoraSpec::new(adapter.clone(), 1.0)])?;
     remove_loras(&mut components);
     let (mut apply, mut remove) = (Vec::new(), Vec::new());
     for _ in 0..iters {
         let t = Instant::now();
-        apply_loras(&mut components, &[(&adapter, 0.8)])?;
+        apply_loras(&mut components, &[LoraSpec::new(adapter.clone(), 0.8)])?;
         // Wait for queued work, as a backend may run it asynchronously.
         <CpuBackend as burn::tensor::backend::Backend>::sync(&device)?;
         apply.push(t.elapsed().as_secs_f64());

@@ -16,6 +16,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
@@ -27,6 +29,11 @@ use crate::load::sgm::UnetLayout;
 use crate::pipeline::SdxlComponents;
 use crate::FusedOps;
 
+pub use crate::pipeline::lora::{
+    same_loras, LoraAdapter, LoraLayer, LoraPart, LoraSpec, LoraState,
+};
+use crate::pipeline::lora::{HostTensor, Target};
+
 /// The file a LoRA folder holds (diffusers' `save_lora_weights` name).
 pub const LORA_FOLDER_FILE: &str = "pytorch_lora_weights.safetensors";
 
@@ -36,79 +43,6 @@ const LIST_MAX: usize = 5;
 #[cfg(test)]
 #[path = "lora_properties.rs"]
 mod properties;
-
-/// The model part a LoRA layer changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LoraPart {
-    /// `text_encoder` (kohya `lora_te1_`).
-    TextEncoder,
-    /// `text_encoder_2` (kohya `lora_te2_`).
-    TextEncoder2,
-    /// `unet` (kohya `lora_unet_`).
-    Unet,
-}
-
-impl LoraPart {
-    /// The component's folder name.
-    pub fn name(self) -> &'static str {
-        match self {
-            LoraPart::TextEncoder => "text_encoder",
-            LoraPart::TextEncoder2 => "text_encoder_2",
-            LoraPart::Unet => "unet",
-        }
-    }
-}
-
-/// How a file names the layer a LoRA pair belongs to.
-#[derive(Debug, Clone)]
-enum Target {
-    /// A dotted module path (diffusers / PEFT).
-    Path(String),
-    /// kohya's flattened name, dots turned into underscores, in SGM or diffusers
-    /// numbering: resolved against the model's own layers.
-    Flat(String),
-}
-
-/// A float32 host tensor read from a LoRA file.
-#[derive(Debug, Clone)]
-struct HostTensor {
-    shape: Vec<usize>,
-    data: Vec<f32>,
-}
-
-/// One layer of an adapter: the low-rank pair and its alpha.
-#[derive(Debug, Clone)]
-pub struct LoraLayer {
-    /// The model part it changes.
-    pub part: LoraPart,
-    /// Its name in the file, without the `.lora_down.weight`-style suffix.
-    pub key: String,
-    target: Target,
-    down: HostTensor,
-    up: HostTensor,
-    alpha: Option<f32>,
-}
-
-impl LoraLayer {
-    /// The rank: rows of `down`.
-    pub fn rank(&self) -> usize {
-        self.down.shape.first().copied().unwrap_or(0)
-    }
-
-    /// `alpha / rank` (alpha defaults to the rank: factor 1, as PEFT files without alpha mean).
-    pub fn alpha_factor(&self) -> f32 {
-        let rank = self.rank().max(1) as f32;
-        self.alpha.unwrap_or(rank) / rank
-    }
-}
-
-/// A parsed LoRA file, in host memory as float32, ready to merge into any model it fits.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    name: String,
-    path: PathBuf,
-    layers: Vec<LoraLayer>,
-}
 
 /// The weight file of a LoRA named by `path`: the file itself, or
 /// `pytorch_lora_weights.safetensors` in a folder. Pickled formats are refused here,
@@ -376,77 +310,6 @@ impl LoraAdapter {
             layers,
         })
     }
-
-    /// The name it is shown under (its path unless [`with_name`](Self::with_name)).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The same adapter shown under `name` (the server names adapters relative to
-    /// `--lora-dir`).
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// The weight file it was read from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Its layers.
-    pub fn layers(&self) -> &[LoraLayer] {
-        &self.layers
-    }
-
-    /// Host memory it holds, in bytes (for cache bounds).
-    pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| 4 * (l.down.data.len() + l.up.data.len()) + l.key.len())
-            .sum()
-    }
-}
-
-/// An adapter merged into the model: its name and scale.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActiveLora {
-    /// The name it was applied under.
-    pub name: String,
-    /// Its scale.
-    pub scale: f32,
-}
-
-/// Which adapters are merged into a model, and the base tensors they replaced.
-pub struct LoraState<B: FusedOps> {
-    active: Vec<ActiveLora>,
-    originals: BTreeMap<LoraPart, HashMap<String, TensorPrimitive<B>>>,
-}
-
-impl<B: FusedOps> Default for LoraState<B> {
-    fn default() -> Self {
-        Self {
-            active: Vec::new(),
-            originals: BTreeMap::new(),
-        }
-    }
-}
-
-impl<B: FusedOps> LoraState<B> {
-    /// The adapters merged now, in the order they were given.
-    pub fn active(&self) -> &[ActiveLora] {
-        &self.active
-    }
-
-    /// Whether the model holds its base weights.
-    pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
-    }
-
-    /// Number of base tensors kept for restoring.
-    pub fn replaced_tensors(&self) -> usize {
-        self.originals.values().map(HashMap::len).sum()
-    }
 }
 
 /// A model part's merge targets: module path → weight info, and kohya's flat names.
@@ -547,18 +410,29 @@ fn check_fit(
     })
 }
 
-/// Merges `adapters` (each with its scale) into the model's weights, replacing any
-/// adapters merged before (the base weights are restored first). Everything is checked
-/// before anything changes: on an error (a layer the model lacks, a shape that does not
-/// fit) the model is left as it was.
+/// Makes the adapters merged into the model's weights exactly `wanted` (each at its
+/// scale), in place of any merged before: nothing to do when the model holds these
+/// very adapters at these scales already ([`same_loras`]); an empty list restores the
+/// base weights ([`remove_loras`]); otherwise the base weights are restored and
+/// `wanted` merged. Everything is checked before anything changes: on an error (a
+/// layer the model lacks, a shape that does not fit) the model is left as it was.
 pub fn apply_loras<B: FusedOps>(
     components: &mut SdxlComponents<B>,
-    adapters: &[(&LoraAdapter, f32)],
+    wanted: &[LoraSpec<Arc<LoraAdapter>>],
 ) -> Result<()> {
+    if same_loras(components.loras.active(), wanted) {
+        return Ok(());
+    }
+    if wanted.is_empty() {
+        remove_loras(components);
+        return Ok(());
+    }
+    let start = Instant::now();
     // Plan: every contribution to every weight, checked against the model.
     let mut plan: BTreeMap<LoraPart, PartPlan<'_>> = BTreeMap::new();
     let mut targets: BTreeMap<LoraPart, PartTargets> = BTreeMap::new();
-    for (adapter, scale) in adapters {
+    for spec in wanted {
+        let (adapter, scale) = (&*spec.source, spec.scale);
         if !scale.is_finite() {
             return Err(Error::invalid(
                 "lora_scale",
@@ -636,16 +510,11 @@ pub fn apply_loras<B: FusedOps>(
         }
         components.loras.originals.insert(part, originals);
     }
-    components.loras.active = adapters
-        .iter()
-        .map(|(a, scale)| ActiveLora {
-            name: a.name.clone(),
-            scale: *scale,
-        })
-        .collect();
+    components.loras.active = wanted.to_vec();
     tracing::info!(
-        adapters = ?components.loras.active,
+        adapters = ?names(wanted),
         tensors = components.loras.replaced_tensors(),
+        seconds = start.elapsed().as_secs_f64(),
         "merged LoRA adapters"
     );
     Ok(())
@@ -716,7 +585,7 @@ pub fn remove_loras<B: FusedOps>(components: &mut SdxlComponents<B>) {
         }
     }
     if !components.loras.active.is_empty() {
-        tracing::info!(adapters = ?components.loras.active, "removed LoRA adapters");
+        tracing::info!(adapters = ?names(&components.loras.active), "removed LoRA adapters");
     }
     components.loras.active.clear();
 }
@@ -737,64 +606,29 @@ pub fn same_weights<B: FusedOps, M: Module<B>>(a: &M, b: &M) -> bool {
         })
 }
 
-/// An adapter as the command line names it: `PATH[:SCALE]` (scale 1 when absent).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraSpec {
-    /// The `.safetensors` file or LoRA folder.
-    pub path: PathBuf,
-    /// Its scale.
-    pub scale: f32,
+/// Adapters and scales for logs: `[("name", scale), …]`.
+fn names(specs: &[LoraSpec<Arc<LoraAdapter>>]) -> Vec<(&str, f32)> {
+    specs.iter().map(|s| (s.source.name(), s.scale)).collect()
 }
 
-impl std::str::FromStr for LoraSpec {
-    type Err = Error;
-
-    /// `PATH` or `PATH:SCALE`; a suffix after the last `:` that is not a number belongs
-    /// to the path (Windows drive letters).
-    fn from_str(s: &str) -> Result<Self> {
-        if s.is_empty() {
-            return Err(Error::invalid("lora", "an empty path"));
-        }
-        if let Some((path, scale)) = s.rsplit_once(':') {
-            if let Ok(scale) = scale.parse::<f32>() {
-                if !scale.is_finite() {
-                    return Err(Error::invalid(
-                        "lora",
-                        format!("scale {scale} is not finite"),
-                    ));
-                }
-                if path.is_empty() {
-                    return Err(Error::invalid("lora", "an empty path before the scale"));
-                }
-                return Ok(Self {
-                    path: PathBuf::from(path),
-                    scale,
-                });
-            }
-        }
-        Ok(Self {
-            path: PathBuf::from(s),
-            scale: 1.0,
+/// Reads every adapter of `specs` (each named by its path).
+pub fn read_loras(specs: &[LoraSpec]) -> Result<Vec<LoraSpec<Arc<LoraAdapter>>>> {
+    specs
+        .iter()
+        .map(|s| {
+            Ok(LoraSpec::new(
+                Arc::new(LoraAdapter::read(&s.source)?),
+                s.scale,
+            ))
         })
-    }
+        .collect()
 }
 
-/// Reads every adapter of `specs` and merges them all at once ([`apply_loras`]).
+/// Reads every adapter of `specs` and makes them the merged ones, all at once
+/// ([`apply_loras`]).
 pub fn apply_lora_specs<B: FusedOps>(
     components: &mut SdxlComponents<B>,
     specs: &[LoraSpec],
 ) -> Result<()> {
-    if specs.is_empty() {
-        return Ok(());
-    }
-    let adapters = specs
-        .iter()
-        .map(|s| LoraAdapter::read(&s.path))
-        .collect::<Result<Vec<_>>>()?;
-    let list: Vec<(&LoraAdapter, f32)> = adapters
-        .iter()
-        .zip(specs)
-        .map(|(a, s)| (a, s.scale))
-        .collect();
-    apply_loras(components, &list)
+    apply_loras(components, &read_loras(specs)?)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::tensor::DType;
 use serde::Deserialize;
 
-use crate::load::lora::LoraState;
+use super::lora::LoraState;
 use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;

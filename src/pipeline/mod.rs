@@ -10,6 +10,7 @@
 
 mod components;
 mod image;
+pub mod lora;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};

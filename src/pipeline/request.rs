@@ -33,8 +33,6 @@ impl RequestDefaults {
         width: 1024,
         height: 1024,
     };
-    /// The former name of [`Self::SERVER`], until the server's worker reads that.
-    pub const HYPERGEN_API: Self = Self::SERVER;
 }
 
 /// One text-to-image request.

@@ -5,9 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{DType, Tensor};
-use hypergen::load::lora::{apply_loras, remove_loras, same_weights, LoraAdapter};
+use hypergen::load::lora::{apply_loras, remove_loras, same_weights, LoraAdapter, LoraSpec};
 use hypergen::load::params::{list_params, read_params, LayerKind};
 use hypergen::pipeline::{GenerationRequest, SdxlPipeline};
 use hypergen::{Error, FusedOps};
@@ -116,15 +117,18 @@ fn all_cases<B: FusedOps>(device: &B::Device) {
     let base_unet = pipe.components().unet.clone();
     let base_te = pipe.components().text_encoder.clone();
     let base_te2 = pipe.components().text_encoder_2.clone();
-    let mut cache: HashMap<PathBuf, LoraAdapter> = HashMap::new();
+    let mut cache: HashMap<PathBuf, Arc<LoraAdapter>> = HashMap::new();
     for case in lora_cases() {
         for (p, _) in &case.adapters {
             cache
                 .entry(p.clone())
-                .or_insert_with(|| LoraAdapter::read(p).expect("fixture LoRA reads"));
+                .or_insert_with(|| Arc::new(LoraAdapter::read(p).expect("fixture LoRA reads")));
         }
-        let list: Vec<(&LoraAdapter, f32)> =
-            case.adapters.iter().map(|(p, s)| (&cache[p], *s)).collect();
+        let list: Vec<LoraSpec<Arc<LoraAdapter>>> = case
+            .adapters
+            .iter()
+            .map(|(p, s)| LoraSpec::new(cache[p].clone(), *s))
+            .collect();
         apply_loras(pipe.components_mut(), &list).expect("apply");
         assert_eq!(pipe.components().loras.active().len(), list.len());
         let out = pipe
@@ -280,8 +284,8 @@ fn lora_locon_conv_by_hand() {
     let before = values(Tensor::<Cpu, 4>::from_primitive(
         read_params(&pipe.components().unet, std::slice::from_ref(&path))[&path].clone(),
     ));
-    let adapter = LoraAdapter::read(&file).expect("LoCon reads");
-    apply_loras(pipe.components_mut(), &[(&adapter, scale)]).expect("LoCon applies");
+    let adapter = Arc::new(LoraAdapter::read(&file).expect("LoCon reads"));
+    apply_loras(pipe.components_mut(), &[LoraSpec::new(adapter, scale)]).expect("LoCon applies");
     let after = values(Tensor::<Cpu, 4>::from_primitive(
         read_params(&pipe.components().unet, std::slice::from_ref(&path))[&path].clone(),
     ));
@@ -352,8 +356,8 @@ fn lora_bad_adapters_change_nothing() {
             ),
         ],
     );
-    let adapter = LoraAdapter::read(&unmatched).expect("parses");
-    let err = apply_loras(pipe.components_mut(), &[(&adapter, 1.0)]).unwrap_err();
+    let adapter = Arc::new(LoraAdapter::read(&unmatched).expect("parses"));
+    let err = apply_loras(pipe.components_mut(), &[LoraSpec::new(adapter, 1.0)]).unwrap_err();
     assert!(matches!(err, Error::LoraUnmatched { .. }), "{err}");
     assert!(err.to_string().contains("no_such_layer"), "{err}");
     assert_unchanged(&pipe, &base);
@@ -383,17 +387,18 @@ fn lora_bad_adapters_change_nothing() {
             ),
         ],
     );
-    let adapter = LoraAdapter::read(&bad).expect("parses");
-    let err = apply_loras(pipe.components_mut(), &[(&adapter, 1.0)]).unwrap_err();
+    let adapter = Arc::new(LoraAdapter::read(&bad).expect("parses"));
+    let bad_fit = [LoraSpec::new(adapter, 1.0)];
+    let err = apply_loras(pipe.components_mut(), &bad_fit).unwrap_err();
     assert!(matches!(err, Error::LoraShape { .. }), "{err}");
     assert!(err.to_string().contains(module), "{err}");
     assert_unchanged(&pipe, &base);
 
     // A good adapter, then a bad one: the good one stays merged, unchanged.
-    let good = LoraAdapter::read(&lora_cases()[0].adapters[0].0).expect("reads");
-    apply_loras(pipe.components_mut(), &[(&good, 1.0)]).expect("applies");
+    let good = Arc::new(LoraAdapter::read(&lora_cases()[0].adapters[0].0).expect("reads"));
+    apply_loras(pipe.components_mut(), &[LoraSpec::new(good, 1.0)]).expect("applies");
     let merged = pipe.components().unet.clone();
-    assert!(apply_loras(pipe.components_mut(), &[(&adapter, 1.0)]).is_err());
+    assert!(apply_loras(pipe.components_mut(), &bad_fit).is_err());
     assert!(
         same_weights(&pipe.components().unet, &merged),
         "merged state kept"

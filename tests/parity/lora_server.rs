@@ -5,9 +5,10 @@
 //! `--lora-dir`; bad adapters fail their request alone and change nothing.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::DType;
-use hypergen::load::lora::{apply_loras, LoraAdapter};
+use hypergen::load::lora::{apply_loras, LoraAdapter, LoraSpec};
 use hypergen::pipeline::{GenerationRequest, Progress};
 use serde_json::{json, Value};
 
@@ -38,14 +39,12 @@ fn request(extra: Value) -> Value {
 fn library_image(adapters: &[(&Path, f32)]) -> Vec<u8> {
     let device = Default::default();
     let mut pipe = crate::common::fixture_pipeline::<Cpu>(DType::F32, &device);
-    let read: Vec<LoraAdapter> = adapters
+    let list: Vec<LoraSpec<Arc<LoraAdapter>>> = adapters
         .iter()
-        .map(|(p, _)| LoraAdapter::read(p).expect("fixture LoRA reads"))
-        .collect();
-    let list: Vec<(&LoraAdapter, f32)> = read
-        .iter()
-        .zip(adapters)
-        .map(|(a, (_, s))| (a, *s))
+        .map(|(p, s)| {
+            let adapter = LoraAdapter::read(p).expect("fixture LoRA reads");
+            LoraSpec::new(Arc::new(adapter), *s)
+        })
         .collect();
     if !list.is_empty() {
         apply_loras(pipe.components_mut(), &list).expect("applies");

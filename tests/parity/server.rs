@@ -1131,16 +1131,13 @@ async fn server_openai_python_client() {
 async fn server_start_loras_are_listed() {
     let mut config = fixture_server_config();
     let case = &crate::lora::lora_cases()[0];
-    let spec = hypergen::load::lora::LoraSpec {
-        path: case.adapters[0].0.clone(),
-        scale: 0.5,
-    };
+    let spec = hypergen::load::lora::LoraSpec::new(case.adapters[0].0.clone(), 0.5);
     config.worker.loras = vec![spec.clone()];
     let server = start_server(config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let (h, _) = health(&client, &base).await;
-    let want = json!([{"name": spec.path.display().to_string(), "scale": 0.5}]);
+    let want = json!([{"name": spec.source.display().to_string(), "scale": 0.5}]);
     assert_eq!(h["loras"], want);
     let models: Value = client
         .get(format!("{base}/v1/models"))
@@ -1157,10 +1154,10 @@ async fn server_start_loras_are_listed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_bad_start_lora_fails() {
     let mut config = fixture_server_config();
-    config.worker.loras = vec![hypergen::load::lora::LoraSpec {
-        path: fixture_dir().join("no-such-lora.safetensors"),
-        scale: 1.0,
-    }];
+    config.worker.loras = vec![hypergen::load::lora::LoraSpec::new(
+        fixture_dir().join("no-such-lora.safetensors"),
+        1.0,
+    )];
     let err = match Server::start(config, "127.0.0.1:0").await {
         Ok(_) => panic!("a missing LoRA must stop the server"),
         Err(e) => format!("{e:#}"),

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::request::RequestedLora;
 use super::worker::JobLora;
 use crate::error::Error;
+use crate::load::lora::LoraSpec;
 use crate::load::lora_dir::{LoraCache, LoraDir, LoraEntry};
 
 /// The adapters requests may name, and those already parsed.
@@ -44,21 +45,17 @@ impl LoraLibrary {
     }
 
     /// Resolves and reads one adapter (blocking: file reads).
-    fn load(&self, wanted: &RequestedLora) -> Result<JobLora, ApiError> {
+    fn load(&self, (param, wanted): &RequestedLora) -> Result<JobLora, ApiError> {
         let refuse = |e: Error| {
             let message = match e {
                 Error::InvalidArgument { message, .. } => message,
                 other => other.to_string(),
             };
-            ApiError::invalid_value(wanted.param, self.clean(&message))
+            ApiError::invalid_value(param, self.clean(&message))
         };
-        let file = self.dir.resolve(&wanted.name).map_err(refuse)?;
-        let adapter = self.cache.get(&file, &wanted.name).map_err(refuse)?;
-        Ok(JobLora {
-            adapter,
-            scale: wanted.scale,
-            param: wanted.param,
-        })
+        let file = self.dir.resolve(&wanted.source).map_err(refuse)?;
+        let adapter = self.cache.get(&file, &wanted.source).map_err(refuse)?;
+        Ok((*param, LoraSpec::new(adapter, wanted.scale)))
     }
 
     /// A message without the directory's absolute path (clients know names only).
@@ -76,12 +73,12 @@ pub async fn resolve(
     library: Option<Arc<LoraLibrary>>,
     wanted: Vec<RequestedLora>,
 ) -> Result<Vec<JobLora>, ApiError> {
-    let Some(first) = wanted.first() else {
+    let Some((first, _)) = wanted.first() else {
         return Ok(Vec::new());
     };
     let Some(library) = library else {
         return Err(ApiError::invalid_value(
-            first.param,
+            first,
             "per-request LoRA adapters are off on this server; the operator enables them \
              with `hypergen serve … --lora-dir DIR` (adapters merged at start use `--lora`)",
         ));

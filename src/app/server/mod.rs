@@ -34,6 +34,7 @@ pub mod playground;
 mod properties;
 pub mod request;
 pub mod schema;
+pub mod stream;
 pub mod types;
 pub mod worker;
 

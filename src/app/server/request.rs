@@ -15,6 +15,7 @@ use super::limits::{
     MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName};
+use crate::load::lora::LoraSpec;
 use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
 use crate::scheduler::SchedulerKind;
 
@@ -384,34 +385,22 @@ pub struct Checked {
     pub loras: Vec<RequestedLora>,
 }
 
-/// A LoRA adapter a request names, before the server resolves it in its directory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RequestedLora {
-    /// The field it came from (`lora_path` or `loras`), for errors.
-    pub param: &'static str,
-    /// Its name inside the LoRA directory.
-    pub name: String,
-    /// Its scale.
-    pub scale: f32,
-}
+/// A LoRA adapter a request names, before the server resolves it in its directory: the
+/// field it came from (`lora_path` or `loras`, for errors) and its name at its scale.
+pub type RequestedLora = (&'static str, LoraSpec<String>);
 
 /// The adapters `req` names: `lora_path` (with `lora_scale`) first, then `loras`.
 pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora>, ApiError> {
     let mut out = Vec::new();
     // An empty `lora_path` (what forms and some clients send for "none") names nothing.
     if let Some(name) = req.lora_path.as_ref().filter(|n| !n.trim().is_empty()) {
-        out.push(RequestedLora {
-            param: "lora_path",
-            name: name.clone(),
-            scale: req.lora_scale as f32,
-        });
+        out.push((
+            "lora_path",
+            LoraSpec::new(name.clone(), req.lora_scale as f32),
+        ));
     }
     for choice in req.loras.iter().flatten() {
-        out.push(RequestedLora {
-            param: "loras",
-            name: choice.path.clone(),
-            scale: choice.scale as f32,
-        });
+        out.push(("loras", LoraSpec::from(choice)));
     }
     if out.len() > MAX_REQUEST_LORAS {
         return Err(ApiError::invalid_value(

@@ -1,9 +1,12 @@
 //! The HTTP schema: every request, response and error body, as `poem-openapi` types with
 //! descriptions and examples. OpenAI's Images API shapes, plus hypergen's extra fields.
 
+use std::sync::Arc;
+
 use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 
+use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::pipeline::{OutputFormat, RequestDefaults};
 use crate::scheduler::SchedulerKind;
 
@@ -137,6 +140,13 @@ pub struct LoraChoice {
         validator(minimum(value = "0"), maximum(value = "2"))
     )]
     pub scale: f64,
+}
+
+/// The library's request for the adapter: its name in the LoRA directory at its scale.
+impl From<&LoraChoice> for LoraSpec<String> {
+    fn from(choice: &LoraChoice) -> Self {
+        LoraSpec::new(choice.path.clone(), choice.scale as f32)
+    }
 }
 
 impl Example for LoraChoice {
@@ -467,11 +477,12 @@ impl Example for LoadedLora {
     }
 }
 
-impl From<&crate::load::lora::ActiveLora> for LoadedLora {
-    fn from(a: &crate::load::lora::ActiveLora) -> Self {
+/// A merged adapter as the answers show it: the name it was merged under.
+impl From<&LoraSpec<Arc<LoraAdapter>>> for LoadedLora {
+    fn from(merged: &LoraSpec<Arc<LoraAdapter>>) -> Self {
         Self {
-            name: a.name.clone(),
-            scale: f64::from(a.scale),
+            name: merged.source.name().to_string(),
+            scale: f64::from(merged.scale),
         }
     }
 }
