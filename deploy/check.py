@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks everything under deploy/ (run by tests/parity/fleet.rs, so by scripts/test and CI).
+"""Checks everything under deploy/ (run by tests/suite/server/fleet.rs, so by scripts/test and CI).
 
 - Kubernetes manifests: every built-in resource against Kubernetes' own schemas, strictly
   (unknown fields are errors), for the oldest and newest versions we support, with

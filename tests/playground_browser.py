@@ -2,7 +2,7 @@
 
 Usage: playground_browser.py BASE_URL API_KEY SCREENSHOT_DIR
 
-Run by tests/parity/playground.rs against a real server (fixture model, CPU, with
+Run by tests/suite/server/playground.rs against a real server (fixture model, CPU, with
 API_KEY). Needs Debian's `chromium` and `chromium-driver` and PyPI's `selenium`; nothing is
 downloaded at run time (the driver and browser paths are given, so Selenium Manager is
 not used). Every state is saved as a PNG in SCREENSHOT_DIR. Prints "playground browser OK"

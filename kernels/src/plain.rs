@@ -90,7 +90,7 @@ pub fn layer_norm<B: Backend, const D: usize>(
 /// `[rows, in]·[in, out]`: the default of [`FusedOps::fused_linear`](crate::FusedOps).
 /// Burn's `linear` broadcasts the weight over `x`'s batch dims instead, and on wgpu
 /// (Burn 0.21) that batched product gave wrong rows past the first for a `[N, 1, C]`
-/// operand made by fused ops (`tests/parity/kernels.rs`, `fused_linear_rows`).
+/// operand made by fused ops (`tests/suite/parity/kernels.rs`, `fused_linear_rows`).
 pub fn linear_rows<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,

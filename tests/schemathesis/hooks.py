@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/parity/schemathesis.rs: the few failures the schema
+"""Schemathesis hooks for tests/suite/schemathesis.rs: the few failures the schema
 cannot rule out, each dropped only in its exact shape, with the reason.
 
 Every other check (all of them, in the examples, coverage and fuzzing phases) must pass.

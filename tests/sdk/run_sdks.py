@@ -1,4 +1,4 @@
-"""Generated SDKs against a running hypergen server (tests/parity/contract.rs).
+"""Generated SDKs against a running hypergen server (tests/suite/server/contract.rs).
 
 Usage: TOOLS/venv/bin/python tests/sdk/run_sdks.py SCHEMA BASE_URL API_KEY TOOLS WORK
 

@@ -13,7 +13,7 @@ use hypergen::Error;
 use serde_json::{json, Value};
 
 use crate::common::{fixture_dir, fixture_server_config, start_server};
-use crate::server::{assert_error, eventually, health, post_generation, small};
+use crate::server::api::{assert_error, eventually, health, post_generation, small};
 
 /// Memory the simulated out-of-memory takes before failing, and a flag its drop sets:
 /// what the failed job took must be given back.

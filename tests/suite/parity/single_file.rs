@@ -54,7 +54,7 @@ fn single_file_cfg5_euler4<B: FusedOps>(device: &B::Device) {
     .expect("single-file checkpoint loads");
     let init = reference("pipe.init_latents");
     let [n, _, h, w] = <[usize; 4]>::try_from(init.shape.clone()).expect("rank 4");
-    let json = crate::lora::extras_json();
+    let json = crate::parity::lora::extras_json();
     let request = hypergen::pipeline::GenerationRequest {
         prompt: json["prompt"].as_str().expect("prompt").into(),
         num_inference_steps: 4,
@@ -110,7 +110,7 @@ fn single_file_cli_generate() {
     copy_configs(&fixture_dir(), &configs);
     let out = tmp.path().join("x.png");
     let init = reference("pipe.init_latents");
-    let json = crate::lora::extras_json();
+    let json = crate::parity::lora::extras_json();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
         .args(["generate", "--model"])
         .arg(fixture_dir().join("single_file").join("model.safetensors"))

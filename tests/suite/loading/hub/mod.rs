@@ -354,7 +354,7 @@ fn hub_single_file_checkpoint() {
     let hub = hub(Config::default());
     let cache = tempfile::tempdir().expect("cache");
     let configs = tempfile::tempdir().expect("configs");
-    crate::single_file::copy_configs(&fixture_dir(), configs.path());
+    crate::parity::single_file::copy_configs(&fixture_dir(), configs.path());
     let options = LoadOptions {
         config: Some(configs.path().to_path_buf()),
         hub: options(&hub, cache.path()),

@@ -5,7 +5,7 @@ use hypergen::model::clip::{pooled_positions, ClipTextModel};
 use hypergen::FusedOps;
 
 use crate::common::{assert_matches, fixture_dir, TOL_F32};
-use crate::tokenizer::cases;
+use crate::parity::tokenizer::cases;
 
 /// Prompts with reference hidden states.
 const PROMPTS: usize = 3;
@@ -23,7 +23,7 @@ fn load<B: FusedOps>(folder: &str, device: &B::Device) -> ClipTextModel<B> {
 
 /// Reference ids of the first prompts as one `[PROMPTS, 77]` batch.
 fn ids<B: FusedOps>(
-    pick: fn(&crate::tokenizer::Case) -> &Vec<u32>,
+    pick: fn(&crate::parity::tokenizer::Case) -> &Vec<u32>,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
     let cases = cases();

@@ -13,8 +13,8 @@ use hypergen::pipeline::{GenerationRequest, Progress};
 use serde_json::{json, Value};
 
 use crate::common::{fixture_dir, Cpu};
-use crate::lora::write_safetensors;
-use crate::server::post_generation;
+use crate::parity::lora::write_safetensors;
+use crate::server::api::post_generation;
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 const SEED: u64 = 7;

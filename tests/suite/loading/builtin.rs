@@ -164,7 +164,7 @@ fn builtin_tokenizers_match_the_reference() {
     let (t1, t2) = builtin::clip_tokenizers().expect("embedded tokenizers");
     let f1 = hypergen::model::tokenizer::ClipTokenizer::from_dir(&fixture_dir().join("tokenizer"))
         .expect("fixture");
-    for case in crate::tokenizer::cases() {
+    for case in crate::parity::tokenizer::cases() {
         assert_eq!(
             t1.encode(&case.prompt).expect("encodes").ids,
             case.tokenizer,

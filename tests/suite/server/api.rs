@@ -1090,7 +1090,7 @@ async fn server_openai_python_client() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let base = server.url();
     // An inpainting case of the fixture, with OpenAI's transparent mask.
-    let case = crate::edits::edit_cases()
+    let case = crate::parity::edits::edit_cases()
         .into_iter()
         .find(|c| c.mask.is_some())
         .expect("an inpainting case");
@@ -1122,7 +1122,7 @@ async fn server_openai_python_client() {
     assert!(text.contains("openai client OK"), "{text}");
     let png = image::open(&edited).expect("the edited PNG").to_rgb8();
     let _ = std::fs::remove_file(&edited);
-    crate::edits::assert_case_image("openai client edit", &case, png.as_raw());
+    crate::parity::edits::assert_case_image("openai client edit", &case, png.as_raw());
     server.shutdown().await.expect("shutdown");
 }
 
@@ -1130,7 +1130,7 @@ async fn server_openai_python_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_start_loras_are_listed() {
     let mut config = fixture_server_config();
-    let case = &crate::lora::lora_cases()[0];
+    let case = &crate::parity::lora::lora_cases()[0];
     let spec = hypergen::load::lora::LoraSpec::new(case.adapters[0].0.clone(), 0.5);
     config.worker.loras = vec![spec.clone()];
     let server = start_server(config).await;
@@ -1314,7 +1314,7 @@ async fn server_stream_events() {
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .expect("png");
     let text = |s: &str| s.as_bytes().to_vec();
-    let (ct, form) = crate::edits::multipart(&[
+    let (ct, form) = crate::parity::edits::multipart(&[
         ("image", Some("in.png"), png),
         ("prompt", None, text("a red cat")),
         ("num_inference_steps", None, text("4")),
