@@ -21,6 +21,9 @@ pub mod plain;
 
 mod cpu;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod reference;
+
 #[cfg(feature = "cube")]
 pub mod cube;
 

@@ -6,6 +6,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::math::{self, erf, exp};
 use super::panels;
+use crate::reference::{data, group_norm_f64};
 use crate::{plain, Activation, FusedOps, KernelSet};
 
 /// Relative error allowed in f32: well inside the project's parity bound (1e-4).
@@ -25,16 +26,6 @@ fn tolerance(dtype: DType) -> f64 {
         DType::F16 => TOL_F16,
         _ => TOL_BF16,
     }
-}
-
-/// Deterministic, irregular test data: a scaled, shifted mix of sines.
-fn data(len: usize, seed: f32, scale: f32, shift: f32) -> Vec<f32> {
-    (0..len)
-        .map(|i| {
-            let x = i as f32 * 0.618_034 + seed;
-            shift + scale * ((x * 12.9898).sin() * 0.7 + (x * 78.233).cos() * 0.3)
-        })
-        .collect()
 }
 
 fn tensor<const D: usize>(v: &[f32], shape: [usize; D], dtype: DType) -> Tensor<Flex, D> {
@@ -260,40 +251,6 @@ fn erf_special_values() {
 
 // ---------------------------------------------------------------------------------
 // GroupNorm
-
-/// GroupNorm on the host in f64: the reference when a group's mean is large.
-fn group_norm_f64(
-    x: &[f32],
-    [n, c, l]: [usize; 3],
-    groups: usize,
-    affine: Option<(&[f32], &[f32])>,
-    silu: bool,
-) -> Vec<f32> {
-    let group_len = c / groups * l;
-    let mut out = vec![0f32; x.len()];
-    for (g, chunk) in x.chunks(group_len).enumerate().take(n * groups) {
-        let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
-        let var = chunk
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / group_len as f64;
-        let rstd = 1.0 / (var + 1e-5).sqrt();
-        for (i, &v) in chunk.iter().enumerate() {
-            let at = g * group_len + i;
-            let ch = (at / l) % c;
-            let mut y = (v as f64 - mean) * rstd;
-            if let Some((gamma, beta)) = affine {
-                y = y * gamma[ch] as f64 + beta[ch] as f64;
-            }
-            if silu {
-                y /= 1.0 + (-y).exp();
-            }
-            out[at] = y as f32;
-        }
-    }
-    out
-}
 
 struct GnCase {
     shape: [usize; 3],

@@ -3,6 +3,7 @@
 //! The reference is always the plain composition computed on the CPU backend in f32.
 
 use burn::tensor::{DType, Tensor, TensorData};
+use hypergen::kernels::reference::{data, group_norm_f64};
 use hypergen::kernels::{plain, KernelSet};
 use hypergen::FusedOps;
 
@@ -12,16 +13,6 @@ use crate::common::{rel_error, values, Cpu, TOL_F32};
 /// to f16 (unit roundoff 2⁻¹¹ ≈ 4.9e-4) and the inputs were rounded too; 2e-3 is four
 /// roundings, whatever the kernel.
 const TOL_F16: f64 = 2e-3;
-
-/// Deterministic, irregular test data: a scaled, shifted mix of sines (no RNG needed).
-fn data(len: usize, seed: f32, scale: f32, shift: f32) -> Vec<f32> {
-    (0..len)
-        .map(|i| {
-            let x = i as f32 * 0.618_034 + seed;
-            shift + scale * ((x * 12.9898).sin() * 0.7 + (x * 78.233).cos() * 0.3)
-        })
-        .collect()
-}
 
 fn tensor<B: FusedOps, const D: usize>(
     v: &[f32],
@@ -51,41 +42,6 @@ fn kernels_on<B: FusedOps>() {
             "HYPERGEN_KERNELS turns kernels off; unset it to run the kernel tests"
         );
     }
-}
-
-/// GroupNorm computed on the host in f64: the reference when a group's mean is large
-/// and f32 summation order matters.
-fn group_norm_f64(
-    x: &[f32],
-    [n, c, l]: [usize; 3],
-    groups: usize,
-    affine: Option<(&[f32], &[f32])>,
-    silu: bool,
-) -> Vec<f32> {
-    let group_len = c / groups * l;
-    let mut out = vec![0f32; x.len()];
-    for (g, chunk) in x.chunks(group_len).enumerate().take(n * groups) {
-        let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
-        let var = chunk
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / group_len as f64;
-        let rstd = 1.0 / (var + 1e-5).sqrt();
-        for (i, &v) in chunk.iter().enumerate() {
-            let at = g * group_len + i;
-            let ch = (at / l) % c;
-            let mut y = (v as f64 - mean) * rstd;
-            if let Some((gamma, beta)) = affine {
-                y = y * gamma[ch] as f64 + beta[ch] as f64;
-            }
-            if silu {
-                y /= 1.0 + (-y).exp();
-            }
-            out[at] = y as f32;
-        }
-    }
-    out
 }
 
 fn group_norm_case<B: FusedOps>(
