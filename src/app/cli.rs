@@ -20,7 +20,7 @@ use crate::model::vae::tiling::VaeTileSize;
 use crate::pipeline::{
     GenerationRequest, Image, InitImage, Mask, Progress, RequestDefaults, RunOptions,
 };
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 use crate::FusedOps;
 
 /// hypergen: Stable Diffusion XL on any GPU vendor.
@@ -167,6 +167,10 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (≤ 1 disables guidance).
     #[arg(long, default_value_t = RequestDefaults::LIBRARY.guidance_scale)]
     pub guidance: f64,
+    /// diffusers' guidance_rescale, 0–1 (0: off): rescales the guided prediction towards
+    /// the conditional one's spread; 0.7 for v-prediction models with zero terminal SNR.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     /// Noise seed; the same seed gives the same image on every backend.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -191,9 +195,9 @@ pub struct GenerateArgs {
     /// steps − ⌊steps × strength⌋. Default 0.75, or 1.0 with --mask.
     #[arg(long, requires = "image")]
     pub strength: Option<f64>,
-    /// Scheduler instead of the model's: euler, euler_karras, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras.
-    #[arg(long)]
-    pub scheduler: Option<String>,
+    /// The sampler and its settings.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Images to generate (default: 1, or the batch size of --latents).
     #[arg(long)]
     pub num_images: Option<usize>,
@@ -626,11 +630,7 @@ impl WithBackend for Generate {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let device = args.load.device_spec()?;
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(str::parse::<SchedulerKind>)
-        .transpose()?;
+    let sampler = args.sampler.settings()?;
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
     let num_images = match (&latents, args.num_images) {
         (Some((_, shape)), Some(n)) if shape[0] != n => {
@@ -708,13 +708,51 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         height,
         num_images,
         seed: args.seed,
-        scheduler,
+        sampler,
+        guidance_rescale: args.guidance_rescale,
         latents: latents.map(|(v, _)| v),
         init_image,
         ..Default::default()
     };
     args.load.apply_threads();
     dispatch(&device, Generate { args, request })?
+}
+
+/// The sampler flags of `generate` and `bench`.
+#[derive(Debug, Args)]
+pub struct SamplerArgs {
+    /// Sampler instead of the model's: euler, euler_karras, euler_a, heun, ddim,
+    /// dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, lcm, tcd.
+    /// heun evaluates the UNet twice per step but the first; euler_a, dpmpp_2m_sde*, lcm
+    /// and tcd draw noise from --seed during the run.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Timestep spacing instead of the model's: leading, trailing (SDXL-Lightning,
+    /// Hyper-SD, Turbo) or linspace. Not for lcm and tcd.
+    #[arg(long)]
+    pub timestep_spacing: Option<String>,
+    /// TCD's gamma, 0–1 [default: 0.3]: the noise each step adds back. tcd only.
+    #[arg(long)]
+    pub eta: Option<f64>,
+}
+
+impl SamplerArgs {
+    /// The library's settings from the flags.
+    pub fn settings(&self) -> anyhow::Result<SamplerSettings> {
+        Ok(SamplerSettings {
+            kind: self
+                .scheduler
+                .as_deref()
+                .map(str::parse::<SchedulerKind>)
+                .transpose()?,
+            timestep_spacing: self
+                .timestep_spacing
+                .as_deref()
+                .map(str::parse::<Spacing>)
+                .transpose()?,
+            eta: self.eta,
+        })
+    }
 }
 
 /// Parses the command line and runs the command; the binary's whole `main`.

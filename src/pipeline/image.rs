@@ -307,15 +307,7 @@ pub fn a1111_parameters(
     sampler: crate::scheduler::SchedulerKind,
     model: &str,
 ) -> String {
-    use crate::scheduler::SchedulerKind as K;
-    let sampler = match sampler {
-        K::Euler => "Euler",
-        K::EulerKarras => "Euler Karras",
-        K::EulerAncestral => "Euler a",
-        K::Ddim => "DDIM",
-        K::DpmPp2m => "DPM++ 2M",
-        K::DpmPp2mKarras => "DPM++ 2M Karras",
-    };
+    let sampler = sampler.a1111_name();
     let mut text = req.prompt.clone();
     if let Some(neg) = req.negative_prompt.as_deref().filter(|s| !s.is_empty()) {
         text.push_str("\nNegative prompt: ");
@@ -327,6 +319,16 @@ pub fn a1111_parameters(
     ));
     if let Some(init) = &req.init_image {
         text.push_str(&format!(", Denoising strength: {}", init.strength));
+    }
+    if let Some(spacing) = req.sampler.timestep_spacing {
+        text.push_str(&format!(", Timestep spacing: {spacing}"));
+    }
+    if let Some(eta) = req.sampler.eta {
+        text.push_str(&format!(", Eta: {eta}"));
+    }
+    if req.guidance_rescale > 0.0 {
+        // The key of A1111's CFG Rescale extension.
+        text.push_str(&format!(", CFG Rescale phi: {}", req.guidance_rescale));
     }
     text
 }

@@ -87,6 +87,8 @@ pub struct Conditioning<B: FusedOps> {
     pub time_ids: Vec<f32>,
     /// The guidance scale when the rows hold both branches, `None` without guidance.
     pub guidance_scale: Option<f64>,
+    /// [`GenerationRequest::guidance_rescale`]; applies only with guidance.
+    pub guidance_rescale: f64,
 }
 
 /// One request's state in the denoising loop: its own scheduler (a multistep
@@ -214,6 +216,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
             if req.num_images == 0 {
                 return Err(Error::invalid("num_images", "must be at least 1"));
             }
+            if !(0.0..=1.0).contains(&req.guidance_rescale) {
+                return Err(Error::invalid(
+                    "guidance_rescale",
+                    format!("{} is outside 0..=1", req.guidance_rescale),
+                ));
+            }
             if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
                 return Err(Error::invalid(
                     "guidance_scale",
@@ -338,8 +346,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
 
     /// The scheduler a request runs with, its timesteps set.
     pub fn prepare_scheduler(&self, req: &GenerationRequest) -> Result<Scheduler> {
-        let mut scheduler =
-            Scheduler::from_config(&self.components.scheduler_config, req.scheduler)?;
+        let mut scheduler = Scheduler::build(&self.components.scheduler_config, &req.sampler)?;
         scheduler.set_timesteps(req.num_inference_steps)?;
         Ok(scheduler)
     }
@@ -418,8 +425,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// The starting latents of image-to-image and inpainting (diffusers' img2img and
-    /// inpaint `prepare_latents`), `start` being the first step run
-    /// ([`Scheduler::start_step`]). Draws in diffusers' order: the image's latent sample
+    /// inpaint `prepare_latents`), `start` being the index of the first timestep run
+    /// ([`Scheduler::start_index`]). Draws in diffusers' order: the image's latent sample
     /// (one for all `num_images`), then the noise `[n, 4, h/f, w/f]`; for inpainting,
     /// then the sample of the masked image's encoding, which a 4-channel UNet does not
     /// use but which advances the generator as diffusers' does. Image-to-image starts at
@@ -518,7 +525,11 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let (Some(text), Some(uncond)) = (parts.pop(), parts.pop()) else {
             return Err(Error::Backend("guidance split".into()));
         };
-        Ok(uncond.clone() + (text - uncond) * scale)
+        let guided = uncond.clone() + (text.clone() - uncond) * scale;
+        Ok(match cond.guidance_rescale {
+            r if r > 0.0 => rescale_noise_cfg(guided, text, r),
+            _ => guided,
+        })
     }
 
     /// Runs the whole pipeline. `progress` is called after every step; returning
@@ -605,6 +616,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
             pooled: embeds.pooled,
             time_ids,
             guidance_scale,
+            guidance_rescale: first.guidance_rescale,
         })
     }
 
@@ -659,14 +671,14 @@ impl<B: FusedOps> SdxlPipeline<B> {
     ) -> Result<Vec<Tensor<B, 4>>> {
         self.check_inputs(reqs)?;
         let first = &reqs[0];
-        // Requests in a batch share the strength, hence the first step.
-        let start = match &first.init_image {
-            Some(init) => Scheduler::start_step(first.num_inference_steps, init.strength)?,
-            None => 0,
-        };
         // The schedule is built once for the batch (its requests share the scheduler and
         // the steps); each request steps its own copy, with its own multistep history.
         let schedule = self.prepare_scheduler(first)?;
+        // Requests in a batch share the strength, hence the first step.
+        let start = match &first.init_image {
+            Some(init) => schedule.start_index(first.num_inference_steps, init.strength)?,
+            None => 0,
+        };
         let mut jobs = Vec::with_capacity(reqs.len());
         for req in reqs {
             let scheduler = schedule.clone();
@@ -812,4 +824,27 @@ impl<B: FusedOps> SdxlPipeline<B> {
             })
             .collect())
     }
+}
+
+/// diffusers' `rescale_noise_cfg`: `r · guided · std(text)/std(guided) + (1 − r) · guided`,
+/// the standard deviations per image over all its values, with Bessel's correction (as
+/// torch's `std`), computed in float32.
+fn rescale_noise_cfg<B: FusedOps>(
+    guided: Tensor<B, 4>,
+    text: Tensor<B, 4>,
+    rescale: f64,
+) -> Tensor<B, 4> {
+    let dtype = guided.dtype();
+    let [n, c, h, w] = guided.dims();
+    let std = |x: Tensor<B, 4>| {
+        let x = x.cast(DType::F32).reshape([n, c * h * w]);
+        let centred = x.clone() - x.mean_dim(1);
+        let denominator = (c * h * w).saturating_sub(1).max(1) as f64;
+        (centred.clone() * centred).sum_dim(1).div_scalar(denominator).sqrt()
+    };
+    let ratio = (std(text) / std(guided.clone()))
+        .reshape([n, 1, 1, 1])
+        .cast(dtype);
+    let rescaled = guided.clone() * ratio;
+    rescaled.mul_scalar(rescale) + guided.mul_scalar(1.0 - rescale)
 }

@@ -1,7 +1,7 @@
 //! What one run is asked to do, and the defaults for what a caller leaves out.
 
 use super::image::InitImage;
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::SamplerSettings;
 
 /// Request settings a caller did not give, written once for every front end.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +47,10 @@ pub struct GenerationRequest {
     pub num_inference_steps: usize,
     /// Classifier-free guidance scale; ≤ 1 runs the conditional branch only.
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` (Lin et al. 2023, §3.4), 0–1: blends the guided
+    /// prediction with itself rescaled to the conditional prediction's standard
+    /// deviation, against the over-exposure of zero-terminal-SNR models. 0: off.
+    pub guidance_rescale: f64,
     /// Image width in pixels, a multiple of 8.
     pub width: usize,
     /// Image height in pixels, a multiple of 8.
@@ -56,8 +60,8 @@ pub struct GenerationRequest {
     /// Seed of the host noise generator ([`crate::noise::Generator`]): the same seed
     /// gives the same starting noise on every backend and machine.
     pub seed: u64,
-    /// Scheduler to use instead of the one in the model folder.
-    pub scheduler: Option<SchedulerKind>,
+    /// The sampler and its settings; the default is the model folder's scheduler.
+    pub sampler: SamplerSettings,
     /// Starting noise to use instead of the seed's: `[num_images, 4, height/8, width/8]`
     /// values, row-major, before scaling by the scheduler's `init_noise_sigma`.
     pub latents: Option<Vec<f32>>,
@@ -82,11 +86,12 @@ impl Default for GenerationRequest {
             negative_prompt: None,
             num_inference_steps: d.steps,
             guidance_scale: d.guidance_scale,
+            guidance_rescale: 0.0,
             width: d.width,
             height: d.height,
             num_images: 1,
             seed: 0,
-            scheduler: None,
+            sampler: SamplerSettings::default(),
             latents: None,
             original_size: None,
             crops_coords_top_left: (0, 0),
@@ -105,7 +110,8 @@ impl GenerationRequest {
             && self.guidance_scale.to_bits() == other.guidance_scale.to_bits()
             && self.width == other.width
             && self.height == other.height
-            && self.scheduler == other.scheduler
+            && self.guidance_rescale.to_bits() == other.guidance_rescale.to_bits()
+            && self.sampler.same_as(&other.sampler)
             && self.original_size == other.original_size
             && self.crops_coords_top_left == other.crops_coords_top_left
             && self.target_size == other.target_size

@@ -8,8 +8,9 @@ use serde::{Deserialize, Deserializer};
 use crate::error::{Error, Result};
 
 /// A diffusers `scheduler_config.json`, key for key. Unknown keys are ignored; absent keys
-/// take the default of the diffusers class they belong to (the classes agree on every
-/// default except `timestep_spacing`, which stays `None` here until a class is chosen).
+/// take the default of the diffusers class they belong to. Where the classes disagree
+/// (the betas, `clip_sample`, `timestep_spacing`) the field stays `None` here until a
+/// class is chosen ([`ClassDefaults`]).
 ///
 /// Values are kept as written; [`Scheduler::from_config`](super::Scheduler::from_config)
 /// validates them and refuses what it does not implement with [`Error::Unsupported`].
@@ -21,15 +22,15 @@ pub struct SchedulerConfig {
     /// Training steps of the noise schedule.
     #[serde(default = "default_num_train_timesteps")]
     pub num_train_timesteps: usize,
-    /// First beta of the schedule.
-    #[serde(default = "default_beta_start", deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta of the schedule.
-    #[serde(default = "default_beta_end", deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
-    #[serde(default = "default_beta_schedule")]
-    pub beta_schedule: String,
+    /// First beta of the schedule; `None`: the class default.
+    #[serde(default, deserialize_with = "lenient_opt_f64")]
+    pub beta_start: Option<f64>,
+    /// Last beta of the schedule; `None`: the class default.
+    #[serde(default, deserialize_with = "lenient_opt_f64")]
+    pub beta_end: Option<f64>,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`; `None`: the class default.
+    #[serde(default)]
+    pub beta_schedule: Option<String>,
     /// Explicit betas, overriding `beta_schedule`.
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
@@ -82,9 +83,10 @@ pub struct SchedulerConfig {
     /// DDIM: the final step goes to ᾱ = 1 (else to ᾱ at t = 0).
     #[serde(default = "default_true")]
     pub set_alpha_to_one: bool,
-    /// DDIM: clamp the predicted clean sample to `±clip_sample_range`.
-    #[serde(default = "default_true")]
-    pub clip_sample: bool,
+    /// DDIM, Heun, LCM, TCD: clamp the predicted clean sample to `±clip_sample_range`;
+    /// `None`: the class default.
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
     /// DDIM: the clamp range.
     #[serde(default = "default_one", deserialize_with = "lenient_f64")]
     pub clip_sample_range: f64,
@@ -115,6 +117,18 @@ pub struct SchedulerConfig {
     /// DPM-Solver: `learned`/`learned_range` outputs (not implemented).
     #[serde(default)]
     pub variance_type: Option<String>,
+    /// UniPC: the solver works on x̂₀ (`true`) or on ε.
+    #[serde(default = "default_true")]
+    pub predict_x0: bool,
+    /// UniPC: steps whose corrector is skipped.
+    #[serde(default)]
+    pub disable_corrector: Vec<usize>,
+    /// LCM, TCD: the step count of the distillation schedule their timesteps are taken from.
+    #[serde(default = "default_original_inference_steps")]
+    pub original_inference_steps: usize,
+    /// LCM: the timestep multiplier of the consistency boundary condition.
+    #[serde(default = "default_timestep_scaling", deserialize_with = "lenient_f64")]
+    pub timestep_scaling: f64,
     /// The file this config was read from, for error messages.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -122,15 +136,6 @@ pub struct SchedulerConfig {
 
 fn default_num_train_timesteps() -> usize {
     1000
-}
-fn default_beta_start() -> f64 {
-    0.0001
-}
-fn default_beta_end() -> f64 {
-    0.02
-}
-fn default_beta_schedule() -> String {
-    "linear".into()
 }
 fn default_prediction_type() -> String {
     "epsilon".into()
@@ -152,6 +157,12 @@ fn default_solver_type() -> String {
 }
 fn default_solver_order() -> usize {
     2
+}
+fn default_original_inference_steps() -> usize {
+    50
+}
+fn default_timestep_scaling() -> f64 {
+    10.0
 }
 fn default_true() -> bool {
     true
@@ -279,6 +290,48 @@ fn lenient_opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Er
         .transpose()
 }
 
+/// The defaults of one diffusers class for the keys on which the classes differ.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClassDefaults {
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: &'static str,
+    pub clip_sample: bool,
+    pub spacing: Spacing,
+}
+
+impl ClassDefaults {
+    /// Euler, Euler ancestral, DPM-Solver, UniPC.
+    pub const EULER: Self = Self {
+        beta_start: 0.0001,
+        beta_end: 0.02,
+        beta_schedule: "linear",
+        clip_sample: false,
+        spacing: Spacing::Linspace,
+    };
+    /// DDIM.
+    pub const DDIM: Self = Self {
+        clip_sample: true,
+        spacing: Spacing::Leading,
+        ..Self::EULER
+    };
+    /// Heun.
+    pub const HEUN: Self = Self {
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        ..Self::EULER
+    };
+    /// LCM and TCD (which take no spacing: their timesteps come from the distillation
+    /// schedule).
+    pub const LCM: Self = Self {
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: "scaled_linear",
+        clip_sample: false,
+        spacing: Spacing::Leading,
+    };
+}
+
 /// Which betas the schedule starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BetaSchedule {
@@ -296,17 +349,60 @@ pub(crate) enum Prediction {
     Sample,
 }
 
-/// How inference timesteps are spread over the training range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Spacing {
+/// How inference timesteps are spread over the training range (diffusers'
+/// `timestep_spacing`; "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+/// Lin et al. 2023, table 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Spacing {
+    /// `leading`: multiples of `N / steps` from 0, plus `steps_offset`; never reaches
+    /// the last training timestep.
     Leading,
+    /// `trailing`: from the last training timestep down in steps of `N / steps`; what
+    /// few-step models (SDXL-Lightning, Hyper-SD, SDXL-Turbo) are trained for.
     Trailing,
+    /// `linspace`: evenly spaced from the last training timestep to 0.
     Linspace,
 }
 
+impl Spacing {
+    /// Every spacing, in a stable order.
+    pub const ALL: [Spacing; 3] = [Spacing::Leading, Spacing::Trailing, Spacing::Linspace];
+
+    /// diffusers' name: `leading`, `trailing` or `linspace`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Spacing::Leading => "leading",
+            Spacing::Trailing => "trailing",
+            Spacing::Linspace => "linspace",
+        }
+    }
+}
+
+impl std::fmt::Display for Spacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Spacing {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Spacing::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "timestep_spacing",
+                    format!("unknown timestep spacing \"{s}\" (known: leading, trailing, linspace)"),
+                )
+            })
+    }
+}
+
 impl SchedulerConfig {
-    pub(crate) fn beta_schedule(&self) -> Result<BetaSchedule> {
-        match self.beta_schedule.as_str() {
+    pub(crate) fn beta_schedule(&self, class: &ClassDefaults) -> Result<BetaSchedule> {
+        match self.beta_schedule.as_deref().unwrap_or(class.beta_schedule) {
             "linear" => Ok(BetaSchedule::Linear),
             "scaled_linear" => Ok(BetaSchedule::ScaledLinear),
             "squaredcos_cap_v2" => Ok(BetaSchedule::SquaredCosCapV2),
@@ -327,16 +423,15 @@ impl SchedulerConfig {
         }
     }
 
-    /// The spacing, with `class_default` when the key is absent.
-    pub(crate) fn spacing(&self, class_default: Spacing) -> Result<Spacing> {
+    /// The spacing, with the class default when the key is absent.
+    pub(crate) fn spacing(&self, class: &ClassDefaults) -> Result<Spacing> {
         match self.timestep_spacing.as_deref() {
-            None => Ok(class_default),
-            Some("leading") => Ok(Spacing::Leading),
-            Some("trailing") => Ok(Spacing::Trailing),
-            Some("linspace") => Ok(Spacing::Linspace),
-            Some(other) => Err(self.unsupported(format!(
-                "timestep_spacing \"{other}\" (supported: leading, trailing, linspace)"
-            ))),
+            None => Ok(class.spacing),
+            Some(name) => name.parse().map_err(|_| {
+                self.unsupported(format!(
+                    "timestep_spacing \"{name}\" (supported: leading, trailing, linspace)"
+                ))
+            }),
         }
     }
 
@@ -386,10 +481,10 @@ mod tests {
     fn defaults_are_diffusers() {
         let c = SchedulerConfig::default();
         assert_eq!(c.num_train_timesteps, 1000);
-        assert_eq!(c.beta_schedule, "linear");
+        assert_eq!(c.beta_schedule, None);
         assert_eq!(c.timestep_spacing, None);
         assert_eq!(c.solver_order, 2);
-        assert!(c.set_alpha_to_one && c.clip_sample && c.lower_order_final);
+        assert!(c.set_alpha_to_one && c.lower_order_final && c.predict_x0);
         assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
     }
 }

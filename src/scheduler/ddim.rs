@@ -4,7 +4,7 @@
 use crate::FusedOps;
 use burn::tensor::Tensor;
 
-use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::config::{ClassDefaults, Prediction, SchedulerConfig, Spacing};
 use super::sampler::Sampler;
 use super::tables::{self, round_even};
 use crate::error::{Error, Result};
@@ -32,13 +32,16 @@ impl Ddim {
         if config.thresholding {
             return Err(config.unsupported("thresholding: true (dynamic thresholding)"));
         }
-        let alphas_cumprod = tables::alphas_cumprod(config, false)?;
+        let alphas_cumprod = tables::alphas_cumprod(config, &ClassDefaults::DDIM, false)?;
         Ok(Self {
             n_train: config.num_train_timesteps,
-            spacing: config.spacing(Spacing::Leading)?,
+            spacing: config.spacing(&ClassDefaults::DDIM)?,
             steps_offset: config.steps_offset,
             prediction: config.prediction()?,
-            clip: config.clip_sample.then_some(config.clip_sample_range),
+            clip: config
+                .clip_sample
+                .unwrap_or(ClassDefaults::DDIM.clip_sample)
+                .then_some(config.clip_sample_range),
             final_alpha_cumprod: if config.set_alpha_to_one {
                 1.0
             } else {

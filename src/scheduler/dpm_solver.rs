@@ -1,6 +1,7 @@
 //! diffusers' `DPMSolverMultistepScheduler` with `algorithm_type: dpmsolver++` (Lu et al.
 //! 2022), orders 1 and 2 with the `midpoint` or `heun` second-order update: "DPM++ 2M"
-//! and, with Karras σ, "DPM++ 2M Karras".
+//! and, with Karras σ, "DPM++ 2M Karras"; with `sde-dpmsolver++`, the stochastic variant
+//! ("DPM++ 2M SDE"), which draws fresh noise at every step.
 //!
 //! In the half-log-SNR λ = ln(α/σ) with α = 1/√(σ²+1), σ_t = σ·α and h = λ_next − λ,
 //! the first-order update is `x ← (σ_next/σ)·x − α_next·(e^(−h) − 1)·x̂₀`; the second
@@ -11,7 +12,7 @@ use std::any::Any;
 
 use burn::tensor::Tensor;
 
-use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::config::{BetaSchedule, ClassDefaults, Prediction, SchedulerConfig, Spacing};
 use super::sampler::Sampler;
 use super::tables::{self, f32r, round_even};
 use crate::error::Result;
@@ -26,12 +27,17 @@ pub(crate) struct DpmSolver {
     prediction: Prediction,
     order: usize,
     heun: bool,
+    /// `sde-dpmsolver++`: the stochastic update.
+    sde: bool,
     lower_order_final: bool,
     euler_at_final: bool,
     final_zero: bool,
     karras: Option<(Option<f64>, Option<f64>)>,
     /// Karras timesteps are rounded except for the cosine schedule (then truncated).
     round_karras: bool,
+    /// With Karras σ and `final_sigmas_type: sigma_min`, the final σ is the schedule's
+    /// smallest (UniPC) rather than the training table's (DPM-Solver).
+    karras_final_own_min: bool,
     /// The last timestep kept by `lambda_min_clipped`, plus one.
     last_timestep: usize,
     train_sigmas: Vec<f64>,
@@ -54,11 +60,13 @@ impl Clone for DpmSolver {
             prediction: self.prediction,
             order: self.order,
             heun: self.heun,
+            sde: self.sde,
             lower_order_final: self.lower_order_final,
             euler_at_final: self.euler_at_final,
             final_zero: self.final_zero,
             karras: self.karras,
             round_karras: self.round_karras,
+            karras_final_own_min: self.karras_final_own_min,
             last_timestep: self.last_timestep,
             train_sigmas: self.train_sigmas.clone(),
             log_sigmas: self.log_sigmas.clone(),
@@ -71,7 +79,7 @@ impl Clone for DpmSolver {
 }
 
 /// `(α, σ_t, λ)` for the σ of the variance-exploding parametrisation.
-fn alpha_sigma_lambda(sigma: f64) -> (f64, f64, f64) {
+pub(crate) fn alpha_sigma_lambda(sigma: f64) -> (f64, f64, f64) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     let sigma_t = sigma * alpha;
     // σ = 0 gives λ = +∞, which the first-order update handles (e^(−h) = 0).
@@ -82,15 +90,16 @@ impl DpmSolver {
     /// `DPMSolverMultistepScheduler.from_config(config)`, with `use_karras_sigmas = karras`.
     pub(crate) fn new(config: &SchedulerConfig, karras: bool) -> Result<Self> {
         config.check_no_exotic_sigmas()?;
-        match config.algorithm_type.as_str() {
+        let sde = match config.algorithm_type.as_str() {
             // diffusers maps "deis" to dpmsolver++.
-            "dpmsolver++" | "deis" => {}
+            "dpmsolver++" | "deis" => false,
+            "sde-dpmsolver++" => true,
             other => {
                 return Err(config.unsupported(format!(
-                    "algorithm_type \"{other}\" (supported: dpmsolver++)"
+                    "algorithm_type \"{other}\" (supported: dpmsolver++, sde-dpmsolver++)"
                 )))
             }
-        }
+        };
         let heun = match config.solver_type.as_str() {
             "midpoint" | "logrho" | "bh1" | "bh2" => false,
             "heun" => true,
@@ -119,7 +128,7 @@ impl DpmSolver {
         if let Some(v) = &config.variance_type {
             return Err(config.unsupported(format!("variance_type \"{v}\"")));
         }
-        let alphas_cumprod = tables::alphas_cumprod(config, true)?;
+        let alphas_cumprod = tables::alphas_cumprod(config, &ClassDefaults::EULER, true)?;
         let train_sigmas = tables::train_sigmas(&alphas_cumprod);
         // λ(t) in float32 as diffusers keeps it; λ falls with t, so the clipped ones are
         // the last (noisiest) timesteps.
@@ -133,16 +142,18 @@ impl DpmSolver {
             .count();
         Ok(Self {
             n_train: config.num_train_timesteps,
-            spacing: config.spacing(Spacing::Linspace)?,
+            spacing: config.spacing(&ClassDefaults::EULER)?,
             steps_offset: config.steps_offset,
             prediction: config.prediction()?,
             order: config.solver_order,
             heun,
+            sde,
             lower_order_final: config.lower_order_final,
             euler_at_final: config.euler_at_final,
             final_zero: config.final_sigma_zero()?,
             karras: karras.then_some((config.sigma_min, config.sigma_max)),
-            round_karras: config.beta_schedule != "squaredcos_cap_v2",
+            round_karras: config.beta_schedule(&ClassDefaults::EULER)? != BetaSchedule::SquaredCosCapV2,
+            karras_final_own_min: false,
             last_timestep: config.num_train_timesteps - clipped,
             log_sigmas: tables::log_sigmas(&train_sigmas),
             train_sigmas,
@@ -151,6 +162,15 @@ impl DpmSolver {
             previous: None,
             lower_order_nums: 0,
         })
+    }
+}
+
+impl DpmSolver {
+    /// UniPC's variant of this schedule: Karras timesteps always rounded, the Karras
+    /// final σ the schedule's own smallest.
+    pub(crate) fn unipc_karras(&mut self) {
+        self.round_karras = true;
+        self.karras_final_own_min = true;
     }
 }
 
@@ -201,11 +221,12 @@ impl Sampler for DpmSolver {
                 .map(|&t| tables::interp(t, &self.train_sigmas))
                 .collect(),
         };
-        sigmas.push(if self.final_zero {
-            0.0
-        } else {
-            self.train_sigmas[0]
-        });
+        let final_sigma = match (self.final_zero, self.karras.is_some()) {
+            (true, _) => 0.0,
+            (false, true) if self.karras_final_own_min => sigmas[sigmas.len() - 1],
+            (false, _) => self.train_sigmas[0],
+        };
+        sigmas.push(final_sigma);
         self.sigmas = sigmas.into_iter().map(f32r).collect();
         self.timesteps = timesteps;
         self.previous = None;
@@ -233,7 +254,7 @@ impl Sampler for DpmSolver {
         model_output: Tensor<B, 4>,
         step_index: usize,
         sample: Tensor<B, 4>,
-        _rng: &mut Generator,
+        rng: &mut Generator,
     ) -> Tensor<B, 4> {
         let n = self.timesteps.len();
         assert!(
@@ -267,9 +288,20 @@ impl Sampler for DpmSolver {
         let lower_order_final = last_step
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
         let h = lambda_t - lambda_s;
-        // e^(−h) − 1, the first-order coefficient of x̂₀ (times −α_t).
-        let em1 = (-h).exp() - 1.0;
-        let first = sample.mul_scalar(sigma_t / sigma_s) - x0.clone().mul_scalar(alpha_t * em1);
+        // The SDE update is the ODE one with h doubled in the x̂₀ terms, the sample decayed
+        // by e^(−h) more, and noise of standard deviation σ_t·√(1 − e^(−2h)) added. diffusers
+        // draws that noise at every step (the last one's is multiplied by σ_t = 0).
+        let noise = self
+            .sde
+            .then(|| rng.randn_tensor::<B, 4>(sample.dims(), &sample.device(), sample.dtype()));
+        // The first-order coefficient of x̂₀: −α_t(e^(−h) − 1), or α_t(1 − e^(−2h)).
+        let (decay, c0) = if self.sde {
+            ((-h).exp(), -(-2.0 * h).exp_m1())
+        } else {
+            (1.0, -(-h).exp_m1())
+        };
+        let first =
+            sample.mul_scalar(sigma_t / sigma_s * decay) + x0.clone().mul_scalar(alpha_t * c0);
         let prev_sample = match previous {
             Some(m1)
                 if self.order == 2
@@ -280,13 +312,20 @@ impl Sampler for DpmSolver {
                 let (_, _, lambda_s1) = alpha_sigma_lambda(self.sigmas[step_index - 1]);
                 let r0 = (lambda_s - lambda_s1) / h;
                 let d1 = (x0.clone() - m1).mul_scalar(1.0 / r0);
-                if self.heun {
-                    first + d1.mul_scalar(alpha_t * (em1 / h + 1.0))
-                } else {
-                    first - d1.mul_scalar(0.5 * alpha_t * em1)
-                }
+                let c1 = match (self.heun, self.sde) {
+                    (false, _) => 0.5 * alpha_t * c0,
+                    (true, false) => alpha_t * (1.0 - c0 / h),
+                    (true, true) => alpha_t * (1.0 - c0 / (2.0 * h)),
+                };
+                first + d1.mul_scalar(c1)
             }
             _ => first,
+        };
+        let prev_sample = match noise {
+            Some(noise) => {
+                prev_sample + noise.mul_scalar(sigma_t * (-(-2.0 * h).exp_m1()).sqrt())
+            }
+            None => prev_sample,
         };
         if self.order == 2 {
             self.previous = Some(Box::new(x0));

@@ -5,7 +5,7 @@
 use crate::FusedOps;
 use burn::tensor::Tensor;
 
-use super::config::{Prediction, SchedulerConfig, Spacing};
+use super::config::{ClassDefaults, Prediction, SchedulerConfig, Spacing};
 use super::sampler::Sampler;
 use super::tables::{self, f32r};
 use crate::error::Result;
@@ -49,7 +49,12 @@ impl Euler {
                 )))
             }
         };
-        let mut euler = Self::base(config, prediction, config.final_sigma_zero()?)?;
+        let mut euler = Self::base(
+            config,
+            &ClassDefaults::EULER,
+            prediction,
+            config.final_sigma_zero()?,
+        )?;
         euler.karras = karras.then_some((config.sigma_min, config.sigma_max));
         euler.continuous_v = continuous && prediction == Prediction::Velocity;
         Ok(euler)
@@ -58,14 +63,15 @@ impl Euler {
     /// The plain σ schedule (no Karras, discrete timesteps), shared with Euler ancestral.
     pub(crate) fn base(
         config: &SchedulerConfig,
+        class: &ClassDefaults,
         prediction: Prediction,
         final_zero: bool,
     ) -> Result<Self> {
-        let alphas_cumprod = tables::alphas_cumprod(config, true)?;
+        let alphas_cumprod = tables::alphas_cumprod(config, class, true)?;
         let train_sigmas = tables::train_sigmas(&alphas_cumprod);
         Ok(Self {
             n_train: config.num_train_timesteps,
-            spacing: config.spacing(Spacing::Linspace)?,
+            spacing: config.spacing(class)?,
             steps_offset: config.steps_offset,
             prediction,
             karras: None,
@@ -76,6 +82,12 @@ impl Euler {
             timesteps: Vec::new(),
             sigmas: Vec::new(),
         })
+    }
+
+    /// Switches Karras σ spacing on (with optional `(sigma_min, sigma_max)` overrides) or
+    /// off.
+    pub(crate) fn set_karras(&mut self, karras: Option<(Option<f64>, Option<f64>)>) {
+        self.karras = karras;
     }
 
     /// σ at `step_index` and at the next step.

@@ -5,7 +5,7 @@
 use crate::FusedOps;
 use burn::tensor::Tensor;
 
-use super::config::{Prediction, SchedulerConfig};
+use super::config::{ClassDefaults, Prediction, SchedulerConfig};
 use super::euler::Euler;
 use super::sampler::Sampler;
 use crate::error::Result;
@@ -29,7 +29,7 @@ impl EulerAncestral {
             ));
         }
         Ok(Self {
-            tables: Euler::base(config, prediction, true)?,
+            tables: Euler::base(config, &ClassDefaults::EULER, prediction, true)?,
         })
     }
 }

@@ -1,6 +1,7 @@
-//! diffusers' SDXL schedulers: Euler (plain and Karras), Euler ancestral, DDIM and
-//! DPM-Solver++ 2M (plain and Karras), built from a `scheduler_config.json` as
-//! `Cls.from_config(pipe.scheduler.config)` builds them.
+//! diffusers' SDXL schedulers, built from a `scheduler_config.json` as
+//! `Cls.from_config(pipe.scheduler.config)` builds them: Euler (plain and Karras), Euler
+//! ancestral, Heun, DDIM, DPM-Solver++ 2M (plain, Karras, SDE, SDE Karras), UniPC, and the
+//! consistency samplers of few-step models, LCM and TCD.
 //!
 //! Each class is one file implementing the `Sampler` trait (`sampler.rs`): its training
 //! tables (ᾱ, σ) are built once with the scheduler, its run's schedule (timesteps, σ) once
@@ -26,8 +27,12 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod heun;
+mod lcm;
 mod sampler;
 mod tables;
+mod tcd;
+mod unipc;
 
 use crate::FusedOps;
 use std::fmt;
@@ -36,7 +41,8 @@ use std::str::FromStr;
 
 use burn::tensor::Tensor;
 
-pub use config::{parse_python_json, SchedulerConfig};
+pub use config::{parse_python_json, SchedulerConfig, Spacing};
+pub use tcd::DEFAULT_TCD_ETA;
 
 use crate::error::{Error, Result};
 use crate::noise::Generator;
@@ -44,7 +50,11 @@ use ddim::Ddim;
 use dpm_solver::DpmSolver;
 use euler::Euler;
 use euler_ancestral::EulerAncestral;
+use heun::Heun;
+use lcm::Lcm;
 use sampler::Sampler;
+use tcd::Tcd;
+use unipc::UniPc;
 
 /// The samplers hypergen implements, by the names users pick them with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,17 +71,37 @@ pub enum SchedulerKind {
     DpmPp2m,
     /// `DPMSolverMultistepScheduler` with `use_karras_sigmas` (`dpmpp_2m_karras`).
     DpmPp2mKarras,
+    /// `DPMSolverMultistepScheduler` with `algorithm_type: sde-dpmsolver++`
+    /// (`dpmpp_2m_sde`): draws noise at every step.
+    DpmPp2mSde,
+    /// DPM++ 2M SDE with `use_karras_sigmas` (`dpmpp_2m_sde_karras`).
+    DpmPp2mSdeKarras,
+    /// `HeunDiscreteScheduler` (`heun`): two UNet evaluations per step but the first.
+    Heun,
+    /// `UniPCMultistepScheduler` (`unipc`).
+    UniPc,
+    /// `LCMScheduler` (`lcm`): for LCM checkpoints and LCM-LoRA; noise at every step but
+    /// the last.
+    Lcm,
+    /// `TCDScheduler` (`tcd`): for TCD-LoRA; its `eta` (γ) sets the noise of each step.
+    Tcd,
 }
 
 impl SchedulerKind {
     /// Every kind, in a stable order.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 12] = [
         SchedulerKind::Euler,
         SchedulerKind::EulerKarras,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Ddim,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::DpmPp2mSde,
+        SchedulerKind::DpmPp2mSdeKarras,
+        SchedulerKind::Heun,
+        SchedulerKind::UniPc,
+        SchedulerKind::Lcm,
+        SchedulerKind::Tcd,
     ];
 
     /// The canonical name (what [`FromStr`] and [`fmt::Display`] use).
@@ -83,6 +113,12 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::DpmPp2m => "dpmpp_2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::DpmPp2mSde => "dpmpp_2m_sde",
+            SchedulerKind::DpmPp2mSdeKarras => "dpmpp_2m_sde_karras",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Tcd => "tcd",
         }
     }
 
@@ -92,7 +128,32 @@ impl SchedulerKind {
             SchedulerKind::Euler | SchedulerKind::EulerKarras => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
-            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mKarras
+            | SchedulerKind::DpmPp2mSde
+            | SchedulerKind::DpmPp2mSdeKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Tcd => "TCDScheduler",
+        }
+    }
+
+    /// The sampler's name in AUTOMATIC1111's `parameters` text.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerKarras => "Euler Karras",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::DpmPp2m => "DPM++ 2M",
+            SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+            SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
+            SchedulerKind::Heun => "Heun",
+            SchedulerKind::UniPc => "UniPC",
+            SchedulerKind::Lcm => "LCM",
+            SchedulerKind::Tcd => "TCD",
         }
     }
 
@@ -100,20 +161,79 @@ impl SchedulerKind {
     pub fn karras(self) -> bool {
         matches!(
             self,
-            SchedulerKind::EulerKarras | SchedulerKind::DpmPp2mKarras
+            SchedulerKind::EulerKarras
+                | SchedulerKind::DpmPp2mKarras
+                | SchedulerKind::DpmPp2mSdeKarras
         )
     }
 
-    /// The kind a diffusers config describes: its `_class_name`, and `use_karras_sigmas`
-    /// for the classes that have that option. `None` for classes hypergen lacks.
-    pub fn from_class_name(class_name: &str, use_karras_sigmas: bool) -> Option<Self> {
-        Some(match (class_name, use_karras_sigmas) {
-            ("EulerDiscreteScheduler", false) => SchedulerKind::Euler,
-            ("EulerDiscreteScheduler", true) => SchedulerKind::EulerKarras,
-            ("EulerAncestralDiscreteScheduler", _) => SchedulerKind::EulerAncestral,
-            ("DDIMScheduler", _) => SchedulerKind::Ddim,
-            ("DPMSolverMultistepScheduler", false) => SchedulerKind::DpmPp2m,
-            ("DPMSolverMultistepScheduler", true) => SchedulerKind::DpmPp2mKarras,
+    /// Whether the kind names its σ spacing (Euler and DPM-Solver come as a plain and a
+    /// Karras kind); the other classes take `use_karras_sigmas` from the config.
+    fn names_karras(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Euler
+                | SchedulerKind::EulerKarras
+                | SchedulerKind::DpmPp2m
+                | SchedulerKind::DpmPp2mKarras
+                | SchedulerKind::DpmPp2mSde
+                | SchedulerKind::DpmPp2mSdeKarras
+        )
+    }
+
+    /// DPM-Solver's `algorithm_type` for this kind; `None` for other classes.
+    fn dpm_algorithm(self) -> Option<&'static str> {
+        match self {
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => Some("dpmsolver++"),
+            SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp2mSdeKarras => {
+                Some("sde-dpmsolver++")
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the sampler draws fresh noise during the run (so the seed matters even
+    /// with fixed starting latents).
+    pub fn stochastic(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::EulerAncestral
+                | SchedulerKind::DpmPp2mSde
+                | SchedulerKind::DpmPp2mSdeKarras
+                | SchedulerKind::Lcm
+                | SchedulerKind::Tcd
+        )
+    }
+
+    /// Whether the kind takes `eta` (TCD's γ).
+    pub fn takes_eta(self) -> bool {
+        self == SchedulerKind::Tcd
+    }
+
+    /// Whether the kind takes a `timestep_spacing` (LCM and TCD take their timesteps from
+    /// the distillation schedule instead).
+    pub fn takes_spacing(self) -> bool {
+        !matches!(self, SchedulerKind::Lcm | SchedulerKind::Tcd)
+    }
+
+    /// The kind a diffusers config describes: its `_class_name`, with `use_karras_sigmas`
+    /// and (DPM-Solver) `algorithm_type`. `None` for classes hypergen lacks.
+    pub fn of_config(config: &SchedulerConfig) -> Option<Self> {
+        let karras = config.use_karras_sigmas;
+        let sde = config.algorithm_type == "sde-dpmsolver++";
+        Some(match (config.class_name.as_deref()?, karras, sde) {
+            ("EulerDiscreteScheduler", false, _) => SchedulerKind::Euler,
+            ("EulerDiscreteScheduler", true, _) => SchedulerKind::EulerKarras,
+            ("EulerAncestralDiscreteScheduler", ..) => SchedulerKind::EulerAncestral,
+            ("DDIMScheduler", ..) => SchedulerKind::Ddim,
+            ("DPMSolverMultistepScheduler", false, false) => SchedulerKind::DpmPp2m,
+            ("DPMSolverMultistepScheduler", true, false) => SchedulerKind::DpmPp2mKarras,
+            ("DPMSolverMultistepScheduler", false, true) => SchedulerKind::DpmPp2mSde,
+            ("DPMSolverMultistepScheduler", true, true) => SchedulerKind::DpmPp2mSdeKarras,
+            ("HeunDiscreteScheduler", ..) => SchedulerKind::Heun,
+            ("UniPCMultistepScheduler", ..) => SchedulerKind::UniPc,
+            ("LCMScheduler", ..) => SchedulerKind::Lcm,
+            ("TCDScheduler", ..) => SchedulerKind::Tcd,
             _ => return None,
         })
     }
@@ -146,6 +266,14 @@ impl FromStr for SchedulerKind {
             "ddim" | "ddimscheduler" => SchedulerKind::Ddim,
             "dpmpp_2m" | "dpm++_2m" | "dpmsolvermultistepscheduler" => SchedulerKind::DpmPp2m,
             "dpmpp_2m_karras" | "dpm++_2m_karras" | "dpmpp_2m_k" => SchedulerKind::DpmPp2mKarras,
+            "dpmpp_2m_sde" | "dpm++_2m_sde" => SchedulerKind::DpmPp2mSde,
+            "dpmpp_2m_sde_karras" | "dpm++_2m_sde_karras" | "dpmpp_2m_sde_k" => {
+                SchedulerKind::DpmPp2mSdeKarras
+            }
+            "heun" | "heundiscretescheduler" => SchedulerKind::Heun,
+            "unipc" | "uni_pc" | "unipcmultistepscheduler" => SchedulerKind::UniPc,
+            "lcm" | "lcmscheduler" => SchedulerKind::Lcm,
+            "tcd" | "tcdscheduler" => SchedulerKind::Tcd,
             _ => {
                 let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
                 return Err(Error::invalid(
@@ -158,6 +286,27 @@ impl FromStr for SchedulerKind {
     }
 }
 
+/// What a request may choose about its sampler, beside the model folder's config.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplerSettings {
+    /// The sampler; `None`: the one the model folder's `scheduler_config.json` names.
+    pub kind: Option<SchedulerKind>,
+    /// The timestep spacing in place of the config's; `None`: the config's.
+    pub timestep_spacing: Option<Spacing>,
+    /// TCD's γ, 0–1; `None`: [`DEFAULT_TCD_ETA`]. Only `tcd` takes it.
+    pub eta: Option<f64>,
+}
+
+impl SamplerSettings {
+    /// Whether two requests step the same schedule with the same rule (so they can share
+    /// a batch).
+    pub fn same_as(&self, other: &SamplerSettings) -> bool {
+        self.kind == other.kind
+            && self.timestep_spacing == other.timestep_spacing
+            && self.eta.map(f64::to_bits) == other.eta.map(f64::to_bits)
+    }
+}
+
 /// The sampler of each class, each a [`Sampler`]. A new class adds a variant here and a
 /// line in `with_sampler!`.
 #[derive(Debug, Clone)]
@@ -166,6 +315,10 @@ enum Inner {
     EulerAncestral(EulerAncestral),
     Ddim(Ddim),
     Dpm(DpmSolver),
+    Heun(Heun),
+    UniPc(UniPc),
+    Lcm(Lcm),
+    Tcd(Tcd),
 }
 
 /// Runs `$body` with `$s` bound to whichever [`Sampler`] `$inner` holds (the trait has
@@ -177,6 +330,10 @@ macro_rules! with_sampler {
             Inner::EulerAncestral($s) => $body,
             Inner::Ddim($s) => $body,
             Inner::Dpm($s) => $body,
+            Inner::Heun($s) => $body,
+            Inner::UniPc($s) => $body,
+            Inner::Lcm($s) => $body,
+            Inner::Tcd($s) => $body,
         }
     };
 }
@@ -195,39 +352,93 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Builds `kind` from `config`, as `Cls.from_config(config)` does in diffusers: keys
-    /// the class lacks are ignored, absent keys take the class's defaults, and the Karras
-    /// kinds set `use_karras_sigmas` (the others clear it). With `kind = None`, the kind is
-    /// the config's `_class_name` (and its `use_karras_sigmas`).
+    /// the class lacks are ignored, absent keys take the class's defaults. The Euler and
+    /// DPM-Solver kinds set `use_karras_sigmas` (and DPM-Solver's `algorithm_type`) as
+    /// their names say; Heun and UniPC keep the config's. With `kind = None`, the kind is
+    /// the config's own ([`SchedulerKind::of_config`]).
     ///
     /// Unsupported classes or values give [`Error::Unsupported`].
     pub fn from_config(config: &SchedulerConfig, kind: Option<SchedulerKind>) -> Result<Self> {
-        let kind = match kind {
+        Self::build(
+            config,
+            &SamplerSettings {
+                kind,
+                ..SamplerSettings::default()
+            },
+        )
+    }
+
+    /// [`from_config`](Self::from_config) with a request's [`SamplerSettings`]: its kind,
+    /// its timestep spacing in place of the config's, and TCD's `eta`.
+    ///
+    /// A spacing for LCM or TCD, or an `eta` for any sampler but TCD, is
+    /// [`Error::InvalidArgument`]: those samplers have no such setting, and ignoring it
+    /// would silently give another image than the one asked for.
+    pub fn build(config: &SchedulerConfig, settings: &SamplerSettings) -> Result<Self> {
+        let kind = match settings.kind {
             Some(k) => k,
             None => {
                 let class = config.class_name.as_deref().ok_or_else(|| {
                     config.unsupported("no `_class_name`, and no scheduler kind was given")
                 })?;
-                SchedulerKind::from_class_name(class, config.use_karras_sigmas).ok_or_else(
-                    || {
-                        config.unsupported(format!(
-                            "scheduler class \"{class}\" (supported: EulerDiscreteScheduler, \
-                             EulerAncestralDiscreteScheduler, DDIMScheduler, \
-                             DPMSolverMultistepScheduler)"
-                        ))
-                    },
-                )?
+                SchedulerKind::of_config(config).ok_or_else(|| {
+                    let classes: Vec<&str> =
+                        SchedulerKind::ALL.iter().map(|k| k.class_name()).collect();
+                    let mut classes = classes;
+                    classes.dedup();
+                    config.unsupported(format!(
+                        "scheduler class \"{class}\" (supported: {})",
+                        classes.join(", ")
+                    ))
+                })?
             }
         };
         let mut config = config.clone();
-        config.use_karras_sigmas = kind.karras();
+        if kind.names_karras() {
+            config.use_karras_sigmas = kind.karras();
+        }
+        if let Some(algorithm) = kind.dpm_algorithm() {
+            config.algorithm_type = algorithm.into();
+        }
+        if let Some(spacing) = settings.timestep_spacing {
+            if !kind.takes_spacing() {
+                return Err(Error::invalid(
+                    "timestep_spacing",
+                    format!(
+                        "the {kind} sampler takes no timestep spacing (its timesteps come from \
+                         the schedule the model was distilled on)"
+                    ),
+                ));
+            }
+            config.timestep_spacing = Some(spacing.name().into());
+        }
+        if settings.eta.is_some() && !kind.takes_eta() {
+            return Err(Error::invalid(
+                "eta",
+                format!("the {kind} sampler takes no eta (only tcd does)"),
+            ));
+        }
         let inner = match kind {
             SchedulerKind::Euler | SchedulerKind::EulerKarras => {
                 Inner::Euler(Euler::new(&config, kind.karras())?)
             }
             SchedulerKind::EulerAncestral => Inner::EulerAncestral(EulerAncestral::new(&config)?),
             SchedulerKind::Ddim => Inner::Ddim(Ddim::new(&config)?),
-            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
+            SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mKarras
+            | SchedulerKind::DpmPp2mSde
+            | SchedulerKind::DpmPp2mSdeKarras => {
                 Inner::Dpm(DpmSolver::new(&config, kind.karras())?)
+            }
+            SchedulerKind::Heun => Inner::Heun(Heun::new(&config)?),
+            SchedulerKind::UniPc => Inner::UniPc(UniPc::new(&config)?),
+            SchedulerKind::Lcm => Inner::Lcm(Lcm::new(&config)?),
+            SchedulerKind::Tcd => {
+                let mut tcd = Tcd::new(&config)?;
+                if let Some(eta) = settings.eta {
+                    tcd.set_eta(eta)?;
+                }
+                Inner::Tcd(tcd)
             }
         };
         Ok(Self {
@@ -263,6 +474,19 @@ impl Scheduler {
     /// empty for DDIM, which has none.
     pub fn sigmas(&self) -> &[f64] {
         with_sampler!(&self.inner, s => s.sigmas())
+    }
+
+    /// diffusers' `order`: timesteps per step of `num_inference_steps` (2 for Heun, which
+    /// lists every timestep but the first twice; 1 for the others).
+    pub fn order(&self) -> usize {
+        with_sampler!(&self.inner, s => s.order())
+    }
+
+    /// The index of [`timesteps`](Self::timesteps) an image-to-image run at `strength`
+    /// starts from: [`start_step`](Self::start_step) times [`order`](Self::order), as
+    /// diffusers' `get_timesteps` slices the schedule.
+    pub fn start_index(&self, num_inference_steps: usize, strength: f64) -> Result<usize> {
+        Ok(Self::start_step(num_inference_steps, strength)? * self.order())
     }
 
     /// The standard deviation to scale unit initial noise by.
@@ -339,7 +563,8 @@ impl Scheduler {
 
     /// diffusers' `get_timesteps` for image-to-image and inpainting: the first step of
     /// the schedule that a run at `strength` (0–1) starts from, `steps − ⌊steps·strength⌋`
-    /// (every scheduler here has `order` 1). Strength 1 starts at step 0; a strength so
+    /// (in steps; [`start_index`](Self::start_index) is the index into the timesteps).
+    /// Strength 1 starts at step 0; a strength so
     /// small that no step is left is [`Error::InvalidArgument`].
     pub fn start_step(num_inference_steps: usize, strength: f64) -> Result<usize> {
         if !(0.0..=1.0).contains(&strength) {
@@ -387,10 +612,15 @@ mod tests {
     fn names_round_trip() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.name().parse::<SchedulerKind>().ok(), Some(kind));
-            assert_eq!(
-                SchedulerKind::from_class_name(kind.class_name(), kind.karras()),
-                Some(kind)
-            );
+            let config = SchedulerConfig {
+                class_name: Some(kind.class_name().into()),
+                use_karras_sigmas: kind.karras(),
+                algorithm_type: kind.dpm_algorithm().unwrap_or("dpmsolver++").into(),
+                ..SchedulerConfig::default()
+            };
+            assert_eq!(SchedulerKind::of_config(&config), Some(kind));
+            let built = Scheduler::from_config(&config, None).expect("builds");
+            assert_eq!(built.kind(), kind);
         }
         assert_eq!(
             "Euler-A".parse::<SchedulerKind>().ok(),

@@ -26,6 +26,12 @@ pub(crate) trait Sampler {
         &[]
     }
 
+    /// diffusers' `order`: UNet evaluations per step of `num_inference_steps` (Heun's 2);
+    /// image-to-image skips `order` timesteps per skipped step.
+    fn order(&self) -> usize {
+        1
+    }
+
     /// The standard deviation to scale unit initial noise by.
     fn init_noise_sigma(&self) -> f64 {
         1.0

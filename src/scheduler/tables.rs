@@ -4,7 +4,7 @@
 //! float64; values that diffusers stores in float32 are rounded to float32 here too (see
 //! [`f32r`]) so that the tables agree to the last bit or two, not only to 1e-4.
 
-use super::config::{BetaSchedule, SchedulerConfig, Spacing};
+use super::config::{BetaSchedule, ClassDefaults, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
 
 /// Rounds to the nearest float32, as storing into a float32 tensor or array does.
@@ -35,11 +35,17 @@ pub(crate) fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 ///
 /// `zero_snr_floor`: with `rescale_betas_zero_snr`, the last ᾱ is exactly 0; the
 /// σ-based schedulers (Euler, DPM-Solver) replace it by 2^-24 so σ stays finite.
-pub(crate) fn alphas_cumprod(config: &SchedulerConfig, zero_snr_floor: bool) -> Result<Vec<f64>> {
+pub(crate) fn alphas_cumprod(
+    config: &SchedulerConfig,
+    class: &ClassDefaults,
+    zero_snr_floor: bool,
+) -> Result<Vec<f64>> {
     let n = config.num_train_timesteps;
     if n < 2 {
         return Err(config.unsupported(format!("num_train_timesteps {n} (needs at least 2)")));
     }
+    let beta_start = config.beta_start.unwrap_or(class.beta_start);
+    let beta_end = config.beta_end.unwrap_or(class.beta_end);
     let mut betas: Vec<f64> = match &config.trained_betas {
         Some(b) => {
             if b.len() != n {
@@ -50,13 +56,13 @@ pub(crate) fn alphas_cumprod(config: &SchedulerConfig, zero_snr_floor: bool) -> 
             }
             b.iter().map(|&x| f32r(x)).collect()
         }
-        None => match config.beta_schedule()? {
-            BetaSchedule::Linear => linspace(config.beta_start, config.beta_end, n)
+        None => match config.beta_schedule(class)? {
+            BetaSchedule::Linear => linspace(beta_start, beta_end, n)
                 .into_iter()
                 .map(f32r)
                 .collect(),
             BetaSchedule::ScaledLinear => {
-                linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n)
+                linspace(beta_start.sqrt(), beta_end.sqrt(), n)
                     .into_iter()
                     // torch squares the float32 linspace in float32.
                     .map(|r| {
@@ -217,6 +223,39 @@ pub(crate) fn trailing(start: f64, n_train: usize, steps: usize) -> Vec<f64> {
     (0..steps)
         .map(|i| round_even(start - i as f64 * ratio) - 1.0)
         .collect()
+}
+
+/// LCM's and TCD's timesteps: `steps` of the `original_steps` timesteps the model was
+/// distilled on (`k − 1, 2k − 1, …` with k = N / original_steps), from the noisiest, taken
+/// at `⌊i · original_steps / steps⌋`. More steps than `original_steps` is an error, as in
+/// diffusers.
+pub(crate) fn distilled_timesteps(
+    n_train: usize,
+    original_steps: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    check_steps(steps, n_train)?;
+    if original_steps == 0 || original_steps > n_train {
+        return Err(Error::invalid(
+            "original_inference_steps",
+            format!("{original_steps} is outside 1..={n_train} (the training timesteps)"),
+        ));
+    }
+    if steps > original_steps {
+        return Err(Error::invalid(
+            "num_inference_steps",
+            format!(
+                "{steps} is more than the {original_steps} steps this consistency model was \
+                 distilled on (original_inference_steps)"
+            ),
+        ));
+    }
+    let k = n_train / original_steps;
+    let origin: Vec<usize> = (1..=original_steps).rev().map(|i| i * k - 1).collect();
+    let stride = original_steps as f64 / steps as f64;
+    Ok((0..steps)
+        .map(|i| origin[(i as f64 * stride).floor() as usize] as f64)
+        .collect())
 }
 
 /// Validates a requested step count against the training schedule.

@@ -26,6 +26,7 @@ use super::types::{
 use super::worker::{JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
 use crate::pipeline::OutputFormat;
+use crate::scheduler::Scheduler;
 
 /// Groups of routes in the documentation.
 #[derive(Tags)]
@@ -334,7 +335,9 @@ impl Api {
         /// The prompt and settings.
         body: Body<ImageGenerationRequest>,
     ) -> GenerateResult {
-        let checked = match request::check(&body.0, &state.config.limits, request::random_seed) {
+        let checked = match request::check(&body.0, &state.config.limits, request::random_seed)
+            .and_then(|c| check_sampler(&state, c))
+        {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
         };
@@ -380,7 +383,9 @@ impl Api {
         /// The image, the mask, the prompt and settings.
         form: Body<EditForm>,
     ) -> EditResult {
-        let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed) {
+        let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed)
+            .and_then(|c| check_sampler(&state, c))
+        {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
         };
@@ -434,6 +439,25 @@ impl Api {
             None => image_not_found(&id.0).into(),
         }
     }
+}
+
+/// Refuses sampler settings the model's scheduler cannot run (an `eta` for a sampler
+/// without one, a spacing for LCM or TCD, more steps than a consistency model was
+/// distilled on), naming the field, before the request is queued.
+fn check_sampler(
+    state: &AppState,
+    checked: request::Checked,
+) -> Result<request::Checked, ApiError> {
+    let g = &checked.generation;
+    let refuse = |e: crate::Error| match e {
+        crate::Error::InvalidArgument { name, message } => ApiError::invalid_value(name, message),
+        other => ApiError::invalid_value("scheduler", other.to_string()),
+    };
+    let mut scheduler = Scheduler::build(&state.scheduler, &g.sampler).map_err(refuse)?;
+    scheduler
+        .set_timesteps(g.num_inference_steps)
+        .map_err(refuse)?;
+    Ok(checked)
 }
 
 /// A checked request with the LoRA adapters it names, read from the LoRA directory.

@@ -30,6 +30,10 @@ pub const MAX_PARTIAL_IMAGES: u64 = 3;
 /// Largest `output_compression`: OpenAI's scale, passed on as the JPEG quality, whose
 /// best it is.
 pub const MAX_OUTPUT_COMPRESSION: u64 = crate::pipeline::Encoding::BEST_QUALITY as u64;
+/// Largest `guidance_rescale`: the guided prediction fully rescaled.
+pub const MAX_GUIDANCE_RESCALE: f64 = 1.0;
+/// Largest `eta` (TCD's γ): every step re-noised as LCM does.
+pub const MAX_ETA: f64 = 1.0;
 /// Largest `strength` of an edit: the whole schedule.
 pub const MAX_STRENGTH: f64 = 1.0;
 

@@ -52,6 +52,7 @@ use tokio::task::JoinHandle;
 
 use crate::device::DeviceSpec;
 use crate::pipeline::ModelInfo;
+use crate::scheduler::SchedulerConfig;
 use auth::ApiKey;
 use conn::{ConnTimeouts, Connections, TrackingAcceptor};
 use images::ImageStore;
@@ -131,6 +132,8 @@ pub struct AppState {
     pub config: ServerConfig,
     /// What the worker loaded.
     pub model: ModelInfo,
+    /// The loaded model's scheduler config, which requests' sampler settings apply to.
+    pub scheduler: SchedulerConfig,
     /// The worker and its queue.
     pub worker: Worker,
     /// Images served by URL.
@@ -373,6 +376,9 @@ impl Server {
         let model = worker
             .model_info()
             .context("the worker reported ready without a model")?;
+        let scheduler = worker
+            .scheduler_config()
+            .context("the worker reported ready without a scheduler config")?;
         tracing::info!(
             model = %w.model,
             device = worker.device(),
@@ -394,6 +400,7 @@ impl Server {
             images: ImageStore::new(config.url_ttl, config.url_store_bytes),
             config,
             model,
+            scheduler,
             worker,
             started: unix_now(),
             connections: Arc::new(Connections::new(timeouts)),

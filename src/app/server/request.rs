@@ -11,13 +11,15 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
-    RequestLimits, MAX_BODY_BYTES, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE,
+    RequestLimits, MAX_BODY_BYTES, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
     MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
 };
-use super::types::{self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName};
+use super::types::{
+    self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName, SpacingName,
+};
 use crate::load::lora::LoraSpec;
 use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 
 /// A body type read field by field with [`Fields`].
 pub trait FromFields: Sized {
@@ -284,6 +286,21 @@ impl FromFields for ImageGenerationRequest {
                         .map_err(|e| ApiError::invalid_value("scheduler", e.to_string()))?,
                 )),
             },
+            timestep_spacing: match f.string("timestep_spacing")? {
+                None => None,
+                Some(s) => Some(SpacingName::from(
+                    s.parse::<Spacing>()
+                        .map_err(|e| ApiError::invalid_value("timestep_spacing", e.to_string()))?,
+                )),
+            },
+            guidance_rescale: match f.number("guidance_rescale")? {
+                Some(r) => Some(in_range("guidance_rescale", r, 0.0, MAX_GUIDANCE_RESCALE)?),
+                None => None,
+            },
+            eta: match f.number("eta")? {
+                Some(e) => Some(in_range("eta", e, 0.0, MAX_ETA)?),
+                None => None,
+            },
             stream: f.boolean("stream")?,
             partial_images: match f.unsigned("partial_images")? {
                 Some(p) => Some(in_range("partial_images", p, 0, MAX_PARTIAL_IMAGES)? as u32),
@@ -450,7 +467,12 @@ pub fn check(
             height,
             num_images: req.n as usize,
             seed: req.seed.unwrap_or_else(seed),
-            scheduler: req.scheduler.map(SchedulerKind::from),
+            guidance_rescale: req.guidance_rescale.unwrap_or(0.0),
+            sampler: SamplerSettings {
+                kind: req.scheduler.map(SchedulerKind::from),
+                timestep_spacing: req.timestep_spacing.map(Spacing::from),
+                eta: req.eta,
+            },
             ..Default::default()
         },
         response_format: req.response_format,

@@ -8,7 +8,7 @@ use poem_openapi::{Enum, Object};
 
 use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::pipeline::{OutputFormat, RequestDefaults};
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::{SchedulerKind, Spacing};
 
 /// Body of `POST /v1/images/generations`: OpenAI's image request, plus the diffusion
 /// settings OpenAI does not have. Unknown fields are refused (400, `param` names them).
@@ -84,8 +84,23 @@ pub struct ImageGenerationRequest {
     /// most 8 in all). Their changes add up.
     #[oai(validator(max_items = 8))]
     pub loras: Option<Vec<LoraChoice>>,
-    /// The sampler; absent: the model's own scheduler config.
+    /// The sampler; absent: the model's own scheduler config. `heun` evaluates the
+    /// model twice per step (all but the first); `euler_ancestral`, `dpmpp_2m_sde*`,
+    /// `lcm` and `tcd` draw fresh noise from the seed during the run.
     pub scheduler: Option<SchedulerName>,
+    /// hypergen's extension: how the steps are spread over the noise schedule, in place
+    /// of the model's (`trailing` for SDXL-Lightning, Hyper-SD and Turbo). `lcm` and
+    /// `tcd` take none.
+    pub timestep_spacing: Option<SpacingName>,
+    /// hypergen's extension: diffusers' `guidance_rescale`, 0 to 1 (default 0, off):
+    /// rescales the guided prediction towards the conditional one's standard deviation,
+    /// as v-prediction models with zero terminal SNR need (0.7 is the paper's).
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub guidance_rescale: Option<f64>,
+    /// hypergen's extension: TCD's gamma, 0 to 1 (default 0.3), the noise each step
+    /// adds back; only `tcd` takes it.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub eta: Option<f64>,
     /// `true`: answer `text/event-stream` with OpenAI's streaming events
     /// (`image_generation.partial_image`, then one `image_generation.completed` per
     /// image) instead of one JSON body. The images are always `b64_json`.
@@ -224,6 +239,9 @@ impl Example for ImageGenerationRequest {
             lora_scale: 1.0,
             loras: None,
             scheduler: Some(SchedulerName::Euler),
+            timestep_spacing: None,
+            guidance_rescale: None,
+            eta: None,
             stream: None,
             partial_images: None,
             stream_progress: None,
@@ -292,8 +310,23 @@ pub struct ImageEditRequest {
     /// Noise seed (random when absent). The image's latent sample is drawn first, then
     /// the noise, as diffusers draws them.
     pub seed: Option<u64>,
-    /// The sampler; absent: the model's own.
+    /// The sampler; absent: the model's own scheduler config. `heun` evaluates the
+    /// model twice per step (all but the first); `euler_ancestral`, `dpmpp_2m_sde*`,
+    /// `lcm` and `tcd` draw fresh noise from the seed during the run.
     pub scheduler: Option<SchedulerName>,
+    /// hypergen's extension: how the steps are spread over the noise schedule, in place
+    /// of the model's (`trailing` for SDXL-Lightning, Hyper-SD and Turbo). `lcm` and
+    /// `tcd` take none.
+    pub timestep_spacing: Option<SpacingName>,
+    /// hypergen's extension: diffusers' `guidance_rescale`, 0 to 1 (default 0, off):
+    /// rescales the guided prediction towards the conditional one's standard deviation,
+    /// as v-prediction models with zero terminal SNR need (0.7 is the paper's).
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub guidance_rescale: Option<f64>,
+    /// hypergen's extension: TCD's gamma, 0 to 1 (default 0.3), the noise each step
+    /// adds back; only `tcd` takes it.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub eta: Option<f64>,
     /// A LoRA adapter for this edit, as in `/v1/images/generations`.
     pub lora_path: Option<String>,
     /// Strength of `lora_path`, 0 to 2 (default 1).
@@ -360,6 +393,58 @@ pub enum SchedulerName {
     /// DPM-Solver++ 2M with Karras sigmas.
     #[oai(rename = "dpmpp_2m_karras")]
     DpmPp2mKarras,
+    /// DPM-Solver++ 2M SDE (stochastic: draws noise from the seed at every step).
+    #[oai(rename = "dpmpp_2m_sde")]
+    DpmPp2mSde,
+    /// DPM-Solver++ 2M SDE with Karras sigmas.
+    #[oai(rename = "dpmpp_2m_sde_karras")]
+    DpmPp2mSdeKarras,
+    /// Heun (second order: two model evaluations per step but the first).
+    #[oai(rename = "heun")]
+    Heun,
+    /// UniPC (predictor–corrector, one model evaluation per step).
+    #[oai(rename = "unipc")]
+    UniPc,
+    /// LCM, for LCM checkpoints and LCM-LoRA (4–8 steps, guidance 1–2).
+    #[oai(rename = "lcm")]
+    Lcm,
+    /// TCD, for TCD-LoRA (4–8 steps; `eta` sets its noise).
+    #[oai(rename = "tcd")]
+    Tcd,
+}
+
+/// A timestep spacing (diffusers' `timestep_spacing`).
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpacingName {
+    /// From 0 upwards in even strides plus the config's offset (SDXL base's own).
+    #[oai(rename = "leading")]
+    Leading,
+    /// From the last training timestep down in even strides (few-step models).
+    #[oai(rename = "trailing")]
+    Trailing,
+    /// Evenly from the last training timestep to 0.
+    #[oai(rename = "linspace")]
+    Linspace,
+}
+
+impl From<SpacingName> for Spacing {
+    fn from(name: SpacingName) -> Self {
+        match name {
+            SpacingName::Leading => Spacing::Leading,
+            SpacingName::Trailing => Spacing::Trailing,
+            SpacingName::Linspace => Spacing::Linspace,
+        }
+    }
+}
+
+impl From<Spacing> for SpacingName {
+    fn from(spacing: Spacing) -> Self {
+        match spacing {
+            Spacing::Leading => SpacingName::Leading,
+            Spacing::Trailing => SpacingName::Trailing,
+            Spacing::Linspace => SpacingName::Linspace,
+        }
+    }
 }
 
 impl From<SchedulerKind> for SchedulerName {
@@ -371,6 +456,12 @@ impl From<SchedulerKind> for SchedulerName {
             SchedulerKind::Ddim => SchedulerName::Ddim,
             SchedulerKind::DpmPp2m => SchedulerName::DpmPp2m,
             SchedulerKind::DpmPp2mKarras => SchedulerName::DpmPp2mKarras,
+            SchedulerKind::DpmPp2mSde => SchedulerName::DpmPp2mSde,
+            SchedulerKind::DpmPp2mSdeKarras => SchedulerName::DpmPp2mSdeKarras,
+            SchedulerKind::Heun => SchedulerName::Heun,
+            SchedulerKind::UniPc => SchedulerName::UniPc,
+            SchedulerKind::Lcm => SchedulerName::Lcm,
+            SchedulerKind::Tcd => SchedulerName::Tcd,
         }
     }
 }
@@ -384,6 +475,12 @@ impl From<SchedulerName> for SchedulerKind {
             SchedulerName::Ddim => SchedulerKind::Ddim,
             SchedulerName::DpmPp2m => SchedulerKind::DpmPp2m,
             SchedulerName::DpmPp2mKarras => SchedulerKind::DpmPp2mKarras,
+            SchedulerName::DpmPp2mSde => SchedulerKind::DpmPp2mSde,
+            SchedulerName::DpmPp2mSdeKarras => SchedulerKind::DpmPp2mSdeKarras,
+            SchedulerName::Heun => SchedulerKind::Heun,
+            SchedulerName::UniPc => SchedulerKind::UniPc,
+            SchedulerName::Lcm => SchedulerKind::Lcm,
+            SchedulerName::Tcd => SchedulerKind::Tcd,
         }
     }
 }

@@ -334,8 +334,9 @@ fn odd_latent_sizes_generate() {
 }
 
 /// Several requests denoised as one batch give what each gives alone: per-request
-/// prompts, negatives, seeds and image counts, with and without guidance, and with the
-/// stochastic Euler ancestral scheduler (per-request step noise). On the CPU only: the
+/// prompts, negatives, seeds and image counts, with and without guidance, with the
+/// stochastic Euler ancestral and DPM++ 2M SDE schedulers (per-request step noise), and
+/// with guidance rescale (standard deviations per image, not per batch). On the CPU only: the
 /// batching is backend-independent bookkeeping, and on wgpu the new batch shapes cost a
 /// minute of shader compilation (measured there: 2.3e-6 relative error).
 #[test]
@@ -344,15 +345,23 @@ fn pipeline_batch_equals_separate() {
 }
 
 fn batch_equals_separate<B: FusedOps>(device: &B::Device) {
-    use hypergen::scheduler::SchedulerKind;
+    use hypergen::scheduler::{SamplerSettings, SchedulerKind};
     let pipe = load::<B>(device, DType::F32);
-    for (guidance, scheduler) in [(5.0, None), (0.0, Some(SchedulerKind::EulerAncestral))] {
+    for (guidance, scheduler, rescale) in [
+        (5.0, None, 0.0),
+        (0.0, Some(SchedulerKind::EulerAncestral), 0.0),
+        (5.0, Some(SchedulerKind::DpmPp2mSde), 0.7),
+    ] {
         let base = GenerationRequest {
             num_inference_steps: 3,
             guidance_scale: guidance,
+            guidance_rescale: rescale,
             width: 64,
             height: 64,
-            scheduler,
+            sampler: SamplerSettings {
+                kind: scheduler,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let requests = [

@@ -299,7 +299,10 @@ async fn server_routes() {
                 height: 64,
                 num_images: 2,
                 seed: 42,
-                scheduler: Some(hypergen::scheduler::SchedulerKind::EulerAncestral),
+                sampler: hypergen::scheduler::SamplerSettings {
+                    kind: Some(hypergen::scheduler::SchedulerKind::EulerAncestral),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             &mut |_| std::ops::ControlFlow::Continue(()),

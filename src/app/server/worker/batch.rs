@@ -235,11 +235,10 @@ pub(super) fn run_batch<B: FusedOps>(
 /// model's id.
 fn parameters_text<B: FusedOps>(pipeline: &SdxlPipeline<B>, req: &GenerationRequest) -> String {
     let c = pipeline.components();
-    let kind = req.scheduler.or_else(|| {
-        c.scheduler_config.class_name.as_deref().and_then(|class| {
-            SchedulerKind::from_class_name(class, c.scheduler_config.use_karras_sigmas)
-        })
-    });
+    let kind = req
+        .sampler
+        .kind
+        .or_else(|| SchedulerKind::of_config(&c.scheduler_config));
     a1111_parameters(req, kind.unwrap_or(SchedulerKind::Euler), &c.info.id)
 }
 

@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::load::LoadOptions;
 use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, RunOptions};
+use crate::scheduler::SchedulerConfig;
 
 use queue::JobQueue;
 use thread::Spawn;
@@ -275,6 +276,8 @@ struct Shared {
     dtype: &'static str,
     /// What was loaded (set before the worker reports ready).
     info: Mutex<Option<ModelInfo>>,
+    /// The loaded model's scheduler config (set with `info`).
+    scheduler: Mutex<Option<SchedulerConfig>>,
     /// The adapters merged at start.
     loras: Mutex<Vec<LoraSpec<Arc<LoraAdapter>>>>,
     max_queue: usize,
@@ -301,6 +304,7 @@ impl Shared {
             device,
             dtype,
             info: Mutex::new(None),
+            scheduler: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
             max_queue,
             queued: AtomicUsize::new(0),
@@ -467,6 +471,16 @@ impl Worker {
     pub fn model_info(&self) -> Option<ModelInfo> {
         self.shared
             .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The loaded model's `scheduler_config.json`: what a request's sampler settings
+    /// apply to.
+    pub fn scheduler_config(&self) -> Option<SchedulerConfig> {
+        self.shared
+            .scheduler
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

@@ -72,6 +72,11 @@ impl WithBackend for Spawn {
                     Ok(Ok(p)) => {
                         let info = p.components().info.clone();
                         *thread_shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        *thread_shared
+                            .scheduler
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            Some(p.components().scheduler_config.clone());
                         let base = p.components().loras.active().to_vec();
                         *thread_shared
                             .loras
