@@ -840,7 +840,10 @@ fn rescale_noise_cfg<B: FusedOps>(
         let x = x.cast(DType::F32).reshape([n, c * h * w]);
         let centred = x.clone() - x.mean_dim(1);
         let denominator = (c * h * w).saturating_sub(1).max(1) as f64;
-        (centred.clone() * centred).sum_dim(1).div_scalar(denominator).sqrt()
+        (centred.clone() * centred)
+            .sum_dim(1)
+            .div_scalar(denominator)
+            .sqrt()
     };
     let ratio = (std(text) / std(guided.clone()))
         .reshape([n, 1, 1, 1])

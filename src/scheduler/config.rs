@@ -394,7 +394,9 @@ impl std::str::FromStr for Spacing {
             .ok_or_else(|| {
                 Error::invalid(
                     "timestep_spacing",
-                    format!("unknown timestep spacing \"{s}\" (known: leading, trailing, linspace)"),
+                    format!(
+                        "unknown timestep spacing \"{s}\" (known: leading, trailing, linspace)"
+                    ),
                 )
             })
     }

@@ -152,7 +152,8 @@ impl DpmSolver {
             euler_at_final: config.euler_at_final,
             final_zero: config.final_sigma_zero()?,
             karras: karras.then_some((config.sigma_min, config.sigma_max)),
-            round_karras: config.beta_schedule(&ClassDefaults::EULER)? != BetaSchedule::SquaredCosCapV2,
+            round_karras: config.beta_schedule(&ClassDefaults::EULER)?
+                != BetaSchedule::SquaredCosCapV2,
             karras_final_own_min: false,
             last_timestep: config.num_train_timesteps - clipped,
             log_sigmas: tables::log_sigmas(&train_sigmas),
@@ -322,9 +323,7 @@ impl Sampler for DpmSolver {
             _ => first,
         };
         let prev_sample = match noise {
-            Some(noise) => {
-                prev_sample + noise.mul_scalar(sigma_t * (-(-2.0 * h).exp_m1()).sqrt())
-            }
+            Some(noise) => prev_sample + noise.mul_scalar(sigma_t * (-(-2.0 * h).exp_m1()).sqrt()),
             None => prev_sample,
         };
         if self.order == 2 {

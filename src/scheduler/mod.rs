@@ -185,9 +185,7 @@ impl SchedulerKind {
     fn dpm_algorithm(self) -> Option<&'static str> {
         match self {
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => Some("dpmsolver++"),
-            SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp2mSdeKarras => {
-                Some("sde-dpmsolver++")
-            }
+            SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp2mSdeKarras => Some("sde-dpmsolver++"),
             _ => None,
         }
     }

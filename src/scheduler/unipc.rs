@@ -84,9 +84,9 @@ impl UniPc {
             "bh2" | "midpoint" | "heun" | "logrho" => true,
             "bh1" => false,
             other => {
-                return Err(config.unsupported(format!(
-                    "solver_type \"{other}\" (supported: bh1, bh2)"
-                )))
+                return Err(
+                    config.unsupported(format!("solver_type \"{other}\" (supported: bh1, bh2)"))
+                )
             }
         };
         if !(1..=3).contains(&config.solver_order) {
@@ -133,9 +133,7 @@ impl UniPc {
         let (alpha, sigma_t, _) = alpha_sigma_lambda(self.schedule.sigmas()[step_index]);
         match self.prediction {
             Prediction::Epsilon => model_output,
-            Prediction::Sample => {
-                (sample - model_output.mul_scalar(alpha)).div_scalar(sigma_t)
-            }
+            Prediction::Sample => (sample - model_output.mul_scalar(alpha)).div_scalar(sigma_t),
             Prediction::Velocity => model_output.mul_scalar(alpha) + sample.mul_scalar(sigma_t),
         }
     }
@@ -159,12 +157,7 @@ impl UniPc {
             factorial *= (i + 1) as f64;
             h_phi_k = h_phi_k / hh - 1.0 / factorial;
         }
-        Coefficients {
-            h_phi_1,
-            b_h,
-            r,
-            b,
-        }
+        Coefficients { h_phi_1, b_h, r, b }
     }
 
     /// The `k`-th most recent kept output (0: the newest).

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
-    RequestLimits, MAX_BODY_BYTES, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
-    MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
+    RequestLimits, MAX_BODY_BYTES, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES,
+    MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{
     self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName, SpacingName,
@@ -288,10 +288,9 @@ impl FromFields for ImageGenerationRequest {
             },
             timestep_spacing: match f.string("timestep_spacing")? {
                 None => None,
-                Some(s) => Some(SpacingName::from(
-                    s.parse::<Spacing>()
-                        .map_err(|e| ApiError::invalid_value("timestep_spacing", e.to_string()))?,
-                )),
+                Some(s) => Some(SpacingName::from(s.parse::<Spacing>().map_err(|e| {
+                    ApiError::invalid_value("timestep_spacing", e.to_string())
+                })?)),
             },
             guidance_rescale: match f.number("guidance_rescale")? {
                 Some(r) => Some(in_range("guidance_rescale", r, 0.0, MAX_GUIDANCE_RESCALE)?),

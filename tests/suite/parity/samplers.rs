@@ -1,0 +1,286 @@
+//! The samplers of issue 28 against diffusers (`reference/schedulers_extra`): every
+//! scheduler table (4 and 25 steps), every scheduler-only trajectory, and every
+//! end-to-end case (final latents and image), including v-prediction with zero terminal
+//! SNR and guidance rescale.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use hypergen::noise::Generator;
+use hypergen::pipeline::{GenerationRequest, RunOptions, SdxlPipeline};
+use hypergen::scheduler::{SamplerSettings, Scheduler, SchedulerConfig, SchedulerKind, Spacing};
+use hypergen::FusedOps;
+use serde_json::Value;
+
+use crate::common::{self, no_progress, RefTensor, TOL_F32};
+
+fn extra_dir() -> PathBuf {
+    common::reference_dir().join("schedulers_extra")
+}
+
+fn json(name: &str) -> Value {
+    let path = extra_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hypergen::scheduler::parse_python_json(&text).expect("parses")
+}
+
+/// `schedulers_extra.safetensors`, by name.
+fn tensor(name: &str) -> RefTensor {
+    static ALL: OnceLock<HashMap<String, RefTensor>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let path = extra_dir().join("schedulers_extra.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("parses");
+        st.tensors()
+            .into_iter()
+            .map(|(name, view)| (name, common::ref_tensor_of(&view)))
+            .collect()
+    })
+    .get(name)
+    .unwrap_or_else(|| panic!("reference tensor `{name}` not found"))
+    .clone()
+}
+
+fn on<B: FusedOps, const D: usize>(r: RefTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(r.data, r.shape), device)
+}
+
+fn assert_close<B: FusedOps, const D: usize>(what: &str, got: Tensor<B, D>, want: &RefTensor) {
+    assert_eq!(got.dims().to_vec(), want.shape, "{what}: shape");
+    let got = common::values(got);
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite");
+    let err = common::rel_error(&got, &want.data);
+    eprintln!("{what}: relative error {err:.3e}");
+    assert!(
+        err <= TOL_F32,
+        "{what}: relative error {err:.3e} > {TOL_F32:.0e}"
+    );
+}
+
+/// The scheduler config a KIND starts from: the fixture's own, or the v-prediction one.
+fn base_config(kind: &str) -> SchedulerConfig {
+    let path = if kind.starts_with("vpred.") {
+        extra_dir().join("vpred/scheduler_config.json")
+    } else {
+        common::fixture_dir().join("scheduler/scheduler_config.json")
+    };
+    SchedulerConfig::read(&path).expect("scheduler config reads")
+}
+
+/// The settings of a KIND of the README's table, as a user asks for them (`--scheduler`,
+/// `--timestep-spacing`), not as diffusers' overrides.
+fn settings(kind: &str) -> SamplerSettings {
+    let (name, spacing) = match kind.split_once('.') {
+        Some(("vpred", _)) => ("euler", None),
+        Some((name, spacing)) => (name, Some(spacing.parse::<Spacing>().expect("spacing"))),
+        None => (kind, None),
+    };
+    SamplerSettings {
+        kind: Some(name.parse::<SchedulerKind>().expect("kind")),
+        timestep_spacing: spacing,
+        eta: (name == "tcd").then_some(0.3),
+    }
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| a.iter().map(|x| x.as_f64().expect("number")).collect())
+        .unwrap_or_default()
+}
+
+/// Every `KIND.N` table: timesteps (exact where integral), σ and the initial σ to 1e-4.
+#[test]
+fn every_table() {
+    let Value::Object(tables) = json("schedulers_extra.json") else {
+        panic!("schedulers_extra.json is not an object")
+    };
+    assert!(tables.len() >= 20, "expected every kind at 4 and 25 steps");
+    for (key, entry) in &tables {
+        let (kind, steps) = key.rsplit_once('.').expect("KIND.N");
+        let steps: usize = steps.parse().expect("N");
+        let mut sched = Scheduler::build(&base_config(kind), &settings(kind)).expect(key);
+        assert_eq!(
+            sched.kind().class_name(),
+            entry["class"].as_str().expect("class"),
+            "{key}: class"
+        );
+        sched.set_timesteps(steps).expect(key);
+        assert_eq!(
+            sched.order() as u64,
+            entry["order"].as_u64().expect("order"),
+            "{key}: order"
+        );
+        let want_t = floats(&entry["timesteps"]);
+        assert_eq!(
+            sched.timesteps().len(),
+            want_t.len(),
+            "{key}: timestep count"
+        );
+        for (i, (g, w)) in sched.timesteps().iter().zip(&want_t).enumerate() {
+            assert!((g - w).abs() <= 1e-3, "{key}: timestep {i}: {g} vs {w}");
+        }
+        let want_s = floats(&entry["sigmas"]);
+        assert_eq!(sched.sigmas().len(), want_s.len(), "{key}: sigma count");
+        for (i, (g, w)) in sched.sigmas().iter().zip(&want_s).enumerate() {
+            let err = if *w == 0.0 {
+                g.abs()
+            } else {
+                (g - w).abs() / w.abs()
+            };
+            assert!(err <= TOL_F32, "{key}: sigma {i}: {g} vs {w}");
+        }
+        let want = entry["init_noise_sigma"]
+            .as_f64()
+            .expect("init_noise_sigma");
+        let err = (sched.init_noise_sigma() - want).abs() / want;
+        assert!(
+            err <= TOL_F32,
+            "{key}: init_noise_sigma {} vs {want}",
+            sched.init_noise_sigma()
+        );
+    }
+}
+
+/// `sched.KIND.4steps.afterI`: the step rule alone on random model outputs, with the
+/// seeded generator for the samplers that draw noise.
+fn trajectories<B: FusedOps>(device: &B::Device) {
+    let kinds = [
+        "euler",
+        "heun",
+        "unipc",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_karras",
+        "lcm",
+        "tcd",
+        "euler.trailing",
+        "euler.linspace",
+        "dpmpp_2m",
+        "dpmpp_2m.trailing",
+        "vpred.euler",
+    ];
+    for kind in kinds {
+        let mut sched = Scheduler::build(&base_config(kind), &settings(kind)).expect(kind);
+        sched.set_timesteps(4).expect(kind);
+        let mut rng = Generator::new(1234);
+        let mut x = on::<B, 4>(tensor("sched.sample"), device).mul_scalar(sched.init_noise_sigma());
+        for i in 0..sched.timesteps().len() {
+            let eps = on::<B, 4>(tensor(&format!("sched.eps{i}")), device);
+            x = sched.step(eps, i, x, &mut rng);
+            let name = format!("sched.{kind}.4steps.after{i}");
+            assert_close(&name, x.clone(), &tensor(&name));
+        }
+    }
+}
+crate::on_backends!(sampler_trajectories, trajectories);
+
+/// The fixture pipeline, with the scheduler config of the v-prediction model for those
+/// cases (a model folder of the same components and that `scheduler_config.json`).
+fn pipeline<B: FusedOps>(device: &B::Device, vpred: bool) -> SdxlPipeline<B> {
+    let mut components = hypergen::load::load_components::<B>(
+        &common::fixture_model(),
+        DType::F32,
+        &Default::default(),
+        device,
+    )
+    .expect("fixture components load");
+    if vpred {
+        components.scheduler_config = base_config("vpred.euler");
+    }
+    SdxlPipeline::new(components, &RunOptions::default(), device).expect("pipeline")
+}
+
+/// One `cases.json` case as `hypergen generate` runs it: its `cli` options on the common
+/// ones (prompt, 4 steps, 128², the fixture's starting latents, seed 1234).
+fn request(case: &Value, common_args: &Value) -> GenerationRequest {
+    let init = {
+        let path = common::reference_dir().join("init_latents.safetensors");
+        let bytes = std::fs::read(&path).expect("init latents");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("parses");
+        common::ref_tensor_of(&st.tensor("latents").expect("latents"))
+    };
+    let args: Vec<&str> = common_args
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(case["cli"].as_array().into_iter().flatten())
+        .map(|v| v.as_str().expect("argument"))
+        .collect();
+    let value = |flag: &str| args.iter().position(|a| *a == flag).map(|i| args[i + 1]);
+    let [n, _, h, w] = <[usize; 4]>::try_from(init.shape.clone()).expect("rank 4");
+    GenerationRequest {
+        prompt: value("--prompt").expect("prompt").into(),
+        num_inference_steps: value("--steps").expect("steps").parse().expect("steps"),
+        guidance_scale: case["guidance_scale"].as_f64().expect("guidance"),
+        guidance_rescale: value("--guidance-rescale").map_or(0.0, |r| r.parse().expect("rescale")),
+        width: w * 8,
+        height: h * 8,
+        num_images: n,
+        seed: value("--seed").expect("seed").parse().expect("seed"),
+        sampler: SamplerSettings {
+            kind: value("--scheduler").map(|s| s.parse().expect("scheduler")),
+            timestep_spacing: value("--timestep-spacing").map(|s| s.parse().expect("spacing")),
+            eta: value("--eta").map(|e| e.parse().expect("eta")),
+        },
+        latents: Some(init.data),
+        ..Default::default()
+    }
+}
+
+/// Every end-to-end case: final latents to 1e-4 and the image within 1/255, and the
+/// latents after the first step (the step rule with a real model output).
+fn end_to_end<B: FusedOps>(device: &B::Device, only: Option<&[&str]>) {
+    let cases = json("cases.json");
+    let Value::Object(all) = &cases["cases"] else {
+        panic!("cases.json has no cases")
+    };
+    let plain = pipeline::<B>(device, false);
+    let vpred = pipeline::<B>(device, true);
+    for (name, case) in all {
+        if only.is_some_and(|o| !o.contains(&name.as_str())) {
+            continue;
+        }
+        let req = request(case, &cases["cli_common"]);
+        let pipe = if name.starts_with("vpred.") {
+            &vpred
+        } else {
+            &plain
+        };
+        let out = pipe.generate(&req, &mut no_progress).expect(name);
+        assert_close(
+            &format!("{name} latents"),
+            out.latents,
+            &tensor(&format!("{name}.latents")),
+        );
+        common::assert_image_close(
+            &format!("{name} image"),
+            &out.images[0].rgb,
+            &tensor(&format!("{name}.image_u8")),
+        );
+    }
+}
+
+/// Every case on the CPU.
+#[test]
+fn sampler_runs_cpu() {
+    end_to_end::<common::Cpu>(&Default::default(), None);
+}
+
+/// On wgpu, one case per new step rule and the v-prediction case with rescale: the
+/// others differ from these only in host-side tables, and each UNet run costs seconds on
+/// the software Vulkan of CI.
+#[test]
+fn sampler_runs_wgpu() {
+    end_to_end::<common::Gpu>(
+        &common::gpu_device(),
+        Some(&[
+            "heun",
+            "unipc",
+            "dpmpp_2m_sde_karras",
+            "lcm",
+            "tcd",
+            "vpred.rescale0.7",
+        ]),
+    );
+}
