@@ -343,3 +343,16 @@ pub fn assert_image_close(what: &str, rgb: &[u8], want: &RefTensor) {
     eprintln!("{what}: max channel difference {worst}/255");
     assert!(worst <= 1.0, "{what}: a channel differs by {worst}/255");
 }
+
+/// The number in `torch.Generator('cpu').manual_seed(N)`.
+pub fn seed_of(generator: &str) -> u64 {
+    let start = generator
+        .find("manual_seed(")
+        .expect("a manual_seed generator")
+        + 12;
+    let rest = &generator[start..];
+    rest[..rest.find(')').expect("closing parenthesis")]
+        .trim()
+        .parse()
+        .expect("integer seed")
+}

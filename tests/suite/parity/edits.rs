@@ -62,19 +62,6 @@ impl EditCase {
     }
 }
 
-/// The number in `torch.Generator('cpu').manual_seed(N)`.
-fn seed_of(generator: &str) -> u64 {
-    let start = generator
-        .find("manual_seed(")
-        .expect("a manual_seed generator")
-        + 12;
-    let rest = &generator[start..];
-    rest[..rest.find(')').expect("closing parenthesis")]
-        .trim()
-        .parse()
-        .expect("integer seed")
-}
-
 /// Every `img2img.*` and `inpaint.*` case, sorted by name.
 pub fn edit_cases() -> Vec<EditCase> {
     let json = extras_json();
@@ -100,7 +87,7 @@ pub fn edit_cases() -> Vec<EditCase> {
                 strength: c["strength"].as_f64().expect("strength"),
                 steps: c["num_inference_steps"].as_u64().expect("steps") as usize,
                 guidance: c["guidance_scale"].as_f64().expect("guidance"),
-                seed: seed_of(c["generator"].as_str().expect("generator")),
+                seed: crate::common::seed_of(c["generator"].as_str().expect("generator")),
             }
         })
         .collect();

@@ -284,3 +284,89 @@ fn sampler_runs_wgpu() {
         ]),
     );
 }
+
+/// `tests/references/sampler_edits/`: image-to-image and inpainting with the new samplers,
+/// computed by diffusers with `scripts/references/sampler_edits.py` (the fixture has
+/// edits with its own scheduler only).
+fn sampler_edits_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/references/sampler_edits")
+}
+
+/// Every case of `sampler_edits`: latents to 1e-4, images within 1/255, on the CPU. The
+/// references hold the SHA-256 of every fixture file they were computed from; another
+/// fixture fails here with the command that recomputes them, rather than comparing
+/// against another model's numbers.
+#[test]
+fn sampler_edits_cpu() {
+    use hypergen::pipeline::{Image, InitImage, Mask};
+    use sha2::{Digest, Sha256};
+    let dir = sampler_edits_dir();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
+            .expect("cases.json parses");
+    let fixture = common::fixture_dir();
+    let Value::Object(files) = &meta["fixture_sha256"] else {
+        panic!("cases.json has no fixture fingerprint")
+    };
+    for (file, want) in files {
+        let bytes = std::fs::read(fixture.join(file)).expect(file);
+        let got = format!("{:x}", Sha256::digest(&bytes));
+        assert_eq!(
+            Some(got.as_str()),
+            want.as_str(),
+            "{file} differs from the fixture the references in {} were computed from: \
+             recompute them with scripts/references/sampler_edits.py (its docstring says how)",
+            dir.display()
+        );
+    }
+    let bytes = std::fs::read(dir.join("references.safetensors")).expect("references");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("references parse");
+    let reference = |name: &str| common::ref_tensor_of(&st.tensor(name).expect(name));
+    let prompt = meta["prompt"].as_str().expect("prompt");
+    let image = image::open(fixture.join(meta["image"].as_str().expect("image"))).expect("image");
+    let pipe = common::fixture_pipeline::<common::Cpu>(DType::F32, &Default::default());
+    let Value::Object(cases) = &meta["cases"] else {
+        panic!("cases.json has no cases")
+    };
+    assert!(!cases.is_empty());
+    for (name, case) in cases {
+        let want = reference(&format!("{name}.image_u8"));
+        let cli: Vec<&str> = case["cli"]
+            .as_array()
+            .expect("cli")
+            .iter()
+            .map(|v| v.as_str().expect("argument"))
+            .collect();
+        let flag = |f: &str| cli.iter().position(|a| *a == f).map(|i| cli[i + 1]);
+        let mask = case["mask"].as_str().map(|m| {
+            let file = m.split_whitespace().next().expect("a file name");
+            Mask::from_dynamic(&image::open(fixture.join(file)).expect("mask"))
+        });
+        let req = GenerationRequest {
+            prompt: prompt.into(),
+            num_inference_steps: case["num_inference_steps"].as_u64().expect("steps") as usize,
+            guidance_scale: case["guidance_scale"].as_f64().expect("guidance"),
+            width: want.shape[1],
+            height: want.shape[0],
+            seed: common::seed_of(case["generator"].as_str().expect("generator")),
+            sampler: SamplerSettings {
+                kind: flag("--scheduler").map(|s| s.parse().expect("scheduler")),
+                timestep_spacing: None,
+                eta: flag("--eta").map(|e| e.parse().expect("eta")),
+            },
+            init_image: Some(InitImage {
+                image: Image::from_dynamic(&image),
+                mask,
+                strength: case["strength"].as_f64().expect("strength"),
+            }),
+            ..Default::default()
+        };
+        let out = pipe.generate(&req, &mut no_progress).expect(name);
+        assert_close(
+            &format!("{name} latents"),
+            out.latents,
+            &reference(&format!("{name}.latents")),
+        );
+        common::assert_image_close(name, &out.images[0].rgb, &want);
+    }
+}
