@@ -1417,3 +1417,142 @@ async fn server_stream_queue_position() {
     }
     server.shutdown().await.expect("shutdown");
 }
+
+/// The `parameters` text chunk of a PNG (A1111's generation settings).
+fn png_parameters(png: &[u8]) -> Option<String> {
+    let mut at = 8;
+    while at + 8 <= png.len() {
+        let len = u32::from_be_bytes(png[at..at + 4].try_into().ok()?) as usize;
+        let kind = &png[at + 4..at + 8];
+        let data = png.get(at + 8..at + 8 + len)?;
+        if kind == b"tEXt" || kind == b"iTXt" {
+            let nul = data.iter().position(|&b| b == 0)?;
+            if &data[..nul] == b"parameters" {
+                // tEXt: Latin-1 after the NUL; iTXt: flags, method, language and
+                // translated keyword (three NUL-terminated fields) before the text.
+                let rest = &data[nul + 1..];
+                let text = if kind == b"tEXt" {
+                    rest.iter().map(|&b| b as char).collect()
+                } else {
+                    let mut fields = rest[2..].splitn(3, |&b| b == 0);
+                    let _ = (fields.next(), fields.next());
+                    String::from_utf8_lossy(fields.next()?).into_owned()
+                };
+                return Some(text);
+            }
+        }
+        at += 12 + len;
+    }
+    None
+}
+
+/// The sampler fields reach the sampler: each request's PNG parameters name the sampler
+/// and settings it ran with, and the served image is the pipeline's for them; settings a
+/// sampler does not take are refused with 400 naming the field, before the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sampler_fields() {
+    use hypergen::scheduler::{SamplerSettings, SchedulerKind, Spacing};
+    let server = start_server(fixture_server_config()).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let pipe = crate::common::fixture_pipeline::<Cpu>(DType::F32, &Default::default());
+    let cases = [
+        (
+            json!({"scheduler": "heun", "timestep_spacing": "trailing", "guidance_rescale": 0.5}),
+            "Sampler: Heun",
+            &[", Timestep spacing: trailing", ", CFG Rescale phi: 0.5"][..],
+            SamplerSettings {
+                kind: Some(SchedulerKind::Heun),
+                timestep_spacing: Some(Spacing::Trailing),
+                eta: None,
+            },
+            0.5,
+        ),
+        (
+            json!({"scheduler": "tcd", "eta": 0.2}),
+            "Sampler: TCD",
+            &[", Eta: 0.2"][..],
+            SamplerSettings {
+                kind: Some(SchedulerKind::Tcd),
+                timestep_spacing: None,
+                eta: Some(0.2),
+            },
+            0.0,
+        ),
+        (
+            json!({"scheduler": "dpmpp_2m_sde_karras"}),
+            "Sampler: DPM++ 2M SDE Karras",
+            &[][..],
+            SamplerSettings {
+                kind: Some(SchedulerKind::DpmPp2mSdeKarras),
+                ..Default::default()
+            },
+            0.0,
+        ),
+    ];
+    for (fields, sampler, extras, settings, rescale) in cases {
+        let mut body = small("a photo of an astronaut riding a horse on mars", 5);
+        body["guidance_scale"] = json!(5.0);
+        for (k, v) in fields.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let resp = post_generation(&client, &base, &body).await;
+        assert_eq!(resp.status(), 200, "{body}");
+        let json: Value = resp.json().await.expect("json");
+        let png = crate::common::first_image(&json);
+        let text = png_parameters(&png).expect("a parameters chunk");
+        assert!(text.contains(sampler), "{text}");
+        for extra in extras {
+            assert!(text.contains(extra), "{extra} missing from {text}");
+        }
+        let direct = pipe
+            .generate(
+                &GenerationRequest {
+                    prompt: body["prompt"].as_str().expect("prompt").into(),
+                    num_inference_steps: 2,
+                    guidance_scale: 5.0,
+                    guidance_rescale: rescale,
+                    width: 64,
+                    height: 64,
+                    seed: 5,
+                    sampler: settings,
+                    ..Default::default()
+                },
+                &mut crate::common::no_progress,
+            )
+            .expect("direct run");
+        let served = image::load_from_memory(&png).expect("png").to_rgb8();
+        assert!(
+            max_diff(served.as_raw(), &direct.images[0].rgb) <= 1,
+            "{sampler}: served image differs from the pipeline's"
+        );
+    }
+
+    let refused: [(Value, &str); 7] = [
+        (json!({"scheduler": "euler", "eta": 0.3}), "eta"),
+        (json!({"scheduler": "euler_ancestral", "eta": 0.3}), "eta"),
+        (
+            json!({"scheduler": "lcm", "timestep_spacing": "trailing"}),
+            "timestep_spacing",
+        ),
+        (
+            json!({"scheduler": "lcm", "num_inference_steps": 60}),
+            "num_inference_steps",
+        ),
+        (json!({"timestep_spacing": "sideways"}), "timestep_spacing"),
+        (json!({"guidance_rescale": 1.5}), "guidance_rescale"),
+        (json!({"scheduler": "tcd", "eta": 2}), "eta"),
+    ];
+    for (fields, param) in refused {
+        let mut body = small("a cat", 1);
+        for (k, v) in fields.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let resp = post_generation(&client, &base, &body).await;
+        eprintln!("{body} -> {}", resp.status());
+        assert_error(resp, 400, Some(param), "invalid_value").await;
+    }
+    // Only the three good requests reached the worker.
+    assert_eq!(server.stats().accepted, 3);
+    server.shutdown().await.expect("shutdown");
+}
