@@ -535,8 +535,8 @@ fn segments(path: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::app::server::limits::{
-        MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES,
-        MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
+        MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
+        MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
     };
 
     /// The bounds the schema states, which the bounds test checks.
@@ -740,6 +740,10 @@ mod tests {
                 MAX_PARTIAL_IMAGES as f64,
             ),
             (&form["strength"]["maximum"], MAX_STRENGTH),
+            (&json["guidance_rescale"]["maximum"], MAX_GUIDANCE_RESCALE),
+            (&json["eta"]["maximum"], MAX_ETA),
+            (&form["guidance_rescale"]["maximum"], MAX_GUIDANCE_RESCALE),
+            (&form["eta"]["maximum"], MAX_ETA),
         ];
         for (i, (bound, constant)) in cases.iter().enumerate() {
             assert_eq!(bound.as_f64(), Some(*constant), "case {i}");
