@@ -152,7 +152,8 @@ fn parse_dtype(s: &str) -> Result<DTypeChoice, String> {
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// A diffusers-layout SDXL folder, a Hub repository id (stabilityai/sdxl-turbo) or a
-    /// built-in model (tiny-sdxl-random, sdxl-base-1.0-random, sdxl-turbo-random).
+    /// built-in model (tiny-sdxl-random, sdxl-base-1.0-random, sdxl-turbo-random,
+    /// sdxl-lightning-random).
     #[arg(long)]
     pub model: String,
     /// What to draw.
@@ -218,7 +219,8 @@ pub struct GenerateArgs {
 pub struct ServeArgs {
     /// The model: a local diffusers-layout SDXL folder, a Hub repository id
     /// (stabilityai/sdxl-turbo), or a built-in random-weight model (tiny-sdxl-random,
-    /// sdxl-base-1.0-random, sdxl-turbo-random; no network or files needed).
+    /// sdxl-base-1.0-random, sdxl-turbo-random, sdxl-lightning-random; no network or
+    /// files needed).
     pub model: String,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
@@ -452,6 +454,9 @@ pub struct BenchArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The sampler of the scheduler and pipeline measurements.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 /// Turns `hypergen bench` flags into the library's options.
@@ -498,6 +503,7 @@ pub fn bench_options(args: &BenchArgs) -> anyhow::Result<crate::app::bench::Benc
                 } else {
                     defaults.guidance_scale
                 }),
+                sampler: args.sampler.settings()?,
                 components: bench::parse_components(&args.components)?,
                 prompt: args.prompt.clone(),
                 peak_tflops: args.peak_tflops,

@@ -78,7 +78,7 @@ macro_rules! preset {
     };
 }
 
-static BUILTINS: [Builtin; 3] = [
+static BUILTINS: [Builtin; 4] = [
     Builtin {
         name: "tiny-sdxl-random",
         description:
@@ -99,6 +99,13 @@ static BUILTINS: [Builtin; 3] = [
             "stabilityai/sdxl-turbo architecture and scheduler with random weights (benchmarks)",
         preset: "presets/sdxl-base-1.0",
         configs: preset!("sdxl-base-1.0", "sdxl-turbo"),
+    },
+    Builtin {
+        name: "sdxl-lightning-random",
+        description: "ByteDance/SDXL-Lightning architecture and sampler (Euler, trailing \
+             timesteps) with random weights (benchmarks)",
+        preset: "presets/sdxl-base-1.0",
+        configs: preset!("sdxl-base-1.0", "sdxl-lightning"),
     },
 ];
 

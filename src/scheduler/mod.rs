@@ -203,6 +203,15 @@ impl SchedulerKind {
         )
     }
 
+    /// UNet evaluations for `steps` steps: `2·steps − 1` for Heun (a predictor and a
+    /// corrector per step but the last), `steps` for the others.
+    pub fn model_evaluations(self, steps: usize) -> usize {
+        match self {
+            SchedulerKind::Heun => (2 * steps).saturating_sub(1),
+            _ => steps,
+        }
+    }
+
     /// Whether the kind takes `eta` (TCD's γ).
     pub fn takes_eta(self) -> bool {
         self == SchedulerKind::Tcd

@@ -22,6 +22,7 @@ fn model_options(components: Vec<Component>, batches: Vec<usize>) -> BenchOption
                 steps: vec![2],
                 batches,
                 guidance: 5.0,
+                sampler: Default::default(),
                 components,
                 prompt: "a red cube".into(),
                 peak_tflops: 770.0,

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::unet::UNetExtras;
 use crate::noise::Generator;
 use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{SamplerSettings, Scheduler};
 use crate::FusedOps;
 
 /// What the model benchmark runs.
@@ -29,6 +29,8 @@ pub struct ModelBench {
     pub batches: Vec<usize>,
     /// Guidance scale; above 1 the UNet evaluates two rows per image.
     pub guidance: f64,
+    /// The sampler of the scheduler and pipeline measurements (default: the model's).
+    pub sampler: SamplerSettings,
     /// The parts to time.
     pub components: Vec<Component>,
     /// Prompt to encode.
@@ -217,7 +219,10 @@ impl<B: FusedOps> Ctx<'_, B> {
             self.device,
         );
         let fresh = || -> Result<Scheduler> {
-            let mut s = Scheduler::from_config(&self.pipeline.components().scheduler_config, None)?;
+            let mut s = Scheduler::build(
+                &self.pipeline.components().scheduler_config,
+                &self.bench.sampler,
+            )?;
             s.set_timesteps(steps)?;
             Ok(s)
         };
@@ -227,7 +232,7 @@ impl<B: FusedOps> Ctx<'_, B> {
         let guidance = self.bench.guidance;
         sync::<B>(self.device)?;
         self.timed(|| {
-            if index == steps {
+            if index == scheduler.timesteps().len() {
                 // Multistep schedulers keep history: start over rather than run past the end.
                 scheduler = fresh()?;
                 index = 0;
@@ -277,6 +282,7 @@ impl<B: FusedOps> Ctx<'_, B> {
             height: h,
             num_images: batch,
             seed: 0,
+            sampler: self.bench.sampler,
             ..Default::default()
         };
         let mut quiet = |_| ControlFlow::Continue(());
@@ -412,7 +418,13 @@ pub fn summarize(measurements: &[Measurement], bench: &ModelBench) -> Vec<Summar
                 let unet = median(find(Component::Unet, size, batch, None));
                 let sched = median(find(Component::Scheduler, size, batch, None));
                 let vae = median(find(Component::Vae, size, batch, None));
-                let n = steps as f64;
+                // UNet evaluations (and scheduler steps) of the run: Heun's second order
+                // evaluates twice per step but the first. A model folder whose own
+                // scheduler is Heun needs `--scheduler heun` for this count.
+                let n = bench
+                    .sampler
+                    .kind
+                    .map_or(steps, |k| k.model_evaluations(steps)) as f64;
                 let breakdown = match (text, unet, sched, vae) {
                     (Some(t), Some(u), Some(s), Some(v)) => Some(Breakdown {
                         text_s: t,

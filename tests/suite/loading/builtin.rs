@@ -56,7 +56,8 @@ fn builtin_names() {
         [
             "tiny-sdxl-random",
             "sdxl-base-1.0-random",
-            "sdxl-turbo-random"
+            "sdxl-turbo-random",
+            "sdxl-lightning-random"
         ]
     );
     let e = builtin::get("tiny-sdxl")
@@ -140,7 +141,11 @@ fn builtin_through_load_components() {
 /// The full-size presets have SDXL's parameter counts (counted without allocating).
 #[test]
 fn builtin_full_size_presets_have_sdxl_shapes() {
-    for name in ["sdxl-base-1.0-random", "sdxl-turbo-random"] {
+    for name in [
+        "sdxl-base-1.0-random",
+        "sdxl-turbo-random",
+        "sdxl-lightning-random",
+    ] {
         let counts = builtin::find(name)
             .expect("preset")
             .parameter_counts::<Cpu>(&Default::default())

@@ -267,9 +267,10 @@ fn sampler_runs_cpu() {
     end_to_end::<common::Cpu>(&Default::default(), None);
 }
 
-/// On wgpu, one case per new step rule and the v-prediction case with rescale: the
-/// others differ from these only in host-side tables, and each UNet run costs seconds on
-/// the software Vulkan of CI.
+/// On wgpu, a multistep corrector (UniPC), per-step noise (DPM++ 2M SDE Karras) and the
+/// v-prediction case with guidance rescale (the only new tensor operations): the other
+/// samplers differ from these only in host-side tables and scalar coefficients, and all
+/// the cases take over six minutes on the software Vulkan of CI.
 #[test]
 fn sampler_runs_wgpu() {
     end_to_end::<common::Gpu>(
