@@ -371,3 +371,65 @@ fn sampler_edits_cpu() {
         common::assert_image_close(name, &out.images[0].rgb, &want);
     }
 }
+
+/// Streaming previews (each sampler's x̂₀, decoded) work with every sampler, image-to-
+/// image included, and change nothing: the final images equal a run without them.
+#[test]
+fn previews_with_every_sampler() {
+    use hypergen::pipeline::{Image, InitImage};
+    let pipe = common::fixture_pipeline::<common::Cpu>(DType::F32, &Default::default());
+    for kind in SchedulerKind::ALL {
+        for init in [false, true] {
+            let (w, h) = (64, 64);
+            let req = GenerationRequest {
+                prompt: "a red cube on a table".into(),
+                num_inference_steps: 3,
+                guidance_scale: 5.0,
+                width: w,
+                height: h,
+                seed: 9,
+                sampler: SamplerSettings {
+                    kind: Some(kind),
+                    ..Default::default()
+                },
+                init_image: init.then(|| InitImage {
+                    image: Image {
+                        width: w,
+                        height: h,
+                        rgb: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect(),
+                    },
+                    mask: None,
+                    strength: 0.7,
+                }),
+                ..Default::default()
+            };
+            let what = format!("{kind} (from an image: {init})");
+            let plain = pipe.generate(&req, &mut no_progress).expect(&what);
+            let mut previews = Vec::new();
+            let with = pipe
+                .generate_batch_with_previews(
+                    std::slice::from_ref(&req),
+                    &mut no_progress,
+                    2,
+                    &mut |p| {
+                        previews.push(p);
+                        std::ops::ControlFlow::Continue(())
+                    },
+                )
+                .expect(&what);
+            assert_eq!(previews.len(), 2, "{what}: previews");
+            for p in &previews {
+                let img = &p.images[0][0];
+                assert_eq!((img.width, img.height), (w, h), "{what}: preview size");
+                assert!(
+                    img.rgb.iter().any(|&v| v != img.rgb[0]),
+                    "{what}: a flat preview"
+                );
+            }
+            assert_eq!(
+                with[0].images[0].rgb, plain.images[0].rgb,
+                "{what}: previews changed the image"
+            );
+        }
+    }
+}
