@@ -433,3 +433,62 @@ fn previews_with_every_sampler() {
         }
     }
 }
+
+/// `hypergen generate` with each case's own options (`cases.json`'s `cli`) writes the
+/// reference image: the flags reach the sampler. The v-prediction cases run on a model
+/// folder made of the fixture's components and `vpred/scheduler_config.json`, as the
+/// README describes it.
+#[test]
+fn cli_sampler_cases() {
+    let cases = json("cases.json");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vpred = dir.path().join("vpred-model");
+    std::fs::create_dir_all(vpred.join("scheduler")).expect("vpred folder");
+    for entry in std::fs::read_dir(common::fixture_dir()).expect("fixture") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        if name != "scheduler" && name != "reference" {
+            std::os::unix::fs::symlink(entry.path(), vpred.join(&name)).expect("symlink");
+        }
+    }
+    std::fs::copy(
+        extra_dir().join("vpred/scheduler_config.json"),
+        vpred.join("scheduler/scheduler_config.json"),
+    )
+    .expect("vpred config");
+    let fixture = common::fixture_dir().display().to_string();
+    for name in ["tcd", "euler.trailing", "heun", "vpred.rescale0.7"] {
+        let case = &cases["cases"][name];
+        let out = dir.path().join(format!("{name}.png"));
+        let model = if name.starts_with("vpred.") {
+            vpred.display().to_string()
+        } else {
+            fixture.clone()
+        };
+        let args: Vec<String> = cases["cli_common"]
+            .as_array()
+            .expect("cli_common")
+            .iter()
+            .chain(case["cli"].as_array().expect("cli"))
+            .map(|v| v.as_str().expect("argument").to_string())
+            .map(|a| {
+                a.replace("<fixture>", &fixture)
+                    .replace("<guidance_scale>", &case["guidance_scale"].to_string())
+            })
+            .collect();
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+            .args(["generate", "--model", &model])
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .expect("hypergen runs");
+        assert!(status.success(), "{name}: hypergen generate {args:?}");
+        let png = image::open(&out).expect("PNG written").to_rgb8();
+        common::assert_image_close(
+            &format!("cli {name}"),
+            png.as_raw(),
+            &tensor(&format!("{name}.image_u8")),
+        );
+    }
+}
