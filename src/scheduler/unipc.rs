@@ -95,6 +95,13 @@ impl UniPc {
                 config.solver_order
             )));
         }
+        if !config.predict_x0 && config.final_sigma_zero()? {
+            // The ε-form update to σ = 0 multiplies 0 by ∞: diffusers returns NaN images.
+            return Err(config.unsupported(
+                "predict_x0: false with final_sigmas_type \"zero\" (the last step is singular; \
+                 use final_sigmas_type \"sigma_min\")",
+            ));
+        }
         // The class has no λ clipping and no SDE variant; its Karras timesteps are always
         // rounded and its Karras final σ (`sigma_min`) is the schedule's own smallest.
         let mut own = config.clone();
@@ -390,7 +397,25 @@ impl Sampler for UniPc {
 
 #[cfg(test)]
 mod tests {
-    use super::solve;
+    use super::{solve, UniPc};
+    use crate::scheduler::SchedulerConfig;
+
+    #[test]
+    fn the_singular_epsilon_form_is_refused() {
+        let config = SchedulerConfig {
+            predict_x0: false,
+            ..SchedulerConfig::default()
+        };
+        assert!(matches!(
+            UniPc::new(&config),
+            Err(crate::Error::Unsupported { .. })
+        ));
+        let config = SchedulerConfig {
+            final_sigmas_type: "sigma_min".into(),
+            ..config
+        };
+        assert!(UniPc::new(&config).is_ok());
+    }
 
     #[test]
     fn solves_small_systems() {

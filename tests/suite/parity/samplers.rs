@@ -21,9 +21,7 @@ fn extra_dir() -> PathBuf {
 }
 
 fn json(name: &str) -> Value {
-    let path = extra_dir().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    hypergen::scheduler::parse_python_json(&text).expect("parses")
+    json_file(&extra_dir().join(name))
 }
 
 /// `schedulers_extra.safetensors`, by name.
@@ -491,4 +489,81 @@ fn cli_sampler_cases() {
             &tensor(&format!("{name}.image_u8")),
         );
     }
+}
+
+/// Sampler options beyond the fixture's tables (UniPC order 3, v-prediction, Karras σ for
+/// Heun and UniPC, the SDE's Heun update, LCM and TCD with other predictions), stepped
+/// on random model outputs against `tests/references/sampler_options/`
+/// (`scripts/references/sampler_options.py`, diffusers 0.42.1), from the fixture's
+/// scheduler config (its SHA-256 is checked).
+#[test]
+fn sampler_options_match_diffusers() {
+    use sha2::{Digest, Sha256};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/references/sampler_options");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
+            .expect("parses");
+    let config_path = common::fixture_dir().join("scheduler/scheduler_config.json");
+    let digest = format!(
+        "{:x}",
+        Sha256::digest(std::fs::read(&config_path).expect("scheduler config"))
+    );
+    assert_eq!(
+        Some(digest.as_str()),
+        meta["scheduler_config_sha256"].as_str(),
+        "{} differs from the config the references in {} were computed from: recompute \
+         them with scripts/references/sampler_options.py",
+        config_path.display(),
+        dir.display()
+    );
+    let bytes = std::fs::read(dir.join("trajectories.safetensors")).expect("references");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parses");
+    let t = |n: &str| common::ref_tensor_of(&st.tensor(n).expect(n));
+    let base: Value = json_file(&config_path);
+    let device = Default::default();
+    let Value::Object(cases) = &meta["cases"] else {
+        panic!("no cases")
+    };
+    for (name, case) in cases {
+        let mut config = base.clone();
+        for (k, v) in case["options"].as_object().expect("options") {
+            config[k] = v.clone();
+        }
+        let config: SchedulerConfig = serde_json::from_value(config).expect("config");
+        let settings = SamplerSettings {
+            kind: Some(
+                case["scheduler"]
+                    .as_str()
+                    .expect("kind")
+                    .parse()
+                    .expect("kind"),
+            ),
+            timestep_spacing: None,
+            eta: case["eta"].as_f64(),
+        };
+        let mut s = Scheduler::build(&config, &settings).expect(name);
+        s.set_timesteps(case["steps"].as_u64().expect("steps") as usize)
+            .expect(name);
+        assert_eq!(
+            Some(s.timesteps().len() as u64),
+            case["timesteps"].as_u64(),
+            "{name}: timesteps"
+        );
+        let mut rng = Generator::new(1234);
+        let mut x = on::<common::Cpu, 4>(t("sample"), &device).mul_scalar(s.init_noise_sigma());
+        for i in 0..s.timesteps().len() {
+            x = s.step(
+                on::<common::Cpu, 4>(t(&format!("eps{i}")), &device),
+                i,
+                x,
+                &mut rng,
+            );
+        }
+        assert_close(name, x, &t(name));
+    }
+}
+
+fn json_file(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hypergen::scheduler::parse_python_json(&text).expect("parses")
 }
