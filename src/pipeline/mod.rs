@@ -92,7 +92,7 @@ pub struct Conditioning<B: FusedOps> {
 }
 
 /// One request's state in the denoising loop: its own scheduler (a multistep
-/// scheduler's history) and generator (an ancestral scheduler's noise), so a batched
+/// scheduler's history) and generator (a stochastic sampler's noise), so a batched
 /// run equals a run on its own.
 struct Job<B: FusedOps> {
     scheduler: Scheduler,
@@ -546,7 +546,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
 
     /// Runs several requests as one batch: one UNet call per step for all of their
     /// images, one VAE decode. Each request keeps its own prompt, negative prompt, seed
-    /// (starting noise and, for ancestral schedulers, step noise) and image count, so
+    /// (starting noise and, for stochastic samplers, step noise) and image count, so
     /// every result equals what [`generate`](Self::generate) gives for that request
     /// alone. The requests must agree on everything else
     /// ([`GenerationRequest::batch_compatible`]). `progress` reports the shared steps;

@@ -472,7 +472,8 @@ impl Scheduler {
         with_sampler!(&mut self.inner, s => s.set_timesteps(num_inference_steps))
     }
 
-    /// The timestep the UNet receives at each step (fractional for Euler Karras).
+    /// The timestep the UNet receives at each step (fractional for Euler Karras); Heun
+    /// lists every timestep but the first twice.
     pub fn timesteps(&self) -> &[f64] {
         with_sampler!(&self.inner, s => s.timesteps())
     }
@@ -514,8 +515,10 @@ impl Scheduler {
     }
 
     /// One denoising step from `sample` at `step_index`, given the model's output there.
-    /// The result has the sample's dtype. Euler ancestral draws its noise from `rng` in
-    /// float32 (see [`crate::noise`]) on the sample's device; the others ignore `rng`.
+    /// The result has the sample's dtype. The stochastic kinds
+    /// ([`SchedulerKind::stochastic`]) draw their noise from `rng` in float32 (see
+    /// [`crate::noise`]), in diffusers' order, on the sample's device; the others ignore
+    /// `rng`.
     ///
     /// # Panics
     /// If `step_index` is not below `timesteps().len()` (a caller bug, not user input).
