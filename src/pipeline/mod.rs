@@ -11,10 +11,12 @@
 mod components;
 mod image;
 pub mod lora;
+pub mod prompt;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
+pub use prompt::{PromptSyntax, PromptTokens, TextualInversion};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
 use std::ops::ControlFlow;
@@ -119,6 +121,36 @@ fn cat_rows<B: FusedOps, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor
         }
     }
     Tensor::cat(parts, 0)
+}
+
+/// Repeats each context `[n, S_i, C]` along the sequence to the least common multiple of
+/// the lengths, so that they batch as one tensor. Exact for softmax attention: a key and
+/// value repeated r times gets r times the weight before normalisation and 1/r after, the
+/// same attention output (ComfyUI batches so). A1111 evaluates the UNet on each instead;
+/// the same images within float rounding. Contexts already of one length are returned
+/// as they are.
+pub fn repeat_to_common_length<B: FusedOps>(contexts: Vec<Tensor<B, 3>>) -> Vec<Tensor<B, 3>> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let lengths: Vec<usize> = contexts.iter().map(|c| c.dims()[1]).collect();
+    let common = lengths.iter().fold(
+        1,
+        |acc, &l| if l == 0 { acc } else { acc / gcd(acc, l) * l },
+    );
+    contexts
+        .into_iter()
+        .zip(lengths)
+        .map(|(c, l)| match l {
+            0 => c,
+            l if l == common => c,
+            l => c.repeat_dim(1, common / l),
+        })
+        .collect()
 }
 
 /// An SDXL pipeline on one device: the loaded components and how to run them.
@@ -276,8 +308,28 @@ impl<B: FusedOps> SdxlPipeline<B> {
         Tensor::from_data(TensorData::new(data, [1, ids.len()]), &self.device)
     }
 
-    /// Encodes one prompt with both encoders: `([1, 77, D1 + D2], [1, D])`.
-    pub fn encode_text(&self, prompt: &str) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+    /// Encodes one prompt with both encoders as `syntax` reads it: `([1, S, D1 + D2],
+    /// [1, D])`, S = 77 for plain text, 77 per chunk for A1111 syntax. `clip_skip` is
+    /// diffusers' (`hidden_states[-(clip_skip + 2)]` of both encoders; 0 for SDXL's
+    /// default, the penultimate layer).
+    pub fn encode_text(
+        &self,
+        prompt: &str,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+        match syntax {
+            PromptSyntax::A1111 => self.encode_text_a1111(prompt, clip_skip),
+            PromptSyntax::Plain => self.encode_text_plain(prompt, clip_skip),
+        }
+    }
+
+    /// diffusers' `encode_prompt` for one prompt: the text as it is, cut at 77 tokens.
+    fn encode_text_plain(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
         let c = &self.components;
         let t1 = c.tokenizer.encode(prompt)?;
         let t2 = c.tokenizer_2.encode(prompt)?;
@@ -291,12 +343,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
         }
         // SDXL reads the first encoder's penultimate layer only, the second's too and its
         // projected pooled output.
-        let o1 = c
-            .text_encoder
-            .forward_conditioning(self.token_tensor(&t1.ids), false);
-        let o2 = c
-            .text_encoder_2
-            .forward_conditioning(self.token_tensor(&t2.ids), true);
+        let o1 =
+            c.text_encoder
+                .forward_hidden(self.token_tensor(&t1.ids), &[], clip_skip, false)?;
+        let o2 =
+            c.text_encoder_2
+                .forward_hidden(self.token_tensor(&t2.ids), &[], clip_skip, true)?;
         let pooled = o2.text_embeds.ok_or_else(|| Error::Unsupported {
             path: c.info.component_path("text_encoder_2"),
             message:
@@ -307,14 +359,19 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// Conditioning for `n` images, with the negative branch first when `guidance`.
+    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text));
+    /// when the two encode to different lengths both are repeated to their least common
+    /// multiple ([`repeat_to_common_length`]).
     pub fn encode_prompt(
         &self,
         prompt: &str,
         negative_prompt: Option<&str>,
         n: usize,
         guidance: bool,
+        syntax: PromptSyntax,
+        clip_skip: usize,
     ) -> Result<PromptEmbeds<B>> {
-        let (ctx, pooled) = self.encode_text(prompt)?;
+        let (ctx, pooled) = self.encode_text(prompt, syntax, clip_skip)?;
         let repeat3 = |t: Tensor<B, 3>| t.repeat_dim(0, n);
         let repeat2 = |t: Tensor<B, 2>| t.repeat_dim(0, n);
         if !guidance {
@@ -326,9 +383,19 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let negative = negative_prompt.filter(|s| !s.is_empty());
         let (nctx, npooled) = match negative {
             None if self.components.index.force_zeros_for_empty_prompt => {
-                (ctx.zeros_like(), pooled.zeros_like())
+                // diffusers' zeros are as long as one window (77), whatever the prompt's.
+                let [_, _, d] = ctx.dims();
+                let window = self.components.tokenizer.max_length();
+                (
+                    Tensor::<B, 3>::zeros([1, window, d], &ctx.device()).cast(ctx.dtype()),
+                    pooled.zeros_like(),
+                )
             }
-            other => self.encode_text(other.unwrap_or(""))?,
+            other => self.encode_text(other.unwrap_or(""), syntax, clip_skip)?,
+        };
+        let mut both = repeat_to_common_length(vec![nctx, ctx]).into_iter();
+        let (Some(nctx), Some(ctx)) = (both.next(), both.next()) else {
+            return Err(Error::Backend("two contexts became fewer".into()));
         };
         Ok(PromptEmbeds {
             context: Tensor::cat(vec![repeat3(nctx), repeat3(ctx)], 0),
@@ -567,7 +634,14 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let mut positives = Vec::with_capacity(reqs.len());
         for req in reqs {
             let n = req.num_images;
-            let e = self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+            let e = self.encode_prompt(
+                &req.prompt,
+                req.negative_prompt.as_deref(),
+                n,
+                guidance,
+                req.prompt_syntax,
+                req.clip_skip,
+            )?;
             if guidance {
                 negatives.push((
                     e.context.clone().narrow(0, 0, n),
@@ -580,7 +654,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
         }
         let (contexts, pooleds): (Vec<_>, Vec<_>) = negatives.into_iter().chain(positives).unzip();
         Ok(PromptEmbeds {
-            context: cat_rows(contexts),
+            context: cat_rows(repeat_to_common_length(contexts)),
             pooled: cat_rows(pooleds),
         })
     }

@@ -13,6 +13,7 @@ mod parity {
     pub mod kernels;
     pub mod lora;
     pub mod pipeline;
+    pub mod prompts;
     pub mod scheduler;
     pub mod single_file;
     pub mod tokenizer;

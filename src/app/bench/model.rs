@@ -14,7 +14,7 @@ use super::{measure, sync, Component, Timing};
 use crate::error::{Error, Result};
 use crate::model::unet::UNetExtras;
 use crate::noise::Generator;
-use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
+use crate::pipeline::{GenerationRequest, PromptEmbeds, PromptSyntax, SdxlPipeline};
 use crate::scheduler::Scheduler;
 use crate::FusedOps;
 
@@ -160,8 +160,14 @@ impl<B: FusedOps> Ctx<'_, B> {
     }
 
     fn embeds(&self, batch: usize) -> Result<PromptEmbeds<B>> {
-        self.pipeline
-            .encode_prompt(&self.bench.prompt, None, batch, self.guidance())
+        self.pipeline.encode_prompt(
+            &self.bench.prompt,
+            None,
+            batch,
+            self.guidance(),
+            PromptSyntax::Plain,
+            0,
+        )
     }
 
     fn text(&self, batch: usize) -> Result<(Timing, MemorySample)> {
