@@ -67,10 +67,35 @@ pub struct Preview {
 /// branches stacked as `[negative; positive]`: what a [`Conditioning`] is made from.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds<B: FusedOps> {
-    /// `[n or 2n, 77, D1 + D2]` penultimate states of both encoders.
-    pub context: Tensor<B, 3>,
+    /// Per row, `[1, S, D1 + D2]`: the states of both encoders (S = 77 per chunk; rows
+    /// may differ in length when prompts in A1111 syntax take different numbers of
+    /// chunks).
+    pub contexts: Vec<Tensor<B, 3>>,
     /// `[n or 2n, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
+}
+
+impl<B: FusedOps> PromptEmbeds<B> {
+    /// Every row as one `[rows, S, D1 + D2]` tensor; errors when the rows differ in length.
+    pub fn context(&self) -> Result<Tensor<B, 3>> {
+        let lengths: Vec<usize> = self.contexts.iter().map(|c| c.dims()[1]).collect();
+        if lengths.windows(2).any(|w| w[0] != w[1]) {
+            return Err(Error::invalid(
+                "prompt",
+                format!("rows of different lengths {lengths:?} are not one tensor"),
+            ));
+        }
+        Ok(cat_rows(self.contexts.clone()))
+    }
+}
+
+/// Some rows of a [`Conditioning`] whose texts have one length, projected together.
+#[derive(Debug, Clone)]
+pub struct TextGroup<B: FusedOps> {
+    /// The UNet batch rows it conditions, ascending.
+    pub rows: Vec<usize>,
+    /// Their text as every cross-attention reads it.
+    pub context: UNetContext<B>,
 }
 
 /// What the UNet reads from the prompts at every step of a run, made once by the
@@ -80,9 +105,12 @@ pub struct PromptEmbeds<B: FusedOps> {
 /// embeddings or another text encoder change how it is made, never the loop that reads it.
 #[derive(Debug, Clone)]
 pub struct Conditioning<B: FusedOps> {
-    /// The text states `[rows, 77, D1 + D2]` as every cross-attention reads them, projected
-    /// once ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)).
-    pub text: UNetContext<B>,
+    /// The text states as every cross-attention reads them, projected once
+    /// ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)):
+    /// one group per text length, usually one. Rows whose texts differ in length (prompts
+    /// of different chunk counts in A1111 syntax) run in separate UNet calls, each
+    /// attending only to its own tokens, as A1111 runs them.
+    pub text: Vec<TextGroup<B>>,
     /// `[rows, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
     /// SDXL's micro-conditioning ([`GenerationRequest::add_time_ids`]), six per row.
@@ -121,36 +149,6 @@ fn cat_rows<B: FusedOps, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor
         }
     }
     Tensor::cat(parts, 0)
-}
-
-/// Repeats each context `[n, S_i, C]` along the sequence to the least common multiple of
-/// the lengths, so that they batch as one tensor. Exact for softmax attention: a key and
-/// value repeated r times gets r times the weight before normalisation and 1/r after, the
-/// same attention output (ComfyUI batches so). A1111 evaluates the UNet on each instead;
-/// the same images within float rounding. Contexts already of one length are returned
-/// as they are.
-pub fn repeat_to_common_length<B: FusedOps>(contexts: Vec<Tensor<B, 3>>) -> Vec<Tensor<B, 3>> {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
-    let lengths: Vec<usize> = contexts.iter().map(|c| c.dims()[1]).collect();
-    let common = lengths.iter().fold(
-        1,
-        |acc, &l| if l == 0 { acc } else { acc / gcd(acc, l) * l },
-    );
-    contexts
-        .into_iter()
-        .zip(lengths)
-        .map(|(c, l)| match l {
-            0 => c,
-            l if l == common => c,
-            l => c.repeat_dim(1, common / l),
-        })
-        .collect()
 }
 
 /// An SDXL pipeline on one device: the loaded components and how to run them.
@@ -303,6 +301,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
         Ok(())
     }
 
+    /// Row indices as a tensor for `select`.
+    fn row_index(&self, rows: &[usize]) -> Tensor<B, 1, Int> {
+        let data: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        Tensor::from_data(TensorData::new(data, [rows.len()]), &self.device)
+    }
+
     fn token_tensor(&self, ids: &[u32]) -> Tensor<B, 2, Int> {
         let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         Tensor::from_data(TensorData::new(data, [1, ids.len()]), &self.device)
@@ -359,9 +363,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// Conditioning for `n` images, with the negative branch first when `guidance`.
-    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text));
-    /// when the two encode to different lengths both are repeated to their least common
-    /// multiple ([`repeat_to_common_length`]).
+    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text)).
     pub fn encode_prompt(
         &self,
         prompt: &str,
@@ -372,18 +374,18 @@ impl<B: FusedOps> SdxlPipeline<B> {
         clip_skip: usize,
     ) -> Result<PromptEmbeds<B>> {
         let (ctx, pooled) = self.encode_text(prompt, syntax, clip_skip)?;
-        let repeat3 = |t: Tensor<B, 3>| t.repeat_dim(0, n);
+        let rows = |t: &Tensor<B, 3>| vec![t.clone(); n];
         let repeat2 = |t: Tensor<B, 2>| t.repeat_dim(0, n);
         if !guidance {
             return Ok(PromptEmbeds {
-                context: repeat3(ctx),
+                contexts: rows(&ctx),
                 pooled: repeat2(pooled),
             });
         }
         let negative = negative_prompt.filter(|s| !s.is_empty());
         let (nctx, npooled) = match negative {
             None if self.components.index.force_zeros_for_empty_prompt => {
-                // diffusers' zeros are as long as one window (77), whatever the prompt's.
+                // diffusers' zeros are one window long (77), whatever the prompt's length.
                 let [_, _, d] = ctx.dims();
                 let window = self.components.tokenizer.max_length();
                 (
@@ -393,12 +395,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
             }
             other => self.encode_text(other.unwrap_or(""), syntax, clip_skip)?,
         };
-        let mut both = repeat_to_common_length(vec![nctx, ctx]).into_iter();
-        let (Some(nctx), Some(ctx)) = (both.next(), both.next()) else {
-            return Err(Error::Backend("two contexts became fewer".into()));
-        };
         Ok(PromptEmbeds {
-            context: Tensor::cat(vec![repeat3(nctx), repeat3(ctx)], 0),
+            contexts: rows(&nctx).into_iter().chain(rows(&ctx)).collect(),
             pooled: Tensor::cat(vec![repeat2(npooled), repeat2(pooled)], 0),
         })
     }
@@ -569,14 +567,52 @@ impl<B: FusedOps> SdxlPipeline<B> {
         };
         let rows = input.dims()[0];
         let input = scheduler.scale_model_input(input, i);
-        let eps = self.components.unet.forward_prepared(
-            input,
-            &vec![t as f32; rows],
-            &cond.text,
-            cond.pooled.clone(),
-            &cond.time_ids,
-            extras,
-        )?;
+        let unet = &self.components.unet;
+        let eps = match &cond.text[..] {
+            [one] => unet.forward_prepared(
+                input,
+                &vec![t as f32; rows],
+                &one.context,
+                cond.pooled.clone(),
+                &cond.time_ids,
+                extras,
+            )?,
+            groups => {
+                // Texts of different lengths: one UNet call per length, then the rows
+                // back in order.
+                let no_extras = extras.down_residuals.is_none()
+                    && extras.mid_residual.is_none()
+                    && extras.tokens.is_none();
+                if !no_extras {
+                    return Err(Error::invalid(
+                        "prompt",
+                        "adapters with prompts of different chunk counts in one batch",
+                    ));
+                }
+                let mut parts = Vec::with_capacity(groups.len());
+                let mut order: Vec<usize> = Vec::with_capacity(rows);
+                for g in groups {
+                    let index = self.row_index(&g.rows);
+                    let time_ids: Vec<f32> = (g.rows.iter())
+                        .flat_map(|&r| cond.time_ids[r * 6..r * 6 + 6].iter().copied())
+                        .collect();
+                    parts.push(unet.forward_prepared(
+                        input.clone().select(0, index.clone()),
+                        &vec![t as f32; g.rows.len()],
+                        &g.context,
+                        cond.pooled.clone().select(0, index),
+                        &time_ids,
+                        extras,
+                    )?);
+                    order.extend(&g.rows);
+                }
+                let mut inverse = vec![0; order.len()];
+                for (at, &row) in order.iter().enumerate() {
+                    inverse[row] = at;
+                }
+                Tensor::cat(parts, 0).select(0, self.row_index(&inverse))
+            }
+        };
         let eps = eps.cast(dtype);
         let Some(scale) = cond.guidance_scale else {
             return Ok(eps);
@@ -630,11 +666,11 @@ impl<B: FusedOps> SdxlPipeline<B> {
     /// Conditioning of a batch: every request's negative rows, then every request's
     /// positive rows, so that the UNet's `[latents; latents]` input lines up with it.
     fn batch_embeds(&self, reqs: &[GenerationRequest], guidance: bool) -> Result<PromptEmbeds<B>> {
-        let mut negatives = Vec::with_capacity(reqs.len());
-        let mut positives = Vec::with_capacity(reqs.len());
+        let mut negatives = (Vec::new(), Vec::new());
+        let mut positives = (Vec::new(), Vec::new());
         for req in reqs {
             let n = req.num_images;
-            let e = self.encode_prompt(
+            let mut e = self.encode_prompt(
                 &req.prompt,
                 req.negative_prompt.as_deref(),
                 n,
@@ -643,25 +679,26 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 req.clip_skip,
             )?;
             if guidance {
-                negatives.push((
-                    e.context.clone().narrow(0, 0, n),
-                    e.pooled.clone().narrow(0, 0, n),
-                ));
-                positives.push((e.context.narrow(0, n, n), e.pooled.narrow(0, n, n)));
+                let positive = e.contexts.split_off(n);
+                negatives.0.extend(e.contexts);
+                negatives.1.push(e.pooled.clone().narrow(0, 0, n));
+                positives.0.extend(positive);
+                positives.1.push(e.pooled.narrow(0, n, n));
             } else {
-                positives.push((e.context, e.pooled));
+                positives.0.extend(e.contexts);
+                positives.1.push(e.pooled);
             }
         }
-        let (contexts, pooleds): (Vec<_>, Vec<_>) = negatives.into_iter().chain(positives).unzip();
         Ok(PromptEmbeds {
-            context: cat_rows(repeat_to_common_length(contexts)),
-            pooled: cat_rows(pooleds),
+            contexts: negatives.0.into_iter().chain(positives.0).collect(),
+            pooled: cat_rows(negatives.1.into_iter().chain(positives.1).collect()),
         })
     }
 
     /// The prompt-encoding stage of a batch: both encoders on every request's prompts
     /// ([`encode_prompt`](Self::encode_prompt)), the text projected for the UNet's
-    /// cross-attentions, and the micro-conditioning, as one [`Conditioning`].
+    /// cross-attentions (rows of one text length together), and the micro-conditioning,
+    /// as one [`Conditioning`].
     pub fn encode_conditioning(&self, reqs: &[GenerationRequest]) -> Result<Conditioning<B>> {
         let first = reqs
             .first()
@@ -670,9 +707,22 @@ impl<B: FusedOps> SdxlPipeline<B> {
             .do_classifier_free_guidance()
             .then_some(first.guidance_scale);
         let embeds = self.batch_embeds(reqs, guidance_scale.is_some())?;
-        let rows = embeds.context.dims()[0];
+        let rows = embeds.contexts.len();
+        let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (row, c) in embeds.contexts.iter().enumerate() {
+            by_length.entry(c.dims()[1]).or_default().push(row);
+        }
         // The text is the same at every step: its cross-attention keys and values once.
-        let text = self.components.unet.prepare_context(embeds.context)?;
+        let text = by_length
+            .into_values()
+            .map(|group| {
+                let parts = group.iter().map(|&r| embeds.contexts[r].clone()).collect();
+                Ok(TextGroup {
+                    context: self.components.unet.prepare_context(cat_rows(parts))?,
+                    rows: group,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let time_ids = (0..rows).flat_map(|_| first.add_time_ids()).collect();
         Ok(Conditioning {
             text,

@@ -191,7 +191,7 @@ impl<B: FusedOps> Ctx<'_, B> {
         // A step as the denoising loop runs it: the text's cross-attention keys and
         // values are projected once per generation, before the first step.
         let unet = &self.pipeline.components().unet;
-        let text = unet.prepare_context(embeds.context.clone())?;
+        let text = unet.prepare_context(embeds.context()?)?;
         sync::<B>(self.device)?;
         self.timed(|| {
             unet.forward_prepared(
