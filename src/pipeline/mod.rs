@@ -363,7 +363,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// Conditioning for `n` images, with the negative branch first when `guidance`.
-    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text)).
+    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text));
+    /// in A1111 syntax the prompt's extra-network tags (`<lora:NAME:W>`) are removed
+    /// first ([`prompt::extract_extra_networks`]).
     pub fn encode_prompt(
         &self,
         prompt: &str,
@@ -373,6 +375,16 @@ impl<B: FusedOps> SdxlPipeline<B> {
         syntax: PromptSyntax,
         clip_skip: usize,
     ) -> Result<PromptEmbeds<B>> {
+        // A1111 takes LoRA (and other extra-network) tags out of the prompt before
+        // encoding it; the caller applies the LoRAs. The negative prompt keeps them.
+        let stripped;
+        let prompt = match syntax {
+            PromptSyntax::A1111 => {
+                stripped = prompt::extract_extra_networks(prompt).0;
+                stripped.as_str()
+            }
+            PromptSyntax::Plain => prompt,
+        };
         let (ctx, pooled) = self.encode_text(prompt, syntax, clip_skip)?;
         let rows = |t: &Tensor<B, 3>| vec![t.clone(); n];
         let repeat2 = |t: Tensor<B, 2>| t.repeat_dim(0, n);

@@ -21,7 +21,8 @@ use super::request;
 use super::stream::{self, job_error, EventMeta, ImageEventStream};
 use super::types::{
     ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest, ImagesResponse,
-    LoraFile, LoraList, Model, ModelList, ResponseFormat,
+    LoraFile, LoraList, Model, ModelList, ResponseFormat, TextualInversionEntry,
+    TextualInversionList,
 };
 use super::worker::{JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
@@ -67,6 +68,17 @@ pub enum LorasResult {
     /// The LoRA directory could not be read.
     #[oai(status = 500)]
     Failed(Json<ErrorResponse>),
+}
+
+/// Responses of `GET /v1/textual-inversions`.
+#[derive(ApiResponse)]
+pub enum TextualInversionsResult {
+    /// The embeddings prompts may name.
+    #[oai(status = 200)]
+    Ok(Json<TextualInversionList>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
 }
 
 /// Responses of `GET /v1/models`.
@@ -315,6 +327,37 @@ impl Api {
         }
     }
 
+    /// List textual-inversion embeddings
+    ///
+    /// The embeddings a prompt in A1111 syntax may name by word: what the server
+    /// loaded from its embeddings directory (`--embeddings-dir`) at start, and the files
+    /// it skipped. Without one, `enabled` is false and the lists are empty.
+    #[oai(
+        path = "/v1/textual-inversions",
+        method = "get",
+        operation_id = "listTextualInversions",
+        tag = "ApiTags::Models"
+    )]
+    async fn list_textual_inversions(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+    ) -> TextualInversionsResult {
+        let loaded = state.worker.embeddings();
+        TextualInversionsResult::Ok(Json(TextualInversionList {
+            object: "list".into(),
+            enabled: loaded.enabled,
+            data: (loaded.loaded.into_iter())
+                .map(|(id, vectors)| TextualInversionEntry {
+                    id,
+                    object: "textual_inversion".into(),
+                    vectors: vectors as u32,
+                })
+                .collect(),
+            skipped: loaded.skipped,
+        }))
+    }
+
     /// Create images
     ///
     /// OpenAI's image generation, with SDXL's settings as extra fields. The request
@@ -334,7 +377,12 @@ impl Api {
         /// The prompt and settings.
         body: Body<ImageGenerationRequest>,
     ) -> GenerateResult {
-        let checked = match request::check(&body.0, &state.config.limits, request::random_seed) {
+        let checked = match request::check(
+            &body.0,
+            &state.config.limits,
+            state.config.prompt,
+            request::random_seed,
+        ) {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
         };
@@ -380,7 +428,12 @@ impl Api {
         /// The image, the mask, the prompt and settings.
         form: Body<EditForm>,
     ) -> EditResult {
-        let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed) {
+        let checked = match edit::check_edit(
+            form.0,
+            &state.config.limits,
+            state.config.prompt,
+            request::random_seed,
+        ) {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
         };
@@ -441,6 +494,16 @@ async fn with_loras(
     state: &Arc<AppState>,
     checked: request::Checked,
 ) -> Result<(request::Checked, Vec<JobLora>), ApiError> {
+    let max = state.worker.max_clip_skip();
+    if checked.generation.clip_skip > max {
+        return Err(ApiError::invalid_value(
+            "clip_skip",
+            format!(
+                "`clip_skip` {} is more than this model takes ({max}: its text encoders' layers less one)",
+                checked.generation.clip_skip
+            ),
+        ));
+    }
     let loras = super::loras::resolve(state.loras.clone(), checked.loras.clone()).await?;
     Ok((checked, loras))
 }

@@ -25,6 +25,15 @@ pub const MAX_GUIDANCE: f64 = 20.0;
 pub const MAX_LORA_SCALE: f64 = 2.0;
 /// Most LoRA adapters one request may name (`lora_path` and `loras` together).
 pub const MAX_REQUEST_LORAS: usize = 8;
+/// Largest `clip_skip` a request may ask for: SDXL's first text encoder (CLIP ViT-L)
+/// has 12 layers, and `hidden_states[-(11 + 2)]` is its embeddings. A model with fewer
+/// layers takes less (its layers less one), refused per request.
+pub const MAX_CLIP_SKIP: u64 = 11;
+/// Longest `prompt` or `negative_prompt` in characters (OpenAI's limit for its image
+/// models). In A1111 syntax a prompt has no token limit (it is encoded in chunks of 75
+/// tokens, each adding 77 keys and values to every cross-attention), so this bounds
+/// the cost: at most about 430 chunks, when every character is a token.
+pub const MAX_PROMPT_CHARS: u64 = 32_000;
 /// Most partial images a streamed request may ask for (OpenAI's limit).
 pub const MAX_PARTIAL_IMAGES: u64 = 3;
 /// Largest `output_compression`: OpenAI's scale, passed on as the JPEG quality, whose

@@ -434,7 +434,7 @@ fn example_error(path: &str, status: &str, facts: &ServerFacts) -> Option<ApiErr
                 texts: [("prompt".to_string(), "a cat".to_string())].into(),
                 ..EditForm::default()
             };
-            edit::check_edit(form, &facts.limits, || 0).err()?
+            edit::check_edit(form, &facts.limits, Default::default(), || 0).err()?
         }
         "400" => request::parse_body::<ImageGenerationRequest>(br#"{"prompt": "a cat", "n": 12}"#)
             .err()?,
@@ -615,7 +615,7 @@ mod tests {
         };
         let body = format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#);
         let req = request::parse_body::<ImageGenerationRequest>(body.as_bytes())?;
-        request::check(&req, &RequestLimits::DEFAULT, || 0)
+        request::check(&req, &RequestLimits::DEFAULT, Default::default(), || 0)
     }
 
     /// An edit of a 64x64 image with the form field `field` set to the text `value`.
@@ -631,7 +631,7 @@ mod tests {
             image: Some(png),
             mask: None,
         };
-        edit::check_edit(form, &RequestLimits::DEFAULT, || 0)
+        edit::check_edit(form, &RequestLimits::DEFAULT, Default::default(), || 0)
     }
 
     /// Whether `result` refuses `field`.

@@ -13,7 +13,9 @@ mod chunks;
 mod parse;
 
 pub use chunks::{chunk_prompt, Chunk, ChunkIds, Chunks, EmbeddingTokens, Fix, COMMA_BACKTRACK};
-pub use parse::{parse_prompt_attention, Piece, BREAK_TEXT, BREAK_WEIGHT};
+pub use parse::{
+    extract_extra_networks, parse_prompt_attention, ExtraNetwork, Piece, BREAK_TEXT, BREAK_WEIGHT,
+};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -143,11 +145,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
         ])
     }
 
-    /// How `prompt` (A1111 syntax) splits into chunks, for the first encoder (the two
-    /// agree for SDXL): for showing `n/75` as A1111 does.
+    /// How `prompt` (A1111 syntax, its extra-network tags removed) splits into chunks,
+    /// for the first encoder (the two agree for SDXL): for showing `n/75` as A1111 does.
     pub fn prompt_tokens(&self, prompt: &str) -> Result<PromptTokens> {
         let tokenizer = &self.components.tokenizer;
-        let chunks = self.chunk_for(&parse_prompt_attention(prompt), tokenizer)?;
+        let (text, _) = extract_extra_networks(prompt);
+        let chunks = self.chunk_for(&parse_prompt_attention(&text), tokenizer)?;
         Ok(PromptTokens {
             per_chunk: chunks.chunks.iter().map(|c| c.tokens).collect(),
             total: chunks.token_count,

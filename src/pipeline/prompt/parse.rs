@@ -219,6 +219,46 @@ pub fn parse_prompt_attention(text: &str) -> Vec<Piece> {
     merged
 }
 
+/// An extra-network tag of a prompt, `<KIND:ARG:…>` (A1111's `<lora:NAME:WEIGHT>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraNetwork {
+    /// What it names: `lora`, `hypernet`, …
+    pub kind: String,
+    /// Its arguments, split at `:` (a LoRA's name, then its weight).
+    pub args: Vec<String>,
+}
+
+/// The prompt without its extra-network tags, and the tags, as A1111 finds them
+/// (`<(\w+):([^>]+)>`, removed from the text whatever their kind).
+pub fn extract_extra_networks(prompt: &str) -> (String, Vec<ExtraNetwork>) {
+    let mut text = String::with_capacity(prompt.len());
+    let mut found = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let kind_len = after.len() - after.trim_start_matches(is_word).len();
+        let tag = (kind_len > 0 && after[kind_len..].starts_with(':'))
+            .then(|| &after[kind_len + 1..])
+            .and_then(|args| args.find('>').filter(|&end| end > 0).map(|end| (args, end)));
+        match tag {
+            Some((args, end)) => {
+                text.push_str(&rest[..open]);
+                found.push(ExtraNetwork {
+                    kind: after[..kind_len].to_string(),
+                    args: args[..end].split(':').map(str::to_string).collect(),
+                });
+                rest = &args[end + 1..];
+            }
+            None => {
+                text.push_str(&rest[..open + 1]);
+                rest = after;
+            }
+        }
+    }
+    text.push_str(rest);
+    (text, found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +302,32 @@ mod tests {
                 (".", 1.1),
             ])
         );
+    }
+
+    #[test]
+    fn extra_networks() {
+        let (text, found) =
+            extract_extra_networks("a <lora:pixel art:0.8> cat <x> <:a> <hypernet:h>, <lora:b>");
+        assert_eq!(text, "a  cat <x> <:a> , ");
+        assert_eq!(
+            found,
+            vec![
+                ExtraNetwork {
+                    kind: "lora".into(),
+                    args: vec!["pixel art".into(), "0.8".into()]
+                },
+                ExtraNetwork {
+                    kind: "hypernet".into(),
+                    args: vec!["h".into()]
+                },
+                ExtraNetwork {
+                    kind: "lora".into(),
+                    args: vec!["b".into()]
+                },
+            ]
+        );
+        assert_eq!(extract_extra_networks("<lora:>").1, vec![]);
+        assert_eq!(extract_extra_networks("a < b <c:d").0, "a < b <c:d");
     }
 
     #[test]
