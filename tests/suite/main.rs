@@ -40,6 +40,7 @@ mod server {
     pub mod fleet;
     pub mod loras;
     pub mod playground;
+    pub mod prompts;
     pub mod reliability;
 }
 
