@@ -16,6 +16,12 @@ CANNOT_BE_STATED = {
     ("POST /v1/images/generations", "lora_path"): "names a file on the server",
     ("POST /v1/images/edits", "lora_path"): "names a file on the server",
     ("POST /v1/images/generations", "loras"): "names files on the server",
+    # A prompt's `<lora:NAME:W>` tags name files on the server, as `loras` does.
+    ("POST /v1/images/generations", "prompt"): "a <lora:…> tag names a file on the server",
+    ("POST /v1/images/edits", "prompt"): "a <lora:…> tag names a file on the server",
+    # The loaded model's text encoders: a model with fewer layers takes less than 11.
+    ("POST /v1/images/generations", "clip_skip"): "at most the model's layers less one",
+    ("POST /v1/images/edits", "clip_skip"): "at most the model's layers less one",
     # In a form, `loras` is JSON text: a schema cannot state the JSON inside a string.
     ("POST /v1/images/edits", "loras"): "names files on the server, as JSON text",
     # The uploaded file's content: a schema can say "binary", not "a decodable PNG,

@@ -39,6 +39,8 @@ const FIELDS: &[&str] = &[
     "stream",
     "partial_images",
     "stream_progress",
+    "prompt_syntax",
+    "clip_skip",
     "strength",
     "background",
     "image",

@@ -535,19 +535,18 @@ fn segments(path: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::app::server::limits::{
-        MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES,
-        MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
+        MAX_CLIP_SKIP, MAX_GUIDANCE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION,
+        MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
     };
 
     /// The bounds the schema states, which the bounds test checks.
-    const BOUNDS: [&str; 3] = ["minimum", "maximum", "maxItems"];
+    const BOUNDS: [&str; 4] = ["minimum", "maximum", "maxItems", "maxLength"];
     /// Validator keywords the bounds test does not check: none may appear until it does.
-    const UNCHECKED: [&str; 7] = [
+    const UNCHECKED: [&str; 6] = [
         "exclusiveMinimum",
         "exclusiveMaximum",
         "multipleOf",
         "minLength",
-        "maxLength",
         "minItems",
         "uniqueItems",
     ];
@@ -576,7 +575,7 @@ mod tests {
 
     /// `bound` as JSON text, and the number just past it on its outer side.
     fn probes(bound: &Value, keyword: &str, integer: bool) -> (String, String) {
-        if integer || keyword == "maxItems" {
+        if integer || keyword == "maxItems" || keyword == "maxLength" {
             // poem writes every bound as a float; the served document's `seed` bound
             // is past what a float holds exactly.
             let b = match (bound.as_u64(), bound.as_i64(), bound.as_f64()) {
@@ -611,11 +610,21 @@ mod tests {
                 let n: usize = value.parse().expect("a count");
                 format!("[{}]", vec![r#"{"path": "a"}"#; n].join(","))
             }
+            "maxLength" => format!(r#""{}""#, long_text(value)),
             _ => value.to_string(),
         };
-        let body = format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#);
+        let body = match field {
+            "prompt" => format!(r#"{{"prompt": {value}}}"#),
+            _ => format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#),
+        };
         let req = request::parse_body::<ImageGenerationRequest>(body.as_bytes())?;
         request::check(&req, &RequestLimits::DEFAULT, Default::default(), || 0)
+    }
+
+    /// Text of `count` characters (a count as text), for `maxLength` probes: multi-byte
+    /// characters, since the limit counts characters.
+    fn long_text(count: &str) -> String {
+        "é".repeat(count.parse().expect("a count"))
     }
 
     /// An edit of a 64x64 image with the form field `field` set to the text `value`.
@@ -625,6 +634,7 @@ mod tests {
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encode");
         let form = EditForm {
+            // A later pair replaces an earlier one of the same name (`prompt`).
             texts: [("prompt", "a cat"), (field, value)]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),
@@ -701,7 +711,10 @@ mod tests {
             check_bounds(
                 what,
                 form,
-                |field, _, v| edit_with(field, v),
+                |field, keyword, v| match keyword {
+                    "maxLength" => edit_with(field, &long_text(v)),
+                    _ => edit_with(field, v),
+                },
                 str::to_string,
                 // No step runs at strength 0: `steps × strength` must be at least 1.
                 &[("strength", "minimum")],
@@ -718,6 +731,18 @@ mod tests {
             (&json["guidance_scale"]["maximum"], MAX_GUIDANCE),
             (&json["lora_scale"]["maximum"], MAX_LORA_SCALE),
             (&json["loras"]["maxItems"], MAX_REQUEST_LORAS as f64),
+            (&json["prompt"]["maxLength"], MAX_PROMPT_CHARS as f64),
+            (
+                &json["negative_prompt"]["maxLength"],
+                MAX_PROMPT_CHARS as f64,
+            ),
+            (&json["clip_skip"]["maximum"], MAX_CLIP_SKIP as f64),
+            (&form["prompt"]["maxLength"], MAX_PROMPT_CHARS as f64),
+            (
+                &form["negative_prompt"]["maxLength"],
+                MAX_PROMPT_CHARS as f64,
+            ),
+            (&form["clip_skip"]["maximum"], MAX_CLIP_SKIP as f64),
             (
                 &json["output_compression"]["maximum"],
                 MAX_OUTPUT_COMPRESSION as f64,

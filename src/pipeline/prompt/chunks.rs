@@ -200,3 +200,86 @@ pub fn chunk_prompt<E>(
         token_count,
     })
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::pipeline::prompt::parse_prompt_attention;
+
+    const IDS: ChunkIds = ChunkIds {
+        length: 77,
+        bos: 49406,
+        eos: 49407,
+        pad: 0,
+        comma: Some(267),
+    };
+
+    /// A stand-in tokenizer: one id per character, `,` the comma.
+    fn tokenize(text: &str) -> Result<Vec<u32>, ()> {
+        Ok(text
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .map(|c| {
+                if c == ',' {
+                    267
+                } else {
+                    300 + (c as u32 % 1000)
+                }
+            })
+            .collect())
+    }
+
+    proptest! {
+        #![proptest_config(crate::load::properties::config())]
+
+        /// Any text parses and chunks without panicking: every chunk is framed by BOS
+        /// and EOS at full length, with one weight per id, and holds at most 75 tokens;
+        /// no token is lost or invented.
+        #[test]
+        fn any_prompt_chunks(text in "[a-z ,()\\[\\]:.0-9\\\\]{0,400}|\\PC{0,60}") {
+            let pieces = parse_prompt_attention(&text);
+            prop_assert!(!pieces.is_empty());
+            let embeddings = [EmbeddingTokens { ids: vec![300 + ('a' as u32)], vectors: 3 }];
+            let chunks = chunk_prompt(&pieces, IDS, &embeddings, tokenize).expect("chunks");
+            prop_assert!(!chunks.chunks.is_empty());
+            for c in &chunks.chunks {
+                prop_assert_eq!(c.ids.len(), 77);
+                prop_assert_eq!(c.multipliers.len(), 77);
+                prop_assert_eq!(c.ids[0], IDS.bos);
+                prop_assert!(c.tokens <= 75);
+                prop_assert!(c.ids[1 + c.tokens] == IDS.eos);
+                for f in &c.fixes {
+                    prop_assert!(f.position + f.vectors <= 1 + c.tokens);
+                }
+            }
+            let pieces_tokens: usize = pieces
+                .iter()
+                .filter(|p| !p.is_break())
+                .map(|p| {
+                    let t = tokenize(&p.text).unwrap_or_default();
+                    // Each `a` becomes 3 vectors.
+                    t.len() + 2 * t.iter().filter(|&&i| i == 300 + 'a' as u32).count()
+                })
+                .sum();
+            let chunked: usize = chunks.chunks.iter().map(|c| c.tokens).sum();
+            prop_assert_eq!(chunked, pieces_tokens);
+        }
+
+        /// Extra-network tags come out whole: each from its own `<`, its text gone.
+        #[test]
+        fn any_prompt_extra_networks(text in "[a-z<>:_ 0-9.]{0,80}|\\PC{0,40}") {
+            let (left, tags) = crate::pipeline::prompt::extract_extra_networks(&text);
+            let tag_chars: usize = tags
+                .iter()
+                .map(|t| t.kind.len() + t.args.iter().map(|a| a.len() + 1).sum::<usize>() + 2)
+                .sum();
+            prop_assert_eq!(left.len() + tag_chars, text.len());
+            prop_assert!(tags.len() <= text.matches('<').count());
+            for t in tags {
+                prop_assert!(!t.kind.is_empty() && !t.args.is_empty());
+            }
+        }
+    }
+}
