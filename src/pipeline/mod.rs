@@ -16,7 +16,7 @@ mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
-pub use prompt::{PromptSyntax, PromptTokens, TextualInversion};
+pub use prompt::{PromptCounter, PromptSyntax, PromptTokens, TextualInversion};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
 use std::ops::ControlFlow;

@@ -21,12 +21,12 @@ use super::request;
 use super::stream::{self, job_error, EventMeta, ImageEventStream};
 use super::types::{
     ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest, ImagesResponse,
-    LoraFile, LoraList, Model, ModelList, ResponseFormat, TextualInversionEntry,
-    TextualInversionList,
+    LoraFile, LoraList, Model, ModelList, PromptSyntaxName, ResponseFormat, TextualInversionEntry,
+    TextualInversionList, TokenizeRequest, TokenizeResponse,
 };
 use super::worker::{JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
-use crate::pipeline::OutputFormat;
+use crate::pipeline::{OutputFormat, PromptSyntax};
 
 /// Groups of routes in the documentation.
 #[derive(Tags)]
@@ -79,6 +79,26 @@ pub enum TextualInversionsResult {
     /// Missing, malformed or wrong API key.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorResponse>),
+}
+
+/// Responses of `POST /v1/tokenize`.
+#[derive(ApiResponse)]
+pub enum TokenizeResult {
+    /// The prompt's tokens per chunk.
+    #[oai(status = 200)]
+    Ok(Json<TokenizeResponse>),
+    /// A field is invalid: `param` names it.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorResponse>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The body is larger than the server reads.
+    #[oai(status = 413)]
+    TooLarge(Json<ErrorResponse>),
+    /// The model is not loaded yet, or the tokenizer failed.
+    #[oai(status = 500)]
+    Failed(Json<ErrorResponse>),
 }
 
 /// Responses of `GET /v1/models`.
@@ -356,6 +376,49 @@ impl Api {
                 .collect(),
             skipped: loaded.skipped,
         }))
+    }
+
+    /// Count a prompt's tokens
+    ///
+    /// The prompt's tokens per chunk of 75 as the loaded model's text encoders read it
+    /// (what the playground shows under the prompt, as A1111 shows `80/150`).
+    #[oai(
+        path = "/v1/tokenize",
+        method = "post",
+        operation_id = "tokenize",
+        tag = "ApiTags::Models"
+    )]
+    async fn tokenize(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+        /// The prompt.
+        body: Body<TokenizeRequest>,
+    ) -> TokenizeResult {
+        let Some(counter) = state.worker.prompt_counter() else {
+            return TokenizeResult::Failed(Json(
+                ApiError::internal("the model is not loaded").body(),
+            ));
+        };
+        let syntax = body
+            .0
+            .prompt_syntax
+            .map_or(state.config.prompt.syntax, PromptSyntax::from);
+        match counter.count(&body.0.prompt, syntax) {
+            Ok(t) => TokenizeResult::Ok(Json(TokenizeResponse {
+                object: "prompt.tokens".into(),
+                prompt_syntax: match syntax {
+                    PromptSyntax::A1111 => PromptSyntaxName::A1111,
+                    PromptSyntax::Plain => PromptSyntaxName::Plain,
+                },
+                chunks: t.per_chunk.iter().map(|&n| n as u32).collect(),
+                total: t.total as u32,
+                chunk_length: t.chunk_length as u32,
+            })),
+            Err(e) => TokenizeResult::Failed(Json(
+                ApiError::internal(format!("counting tokens failed: {e}")).body(),
+            )),
+        }
     }
 
     /// Create images

@@ -241,6 +241,18 @@ fn prompt_text(name: &str, text: Option<String>) -> Result<Option<String>, ApiEr
     }
 }
 
+impl FromFields for types::TokenizeRequest {
+    fn from_fields(f: &mut Fields) -> Result<Self, ApiError> {
+        Ok(Self {
+            prompt: prompt_text("prompt", Some(f.required_string("prompt")?))?.unwrap_or_default(),
+            prompt_syntax: match f.string("prompt_syntax")? {
+                None => None,
+                Some(s) => Some(parse_prompt_syntax(&s)?),
+            },
+        })
+    }
+}
+
 /// Parses `prompt_syntax`: `a1111` or `plain`.
 pub fn parse_prompt_syntax(s: &str) -> Result<PromptSyntaxName, ApiError> {
     match s.parse::<PromptSyntax>() {

@@ -197,6 +197,58 @@ impl Example for LoraList {
     }
 }
 
+/// Body of `POST /v1/tokenize`: a prompt to count the tokens of. Unknown fields are
+/// refused.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TokenizeRequest {
+    /// The prompt, at most 32,000 characters.
+    #[oai(validator(max_length = 32000))]
+    pub prompt: String,
+    /// `a1111` or `plain`, as in `/v1/images/generations` (absent: the server's).
+    pub prompt_syntax: Option<PromptSyntaxName>,
+}
+
+impl Example for TokenizeRequest {
+    fn example() -> Self {
+        Self {
+            prompt: "a (photo:1.3) of an astronaut BREAK riding a horse on mars".into(),
+            prompt_syntax: None,
+        }
+    }
+}
+
+/// Response of `POST /v1/tokenize`: the prompt's tokens per chunk of the text encoder,
+/// as A1111 shows them (`80/150`: 80 tokens, two chunks of 75).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TokenizeResponse {
+    /// Always `prompt.tokens`.
+    pub object: String,
+    /// How the prompt was read.
+    pub prompt_syntax: PromptSyntaxName,
+    /// Tokens in each chunk, BOS, EOS and padding not counted. `plain`: one entry, all
+    /// the prompt's tokens, of which only the first `chunk_length` are read.
+    pub chunks: Vec<u32>,
+    /// A1111's count: every chunk but the last counted full (a `BREAK` or a comma
+    /// moving words on leaves a chunk short), plus the last chunk's tokens.
+    pub total: u32,
+    /// Tokens one chunk holds: 75 for CLIP.
+    pub chunk_length: u32,
+}
+
+impl Example for TokenizeResponse {
+    fn example() -> Self {
+        Self {
+            object: "prompt.tokens".into(),
+            prompt_syntax: PromptSyntaxName::A1111,
+            chunks: vec![6, 6],
+            total: 81,
+            chunk_length: 75,
+        }
+    }
+}
+
 /// Response of `GET /v1/textual-inversions`: the embeddings a prompt may name.
 #[derive(Object, Debug, Clone, PartialEq)]
 #[oai(example)]

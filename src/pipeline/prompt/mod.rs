@@ -107,18 +107,59 @@ pub struct PromptTokens {
     pub chunk_length: usize,
 }
 
-impl<B: FusedOps> SdxlPipeline<B> {
-    /// The chunking ids of `tokenizer`.
-    fn chunk_ids(tokenizer: &ClipTokenizer) -> ChunkIds {
-        ChunkIds {
-            length: tokenizer.max_length(),
-            bos: tokenizer.bos_id(),
-            eos: tokenizer.eos_id(),
-            pad: tokenizer.pad_id(),
-            comma: tokenizer.token_id(",</w>"),
+/// The chunking ids of `tokenizer`.
+fn chunk_ids(tokenizer: &ClipTokenizer) -> ChunkIds {
+    ChunkIds {
+        length: tokenizer.max_length(),
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.eos_id(),
+        pad: tokenizer.pad_id(),
+        comma: tokenizer.token_id(",</w>"),
+    }
+}
+
+/// Counts a prompt's tokens per chunk as the pipeline splits it
+/// ([`SdxlPipeline::prompt_counter`]): the first tokenizer and the embeddings' names.
+#[derive(Debug, Clone)]
+pub struct PromptCounter {
+    tokenizer: ClipTokenizer,
+    embeddings: Vec<EmbeddingTokens>,
+}
+
+impl PromptCounter {
+    /// `prompt`'s tokens per chunk as `syntax` reads it: A1111's chunks (its
+    /// extra-network tags removed), or plain text's one window, whose tokens past
+    /// [`PromptTokens::chunk_length`] are cut off.
+    pub fn count(&self, prompt: &str, syntax: PromptSyntax) -> Result<PromptTokens> {
+        let chunk_length = self.tokenizer.max_length().saturating_sub(2);
+        match syntax {
+            PromptSyntax::A1111 => {
+                let (text, _) = extract_extra_networks(prompt);
+                let chunks = chunk_prompt(
+                    &parse_prompt_attention(&text),
+                    chunk_ids(&self.tokenizer),
+                    &self.embeddings,
+                    |t| self.tokenizer.tokens(t),
+                )?;
+                Ok(PromptTokens {
+                    per_chunk: chunks.chunks.iter().map(|c| c.tokens).collect(),
+                    total: chunks.token_count,
+                    chunk_length,
+                })
+            }
+            PromptSyntax::Plain => {
+                let n = self.tokenizer.tokens(prompt)?.len();
+                Ok(PromptTokens {
+                    per_chunk: vec![n],
+                    total: n,
+                    chunk_length,
+                })
+            }
         }
     }
+}
 
+impl<B: FusedOps> SdxlPipeline<B> {
     /// Chunks `prompt` (A1111 syntax) for one encoder's tokenizer.
     fn chunk_for(&self, pieces: &[Piece], tokenizer: &ClipTokenizer) -> Result<Chunks> {
         let embeddings = (self.components.embeddings.iter())
@@ -129,7 +170,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        chunk_prompt(pieces, Self::chunk_ids(tokenizer), &embeddings, |t| {
+        chunk_prompt(pieces, chunk_ids(tokenizer), &embeddings, |t| {
             tokenizer.tokens(t)
         })
     }
@@ -148,13 +189,24 @@ impl<B: FusedOps> SdxlPipeline<B> {
     /// How `prompt` (A1111 syntax, its extra-network tags removed) splits into chunks,
     /// for the first encoder (the two agree for SDXL): for showing `n/75` as A1111 does.
     pub fn prompt_tokens(&self, prompt: &str) -> Result<PromptTokens> {
-        let tokenizer = &self.components.tokenizer;
-        let (text, _) = extract_extra_networks(prompt);
-        let chunks = self.chunk_for(&parse_prompt_attention(&text), tokenizer)?;
-        Ok(PromptTokens {
-            per_chunk: chunks.chunks.iter().map(|c| c.tokens).collect(),
-            total: chunks.token_count,
-            chunk_length: tokenizer.max_length().saturating_sub(2),
+        self.prompt_counter()?.count(prompt, PromptSyntax::A1111)
+    }
+
+    /// What counting a prompt's tokens needs, apart from the pipeline (a server counts
+    /// while the model runs).
+    pub fn prompt_counter(&self) -> Result<PromptCounter> {
+        let tokenizer = self.components.tokenizer.clone();
+        let embeddings = (self.components.embeddings.iter())
+            .map(|e| {
+                Ok(EmbeddingTokens {
+                    ids: tokenizer.tokens(&e.name)?,
+                    vectors: e.vectors,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PromptCounter {
+            tokenizer,
+            embeddings,
         })
     }
 

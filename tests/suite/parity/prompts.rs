@@ -340,6 +340,38 @@ fn plain_syntax_is_diffusers() {
         "pipe.cfg5.euler4.latents",
         TOL_F32,
     );
+    // Bit for bit what diffusers' encoding through the text encoders gives: the
+    // tokenizers' 77 ids, each encoder's penultimate states, the second's pooled.
+    let plain_prompt = cases()["plain_prompt"].as_str().expect("plain prompt");
+    let c = pipe.components();
+    let ids = |t: &hypergen::model::tokenizer::ClipTokenizer| {
+        let e = t.encode(plain_prompt).expect("tokenizes");
+        let data: Vec<i32> = e.ids.iter().map(|&i| i as i32).collect();
+        Tensor::<crate::common::Cpu, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(data, [1, e.ids.len()]),
+            &Default::default(),
+        )
+    };
+    let o1 = c
+        .text_encoder
+        .forward_conditioning(ids(&c.tokenizer), false);
+    let o2 = c
+        .text_encoder_2
+        .forward_conditioning(ids(&c.tokenizer_2), true);
+    let want = Tensor::cat(vec![o1.penultimate, o2.penultimate], 2);
+    for syntax in [PromptSyntax::Plain, PromptSyntax::A1111] {
+        let (got, pooled) = pipe.encode_text(plain_prompt, syntax, 0).expect("encode");
+        assert_eq!(
+            values(got),
+            values(want.clone()),
+            "{syntax}: not bit for bit"
+        );
+        assert_eq!(
+            values(pooled),
+            values(o2.text_embeds.clone().expect("pooled")),
+            "{syntax}: pooled not bit for bit"
+        );
+    }
     // The weighted prompt as plain text is not the weighted one.
     let (plain, _) = pipe
         .encode_text(
@@ -371,5 +403,38 @@ fn batch_of_different_lengths() {
         let err = rel_error(&values(out.latents), &values(alone.latents));
         eprintln!("{:?}: batched vs alone {err:.3e}", &req.prompt[..20]);
         assert!(err <= 1e-5, "batched differs from alone: {err:.3e}");
+    }
+}
+
+/// `hypergen generate` with each case's `cli` arguments (paths relative to the fixture):
+/// `--clip-skip`, `--embeddings-dir`, a long prompt with a long negative prompt.
+#[test]
+fn cli_cases() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for name in ["clip_skip1", "ti_negative", "long"] {
+        let mut args: Vec<String> = (case(name)["cli"].as_array().expect("cli").iter())
+            .map(|a| a.as_str().expect("text").to_string())
+            .collect();
+        let out = tmp.path().join(format!("{name}.png"));
+        let at = args.iter().position(|a| a == "--out").expect("--out") + 1;
+        args[at] = out.display().to_string();
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+            .current_dir(fixture_dir())
+            .arg("generate")
+            .arg("--model")
+            .arg(fixture_dir())
+            .args(&args)
+            .status()
+            .expect("run hypergen");
+        assert!(
+            status.success(),
+            "{name}: hypergen generate failed: {status}"
+        );
+        let png = image::open(&out).expect("PNG written").to_rgb8();
+        assert_image_close(
+            &format!("{name} cli"),
+            png.as_raw(),
+            &prompt_ref(&format!("{name}.image_u8")),
+        );
     }
 }

@@ -242,11 +242,43 @@ async fn prompts_through_the_server() {
     )
     .await;
 
-    // A 300-token prompt, streamed: four chunks, no cut.
-    let long = (0..150)
-        .map(|i| format!("word{i}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    // A 300-token prompt: four chunks of 75 (what the playground shows), streamed.
+    let long = vec!["cat"; 300].join(" ");
+    let tokens: Value = client
+        .post(format!("{base}/v1/tokenize"))
+        .json(&json!({"prompt": long}))
+        .send()
+        .await
+        .expect("tokenize")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(tokens["chunks"], json!([75, 75, 75, 75]), "{tokens}");
+    assert_eq!(
+        (tokens["total"].as_u64(), tokens["chunk_length"].as_u64()),
+        (Some(300), Some(75))
+    );
+    let plain: Value = client
+        .post(format!("{base}/v1/tokenize"))
+        .json(&json!({"prompt": long, "prompt_syntax": "plain"}))
+        .send()
+        .await
+        .expect("tokenize")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(plain["chunks"], json!([300]), "{plain}");
+    let breaks: Value = client
+        .post(format!("{base}/v1/tokenize"))
+        .json(&json!({"prompt": "a cat BREAK a dog <lora:kohya:0.5>, hgstyle"}))
+        .send()
+        .await
+        .expect("tokenize")
+        .json()
+        .await
+        .expect("json");
+    // "a cat" | "a dog", the comma and the embedding's 2 vectors.
+    assert_eq!(breaks["chunks"], json!([2, 5]), "{breaks}");
     let events = stream_events(&client, &base, &request(&long, json!({"stream": true}))).await;
     let (kind, done) = events.last().expect("events");
     assert_eq!(kind, "image_generation.completed", "{events:?}");

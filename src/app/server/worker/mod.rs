@@ -18,7 +18,7 @@ use crate::device::{dispatch, DTypeChoice, DeviceSpec};
 use crate::error::Error;
 use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::load::LoadOptions;
-use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, RunOptions};
+use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, PromptCounter, RunOptions};
 
 use queue::JobQueue;
 use thread::Spawn;
@@ -295,6 +295,8 @@ struct Shared {
     embeddings: Mutex<EmbeddingsLoaded>,
     /// The most `clip_skip` the loaded model takes (set with `info`).
     max_clip_skip: AtomicUsize,
+    /// Counts prompts' tokens as the loaded model splits them (set with `info`).
+    counter: Mutex<Option<Arc<PromptCounter>>>,
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
@@ -322,6 +324,7 @@ impl Shared {
             loras: Mutex::new(Vec::new()),
             embeddings: Mutex::new(EmbeddingsLoaded::default()),
             max_clip_skip: AtomicUsize::new(0),
+            counter: Mutex::new(None),
             max_queue,
             queued: AtomicUsize::new(0),
             waiting: Mutex::new(std::collections::BTreeSet::new()),
@@ -487,6 +490,15 @@ impl Worker {
     pub fn embeddings(&self) -> EmbeddingsLoaded {
         self.shared
             .embeddings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts prompts' tokens as the loaded model splits them; `None` until it is loaded.
+    pub fn prompt_counter(&self) -> Option<Arc<PromptCounter>> {
+        self.shared
+            .counter
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

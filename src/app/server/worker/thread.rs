@@ -95,6 +95,10 @@ impl WithBackend for Spawn {
                     thread_shared
                         .max_clip_skip
                         .store(max_skip, Ordering::SeqCst);
+                    *thread_shared
+                        .counter
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p.prompt_counter()?));
                     match options.warmup {
                         Some(w) if runs_warm_up::<B>(&w) => warm_up(&p, w)?,
                         _ => {}
