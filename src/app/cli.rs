@@ -19,6 +19,7 @@ use crate::load::embeddings::load_embeddings;
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
+use crate::pipeline::prompt::extract_extra_networks;
 use crate::pipeline::{
     GenerationRequest, Image, InitImage, Mask, Progress, PromptSyntax, RequestDefaults, RunOptions,
 };
@@ -634,6 +635,15 @@ impl WithBackend for Generate {
         apply_lora_specs(pipeline.components_mut(), &load.loras).context("--lora")?;
         if let Some(dir) = &load.embeddings_dir {
             load_embeddings(pipeline.components_mut(), dir).context("--embeddings-dir")?;
+        }
+        if self.request.prompt_syntax == PromptSyntax::A1111 {
+            let (_, tags) = extract_extra_networks(&self.request.prompt);
+            if tags.iter().any(|t| t.kind == "lora") {
+                tracing::warn!(
+                    "<lora:…> tags are removed from the prompt and not applied by `generate`; \
+                     give the adapters with --lora PATH:SCALE (the server applies tags from --lora-dir)"
+                );
+            }
         }
         let info = &pipeline.components().info;
         if info.random_weights {
