@@ -397,13 +397,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let negative = negative_prompt.filter(|s| !s.is_empty());
         let (nctx, npooled) = match negative {
             None if self.components.index.force_zeros_for_empty_prompt => {
-                // diffusers' zeros are one window long (77), whatever the prompt's length.
-                let [_, _, d] = ctx.dims();
-                let window = self.components.tokenizer.max_length();
-                (
-                    Tensor::<B, 3>::zeros([1, window, d], &ctx.device()).cast(ctx.dtype()),
-                    pooled.zeros_like(),
-                )
+                // As long as the prompt's text, so that the batch stays one UNet call:
+                // zero text gives every cross-attention uniform weights over identical
+                // keys and values whatever its length, the same output as diffusers' 77
+                // zeros (exactly so when the key and value projections have no bias, as
+                // in SDXL).
+                (ctx.zeros_like(), pooled.zeros_like())
             }
             other => self.encode_text(other.unwrap_or(""), syntax, clip_skip)?,
         };
