@@ -78,10 +78,17 @@ struct Open {
 }
 
 /// The longest embedding whose ids start `tokens` at `at` (A1111 tries the longest first).
-fn embedding_at(tokens: &[u32], at: usize, embeddings: &[EmbeddingTokens]) -> Option<usize> {
+/// One with no vectors, or more than a chunk holds, is never matched (its name is text).
+fn embedding_at(
+    tokens: &[u32],
+    at: usize,
+    embeddings: &[EmbeddingTokens],
+    chunk_length: usize,
+) -> Option<usize> {
     embeddings
         .iter()
         .enumerate()
+        .filter(|(_, e)| (1..=chunk_length).contains(&e.vectors))
         .filter(|(_, e)| !e.ids.is_empty() && tokens[at..].starts_with(&e.ids))
         .max_by_key(|(i, e)| (e.ids.len(), std::cmp::Reverse(*i)))
         .map(|(i, _)| i)
@@ -173,7 +180,7 @@ pub fn chunk_prompt<E>(
                 close(&mut chunk, &mut chunks, false, &mut token_count);
                 last_comma = None;
             }
-            let Some(e) = embedding_at(&tokens, position, embeddings) else {
+            let Some(e) = embedding_at(&tokens, position, embeddings, chunk_length) else {
                 chunk.tokens.push(token);
                 chunk.multipliers.push(weight);
                 position += 1;
