@@ -16,9 +16,12 @@ CANNOT_BE_STATED = {
     ("POST /v1/images/generations", "lora_path"): "names a file on the server",
     ("POST /v1/images/edits", "lora_path"): "names a file on the server",
     ("POST /v1/images/generations", "loras"): "names files on the server",
-    # A prompt's `<lora:NAME:W>` tags name files on the server, as `loras` does.
-    ("POST /v1/images/generations", "prompt"): "a <lora:…> tag names a file on the server",
-    ("POST /v1/images/edits", "prompt"): "a <lora:…> tag names a file on the server",
+    # A prompt's `<lora:NAME:W>` tags name files on the server, as `loras` does, and its
+    # chunks of 75 tokens (at most 8) depend on the model's tokenizer.
+    ("POST /v1/images/generations", "prompt"): "LoRA tags name files; tokens per the model",
+    ("POST /v1/images/edits", "prompt"): "LoRA tags name files; tokens per the model",
+    ("POST /v1/images/generations", "negative_prompt"): "at most 8 chunks of the model's tokens",
+    ("POST /v1/images/edits", "negative_prompt"): "at most 8 chunks of the model's tokens",
     # The loaded model's text encoders: a model with fewer layers takes less than 11.
     ("POST /v1/images/generations", "clip_skip"): "at most the model's layers less one",
     ("POST /v1/images/edits", "clip_skip"): "at most the model's layers less one",

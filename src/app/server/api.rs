@@ -17,6 +17,7 @@ use super::auth::Authorized;
 use super::body::Body;
 use super::edit::{self, EditForm};
 use super::error::{ApiError, RETRY_AFTER_SECS};
+use super::limits::MAX_PROMPT_CHUNKS;
 use super::request;
 use super::stream::{self, job_error, EventMeta, ImageEventStream};
 use super::types::{
@@ -566,6 +567,29 @@ async fn with_loras(
                 checked.generation.clip_skip
             ),
         ));
+    }
+    if let Some(counter) = state.worker.prompt_counter() {
+        let g = &checked.generation;
+        let prompts = [
+            ("prompt", Some(&g.prompt)),
+            ("negative_prompt", g.negative_prompt.as_ref()),
+        ];
+        for (param, text) in prompts {
+            let Some(text) = text else { continue };
+            let tokens = counter
+                .count(text, g.prompt_syntax)
+                .map_err(|e| ApiError::internal(format!("counting tokens failed: {e}")))?;
+            let chunks = tokens.per_chunk.len();
+            if chunks > MAX_PROMPT_CHUNKS {
+                return Err(ApiError::invalid_value(
+                    param,
+                    format!(
+                        "`{param}` takes {chunks} chunks of {} tokens ({} tokens); this server reads at most {MAX_PROMPT_CHUNKS}",
+                        tokens.chunk_length, tokens.total
+                    ),
+                ));
+            }
+        }
     }
     let loras = super::loras::resolve(state.loras.clone(), checked.loras.clone()).await?;
     Ok((checked, loras))

@@ -234,6 +234,28 @@ async fn prompts_through_the_server() {
     let skipped0 = image(&client, &base, &request("a cat", json!({"clip_skip": 0}))).await;
     assert_ne!(skipped1, skipped0, "clip_skip changes nothing");
 
+    // At most 8 chunks of 75 tokens; `BREAK`s count.
+    let nine = vec!["cat"; 9].join(" BREAK ");
+    let message = refused(&client, &base, &request(&nine, json!({})), "prompt").await;
+    assert!(message.contains("9 chunks"), "{message}");
+    let message = refused(
+        &client,
+        &base,
+        &request(
+            "a cat",
+            json!({"negative_prompt": vec!["x"; 700].join(" ")}),
+        ),
+        "negative_prompt",
+    )
+    .await;
+    assert!(message.contains("at most 8"), "{message}");
+    image(
+        &client,
+        &base,
+        &request(&vec!["cat"; 8].join(" BREAK "), json!({})),
+    )
+    .await;
+
     // Bad syntax is never an error.
     image(
         &client,
