@@ -235,7 +235,7 @@ async fn prompts_through_the_server() {
     assert_ne!(skipped1, skipped0, "clip_skip changes nothing");
 
     // At most 8 chunks of 75 tokens; `BREAK`s count.
-    let nine = vec!["cat"; 9].join(" BREAK ");
+    let nine = ["cat"; 9].join(" BREAK ");
     let message = refused(&client, &base, &request(&nine, json!({})), "prompt").await;
     assert!(message.contains("9 chunks"), "{message}");
     let message = refused(
@@ -252,7 +252,7 @@ async fn prompts_through_the_server() {
     image(
         &client,
         &base,
-        &request(&vec!["cat"; 8].join(" BREAK "), json!({})),
+        &request(&["cat"; 8].join(" BREAK "), json!({})),
     )
     .await;
 
