@@ -100,6 +100,7 @@ pub fn document(facts: &ServerFacts) -> Value {
     let schemas = &mut doc["components"]["schemas"];
     error_body(&mut schemas["ErrorBody"]);
     generation_request(&mut schemas["ImageGenerationRequest"], &facts.limits);
+    strict_request(&mut schemas["TokenizeRequest"]);
     let generation = doc["components"]["schemas"]["ImageGenerationRequest"].clone();
     let form = &mut doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
         ["multipart/form-data"]["schema"];
@@ -270,6 +271,21 @@ fn error_body(schema: &mut Value) {
 /// What a `prompt` must contain: a character other than ASCII whitespace (the same set
 /// as [`request::is_blank`]).
 const PROMPT_PATTERN: &str = "[^ \\t\\n\\r\\x0b\\x0c]";
+
+/// A small JSON request read by the same field parser: unknown fields are refused, and
+/// `null` counts as absent for every optional field.
+fn strict_request(schema: &mut Value) {
+    schema["additionalProperties"] = json!(false);
+    let required = schema["required"].clone();
+    let required = required.as_array().cloned().unwrap_or_default();
+    if let Some(props) = schema["properties"].as_object_mut() {
+        for (name, prop) in props.iter_mut() {
+            if !required.iter().any(|r| r.as_str() == Some(name)) {
+                prop["nullable"] = json!(true);
+            }
+        }
+    }
+}
 
 /// The JSON request: unknown fields are refused, `null` counts as absent, `prompt`,
 /// `size`, `n` and steps as the server checks them.
