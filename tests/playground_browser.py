@@ -196,6 +196,15 @@ try:
     assert first.get_attribute("data-seed") == "1234"
     shot("generated")
 
+    # Under the prompt, its tokens per chunk of 75, as A1111 shows them: a 300-token
+    # prompt is four full chunks (the key is known now).
+    long_prompt = " ".join(["cat"] * 300)
+    fill("prompt", long_prompt)
+    wait("the token count", lambda: el("prompt-tokens").text.startswith("300/300 tokens"))
+    assert "per chunk 75, 75, 75, 75" in el("prompt-tokens").text, el("prompt-tokens").text
+    fill("prompt", "a red cube on a wooden table")
+    wait("the short count", lambda: el("prompt-tokens").text.endswith("/75 tokens"))
+
     # The key stays in this tab's sessionStorage only: not in the URL, not in localStorage.
     assert js("return sessionStorage.getItem('hypergen.apiKey')") == KEY
     assert KEY not in driver.current_url

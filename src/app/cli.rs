@@ -11,14 +11,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::app::logging::{self, LogFormat};
 use crate::app::server::auth::ApiKey;
 use crate::app::server::limits::{self, RequestLimits};
+use crate::app::server::request::PromptDefaults;
 use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::load::embeddings::load_embeddings;
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
+use crate::pipeline::prompt::extract_extra_networks;
 use crate::pipeline::{
-    GenerationRequest, Image, InitImage, Mask, Progress, RequestDefaults, RunOptions,
+    GenerationRequest, Image, InitImage, Mask, Progress, PromptSyntax, RequestDefaults, RunOptions,
 };
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 use crate::FusedOps;
@@ -94,6 +97,32 @@ pub struct LoadArgs {
     /// optional scale (default 1). Repeat for several; they add up.
     #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = parse_lora)]
     pub loras: Vec<LoraSpec>,
+    /// Textual-inversion embeddings for SDXL (`.safetensors` with `clip_l` and `clip_g`)
+    /// in this directory and its subfolders: a word in a prompt equal to a file's name
+    /// (without `.safetensors`) inserts its vectors. Pickles (.pt, .bin) are refused;
+    /// files that do not fit the model are skipped with a warning naming them.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings_dir: Option<PathBuf>,
+}
+
+/// How prompts are read: flags of `generate`, and the defaults of `serve`'s requests.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// `a1111`: AUTOMATIC1111's syntax, `(word:1.3)`, `[word]`, `BREAK`, embeddings, any
+    /// length (in chunks of 75 tokens); `plain`: diffusers', the text as it is, cut at
+    /// 77 tokens.
+    #[arg(long, default_value_t = PromptSyntax::default(), value_parser = parse_prompt_syntax)]
+    pub prompt_syntax: PromptSyntax,
+    /// diffusers' `clip_skip`, for the prompt and the negative prompt: both text
+    /// encoders' `hidden_states[-(N + 2)]`. 0 (default) is SDXL's penultimate layer,
+    /// A1111's and Civitai's "Clip skip: 2"; N is A1111's "Clip skip: N + 2".
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+}
+
+/// `--prompt-syntax` as clap parses it.
+fn parse_prompt_syntax(s: &str) -> Result<PromptSyntax, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
 impl LoadArgs {
@@ -208,6 +237,9 @@ pub struct GenerateArgs {
     /// Starting noise: a safetensors file with one tensor `latents` of shape [n, 4, h/8, w/8].
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// How the prompts are read.
+    #[command(flatten)]
+    pub prompt_args: PromptArgs,
     /// Output PNG path; with several images, `-N` is added before the extension.
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
@@ -298,6 +330,9 @@ pub struct ServeArgs {
     /// (CORS); repeatable. Off by default: no CORS headers.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// How requests' prompts are read unless they say (`prompt_syntax`, `clip_skip`).
+    #[command(flatten)]
+    pub prompt_args: PromptArgs,
 }
 
 /// `--warmup-size`.
@@ -342,6 +377,7 @@ impl ServeArgs {
         worker.load = self.load.load_options();
         worker.run = self.load.run_options();
         worker.loras = self.load.loras.clone();
+        worker.embeddings_dir = self.load.embeddings_dir.clone();
         worker.max_queue_size = self.max_queue_size;
         worker.max_batch_size = self.max_batch_size;
         config.api_key = self.api_key.clone();
@@ -362,6 +398,10 @@ impl ServeArgs {
         config.url_store_bytes = self.url_store_mb.saturating_mul(1 << 20);
         config.worker.png_parameters = !self.no_png_parameters;
         config.lora_dir = self.lora_dir.clone();
+        config.prompt = PromptDefaults {
+            syntax: self.prompt_args.prompt_syntax,
+            clip_skip: self.prompt_args.clip_skip,
+        };
         config.lora_cache_bytes = self.lora_cache_mb.saturating_mul(1 << 20);
         config.metrics_auth = self.metrics_auth;
         config.log_prompts = self.log_prompts;
@@ -603,6 +643,18 @@ impl WithBackend for Generate {
         )
         .with_context(|| format!("loading {}", self.args.model))?;
         apply_lora_specs(pipeline.components_mut(), &load.loras).context("--lora")?;
+        if let Some(dir) = &load.embeddings_dir {
+            load_embeddings(pipeline.components_mut(), dir).context("--embeddings-dir")?;
+        }
+        if self.request.prompt_syntax == PromptSyntax::A1111 {
+            let (_, tags) = extract_extra_networks(&self.request.prompt);
+            if tags.iter().any(|t| t.kind == "lora") {
+                tracing::warn!(
+                    "<lora:…> tags are removed from the prompt and not applied by `generate`; \
+                     give the adapters with --lora PATH:SCALE (the server applies tags from --lora-dir)"
+                );
+            }
+        }
         let info = &pipeline.components().info;
         if info.random_weights {
             tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
@@ -718,6 +770,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         guidance_rescale: args.guidance_rescale,
         latents: latents.map(|(v, _)| v),
         init_image,
+        prompt_syntax: args.prompt_args.prompt_syntax,
+        clip_skip: args.prompt_args.clip_skip,
         ..Default::default()
     };
     args.load.apply_threads();

@@ -178,7 +178,11 @@ fn list_some(names: &[String]) -> String {
     s
 }
 
-fn to_f32(path: &Path, name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+pub(crate) fn to_f32(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Vec<f32>> {
     let bytes = view.data();
     Ok(match view.dtype() {
         safetensors::Dtype::F32 => bytes

@@ -4,6 +4,7 @@
 //! [`SdxlPipeline::new`] runs. [`source`] tells the kinds of name apart.
 
 pub mod builtin;
+pub mod embeddings;
 pub mod folder;
 pub mod hub;
 pub mod lora;

@@ -125,11 +125,39 @@ pub struct ClipEmbeddings<B: FusedOps> {
 impl<B: FusedOps> ClipEmbeddings<B> {
     /// `ids` `[N, L]` → `[N, L, hidden]`, positions 0..L.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_with(ids, &[])
+    }
+
+    /// [`forward`](Self::forward) with some token embeddings replaced (textual
+    /// inversion) before the positions are added.
+    pub fn forward_with(&self, ids: Tensor<B, 2, Int>, inserts: &[TokenInsert<B>]) -> Tensor<B, 3> {
         let [_, l] = ids.dims();
-        let tokens = self.token_embedding.forward(ids);
+        let mut tokens = self.token_embedding.forward(ids);
+        for insert in inserts {
+            let [n, c] = insert.vectors.dims();
+            let (r, p) = (insert.row, insert.position);
+            let vectors = insert
+                .vectors
+                .clone()
+                .cast(tokens.dtype())
+                .reshape([1, n, c]);
+            tokens = tokens.slice_assign([r..r + 1, p..p + n, 0..c], vectors);
+        }
         let positions = self.position_embedding.weight.val().slice(0..l).unsqueeze();
         tokens + positions
     }
+}
+
+/// Token embeddings that replace those of some ids: a textual-inversion embedding's
+/// vectors on its placeholder ids ([`ClipTextModel::forward_hidden`]).
+#[derive(Debug, Clone)]
+pub struct TokenInsert<B: FusedOps> {
+    /// The sequence (row of the ids).
+    pub row: usize,
+    /// The first position replaced.
+    pub position: usize,
+    /// `[n, hidden]`: the embeddings of positions `position..position + n`.
+    pub vectors: Tensor<B, 2>,
 }
 
 /// `self_attn`: causal multi-head self-attention.
@@ -268,7 +296,8 @@ pub struct ClipTextModel<B: FusedOps> {
 /// What SDXL conditions on ([`ClipTextModel::forward_conditioning`]).
 #[derive(Debug, Clone)]
 pub struct ClipConditioning<B: FusedOps> {
-    /// `hidden_states[-2]`, as in [`ClipOutput::penultimate`].
+    /// `hidden_states[-2]`, as in [`ClipOutput::penultimate`] (`hidden_states[-(clip_skip
+    /// + 2)]` from [`ClipTextModel::forward_hidden`]).
     pub penultimate: Tensor<B, 3>,
     /// [`ClipOutput::pooled`], when asked for.
     pub pooled: Option<Tensor<B, 2>>,
@@ -435,20 +464,75 @@ impl<B: FusedOps> ClipTextModel<B> {
         ids: Tensor<B, 2, Int>,
         pooled: bool,
     ) -> ClipConditioning<B> {
+        self.conditioning(ids, &[], 0, pooled)
+    }
+
+    /// The most `clip_skip` this model takes: its layers less one
+    /// (`hidden_states[0]`, the embeddings, is the earliest state there is).
+    pub fn max_clip_skip(&self) -> usize {
+        self.text_model.encoder.layers.len().saturating_sub(1)
+    }
+
+    /// [`forward_conditioning`](Self::forward_conditioning) generalised: `inserts`
+    /// replace token embeddings (textual inversion), and `penultimate` is
+    /// `hidden_states[-(clip_skip + 2)]`, diffusers' `clip_skip` (0: the penultimate
+    /// layer's output, SDXL's default). The pooled output is the last layer's whatever
+    /// `clip_skip` is. Errors when `clip_skip` exceeds [`max_clip_skip`](Self::max_clip_skip).
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward).
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        inserts: &[TokenInsert<B>],
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<ClipConditioning<B>> {
+        let max = self.max_clip_skip();
+        if clip_skip > max {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!(
+                    "{clip_skip} is more than this text encoder takes ({max}: its layers less one)"
+                ),
+            ));
+        }
+        Ok(self.conditioning(ids, inserts, clip_skip, pooled))
+    }
+
+    /// [`forward_hidden`](Self::forward_hidden) once `clip_skip` is known to fit.
+    fn conditioning(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        inserts: &[TokenInsert<B>],
+        clip_skip: usize,
+        pooled: bool,
+    ) -> ClipConditioning<B> {
         B::on_pool(|| {
             let tm = &self.text_model;
-            let mut x = tm.embeddings.forward(ids.clone());
+            let mut x = tm.embeddings.forward_with(ids.clone(), inserts);
             let layers = &tm.encoder.layers;
             let (last, before) = match layers.split_last() {
                 Some((last, before)) => (Some(last), before),
                 None => (None, &layers[..]),
             };
-            for layer in before {
+            // The layers to run before the state SDXL conditions on is taken.
+            let keep_after = before.len().saturating_sub(clip_skip);
+            let mut hidden = (keep_after == 0).then(|| x.clone());
+            for (i, layer) in before.iter().enumerate() {
+                if hidden.is_some() && !pooled {
+                    break;
+                }
                 x = layer.forward(x);
+                if i + 1 == keep_after {
+                    hidden = Some(x.clone());
+                }
             }
+            let penultimate = hidden.unwrap_or_else(|| x.clone());
             if !pooled {
                 return ClipConditioning {
-                    penultimate: x,
+                    penultimate,
                     pooled: None,
                     text_embeds: None,
                 };
@@ -461,10 +545,10 @@ impl<B: FusedOps> ClipTextModel<B> {
                         .iter::<i64>()
                         .map(|p| p as usize)
                         .collect();
-                    layer.forward_at(x.clone(), &at)
+                    layer.forward_at(x, &at)
                 }
                 // No layers: the embeddings are both `penultimate` and the last output.
-                None => gather_rows(x.clone(), positions),
+                None => gather_rows(x, positions),
             };
             let pooled = tm.final_layer_norm.forward(at_pooled);
             let text_embeds = self
@@ -472,7 +556,7 @@ impl<B: FusedOps> ClipTextModel<B> {
                 .as_ref()
                 .map(|p| p.forward(pooled.clone()));
             ClipConditioning {
-                penultimate: x,
+                penultimate,
                 pooled: Some(pooled),
                 text_embeds,
             }

@@ -281,6 +281,26 @@ impl ClipTokenizer {
         })
     }
 
+    /// The prompt's token ids alone, neither framed by BOS and EOS nor cut to any
+    /// length (A1111 tokenizes each parsed piece of a prompt so).
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| tok_err(&self.dir, format!("encoding the prompt: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The id of a vocabulary entry (`",</w>"` is the comma that ends a word).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The id of `<|startoftext|>`.
+    pub fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+
     /// The number of ids every encoding has (`model_max_length`, 77 for CLIP).
     pub fn max_length(&self) -> usize {
         self.max_length

@@ -7,6 +7,7 @@ use burn::tensor::DType;
 use serde::Deserialize;
 
 use super::lora::LoraState;
+use super::prompt::TextualInversion;
 use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
@@ -77,4 +78,7 @@ pub struct SdxlComponents<B: FusedOps> {
     /// LoRA adapters merged into the weights, and the base tensors they replaced
     /// ([`crate::load::lora::apply_loras`]).
     pub loras: LoraState<B>,
+    /// Textual-inversion embeddings a prompt in A1111 syntax may name
+    /// ([`crate::load::embeddings`]); none unless loaded.
+    pub embeddings: Vec<TextualInversion>,
 }

@@ -298,10 +298,12 @@ impl Image {
     }
 }
 
-/// A1111's `parameters` text: the prompt, `Negative prompt: …` when there is one, then
-/// `Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …` (and
-/// `Denoising strength: …` for image-to-image), which A1111, ComfyUI, Civitai and
-/// other tools read back from a PNG.
+/// A1111's `parameters` text: the prompt as written (its weights, `BREAK`s and
+/// `<lora:…>` tags kept, as A1111 records them), `Negative prompt: …` when there is one,
+/// then `Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …` (and
+/// `Denoising strength: …` for image-to-image, `Clip skip: …` when not SDXL's default,
+/// `Prompt syntax: plain` for a prompt not read in A1111's syntax), which A1111,
+/// ComfyUI, Civitai and other tools read back from a PNG.
 pub fn a1111_parameters(
     req: &super::GenerationRequest,
     sampler: crate::scheduler::SchedulerKind,
@@ -329,6 +331,16 @@ pub fn a1111_parameters(
     if req.guidance_rescale > 0.0 {
         // The key of A1111's CFG Rescale extension.
         text.push_str(&format!(", CFG Rescale phi: {}", req.guidance_rescale));
+    }
+    if req.clip_skip > 0 {
+        // A1111 counts from the last layer (1) where diffusers counts from the
+        // penultimate one (0): SDXL's default is A1111's "Clip skip: 2", left out.
+        text.push_str(&format!(", Clip skip: {}", req.clip_skip + 2));
+    }
+    if req.prompt_syntax == super::PromptSyntax::Plain {
+        // Not an A1111 key (A1111 keeps what it does not know): this prompt was not
+        // read in its syntax.
+        text.push_str(", Prompt syntax: plain");
     }
     text
 }
@@ -390,6 +402,27 @@ fn crc32(bytes: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_keep_the_prompt_as_written() {
+        use crate::pipeline::{GenerationRequest, PromptSyntax};
+        use crate::scheduler::SchedulerKind;
+        let mut req = GenerationRequest {
+            prompt: "a (photo:1.3) BREAK <lora:pixel:0.8> hgstyle".into(),
+            negative_prompt: Some("[blurry]".into()),
+            clip_skip: 1,
+            ..Default::default()
+        };
+        let text = a1111_parameters(&req, SchedulerKind::Euler, "m");
+        assert!(text.starts_with(
+            "a (photo:1.3) BREAK <lora:pixel:0.8> hgstyle\nNegative prompt: [blurry]\n"
+        ));
+        assert!(text.ends_with("Model: m, Clip skip: 3"), "{text}");
+        req.clip_skip = 0;
+        req.prompt_syntax = PromptSyntax::Plain;
+        let text = a1111_parameters(&req, SchedulerKind::Euler, "m");
+        assert!(text.ends_with("Model: m, Prompt syntax: plain"), "{text}");
+    }
 
     #[test]
     fn crc32_matches_the_standard_check_value() {

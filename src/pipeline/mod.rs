@@ -11,10 +11,12 @@
 mod components;
 mod image;
 pub mod lora;
+pub mod prompt;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
+pub use prompt::{PromptCounter, PromptSyntax, PromptTokens, TextualInversion};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
 use std::ops::ControlFlow;
@@ -65,10 +67,35 @@ pub struct Preview {
 /// branches stacked as `[negative; positive]`: what a [`Conditioning`] is made from.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds<B: FusedOps> {
-    /// `[n or 2n, 77, D1 + D2]` penultimate states of both encoders.
-    pub context: Tensor<B, 3>,
+    /// Per row, `[1, S, D1 + D2]`: the states of both encoders (S = 77 per chunk; rows
+    /// may differ in length when prompts in A1111 syntax take different numbers of
+    /// chunks).
+    pub contexts: Vec<Tensor<B, 3>>,
     /// `[n or 2n, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
+}
+
+impl<B: FusedOps> PromptEmbeds<B> {
+    /// Every row as one `[rows, S, D1 + D2]` tensor; errors when the rows differ in length.
+    pub fn context(&self) -> Result<Tensor<B, 3>> {
+        let lengths: Vec<usize> = self.contexts.iter().map(|c| c.dims()[1]).collect();
+        if lengths.windows(2).any(|w| w[0] != w[1]) {
+            return Err(Error::invalid(
+                "prompt",
+                format!("rows of different lengths {lengths:?} are not one tensor"),
+            ));
+        }
+        Ok(cat_rows(self.contexts.clone()))
+    }
+}
+
+/// Some rows of a [`Conditioning`] whose texts have one length, projected together.
+#[derive(Debug, Clone)]
+pub struct TextGroup<B: FusedOps> {
+    /// The UNet batch rows it conditions, ascending.
+    pub rows: Vec<usize>,
+    /// Their text as every cross-attention reads it.
+    pub context: UNetContext<B>,
 }
 
 /// What the UNet reads from the prompts at every step of a run, made once by the
@@ -78,9 +105,12 @@ pub struct PromptEmbeds<B: FusedOps> {
 /// embeddings or another text encoder change how it is made, never the loop that reads it.
 #[derive(Debug, Clone)]
 pub struct Conditioning<B: FusedOps> {
-    /// The text states `[rows, 77, D1 + D2]` as every cross-attention reads them, projected
-    /// once ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)).
-    pub text: UNetContext<B>,
+    /// The text states as every cross-attention reads them, projected once
+    /// ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)):
+    /// one group per text length, usually one. Rows whose texts differ in length (prompts
+    /// of different chunk counts in A1111 syntax) run in separate UNet calls, each
+    /// attending only to its own tokens, as A1111 runs them.
+    pub text: Vec<TextGroup<B>>,
     /// `[rows, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
     /// SDXL's micro-conditioning ([`GenerationRequest::add_time_ids`]), six per row.
@@ -279,13 +309,39 @@ impl<B: FusedOps> SdxlPipeline<B> {
         Ok(())
     }
 
+    /// Row indices as a tensor for `select`.
+    fn row_index(&self, rows: &[usize]) -> Tensor<B, 1, Int> {
+        let data: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        Tensor::from_data(TensorData::new(data, [rows.len()]), &self.device)
+    }
+
     fn token_tensor(&self, ids: &[u32]) -> Tensor<B, 2, Int> {
         let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         Tensor::from_data(TensorData::new(data, [1, ids.len()]), &self.device)
     }
 
-    /// Encodes one prompt with both encoders: `([1, 77, D1 + D2], [1, D])`.
-    pub fn encode_text(&self, prompt: &str) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+    /// Encodes one prompt with both encoders as `syntax` reads it: `([1, S, D1 + D2],
+    /// [1, D])`, S = 77 for plain text, 77 per chunk for A1111 syntax. `clip_skip` is
+    /// diffusers' (`hidden_states[-(clip_skip + 2)]` of both encoders; 0 for SDXL's
+    /// default, the penultimate layer).
+    pub fn encode_text(
+        &self,
+        prompt: &str,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+        match syntax {
+            PromptSyntax::A1111 => self.encode_text_a1111(prompt, clip_skip),
+            PromptSyntax::Plain => self.encode_text_plain(prompt, clip_skip),
+        }
+    }
+
+    /// diffusers' `encode_prompt` for one prompt: the text as it is, cut at 77 tokens.
+    fn encode_text_plain(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
         let c = &self.components;
         let t1 = c.tokenizer.encode(prompt)?;
         let t2 = c.tokenizer_2.encode(prompt)?;
@@ -299,12 +355,12 @@ impl<B: FusedOps> SdxlPipeline<B> {
         }
         // SDXL reads the first encoder's penultimate layer only, the second's too and its
         // projected pooled output.
-        let o1 = c
-            .text_encoder
-            .forward_conditioning(self.token_tensor(&t1.ids), false);
-        let o2 = c
-            .text_encoder_2
-            .forward_conditioning(self.token_tensor(&t2.ids), true);
+        let o1 =
+            c.text_encoder
+                .forward_hidden(self.token_tensor(&t1.ids), &[], clip_skip, false)?;
+        let o2 =
+            c.text_encoder_2
+                .forward_hidden(self.token_tensor(&t2.ids), &[], clip_skip, true)?;
         let pooled = o2.text_embeds.ok_or_else(|| Error::Unsupported {
             path: c.info.component_path("text_encoder_2"),
             message:
@@ -315,31 +371,51 @@ impl<B: FusedOps> SdxlPipeline<B> {
     }
 
     /// Conditioning for `n` images, with the negative branch first when `guidance`.
+    /// `syntax` and `clip_skip` apply to both prompts (see [`encode_text`](Self::encode_text));
+    /// in A1111 syntax the prompt's extra-network tags (`<lora:NAME:W>`) are removed
+    /// first ([`prompt::extract_extra_networks`]).
     pub fn encode_prompt(
         &self,
         prompt: &str,
         negative_prompt: Option<&str>,
         n: usize,
         guidance: bool,
+        syntax: PromptSyntax,
+        clip_skip: usize,
     ) -> Result<PromptEmbeds<B>> {
-        let (ctx, pooled) = self.encode_text(prompt)?;
-        let repeat3 = |t: Tensor<B, 3>| t.repeat_dim(0, n);
+        // A1111 takes LoRA (and other extra-network) tags out of the prompt before
+        // encoding it; the caller applies the LoRAs. The negative prompt keeps them.
+        let stripped;
+        let prompt = match syntax {
+            PromptSyntax::A1111 => {
+                stripped = prompt::extract_extra_networks(prompt).0;
+                stripped.as_str()
+            }
+            PromptSyntax::Plain => prompt,
+        };
+        let (ctx, pooled) = self.encode_text(prompt, syntax, clip_skip)?;
+        let rows = |t: &Tensor<B, 3>| vec![t.clone(); n];
         let repeat2 = |t: Tensor<B, 2>| t.repeat_dim(0, n);
         if !guidance {
             return Ok(PromptEmbeds {
-                context: repeat3(ctx),
+                contexts: rows(&ctx),
                 pooled: repeat2(pooled),
             });
         }
         let negative = negative_prompt.filter(|s| !s.is_empty());
         let (nctx, npooled) = match negative {
             None if self.components.index.force_zeros_for_empty_prompt => {
+                // As long as the prompt's text, so that the batch stays one UNet call:
+                // zero text gives every cross-attention uniform weights over identical
+                // keys and values whatever its length, the same output as diffusers' 77
+                // zeros (exactly so when the key and value projections have no bias, as
+                // in SDXL).
                 (ctx.zeros_like(), pooled.zeros_like())
             }
-            other => self.encode_text(other.unwrap_or(""))?,
+            other => self.encode_text(other.unwrap_or(""), syntax, clip_skip)?,
         };
         Ok(PromptEmbeds {
-            context: Tensor::cat(vec![repeat3(nctx), repeat3(ctx)], 0),
+            contexts: rows(&nctx).into_iter().chain(rows(&ctx)).collect(),
             pooled: Tensor::cat(vec![repeat2(npooled), repeat2(pooled)], 0),
         })
     }
@@ -509,14 +585,52 @@ impl<B: FusedOps> SdxlPipeline<B> {
         };
         let rows = input.dims()[0];
         let input = scheduler.scale_model_input(input, i);
-        let eps = self.components.unet.forward_prepared(
-            input,
-            &vec![t as f32; rows],
-            &cond.text,
-            cond.pooled.clone(),
-            &cond.time_ids,
-            extras,
-        )?;
+        let unet = &self.components.unet;
+        let eps = match &cond.text[..] {
+            [one] => unet.forward_prepared(
+                input,
+                &vec![t as f32; rows],
+                &one.context,
+                cond.pooled.clone(),
+                &cond.time_ids,
+                extras,
+            )?,
+            groups => {
+                // Texts of different lengths: one UNet call per length, then the rows
+                // back in order.
+                let no_extras = extras.down_residuals.is_none()
+                    && extras.mid_residual.is_none()
+                    && extras.tokens.is_none();
+                if !no_extras {
+                    return Err(Error::invalid(
+                        "prompt",
+                        "adapters with prompts of different chunk counts in one batch",
+                    ));
+                }
+                let mut parts = Vec::with_capacity(groups.len());
+                let mut order: Vec<usize> = Vec::with_capacity(rows);
+                for g in groups {
+                    let index = self.row_index(&g.rows);
+                    let time_ids: Vec<f32> = (g.rows.iter())
+                        .flat_map(|&r| cond.time_ids[r * 6..r * 6 + 6].iter().copied())
+                        .collect();
+                    parts.push(unet.forward_prepared(
+                        input.clone().select(0, index.clone()),
+                        &vec![t as f32; g.rows.len()],
+                        &g.context,
+                        cond.pooled.clone().select(0, index),
+                        &time_ids,
+                        extras,
+                    )?);
+                    order.extend(&g.rows);
+                }
+                let mut inverse = vec![0; order.len()];
+                for (at, &row) in order.iter().enumerate() {
+                    inverse[row] = at;
+                }
+                Tensor::cat(parts, 0).select(0, self.row_index(&inverse))
+            }
+        };
         let eps = eps.cast(dtype);
         let Some(scale) = cond.guidance_scale else {
             return Ok(eps);
@@ -574,31 +688,39 @@ impl<B: FusedOps> SdxlPipeline<B> {
     /// Conditioning of a batch: every request's negative rows, then every request's
     /// positive rows, so that the UNet's `[latents; latents]` input lines up with it.
     fn batch_embeds(&self, reqs: &[GenerationRequest], guidance: bool) -> Result<PromptEmbeds<B>> {
-        let mut negatives = Vec::with_capacity(reqs.len());
-        let mut positives = Vec::with_capacity(reqs.len());
+        let mut negatives = (Vec::new(), Vec::new());
+        let mut positives = (Vec::new(), Vec::new());
         for req in reqs {
             let n = req.num_images;
-            let e = self.encode_prompt(&req.prompt, req.negative_prompt.as_deref(), n, guidance)?;
+            let mut e = self.encode_prompt(
+                &req.prompt,
+                req.negative_prompt.as_deref(),
+                n,
+                guidance,
+                req.prompt_syntax,
+                req.clip_skip,
+            )?;
             if guidance {
-                negatives.push((
-                    e.context.clone().narrow(0, 0, n),
-                    e.pooled.clone().narrow(0, 0, n),
-                ));
-                positives.push((e.context.narrow(0, n, n), e.pooled.narrow(0, n, n)));
+                let positive = e.contexts.split_off(n);
+                negatives.0.extend(e.contexts);
+                negatives.1.push(e.pooled.clone().narrow(0, 0, n));
+                positives.0.extend(positive);
+                positives.1.push(e.pooled.narrow(0, n, n));
             } else {
-                positives.push((e.context, e.pooled));
+                positives.0.extend(e.contexts);
+                positives.1.push(e.pooled);
             }
         }
-        let (contexts, pooleds): (Vec<_>, Vec<_>) = negatives.into_iter().chain(positives).unzip();
         Ok(PromptEmbeds {
-            context: cat_rows(contexts),
-            pooled: cat_rows(pooleds),
+            contexts: negatives.0.into_iter().chain(positives.0).collect(),
+            pooled: cat_rows(negatives.1.into_iter().chain(positives.1).collect()),
         })
     }
 
     /// The prompt-encoding stage of a batch: both encoders on every request's prompts
     /// ([`encode_prompt`](Self::encode_prompt)), the text projected for the UNet's
-    /// cross-attentions, and the micro-conditioning, as one [`Conditioning`].
+    /// cross-attentions (rows of one text length together), and the micro-conditioning,
+    /// as one [`Conditioning`].
     pub fn encode_conditioning(&self, reqs: &[GenerationRequest]) -> Result<Conditioning<B>> {
         let first = reqs
             .first()
@@ -607,9 +729,22 @@ impl<B: FusedOps> SdxlPipeline<B> {
             .do_classifier_free_guidance()
             .then_some(first.guidance_scale);
         let embeds = self.batch_embeds(reqs, guidance_scale.is_some())?;
-        let rows = embeds.context.dims()[0];
+        let rows = embeds.contexts.len();
+        let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (row, c) in embeds.contexts.iter().enumerate() {
+            by_length.entry(c.dims()[1]).or_default().push(row);
+        }
         // The text is the same at every step: its cross-attention keys and values once.
-        let text = self.components.unet.prepare_context(embeds.context)?;
+        let text = by_length
+            .into_values()
+            .map(|group| {
+                let parts = group.iter().map(|&r| embeds.contexts[r].clone()).collect();
+                Ok(TextGroup {
+                    context: self.components.unet.prepare_context(cat_rows(parts))?,
+                    rows: group,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let time_ids = (0..rows).flat_map(|_| first.add_time_ids()).collect();
         Ok(Conditioning {
             text,

@@ -1,6 +1,7 @@
 //! What one run is asked to do, and the defaults for what a caller leaves out.
 
 use super::image::InitImage;
+use super::prompt::PromptSyntax;
 use crate::scheduler::SamplerSettings;
 
 /// Request settings a caller did not give, written once for every front end.
@@ -75,6 +76,12 @@ pub struct GenerationRequest {
     /// `StableDiffusionXLImg2ImgPipeline` / `StableDiffusionXLInpaintPipeline`). `None`:
     /// text-to-image.
     pub init_image: Option<InitImage>,
+    /// How the prompts are read: AUTOMATIC1111's syntax (the default) or diffusers'
+    /// plain text.
+    pub prompt_syntax: PromptSyntax,
+    /// diffusers' `clip_skip` for both prompts: `hidden_states[-(clip_skip + 2)]` of both
+    /// encoders; 0 is SDXL's default, the penultimate layer (Civitai's "clip skip 2").
+    pub clip_skip: usize,
 }
 
 impl Default for GenerationRequest {
@@ -97,6 +104,8 @@ impl Default for GenerationRequest {
             crops_coords_top_left: (0, 0),
             target_size: None,
             init_image: None,
+            prompt_syntax: PromptSyntax::default(),
+            clip_skip: 0,
         }
     }
 }

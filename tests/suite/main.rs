@@ -13,6 +13,7 @@ mod parity {
     pub mod kernels;
     pub mod lora;
     pub mod pipeline;
+    pub mod prompts;
     pub mod samplers;
     pub mod scheduler;
     pub mod single_file;
@@ -40,6 +41,7 @@ mod server {
     pub mod fleet;
     pub mod loras;
     pub mod playground;
+    pub mod prompts;
     pub mod reliability;
 }
 

@@ -14,7 +14,7 @@ use super::{measure, sync, Component, Timing};
 use crate::error::{Error, Result};
 use crate::model::unet::UNetExtras;
 use crate::noise::Generator;
-use crate::pipeline::{GenerationRequest, PromptEmbeds, SdxlPipeline};
+use crate::pipeline::{GenerationRequest, PromptEmbeds, PromptSyntax, SdxlPipeline};
 use crate::scheduler::{SamplerSettings, Scheduler};
 use crate::FusedOps;
 
@@ -162,8 +162,14 @@ impl<B: FusedOps> Ctx<'_, B> {
     }
 
     fn embeds(&self, batch: usize) -> Result<PromptEmbeds<B>> {
-        self.pipeline
-            .encode_prompt(&self.bench.prompt, None, batch, self.guidance())
+        self.pipeline.encode_prompt(
+            &self.bench.prompt,
+            None,
+            batch,
+            self.guidance(),
+            PromptSyntax::Plain,
+            0,
+        )
     }
 
     fn text(&self, batch: usize) -> Result<(Timing, MemorySample)> {
@@ -187,7 +193,7 @@ impl<B: FusedOps> Ctx<'_, B> {
         // A step as the denoising loop runs it: the text's cross-attention keys and
         // values are projected once per generation, before the first step.
         let unet = &self.pipeline.components().unet;
-        let text = unet.prepare_context(embeds.context.clone())?;
+        let text = unet.prepare_context(embeds.context()?)?;
         sync::<B>(self.device)?;
         self.timed(|| {
             unet.forward_prepared(

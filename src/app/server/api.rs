@@ -17,15 +17,17 @@ use super::auth::Authorized;
 use super::body::Body;
 use super::edit::{self, EditForm};
 use super::error::{ApiError, RETRY_AFTER_SECS};
+use super::limits::MAX_PROMPT_CHUNKS;
 use super::request;
 use super::stream::{self, job_error, EventMeta, ImageEventStream};
 use super::types::{
     ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest, ImagesResponse,
-    LoraFile, LoraList, Model, ModelList, ResponseFormat,
+    LoraFile, LoraList, Model, ModelList, PromptSyntaxName, ResponseFormat, TextualInversionEntry,
+    TextualInversionList, TokenizeRequest, TokenizeResponse,
 };
 use super::worker::{JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
-use crate::pipeline::OutputFormat;
+use crate::pipeline::{OutputFormat, PromptSyntax};
 use crate::scheduler::Scheduler;
 
 /// Groups of routes in the documentation.
@@ -66,6 +68,37 @@ pub enum LorasResult {
     #[oai(status = 401)]
     Unauthorized(Json<ErrorResponse>),
     /// The LoRA directory could not be read.
+    #[oai(status = 500)]
+    Failed(Json<ErrorResponse>),
+}
+
+/// Responses of `GET /v1/textual-inversions`.
+#[derive(ApiResponse)]
+pub enum TextualInversionsResult {
+    /// The embeddings prompts may name.
+    #[oai(status = 200)]
+    Ok(Json<TextualInversionList>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+}
+
+/// Responses of `POST /v1/tokenize`.
+#[derive(ApiResponse)]
+pub enum TokenizeResult {
+    /// The prompt's tokens per chunk.
+    #[oai(status = 200)]
+    Ok(Json<TokenizeResponse>),
+    /// A field is invalid: `param` names it.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorResponse>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The body is larger than the server reads.
+    #[oai(status = 413)]
+    TooLarge(Json<ErrorResponse>),
+    /// The model is not loaded yet, or the tokenizer failed.
     #[oai(status = 500)]
     Failed(Json<ErrorResponse>),
 }
@@ -316,6 +349,80 @@ impl Api {
         }
     }
 
+    /// List textual-inversion embeddings
+    ///
+    /// The embeddings a prompt in A1111 syntax may name by word: what the server
+    /// loaded from its embeddings directory (`--embeddings-dir`) at start, and the files
+    /// it skipped. Without one, `enabled` is false and the lists are empty.
+    #[oai(
+        path = "/v1/textual-inversions",
+        method = "get",
+        operation_id = "listTextualInversions",
+        tag = "ApiTags::Models"
+    )]
+    async fn list_textual_inversions(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+    ) -> TextualInversionsResult {
+        let loaded = state.worker.embeddings();
+        TextualInversionsResult::Ok(Json(TextualInversionList {
+            object: "list".into(),
+            enabled: loaded.enabled,
+            data: (loaded.loaded.into_iter())
+                .map(|(id, vectors)| TextualInversionEntry {
+                    id,
+                    object: "textual_inversion".into(),
+                    vectors: vectors as u32,
+                })
+                .collect(),
+            skipped: loaded.skipped,
+        }))
+    }
+
+    /// Count a prompt's tokens
+    ///
+    /// The prompt's tokens per chunk of 75 as the loaded model's text encoders read it
+    /// (what the playground shows under the prompt, as A1111 shows `80/150`).
+    #[oai(
+        path = "/v1/tokenize",
+        method = "post",
+        operation_id = "tokenize",
+        tag = "ApiTags::Models"
+    )]
+    async fn tokenize(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+        /// The prompt.
+        body: Body<TokenizeRequest>,
+    ) -> TokenizeResult {
+        let Some(counter) = state.worker.prompt_counter() else {
+            return TokenizeResult::Failed(Json(
+                ApiError::internal("the model is not loaded").body(),
+            ));
+        };
+        let syntax = body
+            .0
+            .prompt_syntax
+            .map_or(state.config.prompt.syntax, PromptSyntax::from);
+        match counter.count(&body.0.prompt, syntax) {
+            Ok(t) => TokenizeResult::Ok(Json(TokenizeResponse {
+                object: "prompt.tokens".into(),
+                prompt_syntax: match syntax {
+                    PromptSyntax::A1111 => PromptSyntaxName::A1111,
+                    PromptSyntax::Plain => PromptSyntaxName::Plain,
+                },
+                chunks: t.per_chunk.iter().map(|&n| n as u32).collect(),
+                total: t.total as u32,
+                chunk_length: t.chunk_length as u32,
+            })),
+            Err(e) => TokenizeResult::Failed(Json(
+                ApiError::internal(format!("counting tokens failed: {e}")).body(),
+            )),
+        }
+    }
+
     /// Create images
     ///
     /// OpenAI's image generation, with SDXL's settings as extra fields. The request
@@ -335,8 +442,13 @@ impl Api {
         /// The prompt and settings.
         body: Body<ImageGenerationRequest>,
     ) -> GenerateResult {
-        let checked = match request::check(&body.0, &state.config.limits, request::random_seed)
-            .and_then(|c| check_sampler(&state, c))
+        let checked = match request::check(
+            &body.0,
+            &state.config.limits,
+            state.config.prompt,
+            request::random_seed,
+        )
+        .and_then(|c| check_sampler(&state, c))
         {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
@@ -383,8 +495,13 @@ impl Api {
         /// The image, the mask, the prompt and settings.
         form: Body<EditForm>,
     ) -> EditResult {
-        let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed)
-            .and_then(|c| check_sampler(&state, c))
+        let checked = match edit::check_edit(
+            form.0,
+            &state.config.limits,
+            state.config.prompt,
+            request::random_seed,
+        )
+        .and_then(|c| check_sampler(&state, c))
         {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
@@ -465,6 +582,39 @@ async fn with_loras(
     state: &Arc<AppState>,
     checked: request::Checked,
 ) -> Result<(request::Checked, Vec<JobLora>), ApiError> {
+    let max = state.worker.max_clip_skip();
+    if checked.generation.clip_skip > max {
+        return Err(ApiError::invalid_value(
+            "clip_skip",
+            format!(
+                "`clip_skip` {} is more than this model takes ({max}: its text encoders' layers less one)",
+                checked.generation.clip_skip
+            ),
+        ));
+    }
+    if let Some(counter) = state.worker.prompt_counter() {
+        let g = &checked.generation;
+        let prompts = [
+            ("prompt", Some(&g.prompt)),
+            ("negative_prompt", g.negative_prompt.as_ref()),
+        ];
+        for (param, text) in prompts {
+            let Some(text) = text else { continue };
+            let tokens = counter
+                .count(text, g.prompt_syntax)
+                .map_err(|e| ApiError::internal(format!("counting tokens failed: {e}")))?;
+            let chunks = tokens.per_chunk.len();
+            if chunks > MAX_PROMPT_CHUNKS {
+                return Err(ApiError::invalid_value(
+                    param,
+                    format!(
+                        "`{param}` takes {chunks} chunks of {} tokens ({} tokens); this server reads at most {MAX_PROMPT_CHUNKS}",
+                        tokens.chunk_length, tokens.total
+                    ),
+                ));
+            }
+        }
+    }
     let loras = super::loras::resolve(state.loras.clone(), checked.loras.clone()).await?;
     Ok((checked, loras))
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS, MAX_STRENGTH};
-use super::request::{self, Checked, Fields, FromFields};
+use super::request::{self, Checked, Fields, FromFields, PromptDefaults};
 use super::types::{ImageEditRequest, ImageGenerationRequest};
 use crate::pipeline::{Image, InitImage, Mask};
 
@@ -145,6 +145,7 @@ pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, A
 pub fn check_edit(
     form: EditForm,
     limits: &RequestLimits,
+    prompt: PromptDefaults,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
@@ -213,7 +214,7 @@ pub fn check_edit(
         }
         None => InitImage::default_strength(mask.is_some()),
     };
-    let mut checked = request::check(&req, limits, seed)?;
+    let mut checked = request::check(&req, limits, prompt, seed)?;
     let (w, h) = (checked.generation.width, checked.generation.height);
     let mask = mask
         .map(|m| m.resized(w, h))

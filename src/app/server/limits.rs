@@ -25,6 +25,18 @@ pub const MAX_GUIDANCE: f64 = 20.0;
 pub const MAX_LORA_SCALE: f64 = 2.0;
 /// Most LoRA adapters one request may name (`lora_path` and `loras` together).
 pub const MAX_REQUEST_LORAS: usize = 8;
+/// Largest `clip_skip` a request may ask for: SDXL's first text encoder (CLIP ViT-L)
+/// has 12 layers, and `hidden_states[-(11 + 2)]` is its embeddings. A model with fewer
+/// layers takes less (its layers less one), refused per request.
+pub const MAX_CLIP_SKIP: u64 = 11;
+/// Longest `prompt` or `negative_prompt` in characters (OpenAI's limit for its image
+/// models), refused before anything is tokenized.
+pub const MAX_PROMPT_CHARS: u64 = 32_000;
+/// Most chunks of 75 tokens a prompt in A1111 syntax may take (600 tokens; A1111's own UI
+/// has no limit). Each chunk is a pass of both text encoders and 77 more keys and values
+/// in every cross-attention of every step: for SDXL about 26 MB of prepared keys and
+/// values per image row in float16, and under 1 % of a 1024² UNet evaluation.
+pub const MAX_PROMPT_CHUNKS: usize = 8;
 /// Most partial images a streamed request may ask for (OpenAI's limit).
 pub const MAX_PARTIAL_IMAGES: u64 = 3;
 /// Largest `output_compression`: OpenAI's scale, passed on as the JPEG quality, whose

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// The directory per-request LoRA adapters are named in; `None`: requests may not
     /// name adapters.
     pub lora_dir: Option<PathBuf>,
+    /// How requests' prompts are read unless they say (`--prompt-syntax`, `--clip-skip`).
+    pub prompt: request::PromptDefaults,
     /// Memory for parsed per-request LoRA adapters, in bytes.
     pub lora_cache_bytes: usize,
     /// How long idle and slow connections may hold the server.
@@ -116,6 +118,7 @@ impl ServerConfig {
             url_ttl: images::DEFAULT_TTL,
             url_store_bytes: images::DEFAULT_STORE_MB << 20,
             lora_dir: None,
+            prompt: request::PromptDefaults::default(),
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
             timeouts: ConnTimeouts::default(),
             metrics_auth: false,

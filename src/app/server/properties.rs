@@ -42,6 +42,8 @@ const FIELDS: &[&str] = &[
     "stream",
     "partial_images",
     "stream_progress",
+    "prompt_syntax",
+    "clip_skip",
     "strength",
     "background",
     "image",
@@ -203,7 +205,7 @@ proptest! {
     fn request_bodies_never_panic(bytes in body_bytes()) {
         let limits = RequestLimits::default();
         match parse_body::<ImageGenerationRequest>(&bytes) {
-            Ok(req) => match check(&req, &limits, || 7) {
+            Ok(req) => match check(&req, &limits, Default::default(), || 7) {
                 Ok(c) => assert_within(&c, &limits)?,
                 Err(e) => assert_refusal(&e)?,
             },
@@ -250,7 +252,7 @@ proptest! {
         // Small limits keep the resizing of accepted edits cheap.
         let limits = RequestLimits { min_size: 8, max_size: 64, ..RequestLimits::default() };
         let form = EditForm { texts: texts.into_iter().collect::<HashMap<_, _>>(), image, mask };
-        match check_edit(form, &limits, || 7) {
+        match check_edit(form, &limits, Default::default(), || 7) {
             Ok(c) => assert_within(&c, &limits)?,
             Err(e) => assert_refusal(&e)?,
         }

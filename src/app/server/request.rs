@@ -11,14 +11,17 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
-    RequestLimits, MAX_BODY_BYTES, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES,
-    MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
+    RequestLimits, MAX_BODY_BYTES, MAX_CLIP_SKIP, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE,
+    MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS,
+    MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{
-    self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName, SpacingName,
+    self, ImageGenerationRequest, OutputFormatName, PromptSyntaxName, ResponseFormat,
+    SchedulerName, SpacingName,
 };
 use crate::load::lora::LoraSpec;
-use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
+use crate::pipeline::prompt::extract_extra_networks;
+use crate::pipeline::{Encoding, GenerationRequest, OutputFormat, PromptSyntax};
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 
 /// A body type read field by field with [`Fields`].
@@ -229,11 +232,46 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     }
 }
 
+/// A prompt field, at most [`MAX_PROMPT_CHARS`] characters.
+fn prompt_text(name: &str, text: Option<String>) -> Result<Option<String>, ApiError> {
+    match text {
+        Some(t) if t.chars().count() as u64 > MAX_PROMPT_CHARS => Err(ApiError::invalid_value(
+            name,
+            format!("`{name}` must be at most {MAX_PROMPT_CHARS} characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+impl FromFields for types::TokenizeRequest {
+    fn from_fields(f: &mut Fields) -> Result<Self, ApiError> {
+        Ok(Self {
+            prompt: prompt_text("prompt", Some(f.required_string("prompt")?))?.unwrap_or_default(),
+            prompt_syntax: match f.string("prompt_syntax")? {
+                None => None,
+                Some(s) => Some(parse_prompt_syntax(&s)?),
+            },
+        })
+    }
+}
+
+/// Parses `prompt_syntax`: `a1111` or `plain`.
+pub fn parse_prompt_syntax(s: &str) -> Result<PromptSyntaxName, ApiError> {
+    match s.parse::<PromptSyntax>() {
+        Ok(PromptSyntax::A1111) => Ok(PromptSyntaxName::A1111),
+        Ok(PromptSyntax::Plain) => Ok(PromptSyntaxName::Plain),
+        Err(_) => Err(ApiError::invalid_value(
+            "prompt_syntax",
+            format!("`prompt_syntax` must be `a1111` or `plain`, got `{s}`"),
+        )),
+    }
+}
+
 impl FromFields for ImageGenerationRequest {
     fn from_fields(f: &mut Fields) -> Result<Self, ApiError> {
         // A struct literal, so that a new field cannot be forgotten here.
         Ok(Self {
-            prompt: f.required_string("prompt")?,
+            prompt: prompt_text("prompt", Some(f.required_string("prompt")?))?.unwrap_or_default(),
             model: f.string("model")?,
             n: match f.unsigned("n")? {
                 Some(n) => in_range("n", n, 1, MAX_IMAGES)? as u32,
@@ -263,7 +301,7 @@ impl FromFields for ImageGenerationRequest {
                 }
                 None => None,
             },
-            negative_prompt: f.string("negative_prompt")?,
+            negative_prompt: prompt_text("negative_prompt", f.string("negative_prompt")?)?,
             num_inference_steps: match f.unsigned("num_inference_steps")? {
                 Some(s) => in_range("num_inference_steps", s, 1, MAX_STEPS)? as u32,
                 None => types::default_steps(),
@@ -306,6 +344,14 @@ impl FromFields for ImageGenerationRequest {
                 None => None,
             },
             stream_progress: f.boolean("stream_progress")?,
+            prompt_syntax: match f.string("prompt_syntax")? {
+                None => None,
+                Some(s) => Some(parse_prompt_syntax(&s)?),
+            },
+            clip_skip: match f.unsigned("clip_skip")? {
+                Some(c) => Some(in_range("clip_skip", c, 0, MAX_CLIP_SKIP)? as u32),
+                None => None,
+            },
         })
     }
 }
@@ -405,8 +451,55 @@ pub struct Checked {
 /// field it came from (`lora_path` or `loras`, for errors) and its name at its scale.
 pub type RequestedLora = (&'static str, LoraSpec<String>);
 
-/// The adapters `req` names: `lora_path` (with `lora_scale`) first, then `loras`.
-pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora>, ApiError> {
+/// How a server reads prompts that do not say (`--prompt-syntax`, `--clip-skip`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptDefaults {
+    /// `prompt_syntax` when absent.
+    pub syntax: PromptSyntax,
+    /// `clip_skip` when absent.
+    pub clip_skip: usize,
+}
+
+/// The `<lora:NAME:WEIGHT>` tags of a prompt in A1111 syntax (weight 1 when absent;
+/// A1111's optional third argument, a separate UNet weight, is not supported: the
+/// first weight applies to the whole adapter). Other extra networks are removed from
+/// the text and otherwise ignored, as A1111 ignores kinds it does not know.
+pub fn prompt_loras(prompt: &str) -> Result<Vec<RequestedLora>, ApiError> {
+    let (_, found) = extract_extra_networks(prompt);
+    let mut out = Vec::new();
+    for tag in found.into_iter().filter(|t| t.kind == "lora") {
+        let name = tag.args.first().map(|n| n.trim()).unwrap_or_default();
+        let scale = match tag.args.get(1).map(|w| w.trim()) {
+            None | Some("") => 1.0,
+            Some(w) => {
+                let scale = w.parse::<f64>().map_err(|_| {
+                    ApiError::invalid_value(
+                        "prompt",
+                        format!("`<lora:{name}:{w}>`: the weight must be a number"),
+                    )
+                })?;
+                if !(0.0..=MAX_LORA_SCALE).contains(&scale) {
+                    return Err(ApiError::invalid_value(
+                        "prompt",
+                        format!(
+                            "`<lora:{name}:{w}>`: the weight must be between 0 and {MAX_LORA_SCALE}"
+                        ),
+                    ));
+                }
+                scale
+            }
+        };
+        out.push(("prompt", LoraSpec::new(name.to_string(), scale as f32)));
+    }
+    Ok(out)
+}
+
+/// The adapters `req` names: `lora_path` (with `lora_scale`) first, then `loras`, then
+/// the prompt's `<lora:…>` tags when it is read in A1111 syntax (`syntax`).
+pub fn requested_loras(
+    req: &ImageGenerationRequest,
+    syntax: PromptSyntax,
+) -> Result<Vec<RequestedLora>, ApiError> {
     let mut out = Vec::new();
     // An empty `lora_path` (what forms and some clients send for "none") names nothing.
     if let Some(name) = req.lora_path.as_ref().filter(|n| !n.trim().is_empty()) {
@@ -418,10 +511,16 @@ pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora
     for choice in req.loras.iter().flatten() {
         out.push(("loras", LoraSpec::from(choice)));
     }
+    if syntax == PromptSyntax::A1111 {
+        out.extend(prompt_loras(&req.prompt)?);
+    }
     if out.len() > MAX_REQUEST_LORAS {
         return Err(ApiError::invalid_value(
             "loras",
-            format!("at most {MAX_REQUEST_LORAS} LoRA adapters per request"),
+            format!(
+                "at most {MAX_REQUEST_LORAS} LoRA adapters per request (`lora_path`, `loras` \
+                 and the prompt's `<lora:…>` tags together)"
+            ),
         ));
     }
     Ok(out)
@@ -433,6 +532,7 @@ pub fn requested_loras(req: &ImageGenerationRequest) -> Result<Vec<RequestedLora
 pub fn check(
     req: &ImageGenerationRequest,
     limits: &RequestLimits,
+    prompt: PromptDefaults,
     seed: impl FnOnce() -> u64,
 ) -> Result<Checked, ApiError> {
     if is_blank(&req.prompt) {
@@ -449,7 +549,8 @@ pub fn check(
         1,
         limits.max_steps,
     )?;
-    let loras = requested_loras(req)?;
+    let syntax = req.prompt_syntax.map_or(prompt.syntax, PromptSyntax::from);
+    let loras = requested_loras(req, syntax)?;
     Ok(Checked {
         loras,
         stream: (req.stream == Some(true)).then(|| StreamSettings {
@@ -472,6 +573,8 @@ pub fn check(
                 timestep_spacing: req.timestep_spacing.map(Spacing::from),
                 eta: req.eta,
             },
+            prompt_syntax: syntax,
+            clip_skip: req.clip_skip.map_or(prompt.clip_skip, |c| c as usize),
             ..Default::default()
         },
         response_format: req.response_format,

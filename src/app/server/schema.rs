@@ -100,6 +100,7 @@ pub fn document(facts: &ServerFacts) -> Value {
     let schemas = &mut doc["components"]["schemas"];
     error_body(&mut schemas["ErrorBody"]);
     generation_request(&mut schemas["ImageGenerationRequest"], &facts.limits);
+    strict_request(&mut schemas["TokenizeRequest"]);
     let generation = doc["components"]["schemas"]["ImageGenerationRequest"].clone();
     let form = &mut doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
         ["multipart/form-data"]["schema"];
@@ -271,6 +272,21 @@ fn error_body(schema: &mut Value) {
 /// as [`request::is_blank`]).
 const PROMPT_PATTERN: &str = "[^ \\t\\n\\r\\x0b\\x0c]";
 
+/// A small JSON request read by the same field parser: unknown fields are refused, and
+/// `null` counts as absent for every optional field.
+fn strict_request(schema: &mut Value) {
+    schema["additionalProperties"] = json!(false);
+    let required = schema["required"].clone();
+    let required = required.as_array().cloned().unwrap_or_default();
+    if let Some(props) = schema["properties"].as_object_mut() {
+        for (name, prop) in props.iter_mut() {
+            if !required.iter().any(|r| r.as_str() == Some(name)) {
+                prop["nullable"] = json!(true);
+            }
+        }
+    }
+}
+
 /// The JSON request: unknown fields are refused, `null` counts as absent, `prompt`,
 /// `size`, `n` and steps as the server checks them.
 fn generation_request(schema: &mut Value, limits: &RequestLimits) {
@@ -434,7 +450,7 @@ fn example_error(path: &str, status: &str, facts: &ServerFacts) -> Option<ApiErr
                 texts: [("prompt".to_string(), "a cat".to_string())].into(),
                 ..EditForm::default()
             };
-            edit::check_edit(form, &facts.limits, || 0).err()?
+            edit::check_edit(form, &facts.limits, Default::default(), || 0).err()?
         }
         "400" => request::parse_body::<ImageGenerationRequest>(br#"{"prompt": "a cat", "n": 12}"#)
             .err()?,
@@ -535,19 +551,19 @@ fn segments(path: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::app::server::limits::{
-        MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
-        MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
+        MAX_CLIP_SKIP, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
+        MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, MAX_STEPS,
+        MAX_STRENGTH,
     };
 
     /// The bounds the schema states, which the bounds test checks.
-    const BOUNDS: [&str; 3] = ["minimum", "maximum", "maxItems"];
+    const BOUNDS: [&str; 4] = ["minimum", "maximum", "maxItems", "maxLength"];
     /// Validator keywords the bounds test does not check: none may appear until it does.
-    const UNCHECKED: [&str; 7] = [
+    const UNCHECKED: [&str; 6] = [
         "exclusiveMinimum",
         "exclusiveMaximum",
         "multipleOf",
         "minLength",
-        "maxLength",
         "minItems",
         "uniqueItems",
     ];
@@ -576,7 +592,7 @@ mod tests {
 
     /// `bound` as JSON text, and the number just past it on its outer side.
     fn probes(bound: &Value, keyword: &str, integer: bool) -> (String, String) {
-        if integer || keyword == "maxItems" {
+        if integer || keyword == "maxItems" || keyword == "maxLength" {
             // poem writes every bound as a float; the served document's `seed` bound
             // is past what a float holds exactly.
             let b = match (bound.as_u64(), bound.as_i64(), bound.as_f64()) {
@@ -611,11 +627,21 @@ mod tests {
                 let n: usize = value.parse().expect("a count");
                 format!("[{}]", vec![r#"{"path": "a"}"#; n].join(","))
             }
+            "maxLength" => format!(r#""{}""#, long_text(value)),
             _ => value.to_string(),
         };
-        let body = format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#);
+        let body = match field {
+            "prompt" => format!(r#"{{"prompt": {value}}}"#),
+            _ => format!(r#"{{"prompt": "a cat", "{field}": {value}}}"#),
+        };
         let req = request::parse_body::<ImageGenerationRequest>(body.as_bytes())?;
-        request::check(&req, &RequestLimits::DEFAULT, || 0)
+        request::check(&req, &RequestLimits::DEFAULT, Default::default(), || 0)
+    }
+
+    /// Text of `count` characters (a count as text), for `maxLength` probes: multi-byte
+    /// characters, since the limit counts characters.
+    fn long_text(count: &str) -> String {
+        "é".repeat(count.parse().expect("a count"))
     }
 
     /// An edit of a 64x64 image with the form field `field` set to the text `value`.
@@ -625,13 +651,14 @@ mod tests {
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encode");
         let form = EditForm {
+            // A later pair replaces an earlier one of the same name (`prompt`).
             texts: [("prompt", "a cat"), (field, value)]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),
             image: Some(png),
             mask: None,
         };
-        edit::check_edit(form, &RequestLimits::DEFAULT, || 0)
+        edit::check_edit(form, &RequestLimits::DEFAULT, Default::default(), || 0)
     }
 
     /// Whether `result` refuses `field`.
@@ -701,7 +728,10 @@ mod tests {
             check_bounds(
                 what,
                 form,
-                |field, _, v| edit_with(field, v),
+                |field, keyword, v| match keyword {
+                    "maxLength" => edit_with(field, &long_text(v)),
+                    _ => edit_with(field, v),
+                },
                 str::to_string,
                 // No step runs at strength 0: `steps × strength` must be at least 1.
                 &[("strength", "minimum")],
@@ -718,6 +748,18 @@ mod tests {
             (&json["guidance_scale"]["maximum"], MAX_GUIDANCE),
             (&json["lora_scale"]["maximum"], MAX_LORA_SCALE),
             (&json["loras"]["maxItems"], MAX_REQUEST_LORAS as f64),
+            (&json["prompt"]["maxLength"], MAX_PROMPT_CHARS as f64),
+            (
+                &json["negative_prompt"]["maxLength"],
+                MAX_PROMPT_CHARS as f64,
+            ),
+            (&json["clip_skip"]["maximum"], MAX_CLIP_SKIP as f64),
+            (&form["prompt"]["maxLength"], MAX_PROMPT_CHARS as f64),
+            (
+                &form["negative_prompt"]["maxLength"],
+                MAX_PROMPT_CHARS as f64,
+            ),
+            (&form["clip_skip"]["maximum"], MAX_CLIP_SKIP as f64),
             (
                 &json["output_compression"]["maximum"],
                 MAX_OUTPUT_COMPRESSION as f64,

@@ -7,7 +7,7 @@ use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 
 use crate::load::lora::{LoraAdapter, LoraSpec};
-use crate::pipeline::{OutputFormat, RequestDefaults};
+use crate::pipeline::{OutputFormat, PromptSyntax, RequestDefaults};
 use crate::scheduler::{SchedulerKind, Spacing};
 
 /// Body of `POST /v1/images/generations`: OpenAI's image request, plus the diffusion
@@ -15,8 +15,12 @@ use crate::scheduler::{SchedulerKind, Spacing};
 #[derive(Object, Debug, Clone, PartialEq)]
 #[oai(example, skip_serializing_if_is_none)]
 pub struct ImageGenerationRequest {
-    /// What to draw. CLIP reads the first 77 tokens; the rest is cut off (with a
-    /// warning in the server log).
+    /// What to draw, at most 32,000 characters. In AUTOMATIC1111's syntax unless
+    /// `prompt_syntax` says `plain`: `(word:1.3)`, `((word))`, `[word]`, `\(` escapes,
+    /// `BREAK`, textual-inversion names (`GET /v1/textual-inversions`),
+    /// `<lora:NAME:WEIGHT>` (a LoRA adapter, as in `loras`), and no length limit (chunks
+    /// of 75 tokens). `plain`: the first 77 tokens, the rest cut off.
+    #[oai(validator(max_length = 32000))]
     pub prompt: String,
     /// Accepted for OpenAI compatibility and ignored: the server runs the model it was
     /// started with (see `GET /v1/models`).
@@ -51,7 +55,9 @@ pub struct ImageGenerationRequest {
     /// `image` crate has no lossy WebP encoder.
     #[oai(validator(minimum(value = "0"), maximum(value = "100")))]
     pub output_compression: Option<u8>,
-    /// What to steer away from. Absent or empty: zero conditioning, as SDXL does.
+    /// What to steer away from, read as `prompt` is (LoRA tags excepted, as in A1111).
+    /// Absent or empty: zero conditioning, as SDXL does.
+    #[oai(validator(max_length = 32000))]
     pub negative_prompt: Option<String>,
     /// Denoising steps, 1 to 150.
     #[oai(
@@ -115,6 +121,16 @@ pub struct ImageGenerationRequest {
     /// (`step`, `total`, `elapsed_seconds`). OpenAI's clients do not
     /// know the event; leave it unset for them.
     pub stream_progress: Option<bool>,
+    /// hypergen's extension: how `prompt` and `negative_prompt` are read, `a1111`
+    /// (AUTOMATIC1111's syntax) or `plain` (diffusers': the text as it is, cut at 77
+    /// tokens). Absent: the server's `--prompt-syntax` (`a1111` unless set).
+    pub prompt_syntax: Option<PromptSyntaxName>,
+    /// hypergen's extension: diffusers' `clip_skip`, 0 to 11, for the prompt and the
+    /// negative prompt: both text encoders' `hidden_states[-(clip_skip + 2)]`. 0 is
+    /// SDXL's default (the penultimate layer, A1111's and Civitai's "Clip skip: 2");
+    /// `clip_skip` N is A1111's "Clip skip: N + 2". Absent: the server's `--clip-skip`.
+    #[oai(validator(maximum(value = "11")))]
+    pub clip_skip: Option<u32>,
 }
 
 /// Default of [`ImageGenerationRequest::n`].
@@ -196,6 +212,107 @@ impl Example for LoraList {
     }
 }
 
+/// Body of `POST /v1/tokenize`: a prompt to count the tokens of. Unknown fields are
+/// refused.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TokenizeRequest {
+    /// The prompt, at most 32,000 characters.
+    #[oai(validator(max_length = 32000))]
+    pub prompt: String,
+    /// `a1111` or `plain`, as in `/v1/images/generations` (absent: the server's).
+    pub prompt_syntax: Option<PromptSyntaxName>,
+}
+
+impl Example for TokenizeRequest {
+    fn example() -> Self {
+        Self {
+            prompt: "a (photo:1.3) of an astronaut BREAK riding a horse on mars".into(),
+            prompt_syntax: None,
+        }
+    }
+}
+
+/// Response of `POST /v1/tokenize`: the prompt's tokens per chunk of the text encoder,
+/// as A1111 shows them (`80/150`: 80 tokens, two chunks of 75).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TokenizeResponse {
+    /// Always `prompt.tokens`.
+    pub object: String,
+    /// How the prompt was read.
+    pub prompt_syntax: PromptSyntaxName,
+    /// Tokens in each chunk, BOS, EOS and padding not counted. `plain`: one entry, all
+    /// the prompt's tokens, of which only the first `chunk_length` are read.
+    pub chunks: Vec<u32>,
+    /// A1111's count: every chunk but the last counted full (a `BREAK` or a comma
+    /// moving words on leaves a chunk short), plus the last chunk's tokens.
+    pub total: u32,
+    /// Tokens one chunk holds: 75 for CLIP.
+    pub chunk_length: u32,
+}
+
+impl Example for TokenizeResponse {
+    fn example() -> Self {
+        Self {
+            object: "prompt.tokens".into(),
+            prompt_syntax: PromptSyntaxName::A1111,
+            chunks: vec![6, 6],
+            total: 81,
+            chunk_length: 75,
+        }
+    }
+}
+
+/// Response of `GET /v1/textual-inversions`: the embeddings a prompt may name.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TextualInversionList {
+    /// Always `list`.
+    pub object: String,
+    /// Whether the server loaded embeddings (started with `--embeddings-dir`).
+    pub enabled: bool,
+    /// The embeddings, by name.
+    pub data: Vec<TextualInversionEntry>,
+    /// Files of the directory that were not loaded, each with why (a pickle, widths
+    /// that do not fit the model, …).
+    pub skipped: Vec<String>,
+}
+
+impl Example for TextualInversionList {
+    fn example() -> Self {
+        Self {
+            object: "list".into(),
+            enabled: true,
+            data: vec![TextualInversionEntry::example()],
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// A textual-inversion embedding: the word that inserts it in a prompt (in A1111
+/// syntax) and how many tokens it takes.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct TextualInversionEntry {
+    /// The word: the file's name without `.safetensors`.
+    pub id: String,
+    /// Always `textual_inversion`.
+    pub object: String,
+    /// Vectors (tokens of the 75 of a chunk) it inserts.
+    pub vectors: u32,
+}
+
+impl Example for TextualInversionEntry {
+    fn example() -> Self {
+        Self {
+            id: "negativeXL_D".into(),
+            object: "textual_inversion".into(),
+            vectors: 8,
+        }
+    }
+}
+
 /// An adapter in the server's LoRA directory.
 #[derive(Object, Debug, Clone, PartialEq)]
 #[oai(example)]
@@ -245,6 +362,8 @@ impl Example for ImageGenerationRequest {
             stream: None,
             partial_images: None,
             stream_progress: None,
+            prompt_syntax: None,
+            clip_skip: None,
         }
     }
 }
@@ -266,7 +385,9 @@ pub struct ImageEditRequest {
     /// or no alpha channel), diffusers' convention: white (luminance ≥ 128) is repainted,
     /// black kept.
     pub mask: Option<poem_openapi::types::multipart::Upload>,
-    /// What the edited image should show.
+    /// What the edited image should show, at most 32,000 characters, read as
+    /// `/v1/images/generations` reads it (`prompt_syntax`).
+    #[oai(validator(max_length = 32000))]
     pub prompt: String,
     /// Accepted for OpenAI compatibility and ignored.
     pub model: Option<String>,
@@ -300,7 +421,14 @@ pub struct ImageEditRequest {
     #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub strength: Option<f64>,
     /// What to steer away from.
+    #[oai(validator(max_length = 32000))]
     pub negative_prompt: Option<String>,
+    /// `a1111` (default unless the server says otherwise) or `plain`, as in
+    /// `/v1/images/generations`.
+    pub prompt_syntax: Option<PromptSyntaxName>,
+    /// diffusers' `clip_skip`, 0 to 11, as in `/v1/images/generations`.
+    #[oai(validator(maximum(value = "11")))]
+    pub clip_skip: Option<u32>,
     /// Denoising steps of the whole schedule, 1 to 150 (default 50).
     #[oai(validator(minimum(value = "1"), maximum(value = "150")))]
     pub num_inference_steps: Option<u32>,
@@ -335,6 +463,27 @@ pub struct ImageEditRequest {
     /// Several LoRA adapters, as in `/v1/images/generations`, written as JSON text:
     /// `[{"path": "pixel-art-xl.safetensors", "scale": 0.8}]`.
     pub loras: Option<String>,
+}
+
+/// How prompts are read (`prompt_syntax`).
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptSyntaxName {
+    /// AUTOMATIC1111's syntax: weights, `BREAK`, escapes, embeddings, LoRA tags, any
+    /// length.
+    #[oai(rename = "a1111")]
+    A1111,
+    /// diffusers': the text as it is, cut at 77 tokens.
+    #[oai(rename = "plain")]
+    Plain,
+}
+
+impl From<PromptSyntaxName> for PromptSyntax {
+    fn from(name: PromptSyntaxName) -> Self {
+        match name {
+            PromptSyntaxName::A1111 => PromptSyntax::A1111,
+            PromptSyntaxName::Plain => PromptSyntax::Plain,
+        }
+    }
 }
 
 /// The file formats of `output_format`.

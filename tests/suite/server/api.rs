@@ -867,7 +867,7 @@ fn openapi_schema_is_committed() {
             }
         }
     }
-    assert_eq!(operations, 6);
+    assert_eq!(operations, 8);
     let edit = &doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"];
     assert!(
         edit["multipart/form-data"].is_object(),
@@ -1169,7 +1169,7 @@ async fn server_bad_start_lora_fails() {
 }
 
 /// A `text/event-stream` body as `(event, data)` pairs (keep-alive comments skipped).
-fn sse_events(body: &str) -> Vec<(String, Value)> {
+pub(crate) fn sse_events(body: &str) -> Vec<(String, Value)> {
     body.replace("\r\n", "\n")
         .split("\n\n")
         .filter_map(|block| {
@@ -1190,7 +1190,11 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
 }
 
 /// Posts a streamed generation and returns its events, checking the content type.
-async fn stream_events(client: &reqwest::Client, base: &str, body: &Value) -> Vec<(String, Value)> {
+pub(crate) async fn stream_events(
+    client: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> Vec<(String, Value)> {
     let resp = client
         .post(format!("{base}/v1/images/generations"))
         .json(body)

@@ -219,6 +219,37 @@
     return s;
   }
 
+  /** Under a prompt box: its tokens per chunk of 75, as A1111 shows them (`80/150`). */
+  const tokenCounters = {};
+  function watchTokens(id) {
+    const out = $(id + "-tokens");
+    let timer = null;
+    let seq = 0;
+    const update = async () => {
+      const mine = ++seq;
+      const prompt = $(id).value;
+      if (!prompt) { out.textContent = ""; return; }
+      try {
+        const resp = await fetch("/v1/tokenize", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", ...authHeaders() },
+          body: JSON.stringify({ prompt }),
+        });
+        if (!resp.ok || mine !== seq) return;
+        const t = await resp.json();
+        if (t.prompt_syntax === "plain") {
+          const cut = t.total > t.chunk_length ? " (the rest is cut off)" : "";
+          out.textContent = `${t.total}/${t.chunk_length} tokens${cut}`;
+        } else {
+          const chunks = t.chunks.length > 1 ? ` · per chunk ${t.chunks.join(", ")}` : "";
+          out.textContent = `${t.total}/${t.chunk_length * t.chunks.length} tokens${chunks}`;
+        }
+      } catch (_) { /* a convenience: no count is no harm */ }
+    };
+    $(id).addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(update, 250); });
+    tokenCounters[id] = update;
+  }
+
   /** Puts saved settings back into the form (history, "Reuse settings"). */
   function applySettings(s) {
     $("prompt").value = s.prompt || "";
@@ -238,6 +269,7 @@
     $("scheduler").value = s.scheduler || "";
     if (s.output_format) $("output-format").value = s.output_format;
     set("quality", s.output_compression);
+    for (const update of Object.values(tokenCounters)) update();
     $("prompt").focus();
   }
 
@@ -704,6 +736,8 @@ for i, image in enumerate(result.data):
     setInterval(refreshHealth, HEALTH_EVERY_MS);
     loadSchema();
     loadLoras();
+    watchTokens("prompt");
+    watchTokens("negative_prompt");
   }
 
   init();

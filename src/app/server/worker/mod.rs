@@ -18,7 +18,7 @@ use crate::device::{dispatch, DTypeChoice, DeviceSpec};
 use crate::error::Error;
 use crate::load::lora::{LoraAdapter, LoraSpec};
 use crate::load::LoadOptions;
-use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, RunOptions};
+use crate::pipeline::{Encoding, GenerationRequest, ModelInfo, PromptCounter, RunOptions};
 use crate::scheduler::SchedulerConfig;
 
 use queue::JobQueue;
@@ -236,6 +236,8 @@ pub struct WorkerOptions {
     pub run: RunOptions,
     /// LoRA adapters merged at start (`--lora`).
     pub loras: Vec<LoraSpec>,
+    /// Textual-inversion embeddings to load at start (`--embeddings-dir`).
+    pub embeddings_dir: Option<std::path::PathBuf>,
     /// Accepted jobs that may wait (≥ 1).
     pub max_queue_size: usize,
     /// Most compatible jobs run as one batch (≥ 1).
@@ -260,6 +262,7 @@ impl WorkerOptions {
             load: LoadOptions::default(),
             run: RunOptions::default(),
             loras: Vec::new(),
+            embeddings_dir: None,
             max_queue_size: crate::app::server::limits::DEFAULT_MAX_QUEUE_SIZE,
             max_batch_size: crate::app::server::limits::DEFAULT_MAX_BATCH_SIZE,
             png_parameters: true,
@@ -267,6 +270,17 @@ impl WorkerOptions {
             warmup: None,
         }
     }
+}
+
+/// The textual-inversion embeddings a worker loaded at start (`--embeddings-dir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmbeddingsLoaded {
+    /// Whether the server was started with `--embeddings-dir`.
+    pub enabled: bool,
+    /// Each embedding's name (the prompt's word) and its vector count, by name.
+    pub loaded: Vec<(String, usize)>,
+    /// Files skipped, each with why (naming the file relative to the directory).
+    pub skipped: Vec<String>,
 }
 
 /// State shared by the handle and the thread.
@@ -280,6 +294,12 @@ struct Shared {
     scheduler: Mutex<Option<SchedulerConfig>>,
     /// The adapters merged at start.
     loras: Mutex<Vec<LoraSpec<Arc<LoraAdapter>>>>,
+    /// The textual-inversion embeddings loaded at start.
+    embeddings: Mutex<EmbeddingsLoaded>,
+    /// The most `clip_skip` the loaded model takes (set with `info`).
+    max_clip_skip: AtomicUsize,
+    /// Counts prompts' tokens as the loaded model splits them (set with `info`).
+    counter: Mutex<Option<Arc<PromptCounter>>>,
     max_queue: usize,
     /// Accepted jobs not yet started (or dropped).
     queued: AtomicUsize,
@@ -306,6 +326,9 @@ impl Shared {
             info: Mutex::new(None),
             scheduler: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
+            embeddings: Mutex::new(EmbeddingsLoaded::default()),
+            max_clip_skip: AtomicUsize::new(0),
+            counter: Mutex::new(None),
             max_queue,
             queued: AtomicUsize::new(0),
             waiting: Mutex::new(std::collections::BTreeSet::new()),
@@ -465,6 +488,29 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The textual-inversion embeddings loaded at start.
+    pub fn embeddings(&self) -> EmbeddingsLoaded {
+        self.shared
+            .embeddings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts prompts' tokens as the loaded model splits them; `None` until it is loaded.
+    pub fn prompt_counter(&self) -> Option<Arc<PromptCounter>> {
+        self.shared
+            .counter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The most `clip_skip` the loaded model takes (its text encoders' layers less one).
+    pub fn max_clip_skip(&self) -> usize {
+        self.shared.max_clip_skip.load(Ordering::SeqCst)
     }
 
     /// What was loaded: its id, where from, and whether its weights are random.

@@ -12,9 +12,10 @@ use anyhow::{anyhow, Context};
 
 use super::batch::{panic_message, run_batch, switch_loras};
 use super::queue::{job_queue, Batcher};
-use super::{bump, FaultPoint, JobError, Shared, WarmUp, Worker, WorkerOptions};
+use super::{bump, EmbeddingsLoaded, FaultPoint, JobError, Shared, WarmUp, Worker, WorkerOptions};
 use crate::device::{CpuBackend, DTypeChoice, Placed, WithBackend};
 use crate::error::Error;
+use crate::load::embeddings::load_embeddings;
 use crate::load::load_pipeline;
 use crate::load::lora::{apply_lora_specs, LoraAdapter, LoraSpec};
 use crate::pipeline::{GenerationRequest, SdxlPipeline};
@@ -62,6 +63,42 @@ impl WithBackend for Spawn {
                         &device,
                     )?;
                     apply_lora_specs(p.components_mut(), &options.loras)?;
+                    let mut embeddings = EmbeddingsLoaded::default();
+                    if let Some(dir) = &options.embeddings_dir {
+                        let skipped = load_embeddings(p.components_mut(), dir)?;
+                        let root = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                        let root = root.display().to_string();
+                        embeddings = EmbeddingsLoaded {
+                            enabled: true,
+                            loaded: (p.components().embeddings.iter())
+                                .map(|e| (e.name.clone(), e.vectors))
+                                .collect(),
+                            // Clients know names, not the server's paths.
+                            skipped: (skipped.iter())
+                                .map(|s| {
+                                    s.reason
+                                        .replace(&format!("{root}/"), "")
+                                        .replace(&root, "the embeddings directory")
+                                })
+                                .collect(),
+                        };
+                    }
+                    *thread_shared
+                        .embeddings
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = embeddings;
+                    let c = p.components();
+                    let max_skip = c
+                        .text_encoder
+                        .max_clip_skip()
+                        .min(c.text_encoder_2.max_clip_skip());
+                    thread_shared
+                        .max_clip_skip
+                        .store(max_skip, Ordering::SeqCst);
+                    *thread_shared
+                        .counter
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p.prompt_counter()?));
                     match options.warmup {
                         Some(w) if runs_warm_up::<B>(&w) => warm_up(&p, w)?,
                         _ => {}
