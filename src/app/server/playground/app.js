@@ -49,6 +49,7 @@
         if (key) {
           sessionStorage.setItem(KEY_STORE, key);
           if (lorasPending) loadLoras();
+          for (const update of Object.values(tokenCounters)) update();
         }
         resolve(key);
       };
