@@ -34,6 +34,9 @@ impl Lcm {
         if config.thresholding {
             return Err(config.unsupported("thresholding: true"));
         }
+        // The class has the key but takes its timesteps from the distillation schedule:
+        // the value is checked, not used.
+        config.spacing(&ClassDefaults::LCM)?;
         Ok(Self {
             n_train: config.num_train_timesteps,
             original_steps: config.original_inference_steps,

@@ -227,7 +227,16 @@ impl SchedulerKind {
     /// and (DPM-Solver) `algorithm_type`. `None` for classes hypergen lacks.
     pub fn of_config(config: &SchedulerConfig) -> Option<Self> {
         let karras = config.use_karras_sigmas;
-        let sde = config.algorithm_type == "sde-dpmsolver++";
+        // DPM-Solver's first-order-in-ε variants (`dpmsolver`, `sde-dpmsolver`) are not
+        // implemented: no kind, so the folder is refused rather than run as `++`.
+        let sde = match config.algorithm_type.as_str() {
+            "dpmsolver++" | "deis" => false,
+            "sde-dpmsolver++" => true,
+            _ if config.class_name.as_deref() == Some("DPMSolverMultistepScheduler") => {
+                return None
+            }
+            _ => false,
+        };
         Some(match (config.class_name.as_deref()?, karras, sde) {
             ("EulerDiscreteScheduler", false, _) => SchedulerKind::Euler,
             ("EulerDiscreteScheduler", true, _) => SchedulerKind::EulerKarras,
