@@ -201,6 +201,7 @@ impl Builtin {
                 local_dir: None,
             },
             loras: Default::default(),
+            controlnets: Default::default(),
         })
     }
 

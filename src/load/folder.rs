@@ -465,5 +465,6 @@ pub fn load_folder<B: FusedOps>(
             local_dir: Some(dir.to_path_buf()),
         },
         loras: Default::default(),
+        controlnets: Default::default(),
     })
 }

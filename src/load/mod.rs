@@ -4,6 +4,7 @@
 //! [`SdxlPipeline::new`] runs. [`source`] tells the kinds of name apart.
 
 pub mod builtin;
+pub mod controlnet;
 pub mod folder;
 pub mod hub;
 pub mod lora;

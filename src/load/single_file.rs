@@ -505,6 +505,7 @@ pub fn load_single_file<B: FusedOps>(
             local_dir: file.parent().map(Path::to_path_buf),
         },
         loras: Default::default(),
+        controlnets: Default::default(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The loaded model: one value that every source produces ([`crate::load`]) and the
 //! pipeline runs ([`super::SdxlPipeline::new`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use burn::tensor::DType;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 
 use super::lora::LoraState;
 use crate::model::clip::ClipTextModel;
+use crate::model::controlnet::ControlNetModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
@@ -77,4 +79,8 @@ pub struct SdxlComponents<B: FusedOps> {
     /// LoRA adapters merged into the weights, and the base tensors they replaced
     /// ([`crate::load::lora::apply_loras`]).
     pub loras: LoraState<B>,
+    /// ControlNets loaded for this model, by the name requests use
+    /// ([`ControlNetInput::model`](super::ControlNetInput::model)); each checked to fit
+    /// the UNet when it was added ([`crate::load::controlnet`]).
+    pub controlnets: BTreeMap<String, ControlNetModel<B>>,
 }

@@ -9,11 +9,13 @@
 //! [`decode`](SdxlPipeline::decode). It knows nothing of HTTP or the command line.
 
 mod components;
+mod controlnet;
 mod image;
 pub mod lora;
 mod request;
 
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
+pub use controlnet::{ControlNetInput, Controls};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
@@ -78,6 +80,9 @@ pub struct PromptEmbeds<B: FusedOps> {
 /// embeddings or another text encoder change how it is made, never the loop that reads it.
 #[derive(Debug, Clone)]
 pub struct Conditioning<B: FusedOps> {
+    /// The text states `[rows, 77, D1 + D2]` as the encoders gave them, for adapters
+    /// that project them with layers of their own (a ControlNet's cross-attentions).
+    pub context: Tensor<B, 3>,
     /// The text states `[rows, 77, D1 + D2]` as every cross-attention reads them, projected
     /// once ([`UNet2DConditionModel::prepare_context`](crate::model::unet::UNet2DConditionModel::prepare_context)).
     pub text: UNetContext<B>,
@@ -231,11 +236,15 @@ impl<B: FusedOps> SdxlPipeline<B> {
             if let Some(init) = &req.init_image {
                 self.check_init_image(req, init)?;
             }
+            for control in &req.controlnets {
+                control.check()?;
+                self.controlnet(&control.model)?;
+            }
             if !first.batch_compatible(req) {
                 return Err(Error::invalid(
                     "batch",
-                    "requests in one batch must share size, steps, guidance, scheduler and \
-                     micro-conditioning",
+                    "requests in one batch must share size, steps, guidance, scheduler, \
+                     micro-conditioning and ControlNets",
                 ));
             }
         }
@@ -488,30 +497,40 @@ impl<B: FusedOps> SdxlPipeline<B> {
         keep * proper + state.mask.clone() * latents
     }
 
-    /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
-    /// the UNet runs on `[latents; latents]` against the `[negative; positive]`
-    /// conditioning and the branches are combined with its guidance scale, or on `latents`
-    /// alone without guidance. `extras` is what adapters add to this step's UNet call
-    /// (ControlNet residuals, IP-Adapter tokens), for the UNet's rows (both branches).
-    pub fn predict_noise(
+    /// The UNet's input at step `i` for `latents` of `n` rows: `[latents; latents]` with
+    /// guidance (the `[negative; positive]` conditioning's rows), `latents` alone
+    /// without, scaled by the scheduler ([`Scheduler::scale_model_input`]). Adapters that
+    /// read the step's input (a ControlNet) see exactly this.
+    pub fn model_input(
         &self,
         scheduler: &Scheduler,
         latents: Tensor<B, 4>,
         i: usize,
-        t: f64,
         cond: &Conditioning<B>,
-        extras: &UNetExtras<B>,
-    ) -> Result<Tensor<B, 4>> {
-        let dtype = latents.dtype();
+    ) -> Tensor<B, 4> {
         let input = match cond.guidance_scale {
             Some(_) => Tensor::cat(vec![latents.clone(), latents], 0),
             None => latents,
         };
-        let rows = input.dims()[0];
-        let input = scheduler.scale_model_input(input, i);
+        scheduler.scale_model_input(input, i)
+    }
+
+    /// One guided noise prediction for the step's [`model_input`](Self::model_input) at
+    /// `timesteps` (one per row): one UNet call, the branches combined with the guidance
+    /// scale when the input holds both. `extras` is what adapters add to this step's UNet
+    /// call (ControlNet residuals, IP-Adapter tokens), for the UNet's rows (both
+    /// branches).
+    pub fn predict_noise(
+        &self,
+        input: Tensor<B, 4>,
+        timesteps: &[f32],
+        cond: &Conditioning<B>,
+        extras: &UNetExtras<B>,
+    ) -> Result<Tensor<B, 4>> {
+        let dtype = input.dtype();
         let eps = self.components.unet.forward_prepared(
             input,
-            &vec![t as f32; rows],
+            timesteps,
             &cond.text,
             cond.pooled.clone(),
             &cond.time_ids,
@@ -609,9 +628,13 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let embeds = self.batch_embeds(reqs, guidance_scale.is_some())?;
         let rows = embeds.context.dims()[0];
         // The text is the same at every step: its cross-attention keys and values once.
-        let text = self.components.unet.prepare_context(embeds.context)?;
+        let text = self
+            .components
+            .unet
+            .prepare_context(embeds.context.clone())?;
         let time_ids = (0..rows).flat_map(|_| first.add_time_ids()).collect();
         Ok(Conditioning {
+            context: embeds.context,
             text,
             pooled: embeds.pooled,
             time_ids,
@@ -695,9 +718,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
             });
         }
         let cond = self.encode_conditioning(reqs)?;
-        // No adapter yet: a ControlNet would fill the residuals at each step, an
-        // IP-Adapter the tokens once, here.
-        let extras = UNetExtras::default();
+        // ControlNets fill the residuals of each step's UNet call (an IP-Adapter would
+        // add its tokens once, here).
+        let controls = self.prepare_controls(reqs, &cond)?;
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -713,7 +736,10 @@ impl<B: FusedOps> SdxlPipeline<B> {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
             // The input scaling depends only on the step, the same for every request.
-            let eps = self.predict_noise(&jobs[0].scheduler, latents, i, t, &cond, &extras)?;
+            let input = self.model_input(&jobs[0].scheduler, latents, i, &cond);
+            let timesteps = vec![t as f32; input.dims()[0]];
+            let extras = controls.extras(&input, &timesteps, &cond, i - start, total)?;
+            let eps = self.predict_noise(input, &timesteps, &cond, &extras)?;
             let done = i + 1 - start;
             let previewing = preview_steps.get(next_preview) == Some(&done);
             let mut estimates = Vec::new();

@@ -1,0 +1,263 @@
+//! ControlNet against diffusers' `StableDiffusionXLControlNet*Pipeline`s: every case of
+//! `reference/controlnet/controlnet.json` (text-to-image at a scale, a guidance window,
+//! two ControlNets summed, image-to-image) and the first call's residuals. Settings,
+//! ControlNets, images and sizes come from the JSON and the reference tensors.
+
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use hypergen::load::controlnet::add_controlnet;
+use hypergen::pipeline::{ControlNetInput, GenerationRequest, Image, InitImage, SdxlPipeline};
+use hypergen::FusedOps;
+
+use crate::common::{
+    assert_image_close, fixture_dir, fixture_pipeline, no_progress, reference, reference_dir,
+    rel_error, seed_of, values, RefTensor, TOL_F32,
+};
+
+/// `reference/controlnet/`.
+pub fn controlnet_dir() -> PathBuf {
+    reference_dir().join("controlnet")
+}
+
+/// `controlnet.json`.
+pub fn controlnet_json() -> serde_json::Value {
+    let path = controlnet_dir().join("controlnet.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("controlnet.json parses")
+}
+
+/// A tensor of `controlnet.safetensors`.
+pub fn controlnet_tensor(name: &str) -> RefTensor {
+    let path = controlnet_dir().join("controlnet.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("controlnet tensors parse");
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("controlnet tensor `{name}`: {e}"));
+    crate::common::ref_tensor_of(&view)
+}
+
+fn tensor<B: FusedOps, const D: usize>(r: RefTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(r.data, r.shape), device)
+}
+
+/// A file a case names relative to `reference/controlnet/` or the fixture folder.
+fn case_path(name: &str) -> PathBuf {
+    let name = name.strip_prefix("reference/").unwrap_or(name);
+    let here = controlnet_dir().join(name);
+    if here.exists() {
+        return here;
+    }
+    let fixture = fixture_dir().join(name);
+    if fixture.exists() {
+        return fixture;
+    }
+    reference_dir().join(name)
+}
+
+fn open(path: &PathBuf) -> Image {
+    Image::from_dynamic(&image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// The names of the ControlNets the cases use (their folders, relative to the fixture).
+fn controlnet_names(json: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = (json["cases"].as_object().expect("cases").values())
+        .filter_map(|c| c["controlnets"].as_array())
+        .flatten()
+        .map(|v| v.as_str().expect("controlnet folder").to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The fixture pipeline with every ControlNet the cases use, each under its folder name.
+fn pipeline<B: FusedOps>(device: &B::Device) -> SdxlPipeline<B> {
+    let mut pipe = fixture_pipeline::<B>(DType::F32, device);
+    for name in controlnet_names(&controlnet_json()) {
+        add_controlnet(
+            pipe.components_mut(),
+            &name,
+            &fixture_dir().join(&name),
+            device,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    pipe
+}
+
+/// The library request of a ControlNet case.
+fn request(json: &serde_json::Value, name: &str) -> GenerationRequest {
+    let c = &json["cases"][name];
+    let want = controlnet_tensor(&format!("{name}.image_u8"));
+    let nets = c["controlnets"].as_array().expect("controlnets");
+    let images = c["control_images"].as_array().expect("control_images");
+    let scales: Vec<f64> = match &c["controlnet_conditioning_scale"] {
+        serde_json::Value::Array(v) => v.iter().map(|s| s.as_f64().expect("scale")).collect(),
+        s => vec![s.as_f64().expect("scale"); nets.len()],
+    };
+    let controlnets = (nets.iter().zip(images).zip(scales))
+        .map(|((net, image), scale)| ControlNetInput {
+            model: net.as_str().expect("name").into(),
+            image: open(&case_path(image.as_str().expect("image"))),
+            scale,
+            guidance_start: c["control_guidance_start"].as_f64().expect("start"),
+            guidance_end: c["control_guidance_end"].as_f64().expect("end"),
+        })
+        .collect();
+    let mut req = GenerationRequest {
+        prompt: json["prompt"].as_str().expect("prompt").into(),
+        num_inference_steps: c["num_inference_steps"].as_u64().expect("steps") as usize,
+        guidance_scale: c["guidance_scale"].as_f64().expect("guidance"),
+        height: want.shape[0],
+        width: want.shape[1],
+        controlnets,
+        ..Default::default()
+    };
+    if c.get("latents").is_some() {
+        req.latents = Some(reference("pipe.init_latents").data);
+    }
+    if let Some(image) = c.get("image") {
+        req.init_image = Some(InitImage {
+            image: open(&case_path(image.as_str().expect("image"))),
+            mask: None,
+            strength: c["strength"].as_f64().expect("strength"),
+        });
+        req.seed = seed_of(c["generator"].as_str().expect("generator"));
+    }
+    req
+}
+
+/// The ControlNet cases, by name.
+fn case_names(json: &serde_json::Value) -> Vec<String> {
+    let names: Vec<String> = (json["cases"].as_object().expect("cases").iter())
+        .filter(|(_, c)| c.get("controlnets").is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(names.len() >= 4, "controlnet.json has its cases");
+    names
+}
+
+fn run_case<B: FusedOps>(pipe: &SdxlPipeline<B>, json: &serde_json::Value, name: &str) {
+    let out = pipe
+        .generate(&request(json, name), &mut no_progress)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let want = controlnet_tensor(&format!("{name}.latents"));
+    assert_eq!(out.latents.dims().to_vec(), want.shape, "{name}: shape");
+    let err = rel_error(&values(out.latents), &want.data);
+    eprintln!("{name} latents: relative error {err:.3e}");
+    assert!(err <= TOL_F32, "{name}: latents relative error {err:.3e}");
+    assert_image_close(
+        name,
+        &out.images[0].rgb,
+        &controlnet_tensor(&format!("{name}.image_u8")),
+    );
+}
+
+/// Every case on the CPU.
+#[test]
+fn cases_cpu() {
+    let device = Default::default();
+    let pipe = pipeline::<crate::common::Cpu>(&device);
+    let json = controlnet_json();
+    for name in case_names(&json) {
+        run_case(&pipe, &json, &name);
+    }
+}
+
+/// One case on wgpu (the multi-ControlNet one: both models, every block): each new
+/// tensor shape costs minutes of shader compilation on the software Vulkan of CI.
+#[test]
+fn multi_case_wgpu() {
+    let device = crate::common::gpu_device();
+    let pipe = pipeline::<crate::common::Gpu>(&device);
+    let json = controlnet_json();
+    let name = case_names(&json)
+        .into_iter()
+        .find(|n| json["cases"][n]["controlnets"].as_array().map(Vec::len) > Some(1))
+        .expect("a case with several ControlNets");
+    run_case(&pipe, &json, &name);
+}
+
+/// The first ControlNet call of case a, from the saved inputs: the control image's
+/// embedding and every residual.
+#[test]
+fn first_call_residuals() {
+    let device = Default::default();
+    type B = crate::common::Cpu;
+    let pipe = pipeline::<B>(&device);
+    let json = controlnet_json();
+    let name = case_names(&json)
+        .into_iter()
+        .find(|n| n.starts_with("a."))
+        .expect("case a");
+    let net = json["cases"][&name]["controlnets"][0]
+        .as_str()
+        .expect("its ControlNet");
+    let model = pipe.controlnet(net).expect("loaded");
+    let t = |what: &str| controlnet_tensor(&format!("a.step0.{what}"));
+    let sample: Tensor<B, 4> = tensor(t("sample"), &device);
+    let rows = sample.dims()[0];
+    let timestep = t("timestep").data;
+    let timesteps = vec![timestep[0]; rows];
+    let text = model
+        .prepare_context(tensor(t("encoder_hidden_states"), &device))
+        .expect("context");
+    let cond: Tensor<B, 4> = tensor(t("controlnet_cond"), &device);
+
+    // The control image as the pipeline prepares it equals diffusers'.
+    let req = request(&json, &name);
+    let mine = pipe
+        .control_image(&req.controlnets[0].image, req.width, req.height)
+        .expect("control image");
+    let want_cond = t("controlnet_cond");
+    let got = values(mine);
+    let per = got.len();
+    assert_eq!(
+        rel_error(&got, &want_cond.data[..per]),
+        0.0,
+        "control image"
+    );
+
+    let emb = model.embed_condition(cond.clone());
+    let err = rel_error(&values(emb), &t("cond_embedding").data);
+    eprintln!("cond_embedding: relative error {err:.3e}");
+    assert!(err <= TOL_F32, "cond_embedding {err:.3e}");
+
+    let out = model
+        .forward(
+            sample,
+            &timesteps,
+            &text,
+            tensor(t("text_embeds"), &device),
+            &t("time_ids").data,
+            cond,
+            1.0,
+        )
+        .expect("controlnet call");
+    let mut k = 0;
+    for (k_, down) in out.down.into_iter().enumerate() {
+        let want = t(&format!("down_block_res_samples.{k_}"));
+        assert_eq!(down.dims().to_vec(), want.shape, "residual {k_}: shape");
+        let err = rel_error(&values(down), &want.data);
+        eprintln!("down residual {k_}: relative error {err:.3e}");
+        assert!(err <= TOL_F32, "down residual {k_}: {err:.3e}");
+        k += 1;
+    }
+    assert!(
+        controlnet_tensor_exists(&format!("a.step0.down_block_res_samples.{}", k - 1))
+            && !controlnet_tensor_exists(&format!("a.step0.down_block_res_samples.{k}")),
+        "as many residuals as diffusers saved"
+    );
+    let err = rel_error(&values(out.mid), &t("mid_block_res_sample").data);
+    eprintln!("mid residual: relative error {err:.3e}");
+    assert!(err <= TOL_F32, "mid residual {err:.3e}");
+}
+
+fn controlnet_tensor_exists(name: &str) -> bool {
+    let path = controlnet_dir().join("controlnet.safetensors");
+    let bytes = std::fs::read(&path).expect("controlnet tensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
+    st.tensor(name).is_ok()
+}
