@@ -14,11 +14,13 @@ use crate::app::server::limits::{self, RequestLimits};
 use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::load::controlnet::{add_controlnet, ControlNetSpec};
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
 use crate::pipeline::{
-    GenerationRequest, Image, InitImage, Mask, Progress, RequestDefaults, RunOptions,
+    ControlNetInput, GenerationRequest, Image, InitImage, Mask, Progress, RequestDefaults,
+    RunOptions,
 };
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 use crate::FusedOps;
@@ -143,6 +145,11 @@ fn parse_lora(s: &str) -> Result<LoraSpec, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
+/// `--controlnet` as clap parses it.
+fn parse_controlnet(s: &str) -> Result<ControlNetSpec, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
+}
+
 /// `--dtype` as clap parses it.
 fn parse_dtype(s: &str) -> Result<DTypeChoice, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
@@ -196,6 +203,23 @@ pub struct GenerateArgs {
     /// steps − ⌊steps × strength⌋. Default 0.75, or 1.0 with --mask.
     #[arg(long, requires = "image")]
     pub strength: Option<f64>,
+    /// A ControlNet steering the image: a diffusers folder (config.json and weights) or
+    /// a .safetensors file, with an optional scale (default 1; diffusers' image-to-image
+    /// ControlNet pipeline defaults to 0.8). Repeat for several, each paired with the
+    /// --control-image in the same position; their residuals add up.
+    #[arg(long = "controlnet", value_name = "DIR_OR_FILE[:SCALE]", value_parser = parse_controlnet)]
+    pub controlnets: Vec<ControlNetSpec>,
+    /// The control image of the --controlnet in the same position (an edge, depth or
+    /// pose map; `hypergen preprocess canny` makes edge maps), resized to the output
+    /// size with a Lanczos filter when it differs, read as RGB in [0, 1].
+    #[arg(long = "control-image", value_name = "PNG")]
+    pub control_images: Vec<PathBuf>,
+    /// The fraction of the steps before which the ControlNets are off (all of them).
+    #[arg(long, default_value_t = 0.0)]
+    pub control_guidance_start: f64,
+    /// The fraction of the steps after which the ControlNets are off (all of them).
+    #[arg(long, default_value_t = 1.0)]
+    pub control_guidance_end: f64,
     /// The sampler and its settings.
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -603,6 +627,13 @@ impl WithBackend for Generate {
         )
         .with_context(|| format!("loading {}", self.args.model))?;
         apply_lora_specs(pipeline.components_mut(), &load.loras).context("--lora")?;
+        for spec in &self.args.controlnets {
+            let name = controlnet_name(spec);
+            if !pipeline.components().controlnets.contains_key(&name) {
+                add_controlnet(pipeline.components_mut(), name, &spec.path, &device)
+                    .with_context(|| format!("--controlnet {}", spec.path.display()))?;
+            }
+        }
         let info = &pipeline.components().info;
         if info.random_weights {
             tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
@@ -632,6 +663,36 @@ impl WithBackend for Generate {
         }
         Ok(())
     }
+}
+
+/// The name a `--controlnet` is loaded under: its path as given.
+fn controlnet_name(spec: &ControlNetSpec) -> String {
+    spec.path.display().to_string()
+}
+
+/// The request's ControlNets from `--controlnet`, `--control-image` and the guidance
+/// window flags, the images paired with the models in order.
+fn control_inputs(args: &GenerateArgs) -> anyhow::Result<Vec<ControlNetInput>> {
+    if args.controlnets.len() != args.control_images.len() {
+        bail!(
+            "--controlnet is given {} times but --control-image {} times: one image per ControlNet, in order",
+            args.controlnets.len(),
+            args.control_images.len()
+        );
+    }
+    (args.controlnets.iter().zip(&args.control_images))
+        .map(|(spec, path)| {
+            let image =
+                image::open(path).with_context(|| format!("--control-image {}", path.display()))?;
+            Ok(ControlNetInput {
+                model: controlnet_name(spec),
+                image: Image::from_dynamic(&image),
+                scale: spec.scale,
+                guidance_start: args.control_guidance_start,
+                guidance_end: args.control_guidance_end,
+            })
+        })
+        .collect()
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -718,6 +779,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         guidance_rescale: args.guidance_rescale,
         latents: latents.map(|(v, _)| v),
         init_image,
+        controlnets: control_inputs(&args)?,
         ..Default::default()
     };
     args.load.apply_threads();

@@ -6,7 +6,7 @@
 //! tensor used, none missing) and the result is checked to fit the UNet.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 
@@ -115,4 +115,44 @@ fn config_from_tensors<B: FusedOps>(
         global_pool_conditions: false,
         encoder,
     })
+}
+
+/// A ControlNet as the command line names it: a folder or `.safetensors` file and the
+/// scale its residuals are multiplied by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetSpec {
+    /// The folder or file.
+    pub path: PathBuf,
+    /// `controlnet_conditioning_scale` (1 when not given).
+    pub scale: f64,
+}
+
+impl std::str::FromStr for ControlNetSpec {
+    type Err = Error;
+
+    /// `PATH` or `PATH:SCALE`; a suffix after the last `:` that is not a number belongs
+    /// to the path (Windows drive letters).
+    fn from_str(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err(Error::invalid("controlnet", "an empty path"));
+        }
+        if let Some((path, scale)) = s.rsplit_once(':') {
+            if let Ok(scale) = scale.parse::<f64>() {
+                if !scale.is_finite() || path.is_empty() {
+                    return Err(Error::invalid(
+                        "controlnet",
+                        format!("`{s}`: a path and a finite scale, PATH:SCALE"),
+                    ));
+                }
+                return Ok(Self {
+                    path: PathBuf::from(path),
+                    scale,
+                });
+            }
+        }
+        Ok(Self {
+            path: PathBuf::from(s),
+            scale: 1.0,
+        })
+    }
 }

@@ -261,3 +261,86 @@ fn controlnet_tensor_exists(name: &str) -> bool {
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
     st.tensor(name).is_ok()
 }
+
+/// `hypergen generate --controlnet DIR:SCALE --control-image PNG …` writes every case's
+/// reference image (two ControlNets, image-to-image, the guidance window included).
+#[test]
+fn cli_cases_match_diffusers() {
+    let json = controlnet_json();
+    let dir = std::env::temp_dir().join(format!("hypergen-cli-controlnet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for name in case_names(&json) {
+        let c = &json["cases"][&name];
+        let req = request(&json, &name);
+        let out = dir.join(format!("{name}.png"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"));
+        cmd.args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--prompt", &req.prompt])
+            .args(["--steps", &req.num_inference_steps.to_string()])
+            .args(["--guidance", &req.guidance_scale.to_string()])
+            .args(["--width", &req.width.to_string()])
+            .args(["--height", &req.height.to_string()])
+            .args(["--seed", &req.seed.to_string()])
+            .args(["--device", "cpu", "--dtype", "float32", "--out"])
+            .arg(&out);
+        for (k, control) in req.controlnets.iter().enumerate() {
+            let image = c["control_images"][k].as_str().expect("image");
+            cmd.arg("--controlnet")
+                .arg(format!(
+                    "{}:{}",
+                    fixture_dir().join(&control.model).display(),
+                    control.scale
+                ))
+                .arg("--control-image")
+                .arg(case_path(image));
+        }
+        let first = &req.controlnets[0];
+        cmd.args([
+            "--control-guidance-start",
+            &first.guidance_start.to_string(),
+            "--control-guidance-end",
+            &first.guidance_end.to_string(),
+        ]);
+        match &req.init_image {
+            Some(init) => {
+                cmd.arg("--image")
+                    .arg(case_path(c["image"].as_str().expect("image")))
+                    .args(["--strength", &init.strength.to_string()]);
+            }
+            None => {
+                cmd.arg("--latents")
+                    .arg(reference_dir().join("init_latents.safetensors"));
+            }
+        }
+        let status = cmd.status().expect("run hypergen");
+        assert!(
+            status.success(),
+            "{name}: hypergen generate failed: {status}"
+        );
+        let png = image::open(&out).expect("output png").to_rgb8();
+        assert_image_close(
+            &format!("cli {name}"),
+            png.as_raw(),
+            &controlnet_tensor(&format!("{name}.image_u8")),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A control image count that does not match the ControlNets is refused before loading.
+#[test]
+fn cli_refuses_unpaired_control_images() {
+    let json = controlnet_json();
+    let net = controlnet_names(&json).remove(0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .args(["generate", "--model"])
+        .arg(fixture_dir())
+        .args(["--prompt", "x", "--device", "cpu", "--controlnet"])
+        .arg(fixture_dir().join(net))
+        .output()
+        .expect("run hypergen");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--control-image"), "{err}");
+}
