@@ -57,6 +57,35 @@ pub enum Command {
     /// Time text encoding, the UNet step, the VAE decode and the whole pipeline (or, with
     /// `ops`, SDXL's hot ops at their real shapes) on a device.
     Bench(Box<BenchArgs>),
+    /// Turn a photo into the control image a ControlNet reads (`canny`: an edge map).
+    #[command(subcommand)]
+    Preprocess(PreprocessCommand),
+}
+
+/// The preprocessors of `hypergen preprocess`. Depth and pose maps need models of their
+/// own: make them elsewhere and pass the map as the control image.
+#[derive(Debug, Subcommand)]
+pub enum PreprocessCommand {
+    /// OpenCV's canny edge map (`cv2.Canny` of the grey image, no blur, L1 gradient):
+    /// white edges on black.
+    Canny(CannyArgs),
+}
+
+/// Flags of `hypergen preprocess canny`.
+#[derive(Debug, Args)]
+pub struct CannyArgs {
+    /// The image (PNG, JPEG or WebP).
+    pub input: PathBuf,
+    /// Lower hysteresis threshold on |gx| + |gy|: weaker pixels are never edges.
+    #[arg(long, default_value_t = crate::pipeline::CANNY_LOW)]
+    pub low: f64,
+    /// Upper hysteresis threshold: stronger pixels are edges, and the candidates they
+    /// touch.
+    #[arg(long, default_value_t = crate::pipeline::CANNY_HIGH)]
+    pub high: f64,
+    /// Output PNG path.
+    #[arg(long, default_value = "canny.png")]
+    pub out: PathBuf,
 }
 
 /// Where a model runs and how it is loaded: flags shared by every command that loads one.
@@ -834,6 +863,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(args) => bench(*args),
         Command::Generate(args) => generate(*args),
+        Command::Preprocess(PreprocessCommand::Canny(args)) => {
+            let input = image::open(&args.input)
+                .with_context(|| format!("reading {}", args.input.display()))?;
+            let edges = crate::pipeline::canny(&Image::from_dynamic(&input), args.low, args.high)?;
+            std::fs::write(&args.out, edges.to_png()?)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("{}", args.out.display());
+            Ok(())
+        }
         Command::Serve(args) => {
             tracing::info!(?args, "hypergen serve");
             let (config, bind) = args.server_config()?;

@@ -8,12 +8,14 @@
 //! [`predict_noise`](SdxlPipeline::predict_noise) per step) and
 //! [`decode`](SdxlPipeline::decode). It knows nothing of HTTP or the command line.
 
+mod canny;
 mod components;
 mod controlnet;
 mod image;
 pub mod lora;
 mod request;
 
+pub use canny::{canny, CANNY_HIGH, CANNY_LOW};
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
 pub use controlnet::{ControlNetInput, Controls};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};

@@ -344,3 +344,59 @@ fn cli_refuses_unpaired_control_images() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--control-image"), "{err}");
 }
+
+/// The share of pixels where two edge maps agree (edge or not).
+fn agreement(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "map sizes");
+    let same = (a.chunks_exact(3).zip(b.chunks_exact(3)))
+        .filter(|(p, q)| (p[0] > 127) == (q[0] > 127))
+        .count();
+    same as f64 / (a.len() / 3) as f64
+}
+
+/// Each OpenCV canny map of the fixture (`canny_of_*.png`, its thresholds read from its
+/// `made_by`) against ours of the same source: at least 98 % of pixels agree.
+#[test]
+fn canny_agrees_with_opencv() {
+    let json = controlnet_json();
+    let inputs = json["inputs"].as_object().expect("inputs");
+    let mut checked = 0;
+    for (name, info) in inputs.iter().filter(|(k, _)| k.starts_with("canny_of_")) {
+        let made_by = info["made_by"].as_str().expect("made_by");
+        // "cv2.Canny(..., LOW, HIGH), OpenCV …[, of SOURCE]"
+        let args = &made_by[..made_by.rfind("),").expect("cv2.Canny call")];
+        let mut nums = args.rsplit(',').map(|s| s.trim().parse::<f64>());
+        let high = nums.next().and_then(Result::ok).expect("high");
+        let low = nums.next().and_then(Result::ok).expect("low");
+        let source = match made_by.rsplit_once(" of ") {
+            Some((_, src)) => case_path(src.trim()),
+            None => controlnet_dir().join(name.trim_start_matches("canny_of_")),
+        };
+        let ours = hypergen::pipeline::canny(&open(&source), low, high).expect("canny");
+        let want = open(&controlnet_dir().join(name));
+        let agree = agreement(&ours.rgb, &want.rgb);
+        eprintln!("{name}: {:.4} of pixels agree with OpenCV", agree);
+        assert!(agree >= 0.98, "{name}: {agree:.4} agreement");
+        checked += 1;
+    }
+    assert!(checked >= 2, "both canny maps checked");
+}
+
+/// `hypergen preprocess canny IN --low L --high H --out OUT` writes our map.
+#[test]
+fn cli_preprocess_canny() {
+    let source = controlnet_dir().join("canny_source.png");
+    let out = std::env::temp_dir().join(format!("hypergen-canny-{}.png", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .args(["preprocess", "canny"])
+        .arg(&source)
+        .args(["--low", "100", "--high", "200", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run hypergen");
+    assert!(status.success());
+    let written = open(&out);
+    let ours = hypergen::pipeline::canny(&open(&source), 100.0, 200.0).expect("canny");
+    assert_eq!(written, ours);
+    let _ = std::fs::remove_file(&out);
+}
