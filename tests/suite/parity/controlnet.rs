@@ -400,3 +400,93 @@ fn cli_preprocess_canny() {
     assert_eq!(written, ours);
     let _ = std::fs::remove_file(&out);
 }
+
+/// Bad ControlNet input is refused with the field named, before any work: an unknown
+/// model, a non-finite scale, an empty guidance window, a batch mixing ControlNet
+/// settings.
+#[test]
+fn bad_input_is_refused_by_name() {
+    let pipe = pipeline::<crate::common::Cpu>(&Default::default());
+    let json = controlnet_json();
+    let name = case_names(&json).remove(0);
+    let base = request(&json, &name);
+    let check = |reqs: &[GenerationRequest], field: &str| match pipe.check_inputs(reqs) {
+        Err(hypergen::Error::InvalidArgument { name, .. }) => assert_eq!(name, field),
+        other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+    };
+    let with = |f: &dyn Fn(&mut ControlNetInput)| {
+        let mut r = base.clone();
+        f(&mut r.controlnets[0]);
+        r
+    };
+    check(
+        &[with(&|c| c.model = "nothing-loaded".into())],
+        "controlnets.model",
+    );
+    check(&[with(&|c| c.scale = f64::NAN)], "controlnets.scale");
+    check(
+        &[with(&|c| {
+            c.guidance_start = 0.6;
+            c.guidance_end = 0.5;
+        })],
+        "controlnets.guidance_start",
+    );
+    check(&[base.clone(), with(&|c| c.scale = 0.25)], "batch");
+    pipe.check_inputs(&[base.clone(), base])
+        .expect("same ControlNets batch");
+}
+
+/// A ControlNet whose widths do not fit the UNet is refused, naming its tensor.
+#[test]
+fn misfit_controlnet_names_its_tensor() {
+    use hypergen::model::controlnet::ControlNetConfig;
+    type B = crate::common::Cpu;
+    let device = Default::default();
+    let pipe = fixture_pipeline::<B>(DType::F32, &device);
+    let json = controlnet_json();
+    let folder = fixture_dir().join(&controlnet_names(&json)[0]);
+    let text = std::fs::read_to_string(folder.join("config.json")).expect("config");
+    let mut config: serde_json::Value = serde_json::from_str(&text).expect("json");
+    // Widths of another UNet: the last level narrower than the fixture's.
+    let widths = config["block_out_channels"]
+        .as_array()
+        .expect("widths")
+        .clone();
+    let last = widths.len() - 1;
+    config["block_out_channels"][last] = widths[last - 1].clone();
+    let config: ControlNetConfig = serde_json::from_value(config).expect("config parses");
+    let model = config.init::<B>(&device).expect("builds");
+    let misfit = model
+        .check_fits(&pipe.components().unet)
+        .expect_err("does not fit");
+    eprintln!("{}: {}", misfit.tensor, misfit.message);
+    assert!(
+        misfit.tensor.starts_with("controlnet_down_blocks."),
+        "{misfit:?}"
+    );
+
+    // Through the loader, the weights of the fixture's ControlNet under that config
+    // fail on the first tensor of another shape, named with its file.
+    let dir = std::env::temp_dir().join(format!("hypergen-misfit-cn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).expect("json");
+    cfg["block_out_channels"][last] = widths[last - 1].clone();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write config");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(
+        folder.join("diffusion_pytorch_model.safetensors"),
+        dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .expect("link weights");
+    #[cfg(unix)]
+    match hypergen::load::controlnet::load_controlnet::<B>(
+        &dir,
+        &pipe.components().unet,
+        DType::F32,
+        &device,
+    ) {
+        Err(hypergen::Error::Tensor { tensor, .. }) => assert!(!tensor.is_empty()),
+        other => panic!("expected a named tensor, got {:?}", other.err()),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
