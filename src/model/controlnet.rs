@@ -154,7 +154,7 @@ pub struct ControlResiduals<B: FusedOps> {
 
 impl<B: FusedOps> ControlResiduals<B> {
     /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
-    pub fn add(self, other: Self) -> Result<Self> {
+    pub fn sum_with(self, other: Self) -> Result<Self> {
         if self.down.len() != other.down.len()
             || self.mid.dims() != other.mid.dims()
             || self

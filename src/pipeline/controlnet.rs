@@ -197,7 +197,7 @@ impl<B: FusedOps> Controls<'_, B> {
                 net.input.scale,
             )?;
             sum = Some(match sum {
-                Some(s) => s.add(residuals)?,
+                Some(s) => s.sum_with(residuals)?,
                 None => residuals,
             });
         }
