@@ -323,6 +323,15 @@ pub struct ServeArgs {
     /// first).
     #[arg(long, default_value_t = crate::app::server::DEFAULT_LORA_CACHE_MB)]
     pub lora_cache_mb: usize,
+    /// Let requests name ControlNets (`controlnets[].model`) inside this directory
+    /// (diffusers folders or .safetensors files); names that lead outside it are
+    /// refused. `GET /v1/controlnets` lists what it holds.
+    #[arg(long, value_name = "DIR")]
+    pub controlnet_dir: Option<PathBuf>,
+    /// Device memory for ControlNets kept loaded between requests, in MiB (least
+    /// recently used dropped first; a request's own are always loaded).
+    #[arg(long, default_value_t = limits::DEFAULT_CONTROLNET_CACHE_MB)]
+    pub controlnet_cache_mb: usize,
     /// Require the API key on `GET /metrics` too (by default it is open, like /health,
     /// for Prometheus scrapes inside the cluster).
     #[arg(long)]
@@ -416,6 +425,8 @@ impl ServeArgs {
         config.worker.png_parameters = !self.no_png_parameters;
         config.lora_dir = self.lora_dir.clone();
         config.lora_cache_bytes = self.lora_cache_mb.saturating_mul(1 << 20);
+        config.controlnet_dir = self.controlnet_dir.clone();
+        config.worker.controlnet_cache_bytes = self.controlnet_cache_mb.saturating_mul(1 << 20);
         config.metrics_auth = self.metrics_auth;
         config.log_prompts = self.log_prompts;
         config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);

@@ -156,3 +156,9 @@ impl std::str::FromStr for ControlNetSpec {
         })
     }
 }
+
+/// Bytes a loaded ControlNet's parameters take on its device.
+pub fn controlnet_bytes<B: FusedOps>(model: &ControlNetModel<B>) -> usize {
+    use burn::module::Module;
+    model.num_params() * model.dtype().size()
+}

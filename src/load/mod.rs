@@ -5,6 +5,7 @@
 
 pub mod builtin;
 pub mod controlnet;
+pub mod controlnet_dir;
 pub mod folder;
 pub mod hub;
 pub mod lora;

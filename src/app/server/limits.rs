@@ -25,6 +25,13 @@ pub const MAX_GUIDANCE: f64 = 20.0;
 pub const MAX_LORA_SCALE: f64 = 2.0;
 /// Most LoRA adapters one request may name (`lora_path` and `loras` together).
 pub const MAX_REQUEST_LORAS: usize = 8;
+/// Most ControlNets one request may name.
+pub const MAX_REQUEST_CONTROLNETS: usize = 4;
+/// Largest ControlNet `scale` accepted.
+pub const MAX_CONTROLNET_SCALE: f64 = 2.0;
+/// Device memory for ControlNets kept loaded between batches unless configured
+/// (`--controlnet-cache-mb`): two full-size SDXL ControlNets in float16.
+pub const DEFAULT_CONTROLNET_CACHE_MB: usize = 5 << 10;
 /// Most partial images a streamed request may ask for (OpenAI's limit).
 pub const MAX_PARTIAL_IMAGES: u64 = 3;
 /// Largest `output_compression`: OpenAI's scale, passed on as the JPEG quality, whose

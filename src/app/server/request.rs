@@ -11,14 +11,18 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
-    RequestLimits, MAX_BODY_BYTES, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES,
-    MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_REQUEST_LORAS, MAX_STEPS,
+    RequestLimits, MAX_BODY_BYTES, MAX_CONTROLNET_SCALE, MAX_ETA, MAX_GUIDANCE,
+    MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES,
+    MAX_REQUEST_CONTROLNETS, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{
-    self, ImageGenerationRequest, OutputFormatName, ResponseFormat, SchedulerName, SpacingName,
+    self, ControlNetChoice, ImageGenerationRequest, OutputFormatName, PreprocessName,
+    ResponseFormat, SchedulerName, SpacingName,
 };
 use crate::load::lora::LoraSpec;
-use crate::pipeline::{Encoding, GenerationRequest, OutputFormat};
+use crate::pipeline::{
+    canny, ControlNetInput, Encoding, GenerationRequest, Image, OutputFormat, CANNY_HIGH, CANNY_LOW,
+};
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 
 /// A body type read field by field with [`Fields`].
@@ -199,6 +203,72 @@ impl Fields {
         Ok(Some(out))
     }
 
+    /// `controlnets`: a list of `{"model": NAME, "image": BASE64, "scale": S,
+    /// "guidance_start": A, "guidance_end": B, "preprocess": "canny"}`.
+    pub fn controlnet_list(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<Vec<ControlNetChoice>>, ApiError> {
+        let items = match self.take(name) {
+            None => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(other) => return Err(Self::wrong_type(name, "an array", &other)),
+        };
+        if items.len() > MAX_REQUEST_CONTROLNETS {
+            return Err(ApiError::invalid_value(
+                name,
+                format!(
+                    "`{name}` names {} ControlNets; at most {MAX_REQUEST_CONTROLNETS} are allowed",
+                    items.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::Object(map) = item else {
+                return Err(ApiError::field(
+                    name,
+                    "invalid_type",
+                    format!("`{name}[{i}]` must be an object like {{\"model\": \"canny\", \"image\": \"<base64>\"}}"),
+                ));
+            };
+            // Errors name the list, since `param` is a top-level field.
+            let mut f = Fields::new(map);
+            let rename = |e: ApiError| ApiError {
+                message: format!("`{name}[{i}]`: {}", e.message),
+                param: Some(name.to_string()),
+                ..e
+            };
+            let fraction = |f: &mut Fields, key: &str| match f.number(key)? {
+                Some(v) => in_range(key, v, 0.0, 1.0).map(Some),
+                None => Ok(None),
+            };
+            let choice = ControlNetChoice {
+                model: f.required_string("model").map_err(rename)?,
+                image: f.required_string("image").map_err(rename)?,
+                scale: match f.number("scale").map_err(rename)? {
+                    Some(s) => in_range("scale", s, 0.0, MAX_CONTROLNET_SCALE).map_err(rename)?,
+                    None => types::default_controlnet_scale(),
+                },
+                guidance_start: fraction(&mut f, "guidance_start").map_err(rename)?,
+                guidance_end: fraction(&mut f, "guidance_end").map_err(rename)?,
+                preprocess: match f.string("preprocess").map_err(rename)?.as_deref() {
+                    None | Some("none") => None,
+                    Some("canny") => Some(PreprocessName::Canny),
+                    Some(other) => {
+                        return Err(rename(ApiError::invalid_value(
+                            "preprocess",
+                            format!("`preprocess` must be `none` or `canny`, got `{other}` (depth and pose maps: send the map)"),
+                        )))
+                    }
+                },
+            };
+            f.finish().map_err(rename)?;
+            out.push(choice);
+        }
+        Ok(Some(out))
+    }
+
     /// Refuses whatever field is left.
     pub fn finish(self) -> Result<(), ApiError> {
         match self.0.keys().next() {
@@ -279,6 +349,7 @@ impl FromFields for ImageGenerationRequest {
                 None => types::default_lora_scale(),
             },
             loras: f.lora_list("loras")?,
+            controlnets: f.controlnet_list("controlnets")?,
             scheduler: match f.string("scheduler")? {
                 None => None,
                 Some(s) => Some(SchedulerName::from(
@@ -399,6 +470,44 @@ pub struct Checked {
     pub encoding: Encoding,
     /// LoRA adapters asked for (`lora_path`, then `loras`), not yet resolved.
     pub loras: Vec<RequestedLora>,
+    /// ControlNets asked for, their `model` the name in the ControlNet directory, not
+    /// yet resolved (the server puts them into `generation` once it has).
+    pub controlnets: Vec<ControlNetInput>,
+}
+
+/// The ControlNets `req` names, their images decoded (and preprocessed), in order.
+pub fn requested_controlnets(
+    req: &ImageGenerationRequest,
+) -> Result<Vec<ControlNetInput>, ApiError> {
+    const FIELD: &str = "controlnets";
+    let mut out = Vec::new();
+    for (i, c) in req.controlnets.iter().flatten().enumerate() {
+        let refuse =
+            |message: String| ApiError::invalid_value(FIELD, format!("`{FIELD}[{i}]`: {message}"));
+        let b64 = match c.image.split_once(";base64,") {
+            Some((head, data)) if head.starts_with("data:") => data,
+            _ => c.image.as_str(),
+        };
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| refuse(format!("`image` is not base64 or a base64 data URL: {e}")))?;
+        let decoded = super::edit::decode_upload(FIELD, &bytes).map_err(|e| refuse(e.message))?;
+        let mut image = Image::from_dynamic(&decoded);
+        if c.preprocess == Some(PreprocessName::Canny) {
+            image = canny(&image, CANNY_LOW, CANNY_HIGH).map_err(|e| refuse(e.to_string()))?;
+        }
+        let input = ControlNetInput {
+            model: c.model.clone(),
+            image,
+            scale: c.scale,
+            guidance_start: c.guidance_start.unwrap_or(0.0),
+            guidance_end: c.guidance_end.unwrap_or(1.0),
+        };
+        input.check().map_err(|e| refuse(e.to_string()))?;
+        out.push(input);
+    }
+    Ok(out)
 }
 
 /// A LoRA adapter a request names, before the server resolves it in its directory: the
@@ -450,8 +559,10 @@ pub fn check(
         limits.max_steps,
     )?;
     let loras = requested_loras(req)?;
+    let controlnets = requested_controlnets(req)?;
     Ok(Checked {
         loras,
+        controlnets,
         stream: (req.stream == Some(true)).then(|| StreamSettings {
             quality: req.quality.clone().unwrap_or_else(|| "auto".into()),
             partial_images: req.partial_images.unwrap_or(0) as usize,

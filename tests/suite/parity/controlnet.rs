@@ -490,3 +490,148 @@ fn misfit_controlnet_names_its_tensor() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `POST /v1/images/generations` with `controlnets` (base64 and data-URL images, two
+/// ControlNets named in `--controlnet-dir`) gives the library's image for the same
+/// request; `GET /v1/controlnets` lists the directory; bad ControlNet input is a 400
+/// naming `controlnets`, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_matches_library_and_refuses_bad_input() {
+    use base64::Engine as _;
+    use serde_json::json;
+    let json = controlnet_json();
+    let name = case_names(&json)
+        .into_iter()
+        .find(|n| json["cases"][n]["controlnets"].as_array().map(Vec::len) > Some(1))
+        .expect("a case with several ControlNets");
+    let mut req = request(&json, &name);
+    req.latents = None;
+    req.seed = 1234;
+    let folders: Vec<PathBuf> = (req.controlnets.iter())
+        .map(|c| fixture_dir().join(&c.model))
+        .collect();
+    let dir = folders[0]
+        .parent()
+        .expect("the ControlNets' folder")
+        .to_path_buf();
+
+    let mut config = crate::common::fixture_server_config();
+    config.controlnet_dir = Some(dir.clone());
+    let server = crate::common::start_server(config).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+
+    let list: serde_json::Value = client
+        .get(format!("{base}/v1/controlnets"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list["enabled"], true, "{list}");
+    let ids: Vec<&str> = (list["data"].as_array().expect("data").iter())
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    for folder in &folders {
+        let id = folder.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(ids.contains(&id), "{id} listed in {list}");
+    }
+
+    let controlnets: Vec<serde_json::Value> = (req.controlnets.iter().zip(&folders))
+        .enumerate()
+        .map(|(k, (c, folder))| {
+            let png = c.image.to_png().expect("png");
+            let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+            // One plain base64, one data URL.
+            let image = if k == 0 {
+                b64
+            } else {
+                format!("data:image/png;base64,{b64}")
+            };
+            json!({
+                "model": folder.file_name().and_then(|n| n.to_str()).expect("name"),
+                "image": image,
+                "scale": c.scale,
+                "guidance_start": c.guidance_start,
+                "guidance_end": c.guidance_end,
+            })
+        })
+        .collect();
+    let body = |controlnets: serde_json::Value| {
+        json!({
+            "prompt": req.prompt,
+            "size": format!("{}x{}", req.width, req.height),
+            "num_inference_steps": req.num_inference_steps,
+            "guidance_scale": req.guidance_scale,
+            "seed": req.seed,
+            "controlnets": controlnets,
+        })
+    };
+    let post = |b: serde_json::Value| {
+        let client = client.clone();
+        let url = format!("{base}/v1/images/generations");
+        async move { client.post(url).json(&b).send().await.expect("post") }
+    };
+
+    let refused = |mut bad: serde_json::Value, what: &'static str| {
+        let post = post.clone();
+        let b = {
+            let mut b = body(json!([]));
+            b["controlnets"] = json!([bad.take()]);
+            b
+        };
+        async move {
+            let resp = post(b).await;
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await.expect("json");
+            assert_eq!(status, 400, "{what}: {v}");
+            assert_eq!(v["error"]["param"], "controlnets", "{what}: {v}");
+        }
+    };
+    let good = controlnets[0].clone();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = good.clone();
+        c[key] = value;
+        c
+    };
+    refused(with("model", json!("no-such-controlnet")), "unknown model").await;
+    refused(
+        with("model", json!("../tiny-sdxl")),
+        "outside the directory",
+    )
+    .await;
+    refused(
+        with("image", json!("not base64 at all!")),
+        "undecodable image",
+    )
+    .await;
+    refused(
+        with(
+            "image",
+            json!(base64::engine::general_purpose::STANDARD.encode(b"not an image")),
+        ),
+        "not an image",
+    )
+    .await;
+    refused(with("scale", json!(3.0)), "scale out of range").await;
+    refused(
+        {
+            let mut c = with("guidance_start", json!(0.7));
+            c["guidance_end"] = json!(0.2);
+            c
+        },
+        "empty guidance window",
+    )
+    .await;
+    refused(with("preprocess", json!("depth")), "unknown preprocessor").await;
+
+    let (_, rgb) = crate::common::image_of(post(body(json!(controlnets))).await).await;
+    let pipe = pipeline::<crate::common::Cpu>(&Default::default());
+    let out = pipe.generate(&req, &mut no_progress).expect("library run");
+    let want = RefTensor {
+        shape: vec![req.height, req.width, 3],
+        data: out.images[0].rgb.iter().map(|&v| v as f32).collect(),
+    };
+    assert_image_close("http vs library", &rgb, &want);
+}
