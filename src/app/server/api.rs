@@ -442,6 +442,7 @@ impl Api {
     ) -> EditResult {
         let checked = match edit::check_edit(form.0, &state.config.limits, request::random_seed)
             .and_then(|c| check_sampler(&state, c))
+            .and_then(|c| with_controlnets(&state, c))
         {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),

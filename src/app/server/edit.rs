@@ -149,7 +149,7 @@ pub fn check_edit(
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
     for (name, text) in form.texts {
-        let value = if name == "loras" {
+        let value = if name == "loras" || name == "controlnets" {
             // JSON text in a form; text that is not JSON stays text, and the field
             // reader names it.
             serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::String(text))

@@ -817,7 +817,7 @@ mod tests {
                 (None, Some("number")) => "0.5".into(),
                 (None, Some("boolean")) => "false".into(),
                 _ if name == "size" => "64x64".into(),
-                _ if name == "loras" => "[]".into(),
+                _ if name == "loras" || name == "controlnets" => "[]".into(),
                 _ => "text".into(),
             };
             let r = edit_with(name, &value);

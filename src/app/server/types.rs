@@ -445,6 +445,10 @@ pub struct ImageEditRequest {
     /// Several LoRA adapters, as in `/v1/images/generations`, written as JSON text:
     /// `[{"path": "pixel-art-xl.safetensors", "scale": 0.8}]`.
     pub loras: Option<String>,
+    /// ControlNets, as in `/v1/images/generations`, written as JSON text:
+    /// `[{"model": "canny", "image": "<base64>", "scale": 0.8}]`. The control image is
+    /// separate from `image` (which the edit starts from).
+    pub controlnets: Option<String>,
 }
 
 /// The file formats of `output_format`.

@@ -635,3 +635,67 @@ async fn http_matches_library_and_refuses_bad_input() {
     };
     assert_image_close("http vs library", &rgb, &want);
 }
+
+/// `POST /v1/images/edits` with `controlnets` (JSON text in the form) gives diffusers'
+/// image of the image-to-image ControlNet case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_edit_matches_diffusers() {
+    use base64::Engine as _;
+    let json = controlnet_json();
+    let name = case_names(&json)
+        .into_iter()
+        .find(|n| json["cases"][n].get("image").is_some())
+        .expect("an image-to-image case");
+    let c = &json["cases"][&name];
+    let req = request(&json, &name);
+    let init = req.init_image.as_ref().expect("init image");
+    let folder = fixture_dir().join(&req.controlnets[0].model);
+    let mut config = crate::common::fixture_server_config();
+    config.controlnet_dir = Some(folder.parent().expect("folder").to_path_buf());
+    let server = crate::common::start_server(config).await;
+    let controlnets: Vec<serde_json::Value> = (req.controlnets.iter())
+        .map(|cn| {
+            let png = cn.image.to_png().expect("png");
+            serde_json::json!({
+                "model": fixture_dir().join(&cn.model).file_name().and_then(|n| n.to_str()),
+                "image": base64::engine::general_purpose::STANDARD.encode(png),
+                "scale": cn.scale,
+                "guidance_start": cn.guidance_start,
+                "guidance_end": cn.guidance_end,
+            })
+        })
+        .collect();
+    let image = std::fs::read(case_path(c["image"].as_str().expect("image"))).expect("image");
+    let text = |v: String| v.into_bytes();
+    let (ct, body) = crate::parity::edits::multipart(&[
+        ("image", Some("image.png"), image),
+        ("prompt", None, text(req.prompt.clone())),
+        ("size", None, text(format!("{}x{}", req.width, req.height))),
+        ("strength", None, text(init.strength.to_string())),
+        ("seed", None, text(req.seed.to_string())),
+        (
+            "num_inference_steps",
+            None,
+            text(req.num_inference_steps.to_string()),
+        ),
+        ("guidance_scale", None, text(req.guidance_scale.to_string())),
+        (
+            "controlnets",
+            None,
+            text(serde_json::Value::from(controlnets).to_string()),
+        ),
+    ]);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/images/edits", server.url()))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    let (_, rgb) = crate::common::image_of(resp).await;
+    assert_image_close(
+        &format!("http edit {name}"),
+        &rgb,
+        &controlnet_tensor(&format!("{name}.image_u8")),
+    );
+}
