@@ -2,6 +2,8 @@
 //! refusal names its field in `param` (the framework's own JSON payload reports neither
 //! the field nor OpenAI's error shape), and then turned into a pipeline request.
 
+use std::io::Cursor;
+
 use bytes::Bytes;
 use poem::Request;
 use poem_openapi::registry::{MetaSchemaRef, Registry};
@@ -12,8 +14,8 @@ use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
     RequestLimits, MAX_BODY_BYTES, MAX_CONTROLNET_SCALE, MAX_ETA, MAX_GUIDANCE,
-    MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES,
-    MAX_REQUEST_CONTROLNETS, MAX_REQUEST_LORAS, MAX_STEPS,
+    MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_INPUT_PIXELS, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION,
+    MAX_PARTIAL_IMAGES, MAX_REQUEST_CONTROLNETS, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{
     self, ControlNetChoice, ImageGenerationRequest, OutputFormatName, PreprocessName,
@@ -492,7 +494,7 @@ pub fn requested_controlnets(
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
             .map_err(|e| refuse(format!("`image` is not base64 or a base64 data URL: {e}")))?;
-        let decoded = super::edit::decode_upload(FIELD, &bytes).map_err(|e| refuse(e.message))?;
+        let decoded = decode_upload(FIELD, &bytes).map_err(|e| refuse(e.message))?;
         let mut image = Image::from_dynamic(&decoded);
         if c.preprocess == Some(PreprocessName::Canny) {
             image = canny(&image, CANNY_LOW, CANNY_HIGH).map_err(|e| refuse(e.to_string()))?;
@@ -588,6 +590,41 @@ pub fn check(
         response_format: req.response_format,
         encoding: encoding(req.output_format, req.output_compression),
     })
+}
+
+/// Decodes an uploaded PNG, JPEG or WebP after checking its header's dimensions
+/// against [`MAX_INPUT_PIXELS`]; errors name `field`.
+pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+    let not_image = || {
+        ApiError::invalid_value(
+            field,
+            format!("`{field}` must be a PNG, JPEG or WebP image"),
+        )
+    };
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    match reader.format() {
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
+        _ => return Err(not_image()),
+    }
+    let (w, h) = reader.into_dimensions().map_err(|_| not_image())?;
+    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS || w == 0 || h == 0 {
+        return Err(ApiError::invalid_value(
+            field,
+            format!("`{field}` is {w}x{h}; at most {MAX_INPUT_PIXELS} pixels are accepted"),
+        ));
+    }
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| ApiError::invalid_value(field, format!("`{field}` could not be decoded: {e}")))
 }
 
 /// A random seed for a request that has none.

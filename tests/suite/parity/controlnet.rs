@@ -699,3 +699,70 @@ async fn http_edit_matches_diffusers() {
         &controlnet_tensor(&format!("{name}.image_u8")),
     );
 }
+
+/// A ControlNet in `--controlnet-dir` whose widths do not fit the UNet: a 400 naming
+/// `controlnets` and the tensor, without the server's paths; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_refuses_a_misfit_controlnet() {
+    let json = controlnet_json();
+    let folder = fixture_dir().join(&controlnet_names(&json)[0]);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let misfit = tmp.path().join("misfit");
+    std::fs::create_dir_all(&misfit).expect("mkdir");
+    let text = std::fs::read_to_string(folder.join("config.json")).expect("config");
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let widths = cfg["block_out_channels"]
+        .as_array()
+        .expect("widths")
+        .clone();
+    let last = widths.len() - 1;
+    cfg["block_out_channels"][last] = widths[last - 1].clone();
+    std::fs::write(misfit.join("config.json"), cfg.to_string()).expect("config");
+    // A copy in the test's own temporary directory (a symlink would lead outside it).
+    std::fs::copy(
+        folder.join("diffusion_pytorch_model.safetensors"),
+        misfit.join("diffusion_pytorch_model.safetensors"),
+    )
+    .expect("copy weights");
+    let mut config = crate::common::fixture_server_config();
+    config.controlnet_dir = Some(tmp.path().to_path_buf());
+    let server = crate::common::start_server(config).await;
+    let png = Image {
+        width: 8,
+        height: 8,
+        rgb: vec![0; 192],
+    }
+    .to_png()
+    .expect("png");
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(png)
+    };
+    let body = serde_json::json!({
+        "prompt": "a cat",
+        "size": "64x64",
+        "num_inference_steps": 1,
+        "controlnets": [{"model": "misfit", "image": b64}],
+    });
+    let url = format!("{}/v1/images/generations", server.url());
+    let client = reqwest::Client::new();
+    let resp = client.post(&url).json(&body).send().await.expect("post");
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "controlnets", "{v}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("weight"), "names the tensor: {message}");
+    let root = tmp
+        .path()
+        .canonicalize()
+        .expect("root")
+        .display()
+        .to_string();
+    assert!(!message.contains(&root), "no server path: {message}");
+    // Still serving.
+    let mut plain = body.clone();
+    plain.as_object_mut().expect("object").remove("controlnets");
+    let resp = client.post(&url).json(&plain).send().await.expect("post");
+    assert_eq!(resp.status(), 200);
+}

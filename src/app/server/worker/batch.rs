@@ -77,10 +77,16 @@ pub(super) fn switch_controlnets<B: FusedOps>(
             match loaded {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
+                    // Clients know names in the ControlNet directory, not its place.
+                    let folder = Path::new(name).parent().map(|p| p.display().to_string());
+                    let mut message = e.to_string();
+                    if let Some(folder) = folder.filter(|f| !f.is_empty()) {
+                        message = message.replace(&format!("{folder}/"), "");
+                    }
                     return Err(JobError::Invalid {
                         param: "controlnets",
-                        message: e.to_string(),
-                    })
+                        message,
+                    });
                 }
                 Err(panic) => {
                     return Err(JobError::Failed(format!(
