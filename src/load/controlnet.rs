@@ -162,3 +162,19 @@ pub fn controlnet_bytes<B: FusedOps>(model: &ControlNetModel<B>) -> usize {
     use burn::module::Module;
     model.num_params() * model.dtype().size()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ControlNetSpec;
+
+    #[test]
+    fn spec_parses_path_and_scale() {
+        let s: ControlNetSpec = "dir/canny:0.5".parse().expect("parses");
+        assert_eq!((s.path.to_str(), s.scale), (Some("dir/canny"), 0.5));
+        let s: ControlNetSpec = "C:\\nets\\canny".parse().expect("parses");
+        assert_eq!((s.path.to_str(), s.scale), (Some("C:\\nets\\canny"), 1.0));
+        assert!(":0.5".parse::<ControlNetSpec>().is_err());
+        assert!("x:inf".parse::<ControlNetSpec>().is_err());
+        assert!("".parse::<ControlNetSpec>().is_err());
+    }
+}

@@ -211,3 +211,26 @@ impl<B: FusedOps> Controls<'_, B> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers' `controlnet_keep`: with 4 steps and the window (0, 0.5), steps 0 and 1.
+    #[test]
+    fn guidance_window_is_diffusers() {
+        let image = Image {
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+        };
+        let mut c = ControlNetInput::new("a", image);
+        c.guidance_end = 0.5;
+        let on: Vec<usize> = (0..4).filter(|&i| c.active_at(i, 4)).collect();
+        assert_eq!(on, [0, 1]);
+        c.guidance_start = 0.25;
+        c.guidance_end = 1.0;
+        let on: Vec<usize> = (0..4).filter(|&i| c.active_at(i, 4)).collect();
+        assert_eq!(on, [1, 2, 3]);
+    }
+}

@@ -575,7 +575,6 @@ async fn http_matches_library_and_refuses_bad_input() {
     };
 
     let refused = |mut bad: serde_json::Value, what: &'static str| {
-        let post = post.clone();
         let b = {
             let mut b = body(json!([]));
             b["controlnets"] = json!([bad.take()]);
@@ -765,4 +764,41 @@ async fn http_refuses_a_misfit_controlnet() {
     plain.as_object_mut().expect("object").remove("controlnets");
     let resp = client.post(&url).json(&plain).send().await.expect("post");
     assert_eq!(resp.status(), 200);
+}
+
+/// A single `.safetensors` file without a `config.json` beside it: its layout comes from
+/// the UNet's config and the file's tensors (the depth ControlNet has fewer transformer
+/// layers than the UNet), and it loads strictly.
+#[test]
+#[cfg(unix)]
+fn single_file_without_config() {
+    use hypergen::load::controlnet::load_controlnet;
+    use hypergen::model::controlnet::ControlNetConfig;
+    type B = crate::common::Cpu;
+    let device = Default::default();
+    let pipe = fixture_pipeline::<B>(DType::F32, &device);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for name in controlnet_names(&controlnet_json()) {
+        let folder = fixture_dir().join(&name);
+        let file = tmp.path().join(format!(
+            "{}.safetensors",
+            folder.file_name().and_then(|n| n.to_str()).expect("name")
+        ));
+        std::os::unix::fs::symlink(folder.join("diffusion_pytorch_model.safetensors"), &file)
+            .expect("link");
+        let model = load_controlnet::<B>(&file, &pipe.components().unet, DType::F32, &device)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let text = std::fs::read_to_string(folder.join("config.json")).expect("config");
+        let want: ControlNetConfig = serde_json::from_str(&text).expect("config parses");
+        let got = model.config();
+        assert_eq!(
+            got.encoder.transformer_layers_per_block.expand(3),
+            want.encoder.transformer_layers_per_block.expand(3),
+            "{name}"
+        );
+        assert_eq!(
+            got.conditioning_embedding_out_channels, want.conditioning_embedding_out_channels,
+            "{name}"
+        );
+    }
 }
