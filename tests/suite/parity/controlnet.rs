@@ -802,3 +802,89 @@ fn single_file_without_config() {
         );
     }
 }
+
+/// ControlNet inpainting and ControlNet with another sampler, against
+/// `tests/references/controlnet_extra/` (diffusers 0.42.1 from this fixture:
+/// `scripts/references/controlnet_extra.py`). The references hold the SHA-256 of every
+/// fixture file they were computed from; another fixture fails here with the command
+/// that recomputes them.
+#[test]
+fn controlnet_extra_cpu() {
+    use hypergen::pipeline::Mask;
+    use hypergen::scheduler::SamplerSettings;
+    use sha2::{Digest, Sha256};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/references/controlnet_extra");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
+            .expect("cases.json parses");
+    let fixture = fixture_dir();
+    for (file, want) in meta["fixture_sha256"].as_object().expect("fingerprint") {
+        let got = format!(
+            "{:x}",
+            Sha256::digest(std::fs::read(fixture.join(file)).expect(file))
+        );
+        assert_eq!(
+            Some(got.as_str()),
+            want.as_str(),
+            "{file} differs from the fixture the references in {} were computed from: \
+             recompute them with scripts/references/controlnet_extra.py",
+            dir.display()
+        );
+    }
+    let bytes = std::fs::read(dir.join("references.safetensors")).expect("references");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("references parse");
+    let reference = |name: &str| crate::common::ref_tensor_of(&st.tensor(name).expect(name));
+    let device = Default::default();
+    let mut pipe = fixture_pipeline::<crate::common::Cpu>(DType::F32, &device);
+    let cases = meta["cases"].as_object().expect("cases");
+    assert!(cases.len() >= 2);
+    for (name, c) in cases {
+        let net = c["controlnet"].as_str().expect("controlnet");
+        if !pipe.components().controlnets.contains_key(net) {
+            add_controlnet(pipe.components_mut(), net, &fixture.join(net), &device)
+                .expect("ControlNet loads");
+        }
+        let want_image = reference(&format!("{name}.image_u8"));
+        let cli: Vec<&str> = (c["cli"].as_array().expect("cli").iter())
+            .map(|v| v.as_str().expect("option"))
+            .collect();
+        let flag = |f: &str| cli.iter().position(|o| *o == f).map(|i| cli[i + 1]);
+        let file = |key: &str| {
+            c[key]
+                .as_str()
+                .map(|s| fixture.join(s.split_whitespace().next().expect("a file")))
+        };
+        let mut control =
+            ControlNetInput::new(net, open(&file("control_image").expect("control image")));
+        control.scale = c["scale"].as_f64().expect("scale");
+        control.guidance_end = c["guidance_end"].as_f64().expect("end");
+        let req = GenerationRequest {
+            prompt: meta["prompt"].as_str().expect("prompt").into(),
+            num_inference_steps: c["num_inference_steps"].as_u64().expect("steps") as usize,
+            guidance_scale: c["guidance_scale"].as_f64().expect("guidance"),
+            height: want_image.shape[0],
+            width: want_image.shape[1],
+            seed: seed_of(c["generator"].as_str().expect("generator")),
+            sampler: SamplerSettings {
+                kind: flag("--scheduler").map(|s| s.parse().expect("scheduler")),
+                ..Default::default()
+            },
+            init_image: file("image").map(|image| InitImage {
+                image: open(&image),
+                mask: file("mask").map(|m| Mask::from_dynamic(&image::open(m).expect("mask"))),
+                strength: c["strength"].as_f64().expect("strength"),
+            }),
+            controlnets: vec![control],
+            ..Default::default()
+        };
+        let out = pipe
+            .generate(&req, &mut no_progress)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = reference(&format!("{name}.latents"));
+        assert_eq!(out.latents.dims().to_vec(), want.shape, "{name}: shape");
+        let err = rel_error(&values(out.latents), &want.data);
+        eprintln!("{name} latents: relative error {err:.3e}");
+        assert!(err <= TOL_F32, "{name}: latents relative error {err:.3e}");
+        assert_image_close(name, &out.images[0].rgb, &want_image);
+    }
+}
