@@ -4,7 +4,7 @@
 The fixture covers ControlNet text-to-image and image-to-image with its own (Euler)
 scheduler. This computes, as diffusers runs them, ControlNet inpainting
 (`StableDiffusionXLControlNetInpaintPipeline`, the 4-channel base UNet) and ControlNet
-text-to-image with another sampler (DPM++ 2M Karras), from the fixture folder and its
+text-to-image with another sampler (DPM++ 2M Karras) and in guess mode, from the fixture folder and its
 `controlnets/tiny-canny` (float32, CPU), the control image and prompt of
 `reference/controlnet`, the image and mask of `reference/extras`,
 `generator=torch.Generator("cpu").manual_seed(SEED)`.
@@ -42,13 +42,15 @@ CONTROLNET = "controlnets/tiny-canny"
 CONTROL_IMAGE = "reference/controlnet/control_canny.png"
 
 # name: (pipeline, scheduler overrides or None, strength, steps, guidance, seed, scale,
-#        guidance_end, the equivalent `hypergen generate` options)
+#        guidance_end, guess_mode, the equivalent `hypergen generate` options)
 CASES = {
     "inpaint.canny.s0.8.seed9": (
-        "inpaint", None, 0.8, 5, 5.0, 9, 0.7, 1.0, []),
+        "inpaint", None, 0.8, 5, 5.0, 9, 0.7, 1.0, False, []),
     "txt2img.canny.dpmpp_2m_karras.seed21": (
-        "txt2img", {"use_karras_sigmas": True}, None, 5, 5.0, 21, 1.0, 0.8,
+        "txt2img", {"use_karras_sigmas": True}, None, 5, 5.0, 21, 1.0, 0.8, False,
         ["--scheduler", "dpmpp_2m_karras"]),
+    "txt2img.canny.guess_mode.seed33": (
+        "txt2img", None, None, 4, 4.0, 33, 0.9, 1.0, True, ["--control-guess-mode"]),
 }
 
 FIXTURE_FILES = [
@@ -97,15 +99,17 @@ def main() -> None:
             fixture, controlnet=controlnet, torch_dtype=torch.float32),
     }
     tensors, cases = {}, {}
-    for name, (kind, overrides, strength, steps, guidance, seed, scale, end, cli) in CASES.items():
+    fixture_scheduler = {kind: pipe.scheduler for kind, pipe in pipes.items()}
+    for name, (kind, overrides, strength, steps, guidance, seed, scale, end, guess, cli) in CASES.items():
         pipe = pipes[kind]
+        pipe.scheduler = fixture_scheduler[kind]
         if overrides is not None:
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
         kwargs = dict(
             prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
             height=control.height, width=control.width,
             controlnet_conditioning_scale=scale, control_guidance_start=0.0,
-            control_guidance_end=end)
+            control_guidance_end=end, guess_mode=guess)
         if kind == "inpaint":
             kwargs.update(image=image, mask_image=mask, control_image=control, strength=strength)
         else:
@@ -128,6 +132,7 @@ def main() -> None:
             "control_image": CONTROL_IMAGE,
             "scale": scale,
             "guidance_end": end,
+            "guess_mode": guess,
             "image": "reference/extras/init_image.png" if kind == "inpaint" else None,
             "mask": "reference/extras/mask.png (white = repaint)" if kind == "inpaint" else None,
             "cli": cli,

@@ -249,6 +249,11 @@ pub struct GenerateArgs {
     /// The fraction of the steps after which the ControlNets are off (all of them).
     #[arg(long, default_value_t = 1.0)]
     pub control_guidance_end: f64,
+    /// diffusers' guess mode for all ControlNets: they see the positive prompt's rows
+    /// only and their residuals ramp from 0.1 to 1 × the scale (for empty prompts;
+    /// guidance 3–5).
+    #[arg(long)]
+    pub control_guess_mode: bool,
     /// The sampler and its settings.
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -730,6 +735,7 @@ fn control_inputs(args: &GenerateArgs) -> anyhow::Result<Vec<ControlNetInput>> {
                 scale: spec.scale,
                 guidance_start: args.control_guidance_start,
                 guidance_end: args.control_guidance_end,
+                guess_mode: args.control_guess_mode,
             })
         })
         .collect()

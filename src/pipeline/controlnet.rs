@@ -30,6 +30,10 @@ pub struct ControlNetInput {
     pub guidance_start: f64,
     /// `control_guidance_end`: the fraction of the steps after which it is off.
     pub guidance_end: f64,
+    /// diffusers' `guess_mode`: with guidance the ControlNet sees the positive rows only
+    /// (the negative rows get no residual), and its residuals are scaled from 0.1 (first
+    /// skip) to 1 (mid block) times `scale`, so that it steers without a prompt.
+    pub guess_mode: bool,
 }
 
 impl ControlNetInput {
@@ -41,6 +45,7 @@ impl ControlNetInput {
             scale: 1.0,
             guidance_start: 0.0,
             guidance_end: 1.0,
+            guess_mode: false,
         }
     }
 
@@ -58,6 +63,7 @@ impl ControlNetInput {
             && self.scale.to_bits() == other.scale.to_bits()
             && self.guidance_start.to_bits() == other.guidance_start.to_bits()
             && self.guidance_end.to_bits() == other.guidance_end.to_bits()
+            && self.guess_mode == other.guess_mode
     }
 
     /// The checks of one request's `k`-th ControlNet that need no model.
@@ -157,14 +163,23 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 images.push(image.repeat_dim(0, req.num_images));
             }
             let image = cat_rows(images);
-            let image = match cond.guidance_scale {
-                Some(_) => Tensor::cat(vec![image.clone(), image], 0),
-                None => image,
+            // In guess mode with guidance the ControlNet reads the positive rows alone.
+            let positive_only = input.guess_mode && cond.guidance_scale.is_some();
+            let (image, context) = match cond.guidance_scale {
+                Some(_) if !positive_only => (
+                    Tensor::cat(vec![image.clone(), image], 0),
+                    cond.context.clone(),
+                ),
+                Some(_) => {
+                    let half = cond.context.dims()[0] / 2;
+                    (image, cond.context.clone().narrow(0, half, half))
+                }
+                None => (image, cond.context.clone()),
             };
             nets.push(PreparedControl {
                 model,
                 input,
-                text: model.prepare_context(cond.context.clone())?,
+                text: model.prepare_context(context)?,
                 image,
             });
         }
@@ -187,15 +202,19 @@ impl<B: FusedOps> Controls<'_, B> {
     ) -> Result<UNetExtras<B>> {
         let mut sum: Option<ControlResiduals<B>> = None;
         for net in self.nets.iter().filter(|c| c.input.active_at(i, n)) {
-            let residuals = net.model.forward(
-                input.clone(),
-                timesteps,
-                &net.text,
-                cond.pooled.clone(),
-                &cond.time_ids,
-                net.image.clone(),
-                net.input.scale,
-            )?;
+            let residuals = if net.input.guess_mode {
+                guess_mode_residuals(net, input, timesteps, cond)?
+            } else {
+                net.model.forward(
+                    input.clone(),
+                    timesteps,
+                    &net.text,
+                    cond.pooled.clone(),
+                    &cond.time_ids,
+                    net.image.clone(),
+                    net.input.scale,
+                )?
+            };
             sum = Some(match sum {
                 Some(s) => s.sum_with(residuals)?,
                 None => residuals,
@@ -210,6 +229,52 @@ impl<B: FusedOps> Controls<'_, B> {
             None => UNetExtras::default(),
         })
     }
+}
+
+/// One ControlNet call in diffusers' guess mode: on the positive rows when the input
+/// holds both branches (zeros for the negative rows), the residuals scaled by
+/// `logspace(-1, 0, skips + 1) · scale` (float32, as torch computes them), the last
+/// factor the mid block's.
+fn guess_mode_residuals<B: FusedOps>(
+    net: &PreparedControl<'_, B>,
+    input: &Tensor<B, 4>,
+    timesteps: &[f32],
+    cond: &Conditioning<B>,
+) -> Result<ControlResiduals<B>> {
+    let rows = input.dims()[0];
+    let half = if cond.guidance_scale.is_some() {
+        rows / 2
+    } else {
+        0
+    };
+    let own = rows - half;
+    let out = net.model.forward(
+        input.clone().narrow(0, half, own),
+        &timesteps[half..],
+        &net.text,
+        cond.pooled.clone().narrow(0, half, own),
+        &cond.time_ids[half * 6..],
+        net.image.clone(),
+        1.0,
+    )?;
+    let k = out.down.len();
+    let factor = |j: usize| {
+        let exponent = -1.0f32 + j as f32 / k as f32;
+        10f32.powf(exponent) * net.input.scale as f32
+    };
+    let pad = |t: Tensor<B, 4>| {
+        if half == 0 {
+            t
+        } else {
+            Tensor::cat(vec![t.zeros_like(), t], 0)
+        }
+    };
+    Ok(ControlResiduals {
+        down: (out.down.into_iter().enumerate())
+            .map(|(j, d)| pad(d * factor(j)))
+            .collect(),
+        mid: pad(out.mid * factor(k)),
+    })
 }
 
 #[cfg(test)]

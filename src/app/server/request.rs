@@ -505,6 +505,7 @@ pub fn requested_controlnets(
             scale: c.scale,
             guidance_start: c.guidance_start.unwrap_or(0.0),
             guidance_end: c.guidance_end.unwrap_or(1.0),
+            guess_mode: false,
         };
         input.check().map_err(|e| refuse(e.to_string()))?;
         out.push(input);

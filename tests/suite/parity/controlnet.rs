@@ -104,6 +104,7 @@ fn request(json: &serde_json::Value, name: &str) -> GenerationRequest {
             scale,
             guidance_start: c["control_guidance_start"].as_f64().expect("start"),
             guidance_end: c["control_guidance_end"].as_f64().expect("end"),
+            guess_mode: false,
         })
         .collect();
     let mut req = GenerationRequest {
@@ -858,6 +859,7 @@ fn controlnet_extra_cpu() {
             ControlNetInput::new(net, open(&file("control_image").expect("control image")));
         control.scale = c["scale"].as_f64().expect("scale");
         control.guidance_end = c["guidance_end"].as_f64().expect("end");
+        control.guess_mode = c["guess_mode"].as_bool().expect("guess_mode");
         let req = GenerationRequest {
             prompt: meta["prompt"].as_str().expect("prompt").into(),
             num_inference_steps: c["num_inference_steps"].as_u64().expect("steps") as usize,
