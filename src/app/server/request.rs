@@ -264,6 +264,7 @@ impl Fields {
                         )))
                     }
                 },
+                guess_mode: f.boolean("guess_mode").map_err(rename)?,
             };
             f.finish().map_err(rename)?;
             out.push(choice);
@@ -505,7 +506,7 @@ pub fn requested_controlnets(
             scale: c.scale,
             guidance_start: c.guidance_start.unwrap_or(0.0),
             guidance_end: c.guidance_end.unwrap_or(1.0),
-            guess_mode: false,
+            guess_mode: c.guess_mode.unwrap_or(false),
         };
         input.check().map_err(|e| refuse(e.to_string()))?;
         out.push(input);

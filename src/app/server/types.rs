@@ -171,6 +171,10 @@ pub struct ControlNetChoice {
     /// 200). Absent or `none`: `image` is the map. Depth and pose maps need models of
     /// their own: send the map.
     pub preprocess: Option<PreprocessName>,
+    /// diffusers' `guess_mode` (default false): the ControlNet sees the positive prompt's
+    /// rows only and its residuals ramp from 0.1 to 1 × `scale`; for empty prompts, with
+    /// `guidance_scale` 3 to 5.
+    pub guess_mode: Option<bool>,
 }
 
 /// Default of [`ControlNetChoice::scale`].
@@ -187,6 +191,7 @@ impl Example for ControlNetChoice {
             guidance_start: None,
             guidance_end: Some(0.8),
             preprocess: Some(PreprocessName::Canny),
+            guess_mode: None,
         }
     }
 }
