@@ -15,13 +15,15 @@ use crate::app::server::request::PromptDefaults;
 use crate::app::server::worker::WarmUp;
 use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
+use crate::load::controlnet::{add_controlnet, ControlNetSpec};
 use crate::load::embeddings::load_embeddings;
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
 use crate::pipeline::prompt::extract_extra_networks;
 use crate::pipeline::{
-    GenerationRequest, Image, InitImage, Mask, Progress, PromptSyntax, RequestDefaults, RunOptions,
+    ControlNetInput, GenerationRequest, Image, InitImage, Mask, Progress, PromptSyntax,
+    RequestDefaults, RunOptions,
 };
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 use crate::FusedOps;
@@ -58,6 +60,35 @@ pub enum Command {
     /// Time text encoding, the UNet step, the VAE decode and the whole pipeline (or, with
     /// `ops`, SDXL's hot ops at their real shapes) on a device.
     Bench(Box<BenchArgs>),
+    /// Turn a photo into the control image a ControlNet reads (`canny`: an edge map).
+    #[command(subcommand)]
+    Preprocess(PreprocessCommand),
+}
+
+/// The preprocessors of `hypergen preprocess`. Depth and pose maps need models of their
+/// own: make them elsewhere and pass the map as the control image.
+#[derive(Debug, Subcommand)]
+pub enum PreprocessCommand {
+    /// OpenCV's canny edge map (`cv2.Canny` of the grey image, no blur, L1 gradient):
+    /// white edges on black.
+    Canny(CannyArgs),
+}
+
+/// Flags of `hypergen preprocess canny`.
+#[derive(Debug, Args)]
+pub struct CannyArgs {
+    /// The image (PNG, JPEG or WebP).
+    pub input: PathBuf,
+    /// Lower hysteresis threshold on |gx| + |gy|: weaker pixels are never edges.
+    #[arg(long, default_value_t = crate::pipeline::CANNY_LOW)]
+    pub low: f64,
+    /// Upper hysteresis threshold: stronger pixels are edges, and the candidates they
+    /// touch.
+    #[arg(long, default_value_t = crate::pipeline::CANNY_HIGH)]
+    pub high: f64,
+    /// Output PNG path.
+    #[arg(long, default_value = "canny.png")]
+    pub out: PathBuf,
 }
 
 /// Where a model runs and how it is loaded: flags shared by every command that loads one.
@@ -172,6 +203,11 @@ fn parse_lora(s: &str) -> Result<LoraSpec, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
+/// `--controlnet` as clap parses it.
+fn parse_controlnet(s: &str) -> Result<ControlNetSpec, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
+}
+
 /// `--dtype` as clap parses it.
 fn parse_dtype(s: &str) -> Result<DTypeChoice, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
@@ -225,6 +261,28 @@ pub struct GenerateArgs {
     /// steps − ⌊steps × strength⌋. Default 0.75, or 1.0 with --mask.
     #[arg(long, requires = "image")]
     pub strength: Option<f64>,
+    /// A ControlNet steering the image: a diffusers folder (config.json and weights) or
+    /// a .safetensors file, with an optional scale (default 1; diffusers' image-to-image
+    /// ControlNet pipeline defaults to 0.8). Repeat for several, each paired with the
+    /// --control-image in the same position; their residuals add up.
+    #[arg(long = "controlnet", value_name = "DIR_OR_FILE[:SCALE]", value_parser = parse_controlnet)]
+    pub controlnets: Vec<ControlNetSpec>,
+    /// The control image of the --controlnet in the same position (an edge, depth or
+    /// pose map; `hypergen preprocess canny` makes edge maps), resized to the output
+    /// size with a Lanczos filter when it differs, read as RGB in [0, 1].
+    #[arg(long = "control-image", value_name = "PNG")]
+    pub control_images: Vec<PathBuf>,
+    /// The fraction of the steps before which the ControlNets are off (all of them).
+    #[arg(long, default_value_t = 0.0)]
+    pub control_guidance_start: f64,
+    /// The fraction of the steps after which the ControlNets are off (all of them).
+    #[arg(long, default_value_t = 1.0)]
+    pub control_guidance_end: f64,
+    /// diffusers' guess mode for all ControlNets: they see the positive prompt's rows
+    /// only and their residuals ramp from 0.1 to 1 × the scale (for empty prompts;
+    /// guidance 3–5).
+    #[arg(long)]
+    pub control_guess_mode: bool,
     /// The sampler and its settings.
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -302,6 +360,15 @@ pub struct ServeArgs {
     /// first).
     #[arg(long, default_value_t = crate::app::server::DEFAULT_LORA_CACHE_MB)]
     pub lora_cache_mb: usize,
+    /// Let requests name ControlNets (`controlnets[].model`) inside this directory
+    /// (diffusers folders or .safetensors files); names that lead outside it are
+    /// refused. `GET /v1/controlnets` lists what it holds.
+    #[arg(long, value_name = "DIR")]
+    pub controlnet_dir: Option<PathBuf>,
+    /// Device memory for ControlNets kept loaded between requests, in MiB (least
+    /// recently used dropped first; a request's own are always loaded).
+    #[arg(long, default_value_t = limits::DEFAULT_CONTROLNET_CACHE_MB)]
+    pub controlnet_cache_mb: usize,
     /// Require the API key on `GET /metrics` too (by default it is open, like /health,
     /// for Prometheus scrapes inside the cluster).
     #[arg(long)]
@@ -403,6 +470,8 @@ impl ServeArgs {
             clip_skip: self.prompt_args.clip_skip,
         };
         config.lora_cache_bytes = self.lora_cache_mb.saturating_mul(1 << 20);
+        config.controlnet_dir = self.controlnet_dir.clone();
+        config.worker.controlnet_cache_bytes = self.controlnet_cache_mb.saturating_mul(1 << 20);
         config.metrics_auth = self.metrics_auth;
         config.log_prompts = self.log_prompts;
         config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);
@@ -655,6 +724,13 @@ impl WithBackend for Generate {
                 );
             }
         }
+        for spec in &self.args.controlnets {
+            let name = controlnet_name(spec);
+            if !pipeline.components().controlnets.contains_key(&name) {
+                add_controlnet(pipeline.components_mut(), name, &spec.path, &device)
+                    .with_context(|| format!("--controlnet {}", spec.path.display()))?;
+            }
+        }
         let info = &pipeline.components().info;
         if info.random_weights {
             tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
@@ -684,6 +760,37 @@ impl WithBackend for Generate {
         }
         Ok(())
     }
+}
+
+/// The name a `--controlnet` is loaded under: its path as given.
+fn controlnet_name(spec: &ControlNetSpec) -> String {
+    spec.path.display().to_string()
+}
+
+/// The request's ControlNets from `--controlnet`, `--control-image` and the guidance
+/// window flags, the images paired with the models in order.
+fn control_inputs(args: &GenerateArgs) -> anyhow::Result<Vec<ControlNetInput>> {
+    if args.controlnets.len() != args.control_images.len() {
+        bail!(
+            "--controlnet is given {} times but --control-image {} times: one image per ControlNet, in order",
+            args.controlnets.len(),
+            args.control_images.len()
+        );
+    }
+    (args.controlnets.iter().zip(&args.control_images))
+        .map(|(spec, path)| {
+            let image =
+                image::open(path).with_context(|| format!("--control-image {}", path.display()))?;
+            Ok(ControlNetInput {
+                model: controlnet_name(spec),
+                image: Image::from_dynamic(&image),
+                scale: spec.scale,
+                guidance_start: args.control_guidance_start,
+                guidance_end: args.control_guidance_end,
+                guess_mode: args.control_guess_mode,
+            })
+        })
+        .collect()
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -772,6 +879,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         init_image,
         prompt_syntax: args.prompt_args.prompt_syntax,
         clip_skip: args.prompt_args.clip_skip,
+        controlnets: control_inputs(&args)?,
         ..Default::default()
     };
     args.load.apply_threads();
@@ -826,6 +934,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(args) => bench(*args),
         Command::Generate(args) => generate(*args),
+        Command::Preprocess(PreprocessCommand::Canny(args)) => {
+            let input = image::open(&args.input)
+                .with_context(|| format!("reading {}", args.input.display()))?;
+            let edges = crate::pipeline::canny(&Image::from_dynamic(&input), args.low, args.high)?;
+            std::fs::write(&args.out, edges.to_png()?)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("{}", args.out.display());
+            Ok(())
+        }
         Command::Serve(args) => {
             tracing::info!(?args, "hypergen serve");
             let (config, bind) = args.server_config()?;

@@ -202,6 +202,7 @@ impl Builtin {
             },
             loras: Default::default(),
             embeddings: Vec::new(),
+            controlnets: Default::default(),
         })
     }
 

@@ -466,5 +466,6 @@ pub fn load_folder<B: FusedOps>(
         },
         loras: Default::default(),
         embeddings: Vec::new(),
+        controlnets: Default::default(),
     })
 }

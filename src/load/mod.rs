@@ -4,6 +4,8 @@
 //! [`SdxlPipeline::new`] runs. [`source`] tells the kinds of name apart.
 
 pub mod builtin;
+pub mod controlnet;
+pub mod controlnet_dir;
 pub mod embeddings;
 pub mod folder;
 pub mod hub;

@@ -506,6 +506,7 @@ pub fn load_single_file<B: FusedOps>(
         },
         loras: Default::default(),
         embeddings: Vec::new(),
+        controlnets: Default::default(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod downsampling;
 pub mod layers;
 pub mod linear;

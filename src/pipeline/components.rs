@@ -1,6 +1,7 @@
 //! The loaded model: one value that every source produces ([`crate::load`]) and the
 //! pipeline runs ([`super::SdxlPipeline::new`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use burn::tensor::DType;
@@ -9,6 +10,7 @@ use serde::Deserialize;
 use super::lora::LoraState;
 use super::prompt::TextualInversion;
 use crate::model::clip::ClipTextModel;
+use crate::model::controlnet::ControlNetModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
@@ -81,4 +83,8 @@ pub struct SdxlComponents<B: FusedOps> {
     /// Textual-inversion embeddings a prompt in A1111 syntax may name
     /// ([`crate::load::embeddings`]); none unless loaded.
     pub embeddings: Vec<TextualInversion>,
+    /// ControlNets loaded for this model, by the name requests use
+    /// ([`ControlNetInput::model`](super::ControlNetInput::model)); each checked to fit
+    /// the UNet when it was added ([`crate::load::controlnet`]).
+    pub controlnets: BTreeMap<String, ControlNetModel<B>>,
 }

@@ -8,13 +8,17 @@
 //! [`predict_noise`](SdxlPipeline::predict_noise) per step) and
 //! [`decode`](SdxlPipeline::decode). It knows nothing of HTTP or the command line.
 
+mod canny;
 mod components;
+mod controlnet;
 mod image;
 pub mod lora;
 pub mod prompt;
 mod request;
 
+pub use canny::{canny, CANNY_HIGH, CANNY_LOW};
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
+pub use controlnet::{ControlNetInput, Controls};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
 pub use prompt::{PromptCounter, PromptSyntax, PromptTokens, TextualInversion};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
@@ -111,6 +115,9 @@ pub struct Conditioning<B: FusedOps> {
     /// of different chunk counts in A1111 syntax) run in separate UNet calls, each
     /// attending only to its own tokens, as A1111 runs them.
     pub text: Vec<TextGroup<B>>,
+    /// Per row, the text states `[1, S, D1 + D2]` as the encoders gave them, for adapters
+    /// that project them with layers of their own (a ControlNet's cross-attentions).
+    pub contexts: Vec<Tensor<B, 3>>,
     /// `[rows, D]` pooled projection of the second encoder.
     pub pooled: Tensor<B, 2>,
     /// SDXL's micro-conditioning ([`GenerationRequest::add_time_ids`]), six per row.
@@ -119,6 +126,28 @@ pub struct Conditioning<B: FusedOps> {
     pub guidance_scale: Option<f64>,
     /// [`GenerationRequest::guidance_rescale`]; applies only with guidance.
     pub guidance_rescale: f64,
+}
+
+impl<B: FusedOps> Conditioning<B> {
+    /// Rows `rows` of the encoders' text states as one `[n, S, D1 + D2]` tensor, for
+    /// adapters with cross-attentions of their own (a ControlNet). Rows of different
+    /// lengths (A1111 prompts of different chunk counts) are an
+    /// [`Error::InvalidArgument`] naming `prompt`.
+    pub fn context_of(&self, rows: std::ops::Range<usize>) -> Result<Tensor<B, 3>> {
+        let picked = self
+            .contexts
+            .get(rows.clone())
+            .ok_or_else(|| Error::Backend(format!("rows {rows:?} of {}", self.contexts.len())))?;
+        if picked.windows(2).any(|w| w[0].dims()[1] != w[1].dims()[1]) {
+            return Err(Error::invalid(
+                "prompt",
+                "ControlNets with prompts of different chunk counts in one run are not \
+                 supported yet: give the prompts the same number of chunks (BREAK) or use \
+                 the plain syntax",
+            ));
+        }
+        Ok(cat_rows(picked.to_vec()))
+    }
 }
 
 /// One request's state in the denoising loop: its own scheduler (a multistep
@@ -261,11 +290,15 @@ impl<B: FusedOps> SdxlPipeline<B> {
             if let Some(init) = &req.init_image {
                 self.check_init_image(req, init)?;
             }
+            for control in &req.controlnets {
+                control.check()?;
+                self.controlnet(&control.model)?;
+            }
             if !first.batch_compatible(req) {
                 return Err(Error::invalid(
                     "batch",
-                    "requests in one batch must share size, steps, guidance, scheduler and \
-                     micro-conditioning",
+                    "requests in one batch must share size, steps, guidance, scheduler, \
+                     micro-conditioning and ControlNets",
                 ));
             }
         }
@@ -564,32 +597,43 @@ impl<B: FusedOps> SdxlPipeline<B> {
         keep * proper + state.mask.clone() * latents
     }
 
-    /// One guided noise prediction at step `i` (timestep `t`) for `latents` of `n` rows:
-    /// the UNet runs on `[latents; latents]` against the `[negative; positive]`
-    /// conditioning and the branches are combined with its guidance scale, or on `latents`
-    /// alone without guidance. `extras` is what adapters add to this step's UNet call
-    /// (ControlNet residuals, IP-Adapter tokens), for the UNet's rows (both branches).
-    pub fn predict_noise(
+    /// The UNet's input at step `i` for `latents` of `n` rows: `[latents; latents]` with
+    /// guidance (the `[negative; positive]` conditioning's rows), `latents` alone
+    /// without, scaled by the scheduler ([`Scheduler::scale_model_input`]). Adapters that
+    /// read the step's input (a ControlNet) see exactly this.
+    pub fn model_input(
         &self,
         scheduler: &Scheduler,
         latents: Tensor<B, 4>,
         i: usize,
-        t: f64,
         cond: &Conditioning<B>,
-        extras: &UNetExtras<B>,
-    ) -> Result<Tensor<B, 4>> {
-        let dtype = latents.dtype();
+    ) -> Tensor<B, 4> {
         let input = match cond.guidance_scale {
             Some(_) => Tensor::cat(vec![latents.clone(), latents], 0),
             None => latents,
         };
+        scheduler.scale_model_input(input, i)
+    }
+
+    /// One guided noise prediction for the step's [`model_input`](Self::model_input) at
+    /// `timesteps` (one per row): one UNet call per text length (usually one), the
+    /// branches combined with the guidance scale when the input holds both. `extras` is
+    /// what adapters add to this step's UNet call (ControlNet residuals, IP-Adapter
+    /// tokens), for the UNet's rows (both branches).
+    pub fn predict_noise(
+        &self,
+        input: Tensor<B, 4>,
+        timesteps: &[f32],
+        cond: &Conditioning<B>,
+        extras: &UNetExtras<B>,
+    ) -> Result<Tensor<B, 4>> {
+        let dtype = input.dtype();
         let rows = input.dims()[0];
-        let input = scheduler.scale_model_input(input, i);
         let unet = &self.components.unet;
         let eps = match &cond.text[..] {
             [one] => unet.forward_prepared(
                 input,
-                &vec![t as f32; rows],
+                timesteps,
                 &one.context,
                 cond.pooled.clone(),
                 &cond.time_ids,
@@ -604,7 +648,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 if !no_extras {
                     return Err(Error::invalid(
                         "prompt",
-                        "adapters with prompts of different chunk counts in one batch",
+                        "ControlNets with a prompt and negative prompt of different chunk \
+                         counts (A1111 syntax) are not supported yet: give both the same \
+                         number of chunks (BREAK) or use the plain syntax",
                     ));
                 }
                 let mut parts = Vec::with_capacity(groups.len());
@@ -614,9 +660,10 @@ impl<B: FusedOps> SdxlPipeline<B> {
                     let time_ids: Vec<f32> = (g.rows.iter())
                         .flat_map(|&r| cond.time_ids[r * 6..r * 6 + 6].iter().copied())
                         .collect();
+                    let steps: Vec<f32> = g.rows.iter().map(|&r| timesteps[r]).collect();
                     parts.push(unet.forward_prepared(
                         input.clone().select(0, index.clone()),
-                        &vec![t as f32; g.rows.len()],
+                        &steps,
                         &g.context,
                         cond.pooled.clone().select(0, index),
                         &time_ids,
@@ -747,6 +794,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
             .collect::<Result<Vec<_>>>()?;
         let time_ids = (0..rows).flat_map(|_| first.add_time_ids()).collect();
         Ok(Conditioning {
+            contexts: embeds.contexts,
             text,
             pooled: embeds.pooled,
             time_ids,
@@ -830,9 +878,9 @@ impl<B: FusedOps> SdxlPipeline<B> {
             });
         }
         let cond = self.encode_conditioning(reqs)?;
-        // No adapter yet: a ControlNet would fill the residuals at each step, an
-        // IP-Adapter the tokens once, here.
-        let extras = UNetExtras::default();
+        // ControlNets fill the residuals of each step's UNet call (an IP-Adapter would
+        // add its tokens once, here).
+        let controls = self.prepare_controls(reqs, &cond)?;
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -848,7 +896,10 @@ impl<B: FusedOps> SdxlPipeline<B> {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let latents = cat_rows(jobs.iter().map(|j| j.latents.clone()).collect());
             // The input scaling depends only on the step, the same for every request.
-            let eps = self.predict_noise(&jobs[0].scheduler, latents, i, t, &cond, &extras)?;
+            let input = self.model_input(&jobs[0].scheduler, latents, i, &cond);
+            let timesteps = vec![t as f32; input.dims()[0]];
+            let extras = controls.extras(&input, &timesteps, &cond, i - start, total)?;
+            let eps = self.predict_noise(input, &timesteps, &cond, &extras)?;
             let done = i + 1 - start;
             let previewing = preview_steps.get(next_preview) == Some(&done);
             let mut estimates = Vec::new();

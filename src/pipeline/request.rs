@@ -1,5 +1,6 @@
 //! What one run is asked to do, and the defaults for what a caller leaves out.
 
+use super::controlnet::ControlNetInput;
 use super::image::InitImage;
 use super::prompt::PromptSyntax;
 use crate::scheduler::SamplerSettings;
@@ -82,6 +83,9 @@ pub struct GenerationRequest {
     /// diffusers' `clip_skip` for both prompts: `hidden_states[-(clip_skip + 2)]` of both
     /// encoders; 0 is SDXL's default, the penultimate layer (Civitai's "clip skip 2").
     pub clip_skip: usize,
+    /// ControlNets steering the run (diffusers' `StableDiffusionXLControlNet*Pipeline`),
+    /// their residuals summed; empty: none.
+    pub controlnets: Vec<ControlNetInput>,
 }
 
 impl Default for GenerationRequest {
@@ -106,6 +110,7 @@ impl Default for GenerationRequest {
             init_image: None,
             prompt_syntax: PromptSyntax::default(),
             clip_skip: 0,
+            controlnets: Vec::new(),
         }
     }
 }
@@ -113,7 +118,8 @@ impl Default for GenerationRequest {
 impl GenerationRequest {
     /// Whether `other` can run in one batch with `self`
     /// ([`SdxlPipeline::generate_batch`](super::SdxlPipeline::generate_batch)):
-    /// everything but the prompts, the seed, the starting noise and the image count agrees.
+    /// everything but the prompts, the seed, the starting noise, the image count and the
+    /// control images agrees.
     pub fn batch_compatible(&self, other: &GenerationRequest) -> bool {
         self.num_inference_steps == other.num_inference_steps
             && self.guidance_scale.to_bits() == other.guidance_scale.to_bits()
@@ -127,6 +133,9 @@ impl GenerationRequest {
             // The same start step: both text-to-image, or both from an image at one strength.
             && self.init_image.as_ref().map(|i| i.strength.to_bits())
                 == other.init_image.as_ref().map(|i| i.strength.to_bits())
+            // The same ControlNets, scales and guidance windows (images per request).
+            && self.controlnets.len() == other.controlnets.len()
+            && (self.controlnets.iter().zip(&other.controlnets)).all(|(a, b)| a.same_as(b))
     }
 
     /// Whether classifier-free guidance runs (a negative branch beside the positive one).

@@ -25,6 +25,10 @@ CANNOT_BE_STATED = {
     # The loaded model's text encoders: a model with fewer layers takes less than 11.
     ("POST /v1/images/generations", "clip_skip"): "at most the model's layers less one",
     ("POST /v1/images/edits", "clip_skip"): "at most the model's layers less one",
+    # ControlNets name files on the server and carry an image inside a string (base64),
+    # with a cross-field rule (guidance_start < guidance_end).
+    ("POST /v1/images/generations", "controlnets"): "names files on the server; a base64 image",
+    ("POST /v1/images/edits", "controlnets"): "names files on the server, as JSON text",
     # In a form, `loras` is JSON text: a schema cannot state the JSON inside a string.
     ("POST /v1/images/edits", "loras"): "names files on the server, as JSON text",
     # The uploaded file's content: a schema can say "binary", not "a decodable PNG,

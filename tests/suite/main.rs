@@ -9,6 +9,7 @@ mod common;
 /// files, and our kernels against the plain ops they replace.
 mod parity {
     pub mod clip;
+    pub mod controlnet;
     pub mod edits;
     pub mod kernels;
     pub mod lora;

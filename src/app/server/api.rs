@@ -21,9 +21,9 @@ use super::limits::MAX_PROMPT_CHUNKS;
 use super::request;
 use super::stream::{self, job_error, EventMeta, ImageEventStream};
 use super::types::{
-    ErrorResponse, HealthResponse, HealthStatus, ImageData, ImageGenerationRequest, ImagesResponse,
-    LoraFile, LoraList, Model, ModelList, PromptSyntaxName, ResponseFormat, TextualInversionEntry,
-    TextualInversionList, TokenizeRequest, TokenizeResponse,
+    ControlNetFile, ControlNetList, ErrorResponse, HealthResponse, HealthStatus, ImageData,
+    ImageGenerationRequest, ImagesResponse, LoraFile, LoraList, Model, ModelList, PromptSyntaxName,
+    ResponseFormat, TextualInversionEntry, TextualInversionList, TokenizeRequest, TokenizeResponse,
 };
 use super::worker::{JobLora, JobResult, StreamOptions, SubmitError};
 use super::AppState;
@@ -99,6 +99,20 @@ pub enum TokenizeResult {
     #[oai(status = 413)]
     TooLarge(Json<ErrorResponse>),
     /// The model is not loaded yet, or the tokenizer failed.
+    #[oai(status = 500)]
+    Failed(Json<ErrorResponse>),
+}
+
+/// Responses of `GET /v1/controlnets`.
+#[derive(ApiResponse)]
+pub enum ControlNetsResult {
+    /// The ControlNets requests may name.
+    #[oai(status = 200)]
+    Ok(Json<ControlNetList>),
+    /// Missing, malformed or wrong API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorResponse>),
+    /// The ControlNet directory could not be read.
     #[oai(status = 500)]
     Failed(Json<ErrorResponse>),
 }
@@ -423,6 +437,48 @@ impl Api {
         }
     }
 
+    /// List ControlNets
+    ///
+    /// The ControlNets requests may name in `controlnets`: what the server's ControlNet
+    /// directory (`--controlnet-dir`) holds. Without one, `enabled` is false and the
+    /// list is empty.
+    #[oai(
+        path = "/v1/controlnets",
+        method = "get",
+        operation_id = "listControlNets",
+        tag = "ApiTags::Models"
+    )]
+    async fn list_controlnets(
+        &self,
+        _auth: Authorized,
+        state: Data<&Arc<AppState>>,
+    ) -> ControlNetsResult {
+        let Some(dir) = state.controlnets.clone() else {
+            return ControlNetsResult::Ok(Json(ControlNetList {
+                object: "list".into(),
+                enabled: false,
+                data: Vec::new(),
+            }));
+        };
+        match tokio::task::spawn_blocking(move || dir.list()).await {
+            Ok(Ok(entries)) => ControlNetsResult::Ok(Json(ControlNetList {
+                object: "list".into(),
+                enabled: true,
+                data: entries
+                    .into_iter()
+                    .map(|e| ControlNetFile {
+                        id: e.name,
+                        object: "controlnet".into(),
+                        bytes: e.bytes,
+                    })
+                    .collect(),
+            })),
+            Ok(Err(_)) | Err(_) => ControlNetsResult::Failed(Json(
+                ApiError::internal("listing the ControlNet directory failed").body(),
+            )),
+        }
+    }
+
     /// Create images
     ///
     /// OpenAI's image generation, with SDXL's settings as extra fields. The request
@@ -449,6 +505,7 @@ impl Api {
             request::random_seed,
         )
         .and_then(|c| check_sampler(&state, c))
+        .and_then(|c| with_controlnets(&state, c))
         {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
@@ -502,6 +559,7 @@ impl Api {
             request::random_seed,
         )
         .and_then(|c| check_sampler(&state, c))
+        .and_then(|c| with_controlnets(&state, c))
         {
             Ok(checked) => with_loras(&state, checked).await,
             Err(e) => Err(e),
@@ -574,6 +632,45 @@ fn check_sampler(
     scheduler
         .set_timesteps(g.num_inference_steps)
         .map_err(refuse)?;
+    Ok(checked)
+}
+
+/// Puts the ControlNets a checked request names, resolved in the ControlNet directory
+/// (canonical paths: the worker loads each once), into its generation. Without
+/// `--controlnet-dir`, a request naming one is refused with how to enable them.
+fn with_controlnets(
+    state: &AppState,
+    mut checked: request::Checked,
+) -> Result<request::Checked, ApiError> {
+    if checked.controlnets.is_empty() {
+        return Ok(checked);
+    }
+    let Some(dir) = &state.controlnets else {
+        return Err(ApiError::invalid_value(
+            "controlnets",
+            "ControlNets are off on this server; the operator enables them with \
+             `hypergen serve … --controlnet-dir DIR`",
+        ));
+    };
+    let mut inputs = std::mem::take(&mut checked.controlnets);
+    for (i, input) in inputs.iter_mut().enumerate() {
+        let path = dir.resolve(&input.model).map_err(|e| {
+            let message = match e {
+                crate::Error::InvalidArgument { message, .. } => message,
+                other => other.to_string(),
+            };
+            let root = dir.root().display().to_string();
+            ApiError::invalid_value(
+                "controlnets",
+                format!(
+                    "`controlnets[{i}]`: {}",
+                    message.replace(&root, "the ControlNet directory")
+                ),
+            )
+        })?;
+        input.model = path.display().to_string();
+    }
+    checked.generation.controlnets = inputs;
     Ok(checked)
 }
 

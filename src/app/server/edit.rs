@@ -2,7 +2,6 @@
 //! every refusal names its field, with image checks before any decoding work.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -13,7 +12,8 @@ use serde_json::{Map, Value};
 
 use super::body::BodyFormat;
 use super::error::ApiError;
-use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_INPUT_PIXELS, MAX_STRENGTH};
+use super::limits::{RequestLimits, MAX_EDIT_BODY_BYTES, MAX_STRENGTH};
+pub use super::request::decode_upload;
 use super::request::{self, Checked, Fields, FromFields, PromptDefaults};
 use super::types::{ImageEditRequest, ImageGenerationRequest};
 use crate::pipeline::{Image, InitImage, Mask};
@@ -106,41 +106,6 @@ impl BodyFormat for EditForm {
     }
 }
 
-/// Decodes an uploaded PNG, JPEG or WebP after checking its header's dimensions
-/// against [`MAX_INPUT_PIXELS`]; errors name `field`.
-pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
-    let not_image = || {
-        ApiError::invalid_value(
-            field,
-            format!("`{field}` must be a PNG, JPEG or WebP image"),
-        )
-    };
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| not_image())?;
-    match reader.format() {
-        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
-        _ => return Err(not_image()),
-    }
-    let (w, h) = reader.into_dimensions().map_err(|_| not_image())?;
-    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS || w == 0 || h == 0 {
-        return Err(ApiError::invalid_value(
-            field,
-            format!("`{field}` is {w}x{h}; at most {MAX_INPUT_PIXELS} pixels are accepted"),
-        ));
-    }
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| not_image())?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| ApiError::invalid_value(field, format!("`{field}` could not be decoded: {e}")))
-}
-
 /// An edit form checked and turned into a pipeline request (see the route's docs).
 pub fn check_edit(
     form: EditForm,
@@ -150,7 +115,7 @@ pub fn check_edit(
 ) -> Result<Checked, ApiError> {
     let mut map = Map::new();
     for (name, text) in form.texts {
-        let value = if name == "loras" {
+        let value = if name == "loras" || name == "controlnets" {
             // JSON text in a form; text that is not JSON stays text, and the field
             // reader names it.
             serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::String(text))

@@ -37,6 +37,13 @@ pub const MAX_PROMPT_CHARS: u64 = 32_000;
 /// in every cross-attention of every step: for SDXL about 26 MB of prepared keys and
 /// values per image row in float16, and under 1 % of a 1024² UNet evaluation.
 pub const MAX_PROMPT_CHUNKS: usize = 8;
+/// Most ControlNets one request may name.
+pub const MAX_REQUEST_CONTROLNETS: usize = 4;
+/// Largest ControlNet `scale` accepted.
+pub const MAX_CONTROLNET_SCALE: f64 = 2.0;
+/// Device memory for ControlNets kept loaded between batches unless configured
+/// (`--controlnet-cache-mb`): two full-size SDXL ControlNets in float16.
+pub const DEFAULT_CONTROLNET_CACHE_MB: usize = 5 << 10;
 /// Most partial images a streamed request may ask for (OpenAI's limit).
 pub const MAX_PARTIAL_IMAGES: u64 = 3;
 /// Largest `output_compression`: OpenAI's scale, passed on as the JPEG quality, whose

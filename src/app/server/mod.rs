@@ -51,6 +51,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::device::DeviceSpec;
+use crate::load::controlnet_dir::ControlNetDir;
 use crate::pipeline::ModelInfo;
 use crate::scheduler::SchedulerConfig;
 use auth::ApiKey;
@@ -89,6 +90,9 @@ pub struct ServerConfig {
     pub prompt: request::PromptDefaults,
     /// Memory for parsed per-request LoRA adapters, in bytes.
     pub lora_cache_bytes: usize,
+    /// The directory requests name ControlNets in; `None`: requests may not name any.
+    /// (The device memory they may keep is [`WorkerOptions::controlnet_cache_bytes`].)
+    pub controlnet_dir: Option<PathBuf>,
     /// How long idle and slow connections may hold the server.
     pub timeouts: ConnTimeouts,
     /// Whether `GET /metrics` needs the API key (when the server has one).
@@ -120,6 +124,7 @@ impl ServerConfig {
             lora_dir: None,
             prompt: request::PromptDefaults::default(),
             lora_cache_bytes: DEFAULT_LORA_CACHE_MB << 20,
+            controlnet_dir: None,
             timeouts: ConnTimeouts::default(),
             metrics_auth: false,
             log_prompts: false,
@@ -147,6 +152,8 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// Per-request LoRA adapters (`--lora-dir`), if enabled.
     pub loras: Option<Arc<LoraLibrary>>,
+    /// The ControlNets requests may name (`--controlnet-dir`), if enabled.
+    pub controlnets: Option<Arc<ControlNetDir>>,
     /// What `GET /metrics` reports.
     pub metrics: Arc<Metrics>,
 }
@@ -368,6 +375,14 @@ impl Server {
             Some(dir) => Some(Arc::new(LoraLibrary::open(dir, config.lora_cache_bytes)?)),
             None => None,
         };
+        let controlnets = match &config.controlnet_dir {
+            Some(dir) => {
+                Some(Arc::new(ControlNetDir::open(dir).with_context(|| {
+                    format!("--controlnet-dir {}", dir.display())
+                })?))
+            }
+            None => None,
+        };
         tracing::info!(model = %w.model, device = %w.device, dtype = %w.dtype, "loading model");
         let metrics = Arc::new(Metrics::new());
         let mut options = config.worker.clone();
@@ -408,6 +423,7 @@ impl Server {
             started: unix_now(),
             connections: Arc::new(Connections::new(timeouts)),
             loras,
+            controlnets,
             metrics,
         });
         let listener = match tokio::net::TcpListener::bind(bind).await {

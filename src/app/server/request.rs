@@ -2,6 +2,8 @@
 //! refusal names its field in `param` (the framework's own JSON payload reports neither
 //! the field nor OpenAI's error shape), and then turned into a pipeline request.
 
+use std::io::Cursor;
+
 use bytes::Bytes;
 use poem::Request;
 use poem_openapi::registry::{MetaSchemaRef, Registry};
@@ -11,17 +13,20 @@ use serde_json::{Map, Value};
 use super::body::BodyFormat;
 use super::error::ApiError;
 use super::limits::{
-    RequestLimits, MAX_BODY_BYTES, MAX_CLIP_SKIP, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE,
-    MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS,
-    MAX_REQUEST_LORAS, MAX_STEPS,
+    RequestLimits, MAX_BODY_BYTES, MAX_CLIP_SKIP, MAX_CONTROLNET_SCALE, MAX_ETA, MAX_GUIDANCE,
+    MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_INPUT_PIXELS, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION,
+    MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_REQUEST_CONTROLNETS, MAX_REQUEST_LORAS, MAX_STEPS,
 };
 use super::types::{
-    self, ImageGenerationRequest, OutputFormatName, PromptSyntaxName, ResponseFormat,
-    SchedulerName, SpacingName,
+    self, ControlNetChoice, ImageGenerationRequest, OutputFormatName, PreprocessName,
+    PromptSyntaxName, ResponseFormat, SchedulerName, SpacingName,
 };
 use crate::load::lora::LoraSpec;
 use crate::pipeline::prompt::extract_extra_networks;
-use crate::pipeline::{Encoding, GenerationRequest, OutputFormat, PromptSyntax};
+use crate::pipeline::{
+    canny, ControlNetInput, Encoding, GenerationRequest, Image, OutputFormat, PromptSyntax,
+    CANNY_HIGH, CANNY_LOW,
+};
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 
 /// A body type read field by field with [`Fields`].
@@ -202,6 +207,73 @@ impl Fields {
         Ok(Some(out))
     }
 
+    /// `controlnets`: a list of `{"model": NAME, "image": BASE64, "scale": S,
+    /// "guidance_start": A, "guidance_end": B, "preprocess": "canny"}`.
+    pub fn controlnet_list(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<Vec<ControlNetChoice>>, ApiError> {
+        let items = match self.take(name) {
+            None => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(other) => return Err(Self::wrong_type(name, "an array", &other)),
+        };
+        if items.len() > MAX_REQUEST_CONTROLNETS {
+            return Err(ApiError::invalid_value(
+                name,
+                format!(
+                    "`{name}` names {} ControlNets; at most {MAX_REQUEST_CONTROLNETS} are allowed",
+                    items.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::Object(map) = item else {
+                return Err(ApiError::field(
+                    name,
+                    "invalid_type",
+                    format!("`{name}[{i}]` must be an object like {{\"model\": \"canny\", \"image\": \"<base64>\"}}"),
+                ));
+            };
+            // Errors name the list, since `param` is a top-level field.
+            let mut f = Fields::new(map);
+            let rename = |e: ApiError| ApiError {
+                message: format!("`{name}[{i}]`: {}", e.message),
+                param: Some(name.to_string()),
+                ..e
+            };
+            let fraction = |f: &mut Fields, key: &str| match f.number(key)? {
+                Some(v) => in_range(key, v, 0.0, 1.0).map(Some),
+                None => Ok(None),
+            };
+            let choice = ControlNetChoice {
+                model: f.required_string("model").map_err(rename)?,
+                image: f.required_string("image").map_err(rename)?,
+                scale: match f.number("scale").map_err(rename)? {
+                    Some(s) => in_range("scale", s, 0.0, MAX_CONTROLNET_SCALE).map_err(rename)?,
+                    None => types::default_controlnet_scale(),
+                },
+                guidance_start: fraction(&mut f, "guidance_start").map_err(rename)?,
+                guidance_end: fraction(&mut f, "guidance_end").map_err(rename)?,
+                preprocess: match f.string("preprocess").map_err(rename)?.as_deref() {
+                    None | Some("none") => None,
+                    Some("canny") => Some(PreprocessName::Canny),
+                    Some(other) => {
+                        return Err(rename(ApiError::invalid_value(
+                            "preprocess",
+                            format!("`preprocess` must be `none` or `canny`, got `{other}` (depth and pose maps: send the map)"),
+                        )))
+                    }
+                },
+                guess_mode: f.boolean("guess_mode").map_err(rename)?,
+            };
+            f.finish().map_err(rename)?;
+            out.push(choice);
+        }
+        Ok(Some(out))
+    }
+
     /// Refuses whatever field is left.
     pub fn finish(self) -> Result<(), ApiError> {
         match self.0.keys().next() {
@@ -317,6 +389,7 @@ impl FromFields for ImageGenerationRequest {
                 None => types::default_lora_scale(),
             },
             loras: f.lora_list("loras")?,
+            controlnets: f.controlnet_list("controlnets")?,
             scheduler: match f.string("scheduler")? {
                 None => None,
                 Some(s) => Some(SchedulerName::from(
@@ -445,6 +518,45 @@ pub struct Checked {
     pub encoding: Encoding,
     /// LoRA adapters asked for (`lora_path`, then `loras`), not yet resolved.
     pub loras: Vec<RequestedLora>,
+    /// ControlNets asked for, their `model` the name in the ControlNet directory, not
+    /// yet resolved (the server puts them into `generation` once it has).
+    pub controlnets: Vec<ControlNetInput>,
+}
+
+/// The ControlNets `req` names, their images decoded (and preprocessed), in order.
+pub fn requested_controlnets(
+    req: &ImageGenerationRequest,
+) -> Result<Vec<ControlNetInput>, ApiError> {
+    const FIELD: &str = "controlnets";
+    let mut out = Vec::new();
+    for (i, c) in req.controlnets.iter().flatten().enumerate() {
+        let refuse =
+            |message: String| ApiError::invalid_value(FIELD, format!("`{FIELD}[{i}]`: {message}"));
+        let b64 = match c.image.split_once(";base64,") {
+            Some((head, data)) if head.starts_with("data:") => data,
+            _ => c.image.as_str(),
+        };
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| refuse(format!("`image` is not base64 or a base64 data URL: {e}")))?;
+        let decoded = decode_upload(FIELD, &bytes).map_err(|e| refuse(e.message))?;
+        let mut image = Image::from_dynamic(&decoded);
+        if c.preprocess == Some(PreprocessName::Canny) {
+            image = canny(&image, CANNY_LOW, CANNY_HIGH).map_err(|e| refuse(e.to_string()))?;
+        }
+        let input = ControlNetInput {
+            model: c.model.clone(),
+            image,
+            scale: c.scale,
+            guidance_start: c.guidance_start.unwrap_or(0.0),
+            guidance_end: c.guidance_end.unwrap_or(1.0),
+            guess_mode: c.guess_mode.unwrap_or(false),
+        };
+        input.check().map_err(|e| refuse(e.to_string()))?;
+        out.push(input);
+    }
+    Ok(out)
 }
 
 /// A LoRA adapter a request names, before the server resolves it in its directory: the
@@ -551,8 +663,10 @@ pub fn check(
     )?;
     let syntax = req.prompt_syntax.map_or(prompt.syntax, PromptSyntax::from);
     let loras = requested_loras(req, syntax)?;
+    let controlnets = requested_controlnets(req)?;
     Ok(Checked {
         loras,
+        controlnets,
         stream: (req.stream == Some(true)).then(|| StreamSettings {
             quality: req.quality.clone().unwrap_or_else(|| "auto".into()),
             partial_images: req.partial_images.unwrap_or(0) as usize,
@@ -580,6 +694,41 @@ pub fn check(
         response_format: req.response_format,
         encoding: encoding(req.output_format, req.output_compression),
     })
+}
+
+/// Decodes an uploaded PNG, JPEG or WebP after checking its header's dimensions
+/// against [`MAX_INPUT_PIXELS`]; errors name `field`.
+pub fn decode_upload(field: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+    let not_image = || {
+        ApiError::invalid_value(
+            field,
+            format!("`{field}` must be a PNG, JPEG or WebP image"),
+        )
+    };
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    match reader.format() {
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
+        _ => return Err(not_image()),
+    }
+    let (w, h) = reader.into_dimensions().map_err(|_| not_image())?;
+    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS || w == 0 || h == 0 {
+        return Err(ApiError::invalid_value(
+            field,
+            format!("`{field}` is {w}x{h}; at most {MAX_INPUT_PIXELS} pixels are accepted"),
+        ));
+    }
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| not_image())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| ApiError::invalid_value(field, format!("`{field}` could not be decoded: {e}")))
 }
 
 /// A random seed for a request that has none.

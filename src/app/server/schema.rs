@@ -551,9 +551,9 @@ fn segments(path: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::app::server::limits::{
-        MAX_CLIP_SKIP, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE, MAX_IMAGES, MAX_LORA_SCALE,
-        MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, MAX_STEPS,
-        MAX_STRENGTH,
+        MAX_CLIP_SKIP, MAX_CONTROLNET_SCALE, MAX_ETA, MAX_GUIDANCE, MAX_GUIDANCE_RESCALE,
+        MAX_IMAGES, MAX_LORA_SCALE, MAX_OUTPUT_COMPRESSION, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS,
+        MAX_REQUEST_CONTROLNETS, MAX_REQUEST_LORAS, MAX_STEPS, MAX_STRENGTH,
     };
 
     /// The bounds the schema states, which the bounds test checks.
@@ -625,7 +625,11 @@ mod tests {
         let value = match keyword {
             "maxItems" => {
                 let n: usize = value.parse().expect("a count");
-                format!("[{}]", vec![r#"{"path": "a"}"#; n].join(","))
+                let item = match field {
+                    "controlnets" => controlnet_item(""),
+                    _ => r#"{"path": "a"}"#.to_string(),
+                };
+                format!("[{}]", vec![item; n].join(","))
             }
             "maxLength" => format!(r#""{}""#, long_text(value)),
             _ => value.to_string(),
@@ -642,6 +646,17 @@ mod tests {
     /// characters, since the limit counts characters.
     fn long_text(count: &str) -> String {
         "é".repeat(count.parse().expect("a count"))
+    }
+
+    /// A `controlnets` entry with a small control image, plus `extra` fields (`, "k": v`).
+    fn controlnet_item(extra: &str) -> String {
+        use base64::Engine as _;
+        let mut png = Vec::new();
+        image::DynamicImage::new_rgb8(8, 8)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+        format!(r#"{{"model": "a", "image": "{b64}"{extra}}}"#)
     }
 
     /// An edit of a 64x64 image with the form field `field` set to the text `value`.
@@ -727,6 +742,23 @@ mod tests {
             );
             check_bounds(
                 what,
+                &schemas["ControlNetChoice"]["properties"],
+                |field, _, v| {
+                    // A window must stay non-empty: the other end at its far side.
+                    let other = match field {
+                        "guidance_start" => r#", "guidance_end": 1"#.to_string(),
+                        "guidance_end" => r#", "guidance_start": 0"#.to_string(),
+                        _ => String::new(),
+                    };
+                    let item = controlnet_item(&format!(r#", "{field}": {v}{other}"#));
+                    generation_with("controlnets", "", &format!("[{item}]"))
+                },
+                |_| "controlnets".into(),
+                // An empty window is refused: start 1 or end 0 never run.
+                &[("guidance_start", "maximum"), ("guidance_end", "minimum")],
+            );
+            check_bounds(
+                what,
                 form,
                 |field, keyword, v| match keyword {
                     "maxLength" => edit_with(field, &long_text(v)),
@@ -760,6 +792,15 @@ mod tests {
                 MAX_PROMPT_CHARS as f64,
             ),
             (&form["clip_skip"]["maximum"], MAX_CLIP_SKIP as f64),
+            (
+                &json["controlnets"]["maxItems"],
+                MAX_REQUEST_CONTROLNETS as f64,
+            ),
+            (
+                &poem["components"]["schemas"]["ControlNetChoice"]["properties"]["scale"]
+                    ["maximum"],
+                MAX_CONTROLNET_SCALE,
+            ),
             (
                 &json["output_compression"]["maximum"],
                 MAX_OUTPUT_COMPRESSION as f64,
@@ -817,7 +858,7 @@ mod tests {
                 (None, Some("number")) => "0.5".into(),
                 (None, Some("boolean")) => "false".into(),
                 _ if name == "size" => "64x64".into(),
-                _ if name == "loras" => "[]".into(),
+                _ if name == "loras" || name == "controlnets" => "[]".into(),
                 _ => "text".into(),
             };
             let r = edit_with(name, &value);

@@ -90,6 +90,11 @@ pub struct ImageGenerationRequest {
     /// most 8 in all). Their changes add up.
     #[oai(validator(max_items = 8))]
     pub loras: Option<Vec<LoraChoice>>,
+    /// hypergen's SDXL extension: ControlNets steering the image (at most 4), each a
+    /// name inside the server's ControlNet directory (`--controlnet-dir`;
+    /// `GET /v1/controlnets` lists them) with its control image; their residuals add up.
+    #[oai(validator(max_items = 4))]
+    pub controlnets: Option<Vec<ControlNetChoice>>,
     /// The sampler; absent: the model's own scheduler config. `heun` evaluates the
     /// model twice per step (all but the first); `euler_ancestral`, `dpmpp_2m_sde*`,
     /// `lcm` and `tcd` draw fresh noise from the seed during the run.
@@ -154,6 +159,115 @@ pub fn default_steps() -> u32 {
 pub fn default_guidance() -> f64 {
     RequestDefaults::SERVER.guidance_scale
 }
+/// A ControlNet a request asks for (an entry of `controlnets`).
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ControlNetChoice {
+    /// Its name inside the server's ControlNet directory (a diffusers folder, or a
+    /// `.safetensors` file whose extension may be left off).
+    pub model: String,
+    /// The control image (an edge, depth or pose map; a photo with `preprocess`), as
+    /// base64 or a `data:image/...;base64,` URL (PNG, JPEG or WebP). Resized to the
+    /// output size with a Lanczos filter when it differs.
+    pub image: String,
+    /// `controlnet_conditioning_scale`, 0 to 2 (default 1).
+    #[oai(
+        default = "default_controlnet_scale",
+        validator(minimum(value = "0"), maximum(value = "2"))
+    )]
+    pub scale: f64,
+    /// The fraction of the steps before which it is off, 0 to 1 (default 0).
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub guidance_start: Option<f64>,
+    /// The fraction of the steps after which it is off, 0 to 1 (default 1); more than
+    /// `guidance_start`.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
+    pub guidance_end: Option<f64>,
+    /// Turn `image` into the map first: `canny` (OpenCV's edge map, thresholds 100 and
+    /// 200). Absent or `none`: `image` is the map. Depth and pose maps need models of
+    /// their own: send the map.
+    pub preprocess: Option<PreprocessName>,
+    /// diffusers' `guess_mode` (default false): the ControlNet sees the positive prompt's
+    /// rows only and its residuals ramp from 0.1 to 1 × `scale`; for empty prompts, with
+    /// `guidance_scale` 3 to 5.
+    pub guess_mode: Option<bool>,
+}
+
+/// Default of [`ControlNetChoice::scale`].
+pub fn default_controlnet_scale() -> f64 {
+    1.0
+}
+
+impl Example for ControlNetChoice {
+    fn example() -> Self {
+        Self {
+            model: "controlnet-canny-sdxl-1.0".into(),
+            image: "data:image/png;base64,iVBORw0KGgo...".into(),
+            scale: 0.8,
+            guidance_start: None,
+            guidance_end: Some(0.8),
+            preprocess: Some(PreprocessName::Canny),
+            guess_mode: None,
+        }
+    }
+}
+
+/// A control image preprocessor.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreprocessName {
+    /// The image is the map already.
+    #[oai(rename = "none")]
+    None,
+    /// OpenCV's canny edge map of the image.
+    #[oai(rename = "canny")]
+    Canny,
+}
+
+/// Response of `GET /v1/controlnets`: the ControlNets requests may name.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ControlNetList {
+    /// Always `list`.
+    pub object: String,
+    /// Whether the server takes ControlNets (started with `--controlnet-dir`). When
+    /// false, `data` is empty and requests that name one are refused.
+    pub enabled: bool,
+    /// The ControlNets in the directory, by name.
+    pub data: Vec<ControlNetFile>,
+}
+
+impl Example for ControlNetList {
+    fn example() -> Self {
+        Self {
+            object: "list".into(),
+            enabled: true,
+            data: vec![ControlNetFile::example()],
+        }
+    }
+}
+
+/// A ControlNet in the server's ControlNet directory.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(example)]
+pub struct ControlNetFile {
+    /// The name to use as a `controlnets` entry's `model`.
+    pub id: String,
+    /// Always `controlnet`.
+    pub object: String,
+    /// Size of its weight file in bytes.
+    pub bytes: u64,
+}
+
+impl Example for ControlNetFile {
+    fn example() -> Self {
+        Self {
+            id: "controlnet-canny-sdxl-1.0".into(),
+            object: "controlnet".into(),
+            bytes: 5_004_167_864,
+        }
+    }
+}
+
 /// Default of [`ImageGenerationRequest::lora_scale`].
 pub fn default_lora_scale() -> f64 {
     1.0
@@ -355,6 +469,7 @@ impl Example for ImageGenerationRequest {
             lora_path: None,
             lora_scale: 1.0,
             loras: None,
+            controlnets: None,
             scheduler: Some(SchedulerName::Euler),
             timestep_spacing: None,
             guidance_rescale: None,
@@ -463,6 +578,10 @@ pub struct ImageEditRequest {
     /// Several LoRA adapters, as in `/v1/images/generations`, written as JSON text:
     /// `[{"path": "pixel-art-xl.safetensors", "scale": 0.8}]`.
     pub loras: Option<String>,
+    /// ControlNets, as in `/v1/images/generations`, written as JSON text:
+    /// `[{"model": "canny", "image": "<base64>", "scale": 0.8}]`. The control image is
+    /// separate from `image` (which the edit starts from).
+    pub controlnets: Option<String>,
 }
 
 /// How prompts are read (`prompt_syntax`).

@@ -22,7 +22,7 @@ pub use transformer::{
     BasicTransformerBlock, FeedForward, FeedForwardLayer, Geglu, Transformer2DModel,
 };
 
-use blocks::{project_text, text_fits, AttnSettings, BlockSettings};
+pub(crate) use blocks::{project_text, text_fits, AttnSettings, BlockSettings};
 use embeddings::host_tensor;
 
 use crate::error::{Error, Result};
@@ -97,37 +97,12 @@ impl UNetConfig {
         let config = self;
         let ch = &config.block_out_channels;
         let n = ch.len();
-        let s = BlockSettings {
-            temb: r.time_embed_dim,
-            groups: config.norm_num_groups,
-            eps: config.norm_eps,
-            resnet_scale: config.resnet_out_scale_factor,
-        };
+        let (s, encoder) = build_encoder(&r, device);
         let attn = |i: usize, depth: usize| AttnSettings {
             heads: r.heads[i],
             depth,
             cross_dim: r.cross_attention_dim[i],
         };
-        let down_blocks = (0..n)
-            .map(|i| {
-                DownBlock::new(
-                    &s,
-                    if i == 0 { ch[0] } else { ch[i - 1] },
-                    ch[i],
-                    r.layers[i],
-                    r.down_attn[i].then(|| attn(i, r.transformer_layers[i])),
-                    (i + 1 < n).then_some(config.downsample_padding),
-                    device,
-                )
-            })
-            .collect();
-        let mid_block = MidBlock::new(
-            &s,
-            ch[n - 1],
-            config.mid_block_scale_factor,
-            attn(n - 1, r.transformer_layers[n - 1]),
-            device,
-        );
         let mut prev = ch[n - 1];
         let up_blocks = (0..n)
             .map(|i| {
@@ -148,13 +123,13 @@ impl UNetConfig {
                 block
             })
             .collect();
-        let (kin, kout) = (config.conv_in_kernel, config.conv_out_kernel);
+        let kout = config.conv_out_kernel;
         Ok(UNet2DConditionModel {
-            conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
-            time_embedding: TimestepEmbedding::new(ch[0], r.time_embed_dim, device),
-            add_embedding: TimestepEmbedding::new(r.add_embedding_in, r.time_embed_dim, device),
-            down_blocks,
-            mid_block,
+            conv_in: encoder.conv_in,
+            time_embedding: encoder.time_embedding,
+            add_embedding: encoder.add_embedding,
+            down_blocks: encoder.down_blocks,
+            mid_block: encoder.mid_block,
             up_blocks,
             conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, device),
             conv_out: conv2d(ch[0], config.out_channels, kout, 1, kout / 2, device),
@@ -267,31 +242,18 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
         B::on_pool(|| {
             let [n, c, _, _] = sample.dims();
             let r = &self.resolved;
-            let cfg = &r.config;
             let dtype = self.dtype();
             let device = sample.device();
-            if c != cfg.in_channels {
+            if c != r.config.in_channels {
                 return Err(Error::invalid(
                     "sample",
-                    format!("has {c} channels, the UNet takes {}", cfg.in_channels),
+                    format!("has {c} channels, the UNet takes {}", r.config.in_channels),
                 ));
             }
-            if timesteps.len() != n || time_ids.len() != n * 6 {
+            if timesteps.len() != n {
                 return Err(Error::invalid(
                     "timesteps",
-                    format!(
-                        "need one timestep and six time ids per batch row ({n} rows; got {} and {})",
-                        timesteps.len(),
-                        time_ids.len()
-                    ),
-                ));
-            }
-            let [tn, td] = text_embeds.dims();
-            let want = r.add_embedding_in - 6 * r.addition_time_embed_dim;
-            if tn != n || td != want {
-                return Err(Error::invalid(
-                    "text_embeds",
-                    format!("shape [{tn}, {td}], the UNet takes [{n}, {want}]"),
+                    format!("{} timesteps for {n} batch rows", timesteps.len()),
                 ));
             }
             if text.rows != n {
@@ -324,19 +286,16 @@ impl<B: FusedOps> UNet2DConditionModel<B> {
                     ));
                 }
             }
+            let emb = embed(
+                r,
+                (&self.time_embedding, &self.add_embedding),
+                timesteps,
+                text_embeds,
+                time_ids,
+                dtype,
+                &device,
+            )?;
             let sample = sample.cast(dtype);
-            let ch0 = cfg.block_out_channels[0];
-
-            let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
-            let t_emb = host_tensor::<B>(t_emb, n, ch0, dtype, &device);
-            let mut emb = self.time_embedding.forward(t_emb);
-
-            let ad = r.addition_time_embed_dim;
-            let time_emb = sinusoidal(time_ids, ad, cfg.flip_sin_to_cos, cfg.freq_shift);
-            let time_emb = host_tensor::<B>(time_emb, n, 6 * ad, dtype, &device);
-            let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
-            emb = emb + self.add_embedding.forward(add_in);
-
             let mut x = conv2d_forward(&self.conv_in, sample);
             let mut skips = vec![x.clone()];
             for (i, (block, text)) in self.down_blocks.iter().zip(&text.down).enumerate() {
@@ -412,4 +371,109 @@ fn add_residuals<B: FusedOps>(
         .enumerate()
         .map(|(k, (skip, r))| add_residual(skip, r, dtype, NAME, &format!("residual {k}")))
         .collect()
+}
+
+/// The encoder half of a UNet: what a ControlNet copies (diffusers'
+/// `ControlNetModel.from_unet`), built here once for both.
+pub(crate) struct Encoder<B: FusedOps> {
+    pub conv_in: Conv2d<B>,
+    pub time_embedding: TimestepEmbedding<B>,
+    pub add_embedding: TimestepEmbedding<B>,
+    pub down_blocks: Vec<DownBlock<B>>,
+    pub mid_block: MidBlock<B>,
+}
+
+/// Builds the encoder half of the network `r` describes (conv_in, the time and
+/// micro-conditioning embeddings, the down blocks, the mid block), with the block
+/// settings the up path reuses.
+pub(crate) fn build_encoder<B: FusedOps>(
+    r: &ResolvedUNet,
+    device: &B::Device,
+) -> (BlockSettings, Encoder<B>) {
+    let config = &r.config;
+    let ch = &config.block_out_channels;
+    let n = ch.len();
+    let s = BlockSettings {
+        temb: r.time_embed_dim,
+        groups: config.norm_num_groups,
+        eps: config.norm_eps,
+        resnet_scale: config.resnet_out_scale_factor,
+    };
+    let attn = |i: usize, depth: usize| AttnSettings {
+        heads: r.heads[i],
+        depth,
+        cross_dim: r.cross_attention_dim[i],
+    };
+    let down_blocks = (0..n)
+        .map(|i| {
+            DownBlock::new(
+                &s,
+                if i == 0 { ch[0] } else { ch[i - 1] },
+                ch[i],
+                r.layers[i],
+                r.down_attn[i].then(|| attn(i, r.transformer_layers[i])),
+                (i + 1 < n).then_some(config.downsample_padding),
+                device,
+            )
+        })
+        .collect();
+    let mid_block = MidBlock::new(
+        &s,
+        ch[n - 1],
+        config.mid_block_scale_factor,
+        attn(n - 1, r.transformer_layers[n - 1]),
+        device,
+    );
+    let kin = config.conv_in_kernel;
+    let encoder = Encoder {
+        conv_in: conv2d(config.in_channels, ch[0], kin, 1, kin / 2, device),
+        time_embedding: TimestepEmbedding::new(ch[0], r.time_embed_dim, device),
+        add_embedding: TimestepEmbedding::new(r.add_embedding_in, r.time_embed_dim, device),
+        down_blocks,
+        mid_block,
+    };
+    (s, encoder)
+}
+
+/// The embedding every resnet reads: the sinusoidal timestep through `time_embedding`
+/// plus pooled text and micro-conditioning through `add_embedding` (SDXL's
+/// `text_time`), for `timesteps.len()` rows. Refuses inputs of the wrong count or width.
+pub(crate) fn embed<B: FusedOps>(
+    r: &ResolvedUNet,
+    (time_embedding, add_embedding): (&TimestepEmbedding<B>, &TimestepEmbedding<B>),
+    timesteps: &[f32],
+    text_embeds: Tensor<B, 2>,
+    time_ids: &[f32],
+    dtype: DType,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
+    let cfg = &r.config;
+    let n = timesteps.len();
+    let [tn, td] = text_embeds.dims();
+    if time_ids.len() != n * 6 || tn != n {
+        return Err(Error::invalid(
+            "timesteps",
+            format!(
+                "need one timestep, one text_embeds row and six time ids per batch row \
+                 ({tn} rows; got {n} timesteps and {} time ids)",
+                time_ids.len()
+            ),
+        ));
+    }
+    let want = r.add_embedding_in - 6 * r.addition_time_embed_dim;
+    if td != want {
+        return Err(Error::invalid(
+            "text_embeds",
+            format!("shape [{tn}, {td}], the model takes [{n}, {want}]"),
+        ));
+    }
+    let ch0 = cfg.block_out_channels[0];
+    let t_emb = sinusoidal(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
+    let t_emb = host_tensor::<B>(t_emb, n, ch0, dtype, device);
+    let emb = time_embedding.forward(t_emb);
+    let ad = r.addition_time_embed_dim;
+    let time_emb = sinusoidal(time_ids, ad, cfg.flip_sin_to_cos, cfg.freq_shift);
+    let time_emb = host_tensor::<B>(time_emb, n, 6 * ad, dtype, device);
+    let add_in = Tensor::cat(vec![text_embeds.cast(dtype), time_emb], 1);
+    Ok(emb + add_embedding.forward(add_in))
 }

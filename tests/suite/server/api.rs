@@ -867,7 +867,7 @@ fn openapi_schema_is_committed() {
             }
         }
     }
-    assert_eq!(operations, 8);
+    assert_eq!(operations, 9);
     let edit = &doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"];
     assert!(
         edit["multipart/form-data"].is_object(),

@@ -3,6 +3,7 @@
 
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,9 +11,11 @@ use std::time::Instant;
 use super::queue::QueuedJob;
 use super::{bump, FaultPoint, JobError, JobEvent, Shared, WorkerObserver, WorkerOptions};
 use crate::error::Error;
+use crate::load::controlnet::{add_controlnet, controlnet_bytes};
 use crate::load::lora::{apply_loras, remove_loras, LoraAdapter, LoraSpec};
 use crate::pipeline::{
-    a1111_parameters, GenerationRequest, OutputFormat, Preview, Progress, SdxlPipeline,
+    a1111_parameters, ControlNetInput, GenerationRequest, OutputFormat, Preview, Progress,
+    SdxlPipeline,
 };
 use crate::scheduler::SchedulerKind;
 use crate::FusedOps;
@@ -47,6 +50,69 @@ pub(super) fn switch_loras<B: FusedOps>(
             )))
         }
     }
+}
+
+/// Loads the ControlNets `needs` names (canonical paths in the server's ControlNet
+/// directory) that are not loaded yet, checked against the UNet, and drops the least
+/// recently used others beyond the cache budget. On an error nothing the batch needs
+/// was dropped and no half-loaded model is kept.
+pub(super) fn switch_controlnets<B: FusedOps>(
+    pipeline: &mut SdxlPipeline<B>,
+    needs: &[ControlNetInput],
+    recent: &mut Vec<String>,
+    options: &WorkerOptions,
+    device: &B::Device,
+) -> Result<(), JobError> {
+    for input in needs {
+        let name = &input.model;
+        if !pipeline.components().controlnets.contains_key(name) {
+            let loaded = catch_unwind(AssertUnwindSafe(|| {
+                add_controlnet(
+                    pipeline.components_mut(),
+                    name.clone(),
+                    Path::new(name),
+                    device,
+                )
+            }));
+            match loaded {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // Clients know names in the ControlNet directory, not its place.
+                    let folder = Path::new(name).parent().map(|p| p.display().to_string());
+                    let mut message = e.to_string();
+                    if let Some(folder) = folder.filter(|f| !f.is_empty()) {
+                        message = message.replace(&format!("{folder}/"), "");
+                    }
+                    return Err(JobError::Invalid {
+                        param: "controlnets",
+                        message,
+                    });
+                }
+                Err(panic) => {
+                    return Err(JobError::Failed(format!(
+                        "loading a ControlNet panicked: {}",
+                        panic_message(&panic)
+                    )))
+                }
+            }
+        }
+        recent.retain(|r| r != name);
+        recent.insert(0, name.clone());
+    }
+    let components = pipeline.components_mut();
+    let mut total = 0usize;
+    recent.retain(|name| {
+        let needed = needs.iter().any(|n| &n.model == name);
+        let bytes = components.controlnets.get(name).map_or(0, controlnet_bytes);
+        total += bytes;
+        if needed || total <= options.controlnet_cache_bytes {
+            return true;
+        }
+        total -= bytes;
+        components.controlnets.remove(name);
+        false
+    });
+    Ok(())
 }
 
 /// Whether a failure's message is a device (or host) out-of-memory, as CubeCL, wgpu and

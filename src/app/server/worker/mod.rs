@@ -249,6 +249,9 @@ pub struct WorkerOptions {
     pub hooks: WorkerHooks,
     /// Generate once before reporting ready; `None`: no warm-up.
     pub warmup: Option<WarmUp>,
+    /// Device bytes the ControlNets requests asked for may keep loaded between batches
+    /// (least recently used dropped first; a batch's own are always loaded).
+    pub controlnet_cache_bytes: usize,
 }
 
 impl WorkerOptions {
@@ -268,6 +271,7 @@ impl WorkerOptions {
             png_parameters: true,
             hooks: WorkerHooks::default(),
             warmup: None,
+            controlnet_cache_bytes: crate::app::server::limits::DEFAULT_CONTROLNET_CACHE_MB << 20,
         }
     }
 }

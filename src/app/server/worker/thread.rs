@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 
-use super::batch::{panic_message, run_batch, switch_loras};
+use super::batch::{panic_message, run_batch, switch_controlnets, switch_loras};
 use super::queue::{job_queue, Batcher};
 use super::{bump, EmbeddingsLoaded, FaultPoint, JobError, Shared, WarmUp, Worker, WorkerOptions};
 use crate::device::{CpuBackend, DTypeChoice, Placed, WithBackend};
@@ -206,6 +206,8 @@ fn serve_jobs<B: FusedOps>(
     shared: &Shared,
     options: &WorkerOptions,
 ) {
+    // ControlNets loaded for requests, most recently used first.
+    let mut recent: Vec<String> = Vec::new();
     while let Some(batch) = batcher.next_batch(shared) {
         let observer = options.hooks.observer.as_deref();
         let now = Instant::now();
@@ -230,6 +232,16 @@ fn serve_jobs<B: FusedOps>(
         }
         if let Err(error) = switch_loras(&mut pipeline, base, &batch[0]) {
             tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "LoRA adapters not merged");
+            bump(&shared.counters.started, batch.len());
+            bump(&shared.counters.failed, batch.len());
+            for job in batch {
+                let _ = job.reply.send(Err(error.clone()));
+            }
+            continue;
+        }
+        let needs = &batch[0].request.controlnets;
+        if let Err(error) = switch_controlnets(&mut pipeline, needs, &mut recent, options, device) {
+            tracing::warn!(jobs = ?batch.iter().map(|j| j.id).collect::<Vec<_>>(), error = ?error, "ControlNets not loaded");
             bump(&shared.counters.started, batch.len());
             bump(&shared.counters.failed, batch.len());
             for job in batch {
