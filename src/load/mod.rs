@@ -6,6 +6,7 @@
 pub mod builtin;
 pub mod folder;
 pub mod hub;
+pub mod ip_adapter;
 pub mod lora;
 pub mod lora_dir;
 pub mod params;

@@ -10,6 +10,7 @@ mod common;
 mod parity {
     pub mod clip;
     pub mod edits;
+    pub mod ip_adapter;
     pub mod kernels;
     pub mod lora;
     pub mod pipeline;

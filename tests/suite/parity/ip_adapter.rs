@@ -1,0 +1,217 @@
+//! IP-Adapter (image prompts) against diffusers: the preprocessing, the image encoder,
+//! the projections (base and Plus) and the UNet with image tokens, each case read from
+//! `reference/ip_adapter/ip_adapter.json`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use hypergen::load::ip_adapter::{check_widths, load_image_encoder, load_ip_adapter};
+use hypergen::model::clip_vision::pixel_values;
+use hypergen::model::unet::{ExtraTokens, UNetExtras};
+use hypergen::FusedOps;
+
+use crate::common::{
+    fixture_dir, ref_tensor, ref_tensor_of, reference, rel_error, values, Cpu, RefTensor, TOL_F32,
+};
+
+fn ip_dir() -> PathBuf {
+    fixture_dir().join("reference").join("ip_adapter")
+}
+
+fn settings() -> &'static serde_json::Value {
+    static S: OnceLock<serde_json::Value> = OnceLock::new();
+    S.get_or_init(|| {
+        let text = std::fs::read_to_string(ip_dir().join("ip_adapter.json")).expect("json");
+        serde_json::from_str(&text).expect("json parses")
+    })
+}
+
+/// The tensor `name` of `reference/ip_adapter/ip_adapter.safetensors`.
+fn ip_ref(name: &str) -> RefTensor {
+    static ALL: OnceLock<HashMap<String, RefTensor>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let bytes = std::fs::read(ip_dir().join("ip_adapter.safetensors")).expect("tensors");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("tensors parse");
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| (n, ref_tensor_of(&v)))
+            .collect()
+    })
+    .get(name)
+    .unwrap_or_else(|| panic!("reference tensor `{name}` not found"))
+    .clone()
+}
+
+fn ip_tensor<B: FusedOps, const D: usize>(name: &str, device: &B::Device) -> Tensor<B, D> {
+    let r = ip_ref(name);
+    Tensor::from_data(TensorData::new(r.data, r.shape), device)
+}
+
+fn close<B: FusedOps, const D: usize>(what: &str, got: Tensor<B, D>, name: &str) {
+    let want = ip_ref(name);
+    assert_eq!(got.dims().to_vec(), want.shape, "{what}: shape");
+    let err = rel_error(&values(got), &want.data);
+    eprintln!("{what}: relative error {err:.3e}");
+    assert!(
+        err <= TOL_F32,
+        "{what}: relative error {err:.3e} > {TOL_F32:.0e}"
+    );
+}
+
+/// The cases of the JSON, by name.
+fn cases() -> Vec<(String, serde_json::Value)> {
+    let cases = settings()["cases"].as_object().expect("cases");
+    cases.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The case's image as RGB bytes with its size.
+fn case_image(case: &serde_json::Value) -> (Vec<u8>, usize, usize) {
+    let path = fixture_dir().join(case["ip_adapter_image"].as_str().expect("image"));
+    let img = image::open(&path).expect("image decodes").to_rgb8();
+    let (w, h) = img.dimensions();
+    (img.into_raw(), w as usize, h as usize)
+}
+
+/// The saved pre-processed pixels of the case's image.
+fn pixels_name(case: &serde_json::Value) -> &'static str {
+    if case["ip_adapter_image"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("portrait")
+    {
+        "pixel_values.portrait"
+    } else {
+        "pixel_values.init_image"
+    }
+}
+
+/// The preprocessing alone: PIL's bicubic resize, the centre crop, CLIP's normalisation.
+#[test]
+fn preprocessing_matches_clip_image_processor() {
+    let device = Default::default();
+    let size = settings()["feature_extractor"]["crop_size"]["height"]
+        .as_u64()
+        .expect("crop size") as usize;
+    for (name, case) in cases() {
+        let (rgb, w, h) = case_image(&case);
+        let got = pixel_values::<Cpu>(&rgb, w, h, size, &device);
+        let want = ip_ref(pixels_name(&case));
+        assert_eq!(got.dims().to_vec(), want.shape, "{name}");
+        let max = values(got)
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: max |pixel difference| {max:.2e}");
+        // One byte step is 1/255/std ≈ 0.015; PIL's resize is matched bit for bit.
+        assert!(max < 1e-5, "{name}: pixel values differ by {max}");
+    }
+}
+
+/// The encoder's embeddings and the projected tokens, for every case (CPU).
+#[test]
+fn image_embeddings_and_tokens_match() {
+    let device = Default::default();
+    let fx = fixture_dir();
+    for (name, case) in cases() {
+        let enc_dir = fx.join(case["image_encoder"].as_str().expect("encoder"));
+        let adapter_path = fx.join(case["adapter"].as_str().expect("adapter"));
+        let (encoder, _) =
+            load_image_encoder::<Cpu>(&enc_dir, DType::F32, &device).expect("encoder");
+        let (adapter, _) =
+            load_ip_adapter::<Cpu>(&adapter_path, DType::F32, &device).expect("adapter");
+        check_widths(&adapter_path, &adapter, &encoder).expect("widths");
+        let pixels = ip_tensor::<Cpu, 4>(pixels_name(&case), &device);
+        let out = encoder.forward(pixels.clone()).expect("encoder forward");
+        let (cond, uncond) = if adapter.reads_hidden_states() {
+            close(
+                &format!("{name} penultimate"),
+                out.penultimate.clone(),
+                &format!("{name}.penultimate"),
+            );
+            let zeros = encoder
+                .forward(pixels.zeros_like())
+                .expect("zeros")
+                .penultimate;
+            close(
+                &format!("{name} uncond"),
+                zeros.clone(),
+                &format!("{name}.uncond_penultimate"),
+            );
+            (out.penultimate, zeros)
+        } else {
+            close(
+                &format!("{name} image_embeds"),
+                out.image_embeds.clone(),
+                &format!("{name}.image_embeds"),
+            );
+            let e = out.image_embeds.unsqueeze_dim::<3>(1);
+            (e.clone(), e.zeros_like())
+        };
+        let tokens = adapter
+            .project_image(Tensor::cat(vec![uncond, cond], 0))
+            .expect("tokens");
+        let [n, t, w] = tokens.dims();
+        close(
+            &format!("{name} tokens"),
+            tokens.reshape([n, 1, t, w]),
+            &format!("{name}.ip_tokens_cfg"),
+        );
+    }
+}
+
+/// One UNet call with image tokens (timestep 421, the references' inputs), base and Plus.
+fn unet_with_tokens_matches<B: FusedOps>(device: &B::Device) {
+    let fx = fixture_dir();
+    let (unet, _) =
+        hypergen::load::folder::load_unet::<B>(&fx.join("unet"), None, DType::F32, device)
+            .expect("unet");
+    let sample = ref_tensor::<B, 4>("unet.sample", device);
+    let context = ref_tensor::<B, 3>("unet.encoder_hidden_states", device);
+    let text_embeds = ref_tensor::<B, 2>("unet.text_embeds", device);
+    let time_ids = reference("unet.time_ids").data;
+    let n = sample.dims()[0];
+    let text = unet.prepare_context(context).expect("context");
+    for (case, out_name) in [
+        ("ip.base.scale0.6", "unet.t421.ip_base_scale0.6.out"),
+        ("ip.plus.scale0.6", "unet.t421.ip_plus_scale0.6.out"),
+    ] {
+        let c = &settings()["cases"][case];
+        let (adapter, _) = load_ip_adapter::<B>(
+            &fx.join(c["adapter"].as_str().expect("adapter")),
+            DType::F32,
+            device,
+        )
+        .expect("adapter");
+        // [rows, 1, D] (base) or [rows, 1, T, D] (Plus): one image per row.
+        let r = ip_ref(&format!("{case}.embeds_in_cfg"));
+        let (rows, d) = (r.shape[0], r.shape[r.shape.len() - 1]);
+        let t = r.data.len() / rows / d;
+        let embeds = Tensor::<B, 3>::from_data(TensorData::new(r.data, [rows, t, d]), device);
+        let tokens = adapter.project_image(embeds).expect("tokens");
+        assert_eq!(rows, n);
+        let kv = adapter.project_tokens(&unet, tokens).expect("project");
+        let extras = UNetExtras {
+            tokens: Some(ExtraTokens {
+                kv,
+                scale: c["ip_adapter_scale"].as_f64().expect("scale"),
+            }),
+            ..UNetExtras::default()
+        };
+        let out = unet
+            .forward_prepared(
+                sample.clone(),
+                &vec![421.0; n],
+                &text,
+                text_embeds.clone(),
+                &time_ids,
+                &extras,
+            )
+            .expect("forward");
+        close(case, out, out_name);
+    }
+}
+
+crate::on_backends!(unet_with_image_tokens, unet_with_tokens_matches);
