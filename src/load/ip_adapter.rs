@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::load::folder::{init_from, inspect_safetensors, load_module, weight_files, LoadReport};
 use crate::model::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::model::ip_adapter::{ImageProjConfig, IpAdapter, IpAdapterConfig};
+use crate::pipeline::ImagePromptAdapter;
 use crate::FusedOps;
 
 /// The adapter file `path` names, checked to be a safetensors file; pickled formats are
@@ -114,4 +115,23 @@ pub fn check_widths<B: FusedOps>(
         });
     }
     Ok(())
+}
+
+/// Loads the adapter `file` and its encoder (`encoder_dir`, else found beside the file:
+/// [`image_encoder_dir`]), in `dtype`, checking that their widths agree.
+pub fn load_image_prompt_adapter<B: FusedOps>(
+    file: &Path,
+    encoder_dir: Option<&Path>,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<ImagePromptAdapter<B>> {
+    let (adapter, _) = load_ip_adapter::<B>(file, dtype, device)?;
+    let dir = image_encoder_dir(file, encoder_dir)?;
+    let (encoder, _) = load_image_encoder::<B>(&dir, dtype, device)?;
+    check_widths(file, &adapter, &encoder)?;
+    Ok(ImagePromptAdapter {
+        adapter,
+        encoder,
+        path: file.to_path_buf(),
+    })
 }

@@ -1,6 +1,7 @@
 //! What one run is asked to do, and the defaults for what a caller leaves out.
 
 use super::image::InitImage;
+use super::ip_adapter::ImagePrompt;
 use crate::scheduler::SamplerSettings;
 
 /// Request settings a caller did not give, written once for every front end.
@@ -75,6 +76,9 @@ pub struct GenerationRequest {
     /// `StableDiffusionXLImg2ImgPipeline` / `StableDiffusionXLInpaintPipeline`). `None`:
     /// text-to-image.
     pub init_image: Option<InitImage>,
+    /// An image prompt through the pipeline's IP-Adapter
+    /// ([`SdxlPipeline::set_ip_adapter`](super::SdxlPipeline::set_ip_adapter)).
+    pub ip_adapter: Option<ImagePrompt>,
 }
 
 impl Default for GenerationRequest {
@@ -97,6 +101,7 @@ impl Default for GenerationRequest {
             crops_coords_top_left: (0, 0),
             target_size: None,
             init_image: None,
+            ip_adapter: None,
         }
     }
 }
@@ -118,6 +123,9 @@ impl GenerationRequest {
             // The same start step: both text-to-image, or both from an image at one strength.
             && self.init_image.as_ref().map(|i| i.strength.to_bits())
                 == other.init_image.as_ref().map(|i| i.strength.to_bits())
+            // Image prompts on both or neither, at one scale (the images may differ).
+            && self.ip_adapter.as_ref().map(|p| p.scale.to_bits())
+                == other.ip_adapter.as_ref().map(|p| p.scale.to_bits())
     }
 
     /// Whether classifier-free guidance runs (a negative branch beside the positive one).

@@ -7,13 +7,17 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::tensor::{DType, Tensor, TensorData};
-use hypergen::load::ip_adapter::{check_widths, load_image_encoder, load_ip_adapter};
+use hypergen::load::ip_adapter::{
+    check_widths, load_image_encoder, load_image_prompt_adapter, load_ip_adapter,
+};
 use hypergen::model::clip_vision::pixel_values;
 use hypergen::model::unet::{ExtraTokens, UNetExtras};
+use hypergen::pipeline::{GenerationRequest, Image, ImagePrompt};
 use hypergen::FusedOps;
 
 use crate::common::{
-    fixture_dir, ref_tensor, ref_tensor_of, reference, rel_error, values, Cpu, RefTensor, TOL_F32,
+    assert_image_close, fixture_dir, fixture_pipeline, gpu_device, no_progress, ref_tensor,
+    ref_tensor_of, reference, rel_error, values, Cpu, Gpu, RefTensor, TOL_F32,
 };
 
 fn ip_dir() -> PathBuf {
@@ -214,4 +218,81 @@ fn unet_with_tokens_matches<B: FusedOps>(device: &B::Device) {
     }
 }
 
-crate::on_backends!(unet_with_image_tokens, unet_with_tokens_matches);
+/// The UNet with image tokens on the CPU (wgpu runs the whole Plus case end to end).
+#[test]
+fn unet_with_image_tokens_cpu() {
+    unet_with_tokens_matches::<Cpu>(&Default::default());
+}
+
+/// The case's run as a request, with its image prompt.
+fn request(case: &serde_json::Value) -> GenerationRequest {
+    let init = {
+        let path = fixture_dir().join(case["latents"].as_str().expect("latents"));
+        let bytes = std::fs::read(&path).expect("init latents");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("parses");
+        ref_tensor_of(&st.tensor("latents").expect("latents"))
+    };
+    let (rgb, width, height) = case_image(case);
+    let size = |k: &str| case[k].as_u64().expect("size") as usize;
+    GenerationRequest {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: case["negative_prompt"].as_str().map(Into::into),
+        num_inference_steps: size("num_inference_steps"),
+        guidance_scale: case["guidance_scale"].as_f64().expect("guidance"),
+        width: size("width"),
+        height: size("height"),
+        num_images: init.shape[0],
+        latents: Some(init.data),
+        ip_adapter: Some(ImagePrompt {
+            images: vec![Image { width, height, rgb }],
+            scale: case["ip_adapter_scale"].as_f64().expect("scale"),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every case (or those in `only`): final latents to 1e-4, images within 1/255.
+fn end_to_end<B: FusedOps>(device: &B::Device, only: Option<&[&str]>) {
+    let fx = fixture_dir();
+    let mut pipe = fixture_pipeline::<B>(DType::F32, device);
+    for (name, case) in cases() {
+        if only.is_some_and(|o| !o.contains(&name.as_str())) {
+            continue;
+        }
+        let adapter = load_image_prompt_adapter::<B>(
+            &fx.join(case["adapter"].as_str().expect("adapter")),
+            Some(&fx.join(case["image_encoder"].as_str().expect("encoder"))),
+            DType::F32,
+            device,
+        )
+        .expect("adapter loads");
+        pipe.set_ip_adapter(Some(adapter));
+        let out = pipe
+            .generate(&request(&case), &mut no_progress)
+            .expect(&name);
+        close(
+            &format!("{name} latents"),
+            out.latents,
+            &format!("{name}.latents"),
+        );
+        assert_image_close(
+            &format!("{name} image"),
+            &out.images[0].rgb,
+            &ip_ref(&format!("{name}.image_u8")),
+        );
+    }
+}
+
+/// Every case on the CPU.
+#[test]
+fn image_prompt_runs_cpu() {
+    end_to_end::<Cpu>(&Default::default(), None);
+}
+
+/// On wgpu, the Plus case only: it runs every operation the base cases do (the encoder,
+/// linear projections, LayerNorm, the decoupled attention) and the Resampler besides,
+/// and each new tensor shape costs minutes of shader compilation on CI's software Vulkan.
+#[test]
+fn image_prompt_runs_wgpu() {
+    end_to_end::<Gpu>(&gpu_device(), Some(&["ip.plus.scale0.6"]));
+}
