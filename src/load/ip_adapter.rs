@@ -44,7 +44,8 @@ pub fn ip_adapter_file(path: &Path) -> Result<PathBuf> {
 
 /// The image encoder folder for the adapter `file`: `given` when set, else
 /// `image_encoder/` beside the file (h94's `sdxl_models/`, the bigG encoder), else
-/// `../models/image_encoder/` (the ViT-H encoder of `ip-adapter-plus_sdxl_vit-h`).
+/// `../models/image_encoder/` (the ViT-H encoder of `ip-adapter-plus_sdxl_vit-h`), else
+/// `../image_encoder/` (an encoder at the top of the adapter's repository).
 pub fn image_encoder_dir(file: &Path, given: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = given {
         return Ok(dir.to_path_buf());
@@ -53,6 +54,7 @@ pub fn image_encoder_dir(file: &Path, given: Option<&Path>) -> Result<PathBuf> {
     let candidates = [
         parent.join("image_encoder"),
         parent.join("..").join("models").join("image_encoder"),
+        parent.join("..").join("image_encoder"),
     ];
     candidates
         .iter()
@@ -60,7 +62,8 @@ pub fn image_encoder_dir(file: &Path, given: Option<&Path>) -> Result<PathBuf> {
         .cloned()
         .ok_or_else(|| Error::MissingFile {
             path: candidates[0].clone(),
-            what: "the IP-Adapter's image encoder (also looked in ../models/image_encoder; \
+            what: "the IP-Adapter's image encoder (also looked in ../models/image_encoder and \
+                   ../image_encoder; \
                    name it with --image-encoder)"
                 .into(),
         })

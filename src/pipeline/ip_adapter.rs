@@ -28,6 +28,11 @@ pub struct ImagePrompt {
     pub scale: f64,
 }
 
+impl ImagePrompt {
+    /// The scale when none is given (diffusers' after `load_ip_adapter`).
+    pub const DEFAULT_SCALE: f64 = 1.0;
+}
+
 /// A loaded IP-Adapter with its image encoder
 /// ([`crate::load::ip_adapter::load_image_prompt_adapter`]).
 pub struct ImagePromptAdapter<B: FusedOps> {

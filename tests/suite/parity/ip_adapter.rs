@@ -296,3 +296,85 @@ fn image_prompt_runs_cpu() {
 fn image_prompt_runs_wgpu() {
     end_to_end::<Gpu>(&gpu_device(), Some(&["ip.plus.scale0.6"]));
 }
+
+/// `hypergen generate --ip-adapter … --ip-adapter-image … --ip-adapter-scale …` writes the
+/// reference image, the image encoder found beside the adapter (no --image-encoder).
+#[test]
+fn cli_image_prompt() {
+    let fx = fixture_dir();
+    let name = "ip.base.scale0.6";
+    let case = &settings()["cases"][name];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let latents = dir.path().join("latents.safetensors");
+    std::fs::copy(
+        fx.join(case["latents"].as_str().expect("latents")),
+        &latents,
+    )
+    .expect("copy");
+    let out = dir.path().join("out.png");
+    let num = |k: &str| case[k].to_string();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_hypergen"))
+        .args(["generate", "--model"])
+        .arg(&fx)
+        .args(["--prompt", case["prompt"].as_str().expect("prompt")])
+        .args(["--steps", &num("num_inference_steps")])
+        .args(["--guidance", &num("guidance_scale")])
+        .args(["--width", &num("width"), "--height", &num("height")])
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--ip-adapter")
+        .arg(fx.join(case["adapter"].as_str().expect("adapter")))
+        .arg("--ip-adapter-image")
+        .arg(fx.join(case["ip_adapter_image"].as_str().expect("image")))
+        .args(["--ip-adapter-scale", &num("ip_adapter_scale")])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("hypergen runs");
+    assert!(status.success(), "hypergen generate with an image prompt");
+    let png = image::open(&out).expect("PNG written").to_rgb8();
+    assert_image_close(
+        &format!("cli {name}"),
+        png.as_raw(),
+        &ip_ref(&format!("{name}.image_u8")),
+    );
+}
+
+/// Pickled adapters are refused before anything is read, with how to convert; an
+/// encoder of another width is named.
+#[test]
+fn bad_adapters_are_refused() {
+    let device = Default::default();
+    let err = load_ip_adapter::<Cpu>(
+        std::path::Path::new("ip-adapter_sdxl.bin"),
+        DType::F32,
+        &device,
+    )
+    .expect_err("pickle refused");
+    assert!(err.to_string().contains("safetensors"), "{err}");
+    let fx = fixture_dir().join("ip_adapter");
+    let (plus, _) = load_ip_adapter::<Cpu>(
+        &fx.join("sdxl_models/ip-adapter-plus_sdxl.safetensors"),
+        DType::F32,
+        &device,
+    )
+    .expect("plus");
+    let (encoder, _) =
+        load_image_encoder::<Cpu>(&fx.join("image_encoder"), DType::F32, &device).expect("encoder");
+    check_widths(std::path::Path::new("plus"), &plus, &encoder).expect("matching widths");
+    // The base adapter reads the projection (48 wide), Plus the hidden states (64).
+    let (base, _) = load_ip_adapter::<Cpu>(
+        &fx.join("sdxl_models/ip-adapter_sdxl.safetensors"),
+        DType::F32,
+        &device,
+    )
+    .expect("base");
+    let hidden = encoder.config().hidden_size;
+    let proj = encoder.config().projection_dim;
+    assert_ne!(hidden, proj, "the fixture's widths differ");
+    let mut cfg = encoder.config().clone();
+    cfg.projection_dim = proj + 1;
+    let other = cfg.init::<Cpu>(&device).expect("other encoder");
+    let err = check_widths(std::path::Path::new("base"), &base, &other).expect_err("widths differ");
+    assert!(err.to_string().contains("projection_dim"), "{err}");
+}
