@@ -154,7 +154,7 @@ impl ClipVisionConfig {
                 "hidden_size {c} is not divisible by num_attention_heads {heads}"
             )));
         }
-        if p == 0 || self.image_size % p != 0 {
+        if p == 0 || !self.image_size.is_multiple_of(p) {
             return Err(unsupported(format!(
                 "image_size {} is not divisible by patch_size {p}",
                 self.image_size
@@ -243,8 +243,9 @@ impl<B: FusedOps> ClipVisionModel<B> {
 
 /// OpenAI CLIP's per-channel mean, which diffusers' `CLIPImageProcessor` uses.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP's per-channel standard deviation.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// OpenAI CLIP's per-channel standard deviation (0.26862954, 0.26130258, 0.27577711 as
+/// f32).
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// CLIP's image preprocessing as diffusers' IP-Adapter runs it
 /// (`CLIPImageProcessor(size=size, crop_size=size)` with the PIL backend): the shorter

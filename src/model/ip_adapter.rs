@@ -115,6 +115,9 @@ pub enum FeedForwardPart<B: FusedOps> {
 }
 
 /// One entry of a Resampler block (`layers.i.{0,1}`).
+// One value per adapter or block: the size difference costs nothing, and Burn's
+// derive needs the variants inline to keep the weight names.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum ResamplerPart<B: FusedOps> {
     /// `.0`.
@@ -139,6 +142,9 @@ pub struct Resampler<B: FusedOps> {
 }
 
 /// The image projection of either kind.
+// One value per adapter or block: the size difference costs nothing, and Burn's
+// derive needs the variants inline to keep the weight names.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum ImageProj<B: FusedOps> {
     /// The base adapter's.
