@@ -378,3 +378,49 @@ fn bad_adapters_are_refused() {
     let err = check_widths(std::path::Path::new("base"), &base, &other).expect_err("widths differ");
     assert!(err.to_string().contains("projection_dim"), "{err}");
 }
+
+/// Bad image prompts are refused naming the field, before any work; requests with other
+/// scales (or none) never share a batch.
+#[test]
+fn image_prompt_input_errors_name_the_field() {
+    let device = Default::default();
+    let (_, case) = cases().into_iter().next().expect("a case");
+    let mut pipe = fixture_pipeline::<Cpu>(DType::F32, &device);
+    let req = request(&case);
+    let err = pipe
+        .check_inputs(std::slice::from_ref(&req))
+        .expect_err("no adapter loaded");
+    assert!(err.to_string().contains("ip_adapter"), "{err}");
+    let fx = fixture_dir();
+    let adapter = load_image_prompt_adapter::<Cpu>(
+        &fx.join(case["adapter"].as_str().expect("adapter")),
+        None,
+        DType::F32,
+        &device,
+    )
+    .expect("adapter and encoder found beside it");
+    pipe.set_ip_adapter(Some(adapter));
+    pipe.check_inputs(std::slice::from_ref(&req))
+        .expect("valid");
+    for (scale, images, field) in [
+        (-0.5, 1, "ip_adapter.scale"),
+        (f64::NAN, 1, "ip_adapter.scale"),
+        (0.5, 0, "ip_adapter.image"),
+    ] {
+        let mut bad = req.clone();
+        let prompt = bad.ip_adapter.as_mut().expect("prompt");
+        prompt.scale = scale;
+        prompt.images.truncate(images);
+        let err = pipe.check_inputs(&[bad]).expect_err(field);
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    let mut other_scale = req.clone();
+    other_scale.ip_adapter.as_mut().expect("prompt").scale += 0.1;
+    let none = GenerationRequest {
+        ip_adapter: None,
+        ..req.clone()
+    };
+    assert!(req.batch_compatible(&req.clone()));
+    assert!(!req.batch_compatible(&other_scale));
+    assert!(!req.batch_compatible(&none));
+}
