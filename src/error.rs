@@ -14,6 +14,14 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// An IP-Adapter or its image encoder cannot be used.
+    #[error("{path}: IP-Adapter: {message}")]
+    IpAdapter {
+        /// The adapter file or encoder folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A required file is absent.
     #[error("{path}: file not found ({what})")]
     MissingFile {

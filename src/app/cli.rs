@@ -17,13 +17,14 @@ use crate::app::server::ServerConfig;
 use crate::device::{dispatch, DTypeChoice, DeviceSpec, Placed, WithBackend};
 use crate::load::controlnet::{add_controlnet, ControlNetSpec};
 use crate::load::embeddings::load_embeddings;
+use crate::load::ip_adapter::load_image_prompt_adapter;
 use crate::load::lora::{apply_lora_specs, LoraSpec};
 use crate::load::{load_pipeline, LoadOptions};
 use crate::model::vae::tiling::VaeTileSize;
 use crate::pipeline::prompt::extract_extra_networks;
 use crate::pipeline::{
-    ControlNetInput, GenerationRequest, Image, InitImage, Mask, Progress, PromptSyntax,
-    RequestDefaults, RunOptions,
+    ControlNetInput, GenerationRequest, Image, ImagePrompt, InitImage, Mask, Progress,
+    PromptSyntax, RequestDefaults, RunOptions,
 };
 use crate::scheduler::{SamplerSettings, SchedulerKind, Spacing};
 use crate::FusedOps;
@@ -283,6 +284,21 @@ pub struct GenerateArgs {
     /// guidance 3–5).
     #[arg(long)]
     pub control_guess_mode: bool,
+    /// Image prompt: an IP-Adapter `.safetensors` file (h94/IP-Adapter's
+    /// `sdxl_models/ip-adapter_sdxl.safetensors`, or a Plus variant).
+    #[arg(long, requires = "ip_adapter_image")]
+    pub ip_adapter: Option<PathBuf>,
+    /// The IP-Adapter's CLIP image encoder folder; default: `image_encoder/` beside the
+    /// adapter file, else `../models/image_encoder/` (h94's layout).
+    #[arg(long, requires = "ip_adapter")]
+    pub image_encoder: Option<PathBuf>,
+    /// The image prompt's reference image (PNG, JPEG or WebP); repeat for several
+    /// images, whose tokens are concatenated.
+    #[arg(long, requires = "ip_adapter")]
+    pub ip_adapter_image: Vec<PathBuf>,
+    /// Weight of the image prompt in every cross-attention (0: ignored).
+    #[arg(long, default_value_t = ImagePrompt::DEFAULT_SCALE, requires = "ip_adapter")]
+    pub ip_adapter_scale: f64,
     /// The sampler and its settings.
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -731,6 +747,16 @@ impl WithBackend for Generate {
                     .with_context(|| format!("--controlnet {}", spec.path.display()))?;
             }
         }
+        if let Some(file) = &self.args.ip_adapter {
+            let adapter = load_image_prompt_adapter::<B>(
+                file,
+                self.args.image_encoder.as_deref(),
+                placed.dtype,
+                &device,
+            )
+            .context("--ip-adapter")?;
+            pipeline.set_ip_adapter(Some(adapter));
+        }
         let info = &pipeline.components().info;
         if info.random_weights {
             tracing::warn!(model = %info.id, "built-in model with RANDOM weights: the image is noise-like");
@@ -864,6 +890,20 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             })
         }
     };
+    let ip_adapter = match args.ip_adapter_image.as_slice() {
+        [] => None,
+        paths => Some(ImagePrompt {
+            images: paths
+                .iter()
+                .map(|p| {
+                    image::open(p)
+                        .map(|img| Image::from_dynamic(&img))
+                        .with_context(|| format!("--ip-adapter-image {}", p.display()))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            scale: args.ip_adapter_scale,
+        }),
+    };
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -880,6 +920,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         prompt_syntax: args.prompt_args.prompt_syntax,
         clip_skip: args.prompt_args.clip_skip,
         controlnets: control_inputs(&args)?,
+        ip_adapter,
         ..Default::default()
     };
     args.load.apply_threads();

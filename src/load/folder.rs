@@ -295,7 +295,7 @@ pub fn load_module<B: FusedOps, M: Module<B>>(
 
 /// Reads a model config (`config.json`) and builds the model from it with `init`,
 /// naming the file in any error.
-fn init_from<C: DeserializeOwned, M>(
+pub(crate) fn init_from<C: DeserializeOwned, M>(
     path: &Path,
     init: impl FnOnce(&C) -> Result<M>,
 ) -> Result<(C, M)> {

@@ -9,6 +9,7 @@ pub mod controlnet_dir;
 pub mod embeddings;
 pub mod folder;
 pub mod hub;
+pub mod ip_adapter;
 pub mod lora;
 pub mod lora_dir;
 pub mod params;

@@ -104,7 +104,7 @@ mod defaults {
 
 /// The MLP activation a CLIP config's `hidden_act` names (`quick_gelu` for OpenAI CLIP,
 /// `gelu` for OpenCLIP bigG).
-fn activation(name: &str) -> Option<Activation> {
+pub(crate) fn activation(name: &str) -> Option<Activation> {
     match name {
         "quick_gelu" => Some(Activation::QuickGelu),
         "gelu" => Some(Activation::Gelu),
@@ -177,10 +177,16 @@ pub struct ClipAttention<B: FusedOps> {
 impl<B: FusedOps> ClipAttention<B> {
     /// `[N, L, C]` → `[N, L, C]`, each position attending to itself and earlier ones.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.attend(x, true)
+    }
+
+    /// `[N, L, C]` → `[N, L, C]`, causal (the text encoder) or over every position (the
+    /// vision encoder).
+    pub fn attend(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let q = self.q_proj.forward(x.clone());
         let k = self.k_proj.forward(x.clone());
         let v = self.v_proj.forward(x);
-        self.out_proj.forward(sdpa(q, k, v, self.heads, true))
+        self.out_proj.forward(sdpa(q, k, v, self.heads, causal))
     }
 }
 
@@ -230,9 +236,42 @@ impl<B: FusedOps> ClipEncoderLayer<B> {
         ]
     }
 
-    /// `[N, L, C]` → `[N, L, C]`.
+    /// A layer of width `c` with lazy parameters (every linear layer with a bias).
+    pub(crate) fn new(
+        c: usize,
+        intermediate: usize,
+        heads: usize,
+        act: Activation,
+        eps: f64,
+        device: &B::Device,
+    ) -> Self {
+        ClipEncoderLayer {
+            self_attn: ClipAttention {
+                q_proj: Linear::new(c, c, true, device),
+                k_proj: Linear::new(c, c, true, device),
+                v_proj: Linear::new(c, c, true, device),
+                out_proj: Linear::new(c, c, true, device),
+                heads,
+            },
+            layer_norm1: layer_norm(c, eps, device),
+            mlp: ClipMlp {
+                fc1: Linear::new(c, intermediate, true, device),
+                fc2: Linear::new(intermediate, c, true, device),
+                act,
+            },
+            layer_norm2: layer_norm(c, eps, device),
+        }
+    }
+
+    /// `[N, L, C]` → `[N, L, C]`, with causal attention (the text encoder).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        self.forward_with(x, true)
+    }
+
+    /// `[N, L, C]` → `[N, L, C]`, with causal attention or attention over every position
+    /// (the vision encoder).
+    pub fn forward_with(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.attend(self.layer_norm1.forward(x), causal);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 
@@ -346,22 +385,7 @@ impl ClipTextConfig {
         }
         let eps = self.layer_norm_eps;
         let layers = (0..self.num_hidden_layers)
-            .map(|_| ClipEncoderLayer {
-                self_attn: ClipAttention {
-                    q_proj: Linear::new(c, c, true, device),
-                    k_proj: Linear::new(c, c, true, device),
-                    v_proj: Linear::new(c, c, true, device),
-                    out_proj: Linear::new(c, c, true, device),
-                    heads,
-                },
-                layer_norm1: layer_norm(c, eps, device),
-                mlp: ClipMlp {
-                    fc1: Linear::new(c, self.intermediate_size, true, device),
-                    fc2: Linear::new(self.intermediate_size, c, true, device),
-                    act,
-                },
-                layer_norm2: layer_norm(c, eps, device),
-            })
+            .map(|_| ClipEncoderLayer::new(c, self.intermediate_size, heads, act, eps, device))
             .collect();
         Ok(ClipTextModel {
             text_model: ClipTransformer {

@@ -5,8 +5,10 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod downsampling;
+pub mod ip_adapter;
 pub mod layers;
 pub mod linear;
 pub mod resnet;

@@ -12,6 +12,7 @@ mod canny;
 mod components;
 mod controlnet;
 mod image;
+mod ip_adapter;
 pub mod lora;
 pub mod prompt;
 mod request;
@@ -20,6 +21,7 @@ pub use canny::{canny, CANNY_HIGH, CANNY_LOW};
 pub use components::{ModelIndex, ModelInfo, SdxlComponents};
 pub use controlnet::{ControlNetInput, Controls};
 pub use image::{a1111_parameters, Encoding, Image, InitImage, Mask, OutputFormat};
+pub use ip_adapter::{ImagePrompt, ImagePromptAdapter, IP_ADAPTER_IMAGE_SIZE};
 pub use prompt::{PromptCounter, PromptSyntax, PromptTokens, TextualInversion};
 pub use request::{GenerationRequest, Progress, RequestDefaults};
 
@@ -28,7 +30,7 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::model::unet::{UNetContext, UNetExtras};
+use crate::model::unet::{ExtraTokens, UNetContext, UNetExtras};
 use crate::model::vae::tiling::{VaeTileSize, VaeTiling};
 use crate::noise::Generator;
 use crate::scheduler::Scheduler;
@@ -186,6 +188,7 @@ fn cat_rows<B: FusedOps, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor
 pub struct SdxlPipeline<B: FusedOps> {
     components: SdxlComponents<B>,
     vae_tiling: Option<VaeTiling>,
+    ip_adapter: Option<ImagePromptAdapter<B>>,
     device: B::Device,
 }
 
@@ -200,10 +203,68 @@ impl<B: FusedOps> SdxlPipeline<B> {
         let mut pipeline = Self {
             components,
             vae_tiling: None,
+            ip_adapter: None,
             device: device.clone(),
         };
         pipeline.set_vae_tiling(options.vae_tiling)?;
         Ok(pipeline)
+    }
+
+    /// Sets (or, with `None`, removes) the IP-Adapter that requests' image prompts
+    /// ([`GenerationRequest::ip_adapter`]) run through.
+    pub fn set_ip_adapter(&mut self, adapter: Option<ImagePromptAdapter<B>>) {
+        self.ip_adapter = adapter;
+    }
+
+    /// The IP-Adapter image prompts run through, when one is set.
+    pub fn ip_adapter(&self) -> Option<&ImagePromptAdapter<B>> {
+        self.ip_adapter.as_ref()
+    }
+
+    /// The image tokens of a batch as every cross-attention reads them, in the
+    /// conditioning's row order (every request's negative rows, then its positive rows,
+    /// `num_images` each), with their scale; `None` when no request has an image prompt.
+    fn image_tokens(
+        &self,
+        reqs: &[GenerationRequest],
+        guidance: bool,
+    ) -> Result<Option<ExtraTokens<B>>> {
+        let Some(prompt) = reqs.first().and_then(|r| r.ip_adapter.as_ref()) else {
+            return Ok(None);
+        };
+        let adapter = self.ip_adapter.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "ip_adapter",
+                "an image prompt needs an IP-Adapter loaded with the model",
+            )
+        })?;
+        let mut negatives = Vec::with_capacity(reqs.len());
+        let mut positives = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let p = req.ip_adapter.as_ref().ok_or_else(|| {
+                Error::invalid(
+                    "ip_adapter",
+                    "requests with and without image prompts in one batch",
+                )
+            })?;
+            let (uncond, cond) = adapter.tokens(&p.images)?;
+            let [_, t, w] = cond.dims();
+            let n = req.num_images;
+            negatives.push(uncond.expand([n, t, w]));
+            positives.push(cond.expand([n, t, w]));
+        }
+        let rows = if guidance {
+            negatives.into_iter().chain(positives).collect()
+        } else {
+            positives
+        };
+        let kv = adapter
+            .adapter
+            .project_tokens(&self.components.unet, cat_rows(rows))?;
+        Ok(Some(ExtraTokens {
+            kv,
+            scale: prompt.scale,
+        }))
     }
 
     /// The loaded model.
@@ -274,6 +335,26 @@ impl<B: FusedOps> SdxlPipeline<B> {
             }
             if req.num_images == 0 {
                 return Err(Error::invalid("num_images", "must be at least 1"));
+            }
+            if let Some(p) = &req.ip_adapter {
+                if self.ip_adapter.is_none() {
+                    return Err(Error::invalid(
+                        "ip_adapter",
+                        "an image prompt needs an IP-Adapter loaded with the model",
+                    ));
+                }
+                if p.images.is_empty() || p.images.iter().any(|i| i.width == 0 || i.height == 0) {
+                    return Err(Error::invalid(
+                        "ip_adapter.image",
+                        "needs at least one non-empty image",
+                    ));
+                }
+                if !p.scale.is_finite() || p.scale < 0.0 {
+                    return Err(Error::invalid(
+                        "ip_adapter.scale",
+                        "must be a finite number ≥ 0",
+                    ));
+                }
             }
             if !(0.0..=1.0).contains(&req.guidance_rescale) {
                 return Err(Error::invalid(
@@ -648,7 +729,7 @@ impl<B: FusedOps> SdxlPipeline<B> {
                 if !no_extras {
                     return Err(Error::invalid(
                         "prompt",
-                        "ControlNets with a prompt and negative prompt of different chunk \
+                        "ControlNets or image prompts with a prompt and negative prompt of different chunk \
                          counts (A1111 syntax) are not supported yet: give both the same \
                          number of chunks (BREAK) or use the plain syntax",
                     ));
@@ -878,9 +959,10 @@ impl<B: FusedOps> SdxlPipeline<B> {
             });
         }
         let cond = self.encode_conditioning(reqs)?;
-        // ControlNets fill the residuals of each step's UNet call (an IP-Adapter would
-        // add its tokens once, here).
+        // ControlNets fill the residuals of each step's UNet call; the image prompt's
+        // tokens are made once per request.
         let controls = self.prepare_controls(reqs, &cond)?;
+        let image_tokens = self.image_tokens(reqs, cond.guidance_scale.is_some())?;
 
         let timesteps = jobs[0].scheduler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -898,7 +980,8 @@ impl<B: FusedOps> SdxlPipeline<B> {
             // The input scaling depends only on the step, the same for every request.
             let input = self.model_input(&jobs[0].scheduler, latents, i, &cond);
             let timesteps = vec![t as f32; input.dims()[0]];
-            let extras = controls.extras(&input, &timesteps, &cond, i - start, total)?;
+            let mut extras = controls.extras(&input, &timesteps, &cond, i - start, total)?;
+            extras.tokens = image_tokens.clone();
             let eps = self.predict_noise(input, &timesteps, &cond, &extras)?;
             let done = i + 1 - start;
             let previewing = preview_steps.get(next_preview) == Some(&done);

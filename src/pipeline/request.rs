@@ -2,6 +2,7 @@
 
 use super::controlnet::ControlNetInput;
 use super::image::InitImage;
+use super::ip_adapter::ImagePrompt;
 use super::prompt::PromptSyntax;
 use crate::scheduler::SamplerSettings;
 
@@ -86,6 +87,9 @@ pub struct GenerationRequest {
     /// ControlNets steering the run (diffusers' `StableDiffusionXLControlNet*Pipeline`),
     /// their residuals summed; empty: none.
     pub controlnets: Vec<ControlNetInput>,
+    /// An image prompt through the pipeline's IP-Adapter
+    /// ([`SdxlPipeline::set_ip_adapter`](super::SdxlPipeline::set_ip_adapter)).
+    pub ip_adapter: Option<ImagePrompt>,
 }
 
 impl Default for GenerationRequest {
@@ -111,6 +115,7 @@ impl Default for GenerationRequest {
             prompt_syntax: PromptSyntax::default(),
             clip_skip: 0,
             controlnets: Vec::new(),
+            ip_adapter: None,
         }
     }
 }
@@ -136,6 +141,9 @@ impl GenerationRequest {
             // The same ControlNets, scales and guidance windows (images per request).
             && self.controlnets.len() == other.controlnets.len()
             && (self.controlnets.iter().zip(&other.controlnets)).all(|(a, b)| a.same_as(b))
+            // Image prompts on both or neither, at one scale (the images may differ).
+            && self.ip_adapter.as_ref().map(|p| p.scale.to_bits())
+                == other.ip_adapter.as_ref().map(|p| p.scale.to_bits())
     }
 
     /// Whether classifier-free guidance runs (a negative branch beside the positive one).

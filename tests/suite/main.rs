@@ -11,6 +11,7 @@ mod parity {
     pub mod clip;
     pub mod controlnet;
     pub mod edits;
+    pub mod ip_adapter;
     pub mod kernels;
     pub mod lora;
     pub mod pipeline;
