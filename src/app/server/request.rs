@@ -164,47 +164,70 @@ impl Fields {
         }
     }
 
-    /// `loras`: a list of `{"path": NAME, "scale": S}` (scale 1 when absent).
-    pub fn lora_list(&mut self, name: &str) -> Result<Option<Vec<types::LoraChoice>>, ApiError> {
+    /// A list of at most `max` objects (`what` in messages, `example` showing one), each
+    /// read by `item` from its own fields, which it must all take. Errors name the list,
+    /// since `param` is a top-level field.
+    fn object_list<T>(
+        &mut self,
+        name: &str,
+        max: usize,
+        what: &str,
+        example: &str,
+        mut item: impl FnMut(&mut Fields) -> Result<T, ApiError>,
+    ) -> Result<Option<Vec<T>>, ApiError> {
         let items = match self.take(name) {
             None => return Ok(None),
             Some(Value::Array(items)) => items,
             Some(other) => return Err(Self::wrong_type(name, "an array", &other)),
         };
-        if items.len() > MAX_REQUEST_LORAS {
+        if items.len() > max {
             return Err(ApiError::invalid_value(
                 name,
                 format!(
-                    "`{name}` names {} adapters; at most {MAX_REQUEST_LORAS} are allowed",
+                    "`{name}` names {} {what}; at most {max} are allowed",
                     items.len()
                 ),
             ));
         }
         let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            let Value::Object(map) = item else {
+        for (i, value) in items.into_iter().enumerate() {
+            let Value::Object(map) = value else {
                 return Err(ApiError::field(
                     name,
                     "invalid_type",
-                    format!("`{name}[{i}]` must be an object like {{\"path\": \"x.safetensors\", \"scale\": 0.8}}"),
+                    format!("`{name}[{i}]` must be an object like {example}"),
                 ));
             };
-            // Errors name the list, since `param` is a top-level field.
-            let mut f = Fields::new(map);
             let rename = |e: ApiError| ApiError {
                 message: format!("`{name}[{i}]`: {}", e.message),
                 param: Some(name.to_string()),
                 ..e
             };
-            let path = f.required_string("path").map_err(rename)?;
-            let scale = match f.number("scale").map_err(rename)? {
-                Some(s) => in_range("scale", s, 0.0, MAX_LORA_SCALE).map_err(rename)?,
-                None => types::default_lora_scale(),
-            };
+            let mut f = Fields::new(map);
+            let read = item(&mut f).map_err(rename)?;
             f.finish().map_err(rename)?;
-            out.push(types::LoraChoice { path, scale });
+            out.push(read);
         }
         Ok(Some(out))
+    }
+
+    /// `loras`: a list of `{"path": NAME, "scale": S}` (scale 1 when absent).
+    pub fn lora_list(&mut self, name: &str) -> Result<Option<Vec<types::LoraChoice>>, ApiError> {
+        self.object_list(
+            name,
+            MAX_REQUEST_LORAS,
+            "adapters",
+            r#"{"path": "x.safetensors", "scale": 0.8}"#,
+            |f| {
+                Ok(types::LoraChoice {
+                    path: f.required_string("path")?,
+                    scale: match f.number("scale")? {
+                        Some(s) => in_range("scale", s, 0.0, MAX_LORA_SCALE)?,
+                        None => types::default_lora_scale(),
+                    },
+                })
+            },
+        )
     }
 
     /// `controlnets`: a list of `{"model": NAME, "image": BASE64, "scale": S,
@@ -213,65 +236,42 @@ impl Fields {
         &mut self,
         name: &str,
     ) -> Result<Option<Vec<ControlNetChoice>>, ApiError> {
-        let items = match self.take(name) {
-            None => return Ok(None),
-            Some(Value::Array(items)) => items,
-            Some(other) => return Err(Self::wrong_type(name, "an array", &other)),
+        let fraction = |f: &mut Fields, key: &str| match f.number(key)? {
+            Some(v) => in_range(key, v, 0.0, 1.0).map(Some),
+            None => Ok(None),
         };
-        if items.len() > MAX_REQUEST_CONTROLNETS {
-            return Err(ApiError::invalid_value(
-                name,
-                format!(
-                    "`{name}` names {} ControlNets; at most {MAX_REQUEST_CONTROLNETS} are allowed",
-                    items.len()
-                ),
-            ));
-        }
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            let Value::Object(map) = item else {
-                return Err(ApiError::field(
-                    name,
-                    "invalid_type",
-                    format!("`{name}[{i}]` must be an object like {{\"model\": \"canny\", \"image\": \"<base64>\"}}"),
-                ));
-            };
-            // Errors name the list, since `param` is a top-level field.
-            let mut f = Fields::new(map);
-            let rename = |e: ApiError| ApiError {
-                message: format!("`{name}[{i}]`: {}", e.message),
-                param: Some(name.to_string()),
-                ..e
-            };
-            let fraction = |f: &mut Fields, key: &str| match f.number(key)? {
-                Some(v) => in_range(key, v, 0.0, 1.0).map(Some),
-                None => Ok(None),
-            };
-            let choice = ControlNetChoice {
-                model: f.required_string("model").map_err(rename)?,
-                image: f.required_string("image").map_err(rename)?,
-                scale: match f.number("scale").map_err(rename)? {
-                    Some(s) => in_range("scale", s, 0.0, MAX_CONTROLNET_SCALE).map_err(rename)?,
-                    None => types::default_controlnet_scale(),
-                },
-                guidance_start: fraction(&mut f, "guidance_start").map_err(rename)?,
-                guidance_end: fraction(&mut f, "guidance_end").map_err(rename)?,
-                preprocess: match f.string("preprocess").map_err(rename)?.as_deref() {
-                    None | Some("none") => None,
-                    Some("canny") => Some(PreprocessName::Canny),
-                    Some(other) => {
-                        return Err(rename(ApiError::invalid_value(
-                            "preprocess",
-                            format!("`preprocess` must be `none` or `canny`, got `{other}` (depth and pose maps: send the map)"),
-                        )))
-                    }
-                },
-                guess_mode: f.boolean("guess_mode").map_err(rename)?,
-            };
-            f.finish().map_err(rename)?;
-            out.push(choice);
-        }
-        Ok(Some(out))
+        self.object_list(
+            name,
+            MAX_REQUEST_CONTROLNETS,
+            "ControlNets",
+            r#"{"model": "canny", "image": "<base64>"}"#,
+            |f| {
+                Ok(ControlNetChoice {
+                    model: f.required_string("model")?,
+                    image: f.required_string("image")?,
+                    scale: match f.number("scale")? {
+                        Some(s) => in_range("scale", s, 0.0, MAX_CONTROLNET_SCALE)?,
+                        None => types::default_controlnet_scale(),
+                    },
+                    guidance_start: fraction(f, "guidance_start")?,
+                    guidance_end: fraction(f, "guidance_end")?,
+                    preprocess: match f.string("preprocess")?.as_deref() {
+                        None | Some("none") => None,
+                        Some("canny") => Some(PreprocessName::Canny),
+                        Some(other) => {
+                            return Err(ApiError::invalid_value(
+                                "preprocess",
+                                format!(
+                                    "`preprocess` must be `none` or `canny`, got `{other}` \
+                                     (depth and pose maps: send the map)"
+                                ),
+                            ))
+                        }
+                    },
+                    guess_mode: f.boolean("guess_mode")?,
+                })
+            },
+        )
     }
 
     /// Refuses whatever field is left.
