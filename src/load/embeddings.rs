@@ -68,12 +68,7 @@ fn refuse(path: &Path, message: impl Into<String>) -> Error {
 
 /// Whether `path` names a pickled file (refused unopened).
 fn pickled(path: &Path) -> bool {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    matches!(ext.as_str(), "bin" | "ckpt" | "pt" | "pth" | "pkl")
+    crate::load::source::pickled_extension(path).is_some()
 }
 
 /// Reads one SDXL textual-inversion file and checks it against `shape`; errors name

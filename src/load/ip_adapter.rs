@@ -17,12 +17,7 @@ use crate::FusedOps;
 /// The adapter file `path` names, checked to be a safetensors file; pickled formats are
 /// refused before anything is opened.
 pub fn ip_adapter_file(path: &Path) -> Result<PathBuf> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if matches!(ext.as_str(), "bin" | "ckpt" | "pt" | "pth" | "pkl") {
+    if let Some(ext) = crate::load::source::pickled_extension(path) {
         return Err(Error::IpAdapter {
             path: path.to_path_buf(),
             message: format!(

@@ -58,12 +58,7 @@ pub fn lora_file(path: &Path) -> Result<PathBuf> {
         }
         return Ok(file);
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if matches!(ext.as_str(), "bin" | "ckpt" | "pt" | "pth" | "pkl") {
+    if let Some(ext) = crate::load::source::pickled_extension(path) {
         return Err(Error::Lora {
             path: path.to_path_buf(),
             message: format!(

@@ -81,3 +81,15 @@ fn hub_file(model: &str) -> Option<(&str, &str)> {
         .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
     (hub::is_repo_id(repo) && file_ok).then_some((repo, file))
 }
+
+/// The extension of a pickled PyTorch file (`bin`, `ckpt`, `pt`, `pth`, `pkl`, in lower
+/// case), which loading could run code from: such files are refused unopened. `None` for
+/// any other name.
+pub fn pickled_extension(path: &Path) -> Option<String> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    matches!(ext.as_str(), "bin" | "ckpt" | "pt" | "pth" | "pkl").then_some(ext)
+}
