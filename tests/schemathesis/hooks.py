@@ -29,6 +29,15 @@ CANNOT_BE_STATED = {
     # with a cross-field rule (guidance_start < guidance_end).
     ("POST /v1/images/generations", "controlnets"): "names files on the server; a base64 image",
     ("POST /v1/images/edits", "controlnets"): "names files on the server, as JSON text",
+    # Sampler settings depend on the sampler (the request's `scheduler`, or the model's
+    # own when absent): `eta` is TCD's alone, LCM and TCD take no spacing and at most the
+    # steps they were distilled on (50 for the usual configs).
+    ("POST /v1/images/generations", "eta"): "only the tcd sampler takes eta",
+    ("POST /v1/images/edits", "eta"): "only the tcd sampler takes eta",
+    ("POST /v1/images/generations", "timestep_spacing"): "lcm and tcd take no spacing",
+    ("POST /v1/images/edits", "timestep_spacing"): "lcm and tcd take no spacing",
+    ("POST /v1/images/generations", "num_inference_steps"): "lcm/tcd: at most their distilled steps",
+    ("POST /v1/images/edits", "num_inference_steps"): "lcm/tcd: at most their distilled steps",
     # In a form, `loras` is JSON text: a schema cannot state the JSON inside a string.
     ("POST /v1/images/edits", "loras"): "names files on the server, as JSON text",
     # The uploaded file's content: a schema can say "binary", not "a decodable PNG,
